@@ -1,0 +1,186 @@
+"""The ``flexres`` command: train, eval, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .engine.checkpoint import CALIBRATION, CheckpointMismatchError, load_checkpoint, resolve_checkpoint, save_calibration
+from .engine.config import ConfigError, load_config, make_config
+from .engine.evaluate import calibrate, evaluate, format_table, hit_miss_matrix
+from .nn.switchable_bn import BN_POLICIES
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .engine.trainer import train
+
+    cfg = load_config(args.config, args.set)
+    if args.data:
+        cfg["data"]["root"] = args.data
+    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    train(cfg, out, resume=args.resume, stop_after_epochs=args.stop_after_epochs)
+    print(f"run saved in {out}")
+    return 0
+
+
+def evaluate_runs(runs: list[str], data: str, resolutions: list[int] | None, bn_policy: str, calibration_images: int | None = None,
+                  batch_size: int = 256, split: str = "val", progress: bool = True) -> dict[str, Any]:
+    """Evaluate each run at each resolution; returns a JSON-ready report (see ``flexres eval --json``)."""
+    from .analysis import count_macs, count_params
+    from .data import ImageFolderDataset, split_dir
+
+    val = ImageFolderDataset(split_dir(data, split), cache=True, progress=progress)
+    train_ds = None
+    report: dict[str, Any] = {"data": str(data), "bn_policy": bn_policy, "runs": {}}
+    for run in runs:
+        model, meta = load_checkpoint(run)
+        classes = meta.get("classes")
+        if classes and classes != val.classes:
+            raise CheckpointMismatchError(f"{run} was trained on classes {classes[:3]}... but {val.root} has {val.classes[:3]}...")
+        res_list = resolutions or meta.get("config", {}).get("eval", {}).get("resolutions") or list(model.train_resolutions)
+        cfg = meta.get("config") or make_config()
+        if bn_policy == "calibrate":
+            if train_ds is None:
+                train_ds = ImageFolderDataset(split_dir(data, cfg["data"]["train_split"]), cache=True, progress=progress)
+            n = calibration_images or cfg["eval"]["calibration_images"]
+            new = calibrate(model, train_ds, [r for r in res_list if r not in model.train_resolutions], n, batch_size,
+                            cfg["data"]["scale"], cfg["data"]["ratio"])
+            ckpt = resolve_checkpoint(run)
+            if new:
+                save_calibration(model, ckpt.parent / CALIBRATION, {"num_images": n, "data": str(data)})
+        results = evaluate(model, val, res_list, bn_policy, batch_size, meta.get("crop_fraction", 0.875), progress=progress)
+        label = Path(run).name if Path(run).is_dir() else Path(run).parent.name
+        report["runs"][label] = {
+            "checkpoint": str(resolve_checkpoint(run)), "train_resolutions": list(model.train_resolutions),
+            "method": meta.get("method", {}), "epoch": meta.get("epoch"), "params": count_params(model),
+            "results": {str(r): {"top1": round(v["top1"], 2), "top5": round(v["top5"], 2), "n": v["n"], "bn": v["bn"],
+                                 "macs": count_macs(model, r)} for r, v in results.items()},
+            "hit_miss": {str(j): {str(i): round(p, 2) for i, p in row.items()}
+                         for j, row in hit_miss_matrix({r: v["correct"] for r, v in results.items()
+                                                        if r in model.train_resolutions}).items()},
+        }
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    runs = report["runs"]
+    all_res = sorted({int(r) for run in runs.values() for r in run["results"]}, reverse=True)
+    header = ["run"] + [str(r) for r in all_res] + ["mean over S"]
+    rows = []
+    for label, run in runs.items():
+        cells: list[Any] = []
+        for r in all_res:
+            v = run["results"].get(str(r))
+            mark = "*" if r in run["train_resolutions"] else ""
+            cells.append(f"{v['top1']:.1f}{mark}" if v else "")
+        s = [run["results"][str(r)]["top1"] for r in run["train_resolutions"] if str(r) in run["results"]]
+        cells.append(f"{sum(s) / len(s):.2f}" if s else "")
+        rows.append([label] + cells)
+    out = [format_table(header, rows, title=f"top-1 % (* trained resolution; unseen ones served by bn_policy={report['bn_policy']})")]
+    first = next(iter(runs.values()))
+    out.append("")
+    out.append(format_table(["resolution"] + [str(r) for r in all_res],
+                            [["MMACs"] + [f"{first['results'][str(r)]['macs'] / 1e6:.1f}" if str(r) in first["results"] else ""
+                                          for r in all_res]],
+                            title=f"cost of {next(iter(runs))}: {first['params'] / 1e6:.3f} M params deployed"))
+    for label, run in runs.items():
+        hm = run["hit_miss"]
+        if len(hm) > 1:
+            res = [int(r) for r in hm]
+            out.append("")
+            out.append(format_table(["wrong at \\ right at"] + [str(r) for r in res],
+                                    [[str(j)] + [("-" if i == j else f"{hm[str(j)][str(i)]:.1f}") for i in res] for j in res],
+                                    title=f"{label}: % of val images right at one resolution and wrong at another (RS-Nets Table 1)"))
+    return "\n".join(out)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    report = evaluate_runs(args.runs, args.data, args.resolutions, args.bn, args.calibration_images, args.batch_size, args.split)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def sample_data_dir() -> Path:
+    return Path(__file__).parent / "sample_data" / "imagenette-tiny"
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .engine.trainer import train
+
+    data = sample_data_dir()
+    out = Path(args.out)
+    cfg = make_config({
+        "model": {"name": "resnet18", "width_mult": 0.25},
+        "method": {"name": "rsnet", "resolutions": [96, 80, 64, 48], "kwargs": {"mred": "full"}},
+        "data": {"root": str(data), "cache": True, "num_workers": 0},
+        "train": {"epochs": args.epochs, "batch_size": 20, "lr": 0.05, "nesterov": True, "weight_decay": 5e-4,
+                  "warmup_epochs": 2, "eval_every": 0, "progress": False},
+    })
+    print(f"flexres demo: RS-Net (ResNet-18 x0.25, full MRED) on {data} (10 classes, 100 train / 100 val images)")
+    t0 = time.time()
+    if (out / "checkpoint.safetensors").exists():
+        print(f"{out} already holds a run: evaluating it (delete it to train again)")
+    else:
+        train(cfg, out, log=lambda s: print("  " + s[:160]))
+    print(f"trained in {time.time() - t0:.0f} s; evaluating at trained, between and outside resolutions")
+    report = evaluate_runs([str(out)], str(data), [112, 96, 88, 80, 72, 64, 56, 48, 40], "interpolate", progress=False)
+    print(format_report(report))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flexres", description="Resolution-adaptive image classifiers.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model from a YAML recipe")
+    t.add_argument("--config", required=True, help="YAML recipe (see configs/)")
+    t.add_argument("--data", help="ImageFolder root with train/ and val/ (overrides data.root)")
+    t.add_argument("--out", help="run directory (default runs/<config name>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. epochs=5")
+    t.add_argument("--stop-after-epochs", type=int, help="end this process after N epochs (continue later with --resume)")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="evaluate runs at any list of resolutions")
+    e.add_argument("runs", nargs="+", help="run directories or checkpoint files")
+    e.add_argument("--data", required=True, help="ImageFolder root (its val/ split is used)")
+    e.add_argument("--split", default="val")
+    e.add_argument("--resolutions", type=int, nargs="+", help="test resolutions (default: the run's eval.resolutions)")
+    e.add_argument("--bn", choices=BN_POLICIES, default="interpolate", help="BN policy for untrained resolutions")
+    e.add_argument("--calibration-images", type=int, help="images for --bn calibrate (default eval.calibration_images)")
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--json", help="also write the report as JSON")
+    e.set_defaults(func=_eval)
+
+    d = sub.add_parser("demo", help="train and evaluate a small RS-Net on the bundled sample images (CPU, minutes)")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--epochs", type=int, default=30)
+    d.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointMismatchError, FileNotFoundError, FileExistsError, ValueError, LookupError) as e:
+        print(f"flexres {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001
+        from .data import UnreadableImageError
+
+        if isinstance(e, UnreadableImageError):
+            print(f"flexres {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

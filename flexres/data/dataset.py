@@ -1,0 +1,99 @@
+"""ImageFolder data with RGB conversion, optional in-memory cache, and unreadable files named by path."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset, default_collate
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.transforms.v2.functional import pil_to_tensor
+from tqdm import tqdm
+
+
+class UnreadableImageError(RuntimeError):
+    """An image file could not be decoded. ``path`` names it."""
+
+    def __init__(self, path: str, cause: BaseException) -> None:
+        super().__init__(f"cannot read image {path}: {cause}. Fix or remove the file, or train with data.skip_unreadable=true")
+        self.path = path
+
+
+def load_rgb(path: str) -> Tensor:
+    """Decode any image (grayscale, RGBA, palette...) to a uint8 3 x H x W RGB tensor."""
+    try:
+        with Image.open(path) as im:
+            return pil_to_tensor(im.convert("RGB"))
+    except Exception as e:  # noqa: BLE001 - every decoder failure is reported with its path
+        raise UnreadableImageError(path, e) from e
+
+
+class ImageFolderDataset(Dataset):
+    """``root/<class>/<image>`` as in torchvision's ImageFolder; items are (transform(image), label).
+
+    cache: decode every image once into memory (uint8) up front; worth it when the set fits in RAM.
+    skip_unreadable: an unreadable image is dropped from its batch (see ``collate_skipping``) and
+    counted instead of stopping training with an error that names the file.
+    """
+
+    def __init__(self, root: str | os.PathLike, transform: Callable[[Tensor], Any] | None = None,
+                 cache: bool = False, skip_unreadable: bool = False, progress: bool = True) -> None:
+        self.root = str(root)
+        if not Path(self.root).is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist")
+        self.classes, self.class_to_idx = find_classes(self.root)
+        self.samples: list[tuple[str, int]] = make_dataset(self.root, self.class_to_idx, extensions=IMG_EXTENSIONS)
+        if not self.samples:
+            raise FileNotFoundError(f"no images found under {self.root} (expected {self.root}/<class>/<image>)")
+        self.transform = transform
+        self.skip_unreadable = skip_unreadable
+        self.unreadable: list[str] = []
+        self._cache: list[Tensor | None] | None = None
+        if cache:
+            self._cache = []
+            for path, _ in tqdm(self.samples, desc=f"decoding {Path(self.root).name}", disable=not progress, leave=False):
+                self._cache.append(self._load(path))
+
+    def _load(self, path: str) -> Tensor | None:
+        try:
+            return load_rgb(path)
+        except UnreadableImageError:
+            if not self.skip_unreadable:
+                raise
+            self.unreadable.append(path)
+            return None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int] | tuple[None, str]:
+        path, label = self.samples[index]
+        img = self._cache[index] if self._cache is not None else self._load(path)
+        if img is None:
+            return None, path  # dropped by collate_skipping, which counts it
+        return (self.transform(img) if self.transform is not None else img), label
+
+
+def collate_skipping(batch: list[tuple[Any, Any]]) -> dict[str, Any]:
+    """Collate (inputs, label) pairs into {"inputs", "labels", "skipped"}, dropping unreadable samples."""
+    kept = [b for b in batch if b[0] is not None]
+    skipped = [b[1] for b in batch if b[0] is None]
+    if not kept:
+        return {"inputs": None, "labels": None, "skipped": skipped}
+    inputs, labels = default_collate(kept)
+    return {"inputs": inputs, "labels": labels, "skipped": skipped}
+
+
+def split_dir(root: str | os.PathLike, split: str) -> str:
+    """``root/split``, or an error naming the folder that is missing."""
+    p = Path(root) / split
+    if p.is_dir():
+        return str(p)
+    raise FileNotFoundError(f"{Path(root)} has no '{split}/' folder (expected {Path(root)}/{split}/<class>/<image>)")
+
+
+

@@ -1,0 +1,225 @@
+"""Checkpoints: safetensors weights + a JSON sidecar, written atomically, checked on load.
+
+A run directory holds ``checkpoint.safetensors`` (tensors: ``model.*``, ``method.*``, ``optimizer.*``;
+its metadata carries the sidecar, so the one file is self-describing and written in one atomic
+rename), ``checkpoint.json`` (the same sidecar, for people), and optionally
+``bn_calibration.safetensors`` (calibrated BN statistics per resolution). No pickle is ever loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from ..models import AdaptiveModel, create_model
+
+CHECKPOINT = "checkpoint.safetensors"
+SIDECAR = "checkpoint.json"
+CALIBRATION = "bn_calibration.safetensors"
+FORMAT_VERSION = 1
+
+
+class CheckpointMismatchError(RuntimeError):
+    """The checkpoint does not fit the model; the message says exactly what differs."""
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_tensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, Any]) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {"flexres": json.dumps(metadata)}
+    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def load_tensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("flexres", "{}"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - any parse failure means the file is not a checkpoint
+        raise CheckpointMismatchError(f"{path} is not a readable safetensors checkpoint: {e}") from e
+    return tensors, meta
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / CHECKPOINT
+    if not p.is_file():
+        raise FileNotFoundError(f"no checkpoint at {p} (give a run directory or a .safetensors file)")
+    return p
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in state["state"].items():
+        for key, value in st.items():
+            if isinstance(value, Tensor):
+                tensors[f"optimizer.{idx}.{key}"] = value
+            else:
+                scalars[f"{idx}.{key}"] = value
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
+    return tensors, {"scalars": scalars, "param_groups": groups}
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], info: dict[str, Any]) -> None:
+    state = optimizer.state_dict()
+    per_param: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, idx, name = key.split(".", 2)
+            per_param.setdefault(int(idx), {})[name] = value
+    for key, value in info.get("scalars", {}).items():
+        idx, name = key.split(".", 1)
+        per_param.setdefault(int(idx), {})[name] = value
+    groups = state["param_groups"]
+    saved_groups = info.get("param_groups", [])
+    if len(saved_groups) != len(groups):
+        raise CheckpointMismatchError(f"optimizer has {len(groups)} parameter groups, checkpoint {len(saved_groups)}")
+    for g, saved in zip(groups, saved_groups):
+        g.update(saved)
+    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+
+
+def save_checkpoint(run_dir: str | Path, model: AdaptiveModel, sidecar: dict[str, Any],
+                    method: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None) -> Path:
+    run_dir = Path(run_dir)
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if method is not None:
+        tensors.update({f"method.{k}": v for k, v in method.state_dict().items()})
+    meta = dict(sidecar, format_version=FORMAT_VERSION, arch=model.arch,
+                train_resolutions=list(model.train_resolutions))
+    if optimizer is not None:
+        opt_tensors, opt_info = _optimizer_tensors(optimizer)
+        tensors.update(opt_tensors)
+        meta["optimizer"] = opt_info
+    path = run_dir / CHECKPOINT
+    save_tensors(path, tensors, meta)
+    human = {k: v for k, v in meta.items() if k != "optimizer"}
+    _atomic_write(run_dir / SIDECAR, lambda tmp: Path(tmp).write_text(json.dumps(human, indent=2) + "\n"))
+    return path
+
+
+def _describe(keys: set[str], limit: int = 6) -> str:
+    ks = sorted(keys)
+    more = f" (and {len(ks) - limit} more)" if len(ks) > limit else ""
+    return ", ".join(ks[:limit]) + more
+
+
+def load_model_state(model: AdaptiveModel, tensors: dict[str, Tensor], meta: dict[str, Any], source: str) -> None:
+    """Load ``model.*`` tensors into ``model`` or raise CheckpointMismatchError naming what differs."""
+    arch = meta.get("arch", {})
+    problems = []
+    model_arch = getattr(model, "arch", {"name": type(model).__name__})
+    if arch.get("name") and arch.get("name") != model_arch.get("name"):
+        problems.append(f"architecture: checkpoint is {arch.get('name')!r}, model is {model_arch.get('name')!r}")
+    saved_res = meta.get("train_resolutions")
+    if saved_res is not None and tuple(saved_res) != tuple(model.train_resolutions):
+        problems.append(f"trained resolutions: checkpoint has {saved_res}, model has {list(model.train_resolutions)}")
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    own = model.state_dict()
+    missing, unexpected = set(own) - set(state), set(state) - set(own)
+    if missing:
+        problems.append(f"keys missing from the checkpoint: {_describe(missing)}")
+    if unexpected:
+        problems.append(f"keys the model does not have: {_describe(unexpected)}")
+    shapes = {k for k in set(own) & set(state) if own[k].shape != state[k].shape}
+    if shapes:
+        k = sorted(shapes)[0]
+        problems.append(f"shape mismatch in {len(shapes)} tensors, e.g. {k}: checkpoint {tuple(state[k].shape)}, "
+                        f"model {tuple(own[k].shape)}")
+    if problems:
+        raise CheckpointMismatchError(f"checkpoint {source} does not fit the model:\n  - " + "\n  - ".join(problems))
+    model.load_state_dict(state, strict=True)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[AdaptiveModel, dict[str, Any]]:
+    """Rebuild the model a checkpoint (or run directory) describes and load its weights and BN calibration."""
+    ckpt = resolve_checkpoint(path)
+    tensors, meta = load_tensors(ckpt)
+    if "arch" not in meta:
+        raise CheckpointMismatchError(f"{ckpt} has no flexres metadata ('arch' missing); was it written by flexres?")
+    model = create_model(meta["arch"]["name"], **meta["arch"]["kwargs"])
+    load_model_state(model, tensors, meta, str(ckpt))
+    calib = ckpt.parent / CALIBRATION
+    if calib.is_file():
+        load_calibration(model, calib)
+    model.set_operating_point(model.train_resolutions[0])
+    return model.to(map_location).eval(), meta
+
+
+def load_into(model: AdaptiveModel, path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint's weights into an existing model (checked); returns the sidecar."""
+    ckpt = resolve_checkpoint(path)
+    tensors, meta = load_tensors(ckpt)
+    load_model_state(model, tensors, meta, str(ckpt))
+    return meta
+
+
+def load_training_state(path: str | Path, model: AdaptiveModel, method: nn.Module,
+                        optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    ckpt = resolve_checkpoint(path)
+    tensors, meta = load_tensors(ckpt)
+    load_model_state(model, tensors, meta, str(ckpt))
+    method_state = {k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")}
+    method.load_state_dict(method_state, strict=True)
+    if "optimizer" not in meta:
+        raise CheckpointMismatchError(f"{ckpt} holds no optimizer state, so training cannot resume exactly from it")
+    _load_optimizer(optimizer, tensors, meta["optimizer"])
+    return meta
+
+
+# --- calibrated BN statistics ---
+def calibration_tensors(model: AdaptiveModel) -> dict[str, Tensor]:
+    out = {}
+    for name, m in model.named_modules():
+        for res, (mean, var) in getattr(m, "calibrated", {}).items():
+            out[f"{res}/{name}.running_mean"] = mean
+            out[f"{res}/{name}.running_var"] = var
+    return out
+
+
+def save_calibration(model: AdaptiveModel, path: str | Path, info: dict[str, Any]) -> None:
+    save_tensors(path, calibration_tensors(model), info)
+
+
+def load_calibration(model: AdaptiveModel, path: str | Path) -> dict[str, Any]:
+    tensors, meta = load_tensors(path)
+    modules = dict(model.named_modules())
+    for key, value in tensors.items():
+        res, rest = key.split("/", 1)
+        name, stat = rest.rsplit(".", 1)
+        if name not in modules or not hasattr(modules[name], "calibrated"):
+            raise CheckpointMismatchError(f"{path}: calibration key {key} names no SwitchableBatchNorm2d of the model")
+        mean, var = modules[name].calibrated.get(int(res), (None, None))
+        if stat == "running_mean":
+            mean = value
+        else:
+            var = value
+        modules[name].calibrated[int(res)] = (mean, var)
+    return meta

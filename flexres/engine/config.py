@@ -1,0 +1,83 @@
+"""Run configuration: nested defaults, YAML recipes, and ``--set key=value`` overrides."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "model": {"name": "resnet18", "width_mult": 1.0, "num_classes": None, "kwargs": {}},
+    "method": {"name": "rsnet", "resolutions": [224, 192, 160, 128, 96], "kwargs": {}},
+    "data": {
+        "root": None, "train_split": "train", "val_split": "val", "cache": False, "num_workers": 4,
+        "skip_unreadable": False, "scale": [0.08, 1.0], "ratio": [0.75, 1.3333333333333333], "crop_fraction": 0.875,
+    },
+    "train": {
+        "epochs": 120, "batch_size": 256, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False,
+        "weight_decay": 1e-4, "warmup_epochs": 0.0, "label_smoothing": 0.0, "seed": 0, "amp": True,
+        "channels_last": True, "device": "auto", "eval_every": 1, "progress": True,
+    },
+    "eval": {"resolutions": None, "bn_policy": "interpolate", "calibration_images": 2000, "batch_size": 256},
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any], where: str) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if key not in base:
+            raise ConfigError(f"unknown config key '{where}{key}' (known: {', '.join(sorted(base))})")
+        if isinstance(base[key], dict) and key != "kwargs":
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{where}{key}' must be a mapping")
+            out[key] = _merge(base[key], value, f"{where}{key}.")
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def make_config(override: dict[str, Any] | None = None) -> dict[str, Any]:
+    return _merge(DEFAULTS, override or {}, "")
+
+
+def load_config(path: str | Path, sets: list[str] | None = None) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    cfg = make_config(raw)
+    return apply_overrides(cfg, sets or [])
+
+
+def apply_overrides(cfg: dict[str, Any], sets: list[str]) -> dict[str, Any]:
+    """``section.key=value`` or, when the key is unique across sections, ``key=value``; values are YAML."""
+    cfg = copy.deepcopy(cfg)
+    for item in sets:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        value = yaml.safe_load(text)
+        parts = key.strip().split(".")
+        if len(parts) == 1:
+            sections = [s for s in cfg if isinstance(cfg[s], dict) and parts[0] in cfg[s]]
+            if len(sections) != 1:
+                where = "no section" if not sections else f"sections {', '.join(sections)}"
+                raise ConfigError(f"--set {key}: found in {where}; write section.{key}")
+            parts = [sections[0], parts[0]]
+        node = cfg
+        for p in parts[:-1]:
+            if not isinstance(node, dict) or p not in node:
+                raise ConfigError(f"--set {key}: unknown key '{p}'")
+            node = node[p]
+        if not isinstance(node, dict) or (parts[-1] not in node and parts[-2] != "kwargs"):
+            raise ConfigError(f"--set {key}: unknown key '{parts[-1]}'")
+        node[parts[-1]] = value
+    return cfg

@@ -1,0 +1,142 @@
+"""Evaluation across resolutions and BN policies: top-1/top-5, train x test matrices, hit/miss matrices."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..data import EvalTransform, ImageFolderDataset, MultiResolutionCrop, normalize_batch
+from ..models import AdaptiveModel
+from ..nn import calibrate_bn
+
+
+def _batches(ds: ImageFolderDataset, batch_size: int, device: torch.device, mean, std, shuffle_seed: int | None = None,
+             workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+    gen = None
+    if shuffle_seed is not None:
+        gen = torch.Generator().manual_seed(shuffle_seed)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=gen is not None, generator=gen, num_workers=workers)
+    for x, y in loader:
+        if isinstance(x, (tuple, list)):
+            (x,) = x
+        yield normalize_batch(x.to(device), mean, std), y.to(device)
+
+
+@torch.no_grad()
+def evaluate(model: AdaptiveModel, dataset: ImageFolderDataset, resolutions: list[int], bn_policy: str = "interpolate",
+             batch_size: int = 256, crop_fraction: float = 0.875, mean=None, std=None,
+             progress: bool = False) -> dict[int, dict[str, Any]]:
+    """Top-1/top-5 (%) of ``model`` on ``dataset`` at each resolution; also per-image correctness.
+
+    Returns {resolution: {"top1", "top5", "n", "correct" (bool tensor, dataset order), "bn"}}.
+    """
+    from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    mean, std = mean or IMAGENET_MEAN, std or IMAGENET_STD
+    device = next(model.parameters()).device
+    model.eval()
+    results: dict[int, dict[str, Any]] = {}
+    saved_transform = dataset.transform
+    try:
+        for r in tqdm(resolutions, desc="eval", disable=not progress, leave=False):
+            dataset.transform = EvalTransform(r, crop_fraction)
+            with model.at(r, bn_policy=bn_policy):
+                correct1, correct5 = [], []
+                for x, y in _batches(dataset, batch_size, device, mean, std):
+                    top5 = model(x).topk(min(5, model_num_classes(model)), dim=1).indices
+                    hit = top5.eq(y[:, None])
+                    correct1.append(hit[:, 0].cpu())
+                    correct5.append(hit.any(1).cpu())
+            c1, c5 = torch.cat(correct1), torch.cat(correct5)
+            results[r] = {"top1": 100.0 * c1.float().mean().item(), "top5": 100.0 * c5.float().mean().item(),
+                          "n": int(c1.numel()), "correct": c1, "bn": describe_bn(model, r, bn_policy)}
+    finally:
+        dataset.transform = saved_transform
+    return results
+
+
+def model_num_classes(model: AdaptiveModel) -> int:
+    return int(model.arch["kwargs"].get("num_classes", 1000)) if hasattr(model, "arch") else 1000
+
+
+def describe_bn(model: AdaptiveModel, resolution: int, bn_policy: str) -> str:
+    if resolution in model.train_resolutions:
+        return "trained"
+    lo, hi = min(model.train_resolutions), max(model.train_resolutions)
+    if bn_policy == "interpolate" and not lo < resolution < hi:
+        return "nearest (outside trained range)"
+    return bn_policy
+
+
+def calibrate(model: AdaptiveModel, train_dataset: ImageFolderDataset, resolutions: list[int], num_images: int,
+              batch_size: int = 256, scale=(0.08, 1.0), ratio=(0.75, 4 / 3), mean=None, std=None, seed: int = 0) -> list[int]:
+    """Calibrate BN statistics at each resolution not yet calibrated (train-time augmentation, seeded)."""
+    from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    mean, std = mean or IMAGENET_MEAN, std or IMAGENET_STD
+    device = next(model.parameters()).device
+    done = []
+    cached = set(model.switchable_bns()[0].calibrated) if model.switchable_bns() else set()
+    saved_transform = train_dataset.transform
+    try:
+        for r in resolutions:
+            if r in cached:
+                continue
+            # The augmentation is the training one, so calibrated statistics are comparable with
+            # the statistics the trained BNs gathered.
+            train_dataset.transform = MultiResolutionCrop([r], scale, ratio)
+            rng_state = torch.get_rng_state()
+            torch.manual_seed(seed + r)
+            try:
+                calibrate_bn(model, (x for x, _ in _batches(train_dataset, batch_size, device, mean, std, shuffle_seed=seed)), r,
+                             num_images)
+            finally:
+                torch.set_rng_state(rng_state)
+            done.append(r)
+    finally:
+        train_dataset.transform = saved_transform
+    return done
+
+
+def accuracy_matrix(rows: dict[str, dict[int, dict[str, Any]]], resolutions: list[int], metric: str = "top1") -> dict[str, dict[int, float]]:
+    """Train x test matrix: {row label: {test resolution: accuracy}}."""
+    return {label: {r: res[r][metric] for r in resolutions if r in res} for label, res in rows.items()}
+
+
+def hit_miss_matrix(correct: dict[int, Tensor]) -> dict[int, dict[int, float]]:
+    """RS-Nets Table 1: m[j][i] = % of images right at resolution i but wrong at resolution j (i != j)."""
+    out: dict[int, dict[int, float]] = {}
+    for j, cj in correct.items():
+        out[j] = {}
+        for i, ci in correct.items():
+            if i != j:
+                out[j][i] = 100.0 * (ci & ~cj).float().mean().item()
+    return out
+
+
+def format_table(header: list[str], rows: list[list[Any]], title: str | None = None) -> str:
+    cells = [[str(h) for h in header]] + [[c if isinstance(c, str) else f"{c:.2f}" if isinstance(c, float) else str(c) for c in row]
+                                          for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = [title] if title else []
+    for n, r in enumerate(cells):
+        lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    fmt = [[c if isinstance(c, str) else f"{c:.1f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in fmt]
+    return "\n".join(lines)
+
+
+__all__ = ["Path", "accuracy_matrix", "calibrate", "evaluate", "format_table", "hit_miss_matrix", "markdown_table"]

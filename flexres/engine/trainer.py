@@ -1,0 +1,257 @@
+"""One training loop for every recipe: the method decides the operating points and the losses."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from .. import __version__
+from ..data import ImageFolderDataset, MultiResolutionCrop, collate_skipping, normalize_batch, split_dir
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..methods import Method, create_method
+from ..models import AdaptiveModel, create_model
+from .checkpoint import CHECKPOINT, load_training_state, save_checkpoint
+from .evaluate import evaluate
+
+# Keys that may change between a run and its resume without changing the result.
+_RESUME_FREE = {("train", "progress"), ("train", "eval_every"), ("train", "device"), ("data", "root"), ("data", "num_workers"),
+                ("data", "cache")}
+
+
+class TrainStep(nn.Module):
+    """Model + method as one module, so DistributedDataParallel sees one forward per step."""
+
+    def __init__(self, model: AdaptiveModel, method: Method) -> None:
+        super().__init__()
+        self.model, self.method = model, method
+
+    def forward(self, inputs: tuple[Tensor, ...], labels: Tensor):
+        out = self.method(self.model, inputs, labels)
+        return out.loss, out.terms, out.logits
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if dist.is_available() and dist.is_initialized() and torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warm-up to ``peak`` over ``warmup`` steps, then cosine decay to zero at ``total``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * peak * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_model_and_method(cfg: dict[str, Any], num_classes: int) -> tuple[AdaptiveModel, Method]:
+    mcfg, meth = cfg["model"], cfg["method"]
+    method = create_method(meth["name"], resolutions=meth["resolutions"], label_smoothing=cfg["train"]["label_smoothing"],
+                           **meth["kwargs"])
+    model = create_model(mcfg["name"], num_classes=num_classes, train_resolutions=list(method.resolutions),
+                         width_mult=mcfg["width_mult"], **mcfg["kwargs"])
+    return model, method
+
+
+def build_optimizer(cfg: dict[str, Any], model: nn.Module, method: nn.Module) -> torch.optim.Optimizer:
+    t = cfg["train"]
+    groups = [{"params": list(model.parameters()), "weight_decay": t["weight_decay"]}]
+    method_params = list(method.parameters())
+    if method_params:  # the method's own scores (alpha) are not regularised
+        groups.append({"params": method_params, "weight_decay": 0.0})
+    if t["optimizer"] == "sgd":
+        return torch.optim.SGD(groups, lr=t["lr"], momentum=t["momentum"], nesterov=t["nesterov"])
+    if t["optimizer"] == "adamw":
+        return torch.optim.AdamW(groups, lr=t["lr"])
+    raise ValueError(f"unknown optimizer {t['optimizer']!r} (sgd or adamw)")
+
+
+def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    diffs = []
+    for section, values in current.items():
+        for key, value in values.items():
+            if (section, key) in _RESUME_FREE:
+                continue
+            old = saved.get(section, {}).get(key)
+            if old != value:
+                diffs.append(f"{section}.{key}: {old!r} -> {value!r}")
+    return diffs
+
+
+def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_after_epochs: int | None = None,
+          log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train as ``cfg`` says into ``out_dir``; returns the last epoch's metrics.
+
+    stop_after_epochs: end this process after that many epochs (the run continues with ``resume``).
+    """
+    out_dir = Path(out_dir)
+    t, d = cfg["train"], cfg["data"]
+    if d["root"] is None:
+        raise ValueError("no data: set data.root in the config or pass --data DIR")
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if distributed else 0
+    world = dist.get_world_size() if distributed else 1
+    is_main = rank == 0
+    device = resolve_device(t["device"])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    ckpt_path = out_dir / CHECKPOINT
+    if ckpt_path.exists() and not resume:
+        raise FileExistsError(f"{out_dir} already holds a run ({ckpt_path}); pass --resume to continue it or choose another --out")
+    if resume and not ckpt_path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+
+    seed_everything(t["seed"])
+    train_ds = ImageFolderDataset(split_dir(d["root"], d["train_split"]), cache=d["cache"],
+                                  skip_unreadable=d["skip_unreadable"], progress=t["progress"] and is_main)
+    val_ds = None
+    if t["eval_every"] and (Path(d["root"]) / d["val_split"]).is_dir():
+        val_ds = ImageFolderDataset(split_dir(d["root"], d["val_split"]), cache=d["cache"], progress=False)
+    num_classes = cfg["model"]["num_classes"] or len(train_ds.classes)
+    if num_classes != len(train_ds.classes):
+        raise ValueError(f"model.num_classes={num_classes} but {train_ds.root} has {len(train_ds.classes)} classes")
+    model, method = build_model_and_method(cfg, num_classes)
+    train_ds.transform = MultiResolutionCrop(method.resolutions, d["scale"], d["ratio"])
+    model.to(device)
+    method.to(device)
+    channels_last = t["channels_last"] and device.type == "cuda"
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg, model, method)
+    step_module: nn.Module = TrainStep(model, method)
+    if distributed:
+        step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
+    use_amp = t["amp"] and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    per_rank_batch = t["batch_size"] // world
+    steps_per_epoch = len(train_ds) // t["batch_size"]
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size {t['batch_size']} is larger than the training set ({len(train_ds)} images)")
+    total_steps = steps_per_epoch * t["epochs"]
+    warmup_steps = int(round(t["warmup_epochs"] * steps_per_epoch))
+
+    start_epoch = 0
+    if resume:
+        meta = load_training_state(ckpt_path, model, method, optimizer)
+        diffs = _config_differences(meta.get("config", {}), cfg)
+        if diffs:
+            raise ValueError(f"--resume: the config differs from the run in {out_dir}: " + "; ".join(diffs))
+        start_epoch = int(meta["epoch"])
+        log(f"resuming {out_dir} after epoch {start_epoch}")
+    metrics_path = out_dir / "metrics.jsonl"
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        if resume and metrics_path.exists():  # drop epochs the checkpoint does not contain
+            kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln).get("epoch", 0) <= start_epoch]
+            metrics_path.write_text("".join(k + "\n" for k in kept))
+        elif not resume and metrics_path.exists():
+            metrics_path.unlink()
+    sidecar_base = {
+        "flexres_version": __version__, "method": {"name": method.name, "resolutions": list(method.resolutions),
+                                                   **cfg["method"]["kwargs"]},
+        "classes": train_ds.classes, "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "crop_fraction": d["crop_fraction"], "config": cfg,
+    }
+
+    last: dict[str, Any] = {}
+    end_epoch = t["epochs"] if stop_after_epochs is None else min(t["epochs"], start_epoch + stop_after_epochs)
+    for epoch in range(start_epoch, end_epoch):
+        # Everything random in an epoch derives from (seed, epoch): a resumed run replays it exactly.
+        seed_everything(t["seed"] * 100003 + epoch)
+        gen = torch.Generator().manual_seed(t["seed"] * 100003 + epoch)
+        sampler = None
+        if distributed:
+            sampler = DistributedSampler(train_ds, shuffle=True, seed=t["seed"], drop_last=True)
+            sampler.set_epoch(epoch)
+        loader = DataLoader(train_ds, batch_size=per_rank_batch, shuffle=sampler is None, sampler=sampler, generator=gen,
+                            num_workers=d["num_workers"], collate_fn=collate_skipping, drop_last=True,
+                            pin_memory=device.type == "cuda", persistent_workers=False)
+        step_module.train()
+        sums: dict[str, float] = defaultdict(float)
+        correct: dict[int, int] = defaultdict(int)
+        seen, skipped, t0 = 0, [], time.time()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{t['epochs']}", disable=not (t["progress"] and is_main), leave=False)
+        for i, batch in enumerate(bar):
+            skipped += batch["skipped"]
+            if batch["inputs"] is None:
+                continue
+            step = epoch * steps_per_epoch + i
+            lr = lr_at(step, total_steps, warmup_steps, t["lr"])
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            labels = batch["labels"].to(device, non_blocking=True)
+            inputs = tuple(normalize_batch(x.to(device, non_blocking=True)) for x in batch["inputs"])
+            if channels_last:
+                inputs = tuple(x.contiguous(memory_format=torch.channels_last) for x in inputs)
+            with torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext():
+                loss, terms, logits = step_module(inputs, labels)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, step {i}: lower train.lr?")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            n = labels.shape[0]
+            seen += n
+            sums["loss"] += loss.item() * n
+            for k, v in terms.items():
+                sums[k] += v.item() * n
+            for r, z in logits.items():
+                correct[r] += int((z.argmax(1) == labels).sum())
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4f}")
+        bar.close()
+        elapsed = time.time() - t0
+        if distributed:
+            for k in list(sums):
+                tsum = torch.tensor(sums[k], device=device)
+                dist.all_reduce(tsum)
+                sums[k] = float(tsum)
+        last = {
+            "epoch": epoch + 1, "lr": lr, "images": seen, "seconds": round(elapsed, 2),
+            "images_per_s": round(seen * world / max(elapsed, 1e-9), 1),
+            **{f"loss_{k}" if k != "loss" else "loss": round(v / max(seen * world, 1), 5) for k, v in sums.items()},
+            "train_top1": {str(r): round(100.0 * c / max(seen, 1), 2) for r, c in sorted(correct.items(), reverse=True)},
+            **method.log_values(),
+        }
+        if skipped:
+            last["skipped_unreadable"] = len(skipped)
+            log(f"epoch {epoch + 1}: skipped {len(skipped)} unreadable images, e.g. {skipped[0]}")
+        if is_main and val_ds is not None and ((epoch + 1) % t["eval_every"] == 0 or epoch + 1 == t["epochs"]):
+            res = evaluate(model, val_ds, list(method.resolutions), crop_fraction=d["crop_fraction"],
+                           batch_size=cfg["eval"]["batch_size"])
+            last["val_top1"] = {str(r): round(v["top1"], 2) for r, v in res.items()}
+        if is_main:
+            save_checkpoint(out_dir, model, dict(sidecar_base, epoch=epoch + 1, metrics=last), method, optimizer)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(last) + "\n")
+            log(json.dumps(last))
+        if distributed:
+            dist.barrier()
+    return last

@@ -1,0 +1,76 @@
+"""A training recipe: given the model and a batch, run the operating points of this step, return named losses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..models.base import AdaptiveModel
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor  # what the engine back-propagates
+    terms: dict[str, Tensor]  # named loss terms, for logging
+    logits: dict[int, Tensor] = field(default_factory=dict)  # per resolution, for training accuracy
+
+
+class Method(nn.Module):
+    """Base class. ``resolutions`` are the inputs the data pipeline must produce, largest first.
+
+    A method may own parameters (RS-Nets' ensemble scores alpha); the engine optimises them
+    without weight decay and saves them in the checkpoint under ``method.``.
+    """
+
+    name: str = ""
+
+    def __init__(self, resolutions: list[int] | tuple[int, ...], label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        if not resolutions:
+            raise ValueError(f"method {self.name!r} needs at least one resolution")
+        self.resolutions: tuple[int, ...] = tuple(sorted({int(r) for r in resolutions}, reverse=True))
+        self.label_smoothing = float(label_smoothing)
+
+    def cross_entropy(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+
+    def run_all(self, model: AdaptiveModel, inputs: tuple[Tensor, ...]) -> list[Tensor]:
+        """Logits at every training resolution; ``inputs[i]`` is the batch at ``resolutions[i]``."""
+        logits = []
+        for r, x in zip(self.resolutions, inputs, strict=True):
+            model.set_operating_point(r)
+            logits.append(model(x))
+        return logits
+
+    def forward(self, model: AdaptiveModel, inputs: tuple[Tensor, ...], labels: Tensor) -> StepOutput:
+        raise NotImplementedError
+
+    def log_values(self) -> dict[str, Any]:
+        """Extra scalars to log each epoch (e.g. alpha)."""
+        return {}
+
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def list_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def create_method(name: str, **kwargs: Any) -> Method:
+    if name not in _METHODS:
+        raise KeyError(f"unknown method {name!r}; available: {', '.join(list_methods())}")
+    try:
+        return _METHODS[name](**kwargs)
+    except TypeError as e:
+        raise TypeError(f"bad options for method {name!r}: {e}") from e
+
+

@@ -1,0 +1,112 @@
+"""AdaptiveModel: the operating-point state shared by every flexres model family."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..nn.switchable_bn import BN_POLICIES, SwitchableBatchNorm2d
+from ..operating_point import OperatingPoint
+
+
+def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """Round a channel count to a multiple of ``divisor`` without losing more than 10% (MobileNet rule)."""
+    min_value = divisor if min_value is None else min_value
+    new = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    if new < 0.9 * value:
+        new += divisor
+    return new
+
+
+class AdaptiveModel(nn.Module):
+    """Base class: holds the trained resolutions and the active operating point.
+
+    Subclasses build their layers with ``SwitchableBatchNorm2d(..., resolutions=self.train_resolutions)``
+    and implement ``forward_features`` (input -> last feature map) and ``forward_head``
+    (feature map -> logits).
+    """
+
+    # Filled in by the registry so a checkpoint can rebuild the model: {"name": ..., "kwargs": {...}}.
+    arch: dict[str, Any]
+
+    def __init__(self, train_resolutions: list[int] | tuple[int, ...]):
+        super().__init__()
+        if not train_resolutions:
+            raise ValueError("train_resolutions must name at least one resolution")
+        bad = [r for r in train_resolutions if not isinstance(r, int) or r <= 0]
+        if bad:
+            raise ValueError(f"train_resolutions must be positive ints, got {bad}")
+        # Largest first: index 0 is the largest resolution, as in the papers' equations.
+        self.train_resolutions: tuple[int, ...] = tuple(sorted(set(train_resolutions), reverse=True))
+        self.operating_point = OperatingPoint(self.train_resolutions[0])
+        self.bn_policy = "interpolate"
+        self._switchable: list[SwitchableBatchNorm2d] | None = None
+
+    # --- operating point ---
+    @property
+    def trained_operating_points(self) -> tuple[OperatingPoint, ...]:
+        return tuple(OperatingPoint(r) for r in self.train_resolutions)
+
+    def switchable_bns(self) -> list[SwitchableBatchNorm2d]:
+        if self._switchable is None:
+            self._switchable = [m for m in self.modules() if isinstance(m, SwitchableBatchNorm2d)]
+        return self._switchable
+
+    def set_operating_point(self, op: OperatingPoint | int, bn_policy: str | None = None) -> "AdaptiveModel":
+        """Switch to ``op`` (an OperatingPoint or a resolution). Cheap: no re-allocation."""
+        op = OperatingPoint.coerce(op)
+        policy = bn_policy or self.bn_policy
+        if policy not in BN_POLICIES:
+            raise ValueError(f"unknown bn_policy {policy!r}; choose one of {', '.join(BN_POLICIES)}")
+        self._check_operating_point(op)
+        fell_back = False
+        for bn in self.switchable_bns():
+            fell_back |= bn.select(op.resolution, policy).fell_back
+        if fell_back:
+            warnings.warn(
+                f"resolution {op.resolution} is outside the trained range "
+                f"[{min(self.train_resolutions)}, {max(self.train_resolutions)}]: "
+                "bn_policy 'interpolate' falls back to 'nearest'",
+                stacklevel=2,
+            )
+        self.operating_point = op
+        self.bn_policy = policy
+        return self
+
+    def _check_operating_point(self, op: OperatingPoint) -> None:
+        if op.width != 1.0 or op.scales is not None:
+            raise ValueError(f"{type(self).__name__} adapts resolution only; got {op}")
+
+    @contextmanager
+    def at(self, op: OperatingPoint | int | None = None, *, bn_policy: str | None = None, **fields: Any) -> Iterator["AdaptiveModel"]:
+        """Context manager: ``with model.at(96): ...`` or ``with model.at(resolution=96, bn_policy="nearest")``."""
+        if op is None:
+            op = OperatingPoint(**fields)
+        elif fields:
+            raise TypeError("pass either an operating point or its fields, not both")
+        previous, previous_policy = self.operating_point, self.bn_policy
+        self.set_operating_point(op, bn_policy)
+        try:
+            yield self
+        finally:
+            self.set_operating_point(previous, previous_policy)
+
+    # --- forward ---
+    def forward_features(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        r = self.operating_point.resolution
+        if x.dim() != 4 or x.shape[-1] != r or x.shape[-2] != r:
+            raise ValueError(
+                f"input of shape {tuple(x.shape)} does not match the operating point {self.operating_point} "
+                f"(expected N x C x {r} x {r}); call model.set_operating_point({x.shape[-1]}) first"
+            )
+        return self.forward_head(self.forward_features(x))

@@ -1,0 +1,84 @@
+"""MobileNetV2 (torchvision layer names: ``features.N.conv.M``) with a private BN per trained resolution."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from torch import Tensor, nn
+
+from ..nn.switchable_bn import SwitchableBatchNorm2d
+from .base import AdaptiveModel, make_divisible
+from .registry import register_model
+
+# (expand ratio t, output channels c, repeats n, first stride s), MobileNetV2 Table 2.
+_SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+
+
+class ConvBNReLU(nn.Sequential):
+    """Conv -> BN -> ReLU6, named ``0``, ``1``, ``2`` like torchvision's Conv2dNormActivation."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, norm: partial, groups: int = 1) -> None:
+        super().__init__(
+            nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+            norm(cout),
+            nn.ReLU6(inplace=True),
+        )
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, expand_ratio: int, norm: partial) -> None:
+        super().__init__()
+        hidden = int(round(cin * expand_ratio))
+        self.use_res_connect = stride == 1 and cin == cout
+        layers: list[nn.Module] = []
+        if expand_ratio != 1:
+            layers.append(ConvBNReLU(cin, hidden, 1, 1, norm))
+        layers += [ConvBNReLU(hidden, hidden, 3, stride, norm, groups=hidden), nn.Conv2d(hidden, cout, 1, bias=False), norm(cout)]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+class MobileNetV2(AdaptiveModel):
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        train_resolutions: list[int] | tuple[int, ...] = (224,),
+        width_mult: float = 1.0,
+        dropout: float = 0.2,
+    ) -> None:
+        super().__init__(train_resolutions)
+        norm = partial(SwitchableBatchNorm2d, resolutions=self.train_resolutions)
+        cin = make_divisible(32 * width_mult, 8)
+        last = make_divisible(1280 * max(1.0, width_mult), 8)
+        features: list[nn.Module] = [ConvBNReLU(3, cin, 3, 2, norm)]
+        for t, c, n, s in _SETTINGS:
+            cout = make_divisible(c * width_mult, 8)
+            for i in range(n):
+                features.append(InvertedResidual(cin, cout, s if i == 0 else 1, t, norm))
+                cin = cout
+        features.append(ConvBNReLU(cin, last, 1, 1, norm))
+        self.features = nn.Sequential(*features)
+        self.num_features = last
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(last, num_classes))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        return self.classifier(nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+@register_model
+def mobilenet_v2(**kwargs) -> MobileNetV2:
+    return MobileNetV2(**kwargs)

@@ -1,0 +1,53 @@
+"""Re-estimate BN statistics at a resolution that was not trained (SAN ideal / post-statistics BN)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from ..models.base import AdaptiveModel
+
+from ..operating_point import OperatingPoint
+
+
+@torch.no_grad()
+def calibrate_bn(model: "AdaptiveModel", batches: Iterable[Tensor], resolution: int, num_images: int) -> int:
+    """Estimate every SwitchableBatchNorm2d's statistics at ``resolution`` from ``num_images`` images.
+
+    ``batches`` yields input tensors already at ``resolution``. Statistics are the exact mean and
+    unbiased variance over all pixels of all images seen (not a momentum average), each BN
+    normalising with its batch statistics while they are gathered, with the affine parameters of
+    the nearest trained BN. All other weights stay frozen. The result is cached on each BN under
+    ``resolution`` and served by ``bn_policy="calibrate"``. Returns the number of images used.
+    """
+    bns = model.switchable_bns()
+    was_training = model.training
+    model.eval()
+    previous = model.operating_point
+    seen = 0
+    try:
+        for bn in bns:
+            bn.begin_calibration(resolution)
+        model.operating_point = OperatingPoint(resolution)
+        for x in batches:
+            if seen >= num_images:
+                break
+            x = x[: num_images - seen]
+            model(x)
+            seen += x.shape[0]
+        if seen == 0:
+            raise ValueError(f"BN calibration at resolution {resolution} got no images")
+        for bn in bns:
+            bn.end_calibration()
+    except BaseException:
+        for bn in bns:
+            bn.abort_calibration()
+        raise
+    finally:
+        model.operating_point = previous
+        model.train(was_training)
+    return seen

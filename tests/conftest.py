@@ -1,0 +1,39 @@
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import flexres
+from flexres.cli import sample_data_dir
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def sample_data() -> Path:
+    """The tiny Imagenette sample bundled inside the package (works in a fresh clone)."""
+    d = sample_data_dir()
+    assert (d / "train").is_dir() and (d / "val").is_dir()
+    return d
+
+
+@pytest.fixture
+def small_data(tmp_path, sample_data) -> Path:
+    """3 classes x (4 train, 2 val) copied from the sample: fast end-to-end runs."""
+    root = tmp_path / "data"
+    for split, n in (("train", 4), ("val", 2)):
+        for cls in sorted(p.name for p in (sample_data / split).iterdir())[:3]:
+            dst = root / split / cls
+            dst.mkdir(parents=True)
+            for f in sorted((sample_data / split / cls).iterdir())[:n]:
+                shutil.copy(f, dst / f.name)
+    return root
+
+
+def tiny_model(name="resnet18", resolutions=(64, 48, 32), num_classes=5, **kw):
+    return flexres.create_model(name, num_classes=num_classes, train_resolutions=list(resolutions), width_mult=0.25, **kw)

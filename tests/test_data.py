@@ -1,0 +1,93 @@
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import pytest
+
+from flexres.data import EvalTransform, ImageFolderDataset, MultiResolutionCrop, UnreadableImageError, collate_skipping, load_rgb
+from flexres.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_batch
+
+
+def test_one_crop_feeds_every_resolution():
+    """Every output of one sample is the same crop at another size: downsized to a common size they agree,
+    while two different samples of the transform do not."""
+    g = torch.Generator().manual_seed(0)
+    img = (torch.rand(3, 200, 200, generator=g) * 255).to(torch.uint8)
+    img = F.avg_pool2d(img[None].float(), 9, 1, 4)[0].to(torch.uint8)  # smooth, so resizing is stable
+    t = MultiResolutionCrop([112, 96, 64, 48])
+    torch.manual_seed(3)
+    outs = t(img)
+    assert [o.shape[-1] for o in outs] == [112, 96, 64, 48] and all(o.dtype == torch.uint8 for o in outs)
+    common = [F.interpolate(o[None].float(), size=24, mode="area")[0] for o in outs]
+    for c in common[1:]:
+        assert (c - common[0]).abs().mean() < 2.0
+    diffs = []
+    for seed in range(4):
+        torch.manual_seed(100 + seed)
+        other = F.interpolate(t(img)[0][None].float(), size=24, mode="area")[0]
+        diffs.append(float((other - common[0]).abs().mean()))
+    assert max(diffs) > 5.0  # a fresh crop really differs
+
+
+def test_eval_transform_resizes_then_center_crops():
+    img = torch.zeros(3, 224, 300, dtype=torch.uint8)
+    t = EvalTransform(112)
+    assert t.resize_to == 128
+    assert t(img).shape == (3, 112, 112)
+    # 0.875 crop: a 224 image at resolution 224 is resized to 256 then center-cropped
+    img = torch.arange(224, dtype=torch.float32).repeat(3, 224, 1).to(torch.uint8)
+    out = EvalTransform(224)(img)
+    assert out.shape == (3, 224, 224)
+    assert out[0, 0, 0] > 10  # the left border was cropped away
+
+
+def test_normalize_batch_uses_imagenet_mean_and_std():
+    x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    y = normalize_batch(x)
+    for c in range(3):
+        assert torch.allclose(y[0, c], torch.tensor((1.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]))
+
+
+def test_grayscale_and_rgba_load_as_rgb(tmp_path):
+    Image.new("L", (10, 8), 77).save(tmp_path / "g.png")
+    Image.new("RGBA", (10, 8), (10, 20, 30, 0)).save(tmp_path / "a.png")
+    Image.new("L", (10, 8), 99).save(tmp_path / "g.jpg")
+    for name in ("g.png", "a.png", "g.jpg"):
+        x = load_rgb(str(tmp_path / name))
+        assert x.shape == (3, 8, 10) and x.dtype == torch.uint8
+    assert load_rgb(str(tmp_path / "a.png"))[:, 0, 0].tolist() == [10, 20, 30]
+
+
+def _folder_with_corrupt_file(tmp_path):
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(tmp_path / cls / f"{i}.jpg")
+    bad = tmp_path / "b" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    return bad
+
+
+def test_corrupt_image_stops_with_an_error_naming_the_file(tmp_path):
+    bad = _folder_with_corrupt_file(tmp_path)
+    ds = ImageFolderDataset(tmp_path)
+    idx = [p for p, _ in ds.samples].index(str(bad))
+    with pytest.raises(UnreadableImageError, match="broken.jpg"):
+        ds[idx]
+    with pytest.raises(UnreadableImageError, match="broken.jpg"):
+        ImageFolderDataset(tmp_path, cache=True, progress=False)
+
+
+def test_skip_unreadable_drops_and_reports(tmp_path):
+    bad = _folder_with_corrupt_file(tmp_path)
+    ds = ImageFolderDataset(tmp_path, transform=MultiResolutionCrop([8]), skip_unreadable=True)
+    batch = collate_skipping([ds[i] for i in range(len(ds))])
+    assert batch["skipped"] == [str(bad)]
+    assert batch["inputs"][0].shape == (6, 3, 8, 8) and batch["labels"].shape == (6,)
+    cached = ImageFolderDataset(tmp_path, cache=True, skip_unreadable=True, progress=False)
+    assert cached.unreadable == [str(bad)]
+
+
+def test_missing_folder_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        ImageFolderDataset(tmp_path / "nope")

@@ -1,0 +1,68 @@
+import pytest
+import torch
+import torchvision
+
+import flexres
+from flexres import OperatingPoint
+from flexres.analysis import count_macs, count_params
+from tests.conftest import tiny_model
+
+
+def test_registry_lists_the_families():
+    assert {"resnet18", "resnet34", "resnet50", "mobilenet_v2"} <= set(flexres.list_models())
+    with pytest.raises(KeyError, match="unknown model 'resnet19'"):
+        flexres.create_model("resnet19")
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2"])
+def test_layer_names_and_params_follow_torchvision(name):
+    ours = flexres.create_model(name, num_classes=1000, train_resolutions=[224])
+    theirs = getattr(torchvision.models, name)()
+    assert {k.replace(".bns.0", "") for k in ours.state_dict()} == set(theirs.state_dict())
+    assert count_params(ours) == sum(p.numel() for p in theirs.parameters())
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "mobilenet_v2"])
+def test_forward_at_every_trained_resolution(name):
+    model = tiny_model(name, resolutions=(64, 32)).eval()
+    for r in (64, 48, 32):
+        with model.at(r):
+            assert model(torch.randn(2, 3, r, r)).shape == (2, 5)
+    assert model.operating_point == OperatingPoint(64)
+
+
+def test_operating_point_lives_on_the_instance_and_switching_is_explicit():
+    a, b = tiny_model(resolutions=(64, 32)), tiny_model(resolutions=(64, 32))
+    a.set_operating_point(32)
+    assert a.operating_point.resolution == 32 and b.operating_point.resolution == 64
+    assert a.trained_operating_points == (OperatingPoint(64), OperatingPoint(32))
+    with pytest.raises(ValueError, match=r"does not match the operating point 32px"):
+        a(torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="adapts resolution only"):
+        a.set_operating_point(OperatingPoint(64, width=0.5))
+    with pytest.raises(ValueError, match="unknown bn_policy"):
+        a.set_operating_point(64, bn_policy="magic")
+
+
+def test_private_bn_per_resolution_gives_different_outputs():
+    model = tiny_model(resolutions=(64, 32)).train()
+    x = torch.randn(4, 3, 64, 64)
+    with model.at(64):
+        model(x)  # updates only the 64 px BN's running statistics
+    model.eval()
+    for m in model.switchable_bns():
+        assert not torch.equal(m.bns[0].running_mean, m.bns[1].running_mean) or m.bns[0].running_mean.abs().sum() == 0
+
+
+def test_macs_scale_with_resolution_squared():
+    model = tiny_model(resolutions=(256, 128))
+    # multiples of 64 keep every feature map exact after the five stride-2 stages; only the
+    # resolution-independent classifier breaks the r^2 law, and it is tiny
+    m256, m128, m64 = (count_macs(model, r) for r in (256, 128, 64))
+    assert 3.95 < m256 / m128 <= 4.0
+    assert 3.9 < m128 / m64 <= 4.0
+    # odd sizes round feature maps up (SAN App. I), so 224 vs 112 is only close to 4
+    assert 3.5 < count_macs(model, 224) / count_macs(model, 112) < 4.0
+    # full-width resnet18 at 224: the well-known 1.82 GMACs
+    full = flexres.create_model("resnet18", train_resolutions=[224])
+    assert abs(count_macs(full, 224) / 1e9 - 1.82) < 0.01
