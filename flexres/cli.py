@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,8 @@ def _train(args: argparse.Namespace) -> int:
         cfg["data"]["root"] = args.data
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     train(cfg, out, resume=args.resume, stop_after_epochs=args.stop_after_epochs)
-    print(f"run saved in {out}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run saved in {out}")
     return 0
 
 
@@ -120,7 +122,7 @@ def _demo(args: argparse.Namespace) -> int:
         "model": {"name": "resnet18", "width_mult": 0.25},
         "method": {"name": "rsnet", "resolutions": [96, 80, 64, 48], "kwargs": {"mred": "full"}},
         "data": {"root": str(data), "cache": True, "num_workers": 0},
-        "train": {"epochs": args.epochs, "batch_size": 20, "lr": 0.05, "nesterov": True, "weight_decay": 5e-4,
+        "train": {"epochs": args.epochs, "batch_size": 20, "lr": 0.02, "nesterov": True, "weight_decay": 5e-4,
                   "warmup_epochs": 2, "eval_every": 0, "progress": False},
     })
     print(f"flexres demo: RS-Net (ResNet-18 x0.25, full MRED) on {data} (10 classes, 100 train / 100 val images)")
@@ -161,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="train and evaluate a small RS-Net on the bundled sample images (CPU, minutes)")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--epochs", type=int, default=30)
+    d.add_argument("--epochs", type=int, default=60)
     d.set_defaults(func=_demo)
     return p
 

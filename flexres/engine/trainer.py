@@ -234,7 +234,7 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
                 dist.all_reduce(tsum)
                 sums[k] = float(tsum)
         last = {
-            "epoch": epoch + 1, "lr": lr, "images": seen, "seconds": round(elapsed, 2),
+            "epoch": epoch + 1, "lr": lr, "images": seen * world, "seconds": round(elapsed, 2),
             "images_per_s": round(seen * world / max(elapsed, 1e-9), 1),
             **{f"loss_{k}" if k != "loss" else "loss": round(v / max(seen * world, 1), 5) for k, v in sums.items()},
             "train_top1": {str(r): round(100.0 * c / max(seen, 1), 2) for r, c in sorted(correct.items(), reverse=True)},
