@@ -96,3 +96,9 @@ def test_corrupt_training_image_names_the_file(tmp_path, small_data, config, cap
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "flexres.cli", "--help"], capture_output=True, text=True, check=True).stdout
     assert "train" in out and "eval" in out and "demo" in out
+
+
+def test_demo_runs_on_the_bundled_sample(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "top-1 %" in text and "RS-Nets Table 1" in text and "mean over S" in text

@@ -66,3 +66,23 @@ def test_macs_scale_with_resolution_squared():
     # full-width resnet18 at 224: the well-known 1.82 GMACs
     full = flexres.create_model("resnet18", train_resolutions=[224])
     assert abs(count_macs(full, 224) / 1e9 - 1.82) < 0.01
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_torchvision_weights_load_into_every_bn_set_and_give_torchvision_outputs(name):
+    from flexres.models import load_single_bn_weights
+
+    theirs = getattr(torchvision.models, name)(num_classes=7).eval()
+    with torch.no_grad():  # non-trivial BN statistics so a wrong mapping shows
+        for m in theirs.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    ours = flexres.create_model(name, num_classes=7, train_resolutions=[96, 64]).eval()
+    load_single_bn_weights(ours, theirs.state_dict())
+    for r in (96, 64):
+        x = torch.randn(2, 3, r, r)
+        with ours.at(r):
+            torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(KeyError, match="lacks"):
+        load_single_bn_weights(ours, dict(list(theirs.state_dict().items())[1:]))

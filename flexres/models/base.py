@@ -110,3 +110,26 @@ class AdaptiveModel(nn.Module):
                 f"(expected N x C x {r} x {r}); call model.set_operating_point({x.shape[-1]}) first"
             )
         return self.forward_head(self.forward_features(x))
+
+
+def load_single_bn_weights(model: AdaptiveModel, state_dict: dict[str, Tensor]) -> None:
+    """Load a plain (one-BN) state dict, e.g. torchvision's ``resnet18`` weights, into every BN set.
+
+    ``layer1.0.bn1.weight`` goes to ``layer1.0.bn1.bns.<i>.weight`` for every trained resolution,
+    the usual starting point for fine-tuning a pretrained network into a switchable one.
+    """
+    own = model.state_dict()
+    expanded: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        prefix, _, leaf = key.rpartition(".")
+        targets = [f"{prefix}.bns.{i}.{leaf}" for i in range(len(model.train_resolutions))]
+        if key in own:
+            expanded[key] = value
+        elif targets[0] in own:
+            expanded.update({t: value for t in targets})
+        else:
+            raise KeyError(f"{key} matches no parameter or buffer of {type(model).__name__}")
+    missing = sorted(set(own) - set(expanded))
+    if missing:
+        raise KeyError(f"state dict lacks {len(missing)} entries of the model, e.g. {', '.join(missing[:4])}")
+    model.load_state_dict(expanded)
