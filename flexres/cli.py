@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .engine.checkpoint import CALIBRATION, CheckpointMismatchError, load_checkpoint, resolve_checkpoint, save_calibration
+from .engine.checkpoint import (CALIBRATION, CheckpointMismatchError, clear_calibration, load_checkpoint, resolve_checkpoint,
+                                save_calibration)
 from .engine.config import ConfigError, load_config, make_config
 from .engine.evaluate import calibrate, evaluate, format_table, hit_miss_matrix
+from .models.base import SAN_MODES, SCALE_POLICIES
 from .nn.switchable_bn import BN_POLICIES
 
 
@@ -30,42 +32,62 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def evaluate_runs(runs: list[str], data: str, resolutions: list[int] | None, bn_policy: str, calibration_images: int | None = None,
-                  batch_size: int = 256, split: str = "val", progress: bool = True) -> dict[str, Any]:
+                  batch_size: int = 256, split: str = "val", progress: bool = True, scale_policy: str | None = None,
+                  workers: int = 0) -> dict[str, Any]:
     """Evaluate each run at each resolution; returns a JSON-ready report (see ``flexres eval --json``)."""
     from .analysis import count_macs, count_params
     from .data import ImageFolderDataset, split_dir
 
-    val = ImageFolderDataset(split_dir(data, split), cache=True, progress=progress)
+    val = ImageFolderDataset(split_dir(data, split), cache="auto", progress=progress)
     train_ds = None
-    report: dict[str, Any] = {"data": str(data), "bn_policy": bn_policy, "runs": {}}
+    report: dict[str, Any] = {"data": str(data), "bn_policy": bn_policy, "scale_policy": scale_policy, "runs": {}}
+    own_resolution: dict[int, Any] = {}  # single-resolution runs (I-Nets): correctness at their own resolution
     for run in runs:
         model, meta = load_checkpoint(run)
         classes = meta.get("classes")
         if classes and classes != val.classes:
-            raise CheckpointMismatchError(f"{run} was trained on classes {classes[:3]}... but {val.root} has {val.classes[:3]}...")
+            diff = next((f"{a!r} vs {b!r}" for a, b in zip(classes, val.classes) if a != b), "")
+            raise CheckpointMismatchError(f"{run} was trained on {len(classes)} classes but {val.root} has "
+                                          f"{len(val.classes)}{'; first difference: ' + diff if diff else ''}")
         res_list = resolutions or meta.get("config", {}).get("eval", {}).get("resolutions") or list(model.train_resolutions)
         cfg = meta.get("config") or make_config()
+        ckpt = resolve_checkpoint(run)
         if bn_policy == "calibrate":
-            if train_ds is None:
-                train_ds = ImageFolderDataset(split_dir(data, cfg["data"]["train_split"]), cache=True, progress=progress)
             n = calibration_images or cfg["eval"]["calibration_images"]
+            if meta.get("calibration", {}).get("num_images") != n:
+                clear_calibration(model)
+            if train_ds is None:
+                train_ds = ImageFolderDataset(split_dir(data, cfg["data"]["train_split"]), progress=progress)
             new = calibrate(model, train_ds, [r for r in res_list if r not in model.train_resolutions], n, batch_size,
-                            cfg["data"]["scale"], cfg["data"]["ratio"])
-            ckpt = resolve_checkpoint(run)
+                            cfg["data"]["scale"], cfg["data"]["ratio"], workers=workers)
             if new:
-                save_calibration(model, ckpt.parent / CALIBRATION, {"num_images": n, "data": str(data)})
-        results = evaluate(model, val, res_list, bn_policy, batch_size, meta.get("crop_fraction", 0.875), progress=progress)
+                save_calibration(model, ckpt.parent / CALIBRATION,
+                                 {"num_images": n, "data": str(data), "checkpoint_digest": meta["checkpoint_digest"]})
+        results = evaluate(model, val, res_list, bn_policy, batch_size, meta.get("crop_fraction", 0.875), progress=progress,
+                           scale_policy=scale_policy, workers=workers)
         label = Path(run).name if Path(run).is_dir() else Path(run).parent.name
+        if len(model.train_resolutions) == 1 and model.train_resolutions[0] in results:
+            own_resolution[model.train_resolutions[0]] = results[model.train_resolutions[0]]["correct"]
         report["runs"][label] = {
-            "checkpoint": str(resolve_checkpoint(run)), "train_resolutions": list(model.train_resolutions),
+            "checkpoint": str(ckpt), "train_resolutions": list(model.train_resolutions),
             "method": meta.get("method", {}), "epoch": meta.get("epoch"), "params": count_params(model),
             "results": {str(r): {"top1": round(v["top1"], 2), "top5": round(v["top5"], 2), "n": v["n"], "bn": v["bn"],
                                  "macs": count_macs(model, r)} for r, v in results.items()},
-            "hit_miss": {str(j): {str(i): round(p, 2) for i, p in row.items()}
-                         for j, row in hit_miss_matrix({r: v["correct"] for r, v in results.items()
-                                                        if r in model.train_resolutions}).items()},
+            "hit_miss": _json_matrix(hit_miss_matrix({r: v["correct"] for r, v in results.items() if r in model.train_resolutions})),
         }
+    if len(own_resolution) > 1:  # RS-Nets Table 1, "individual" block: each I-Net at its own resolution
+        report["hit_miss_individual"] = _json_matrix(hit_miss_matrix(dict(sorted(own_resolution.items(), reverse=True))))
     return report
+
+
+def _json_matrix(m: dict[int, dict[int, float]]) -> dict[str, dict[str, float]]:
+    return {str(j): {str(i): round(p, 2) for i, p in row.items()} for j, row in m.items()}
+
+
+def _format_hit_miss(hm: dict[str, dict[str, float]], title: str) -> str:
+    res = list(hm)
+    return format_table(["wrong at \\ right at"] + res, [[j] + [("-" if i == j else f"{hm[j][i]:.1f}") for i in res] for j in res],
+                        title=title)
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -90,18 +112,23 @@ def format_report(report: dict[str, Any]) -> str:
                                           for r in all_res]],
                             title=f"cost of {next(iter(runs))}: {first['params'] / 1e6:.3f} M params deployed"))
     for label, run in runs.items():
-        hm = run["hit_miss"]
-        if len(hm) > 1:
-            res = [int(r) for r in hm]
-            out.append("")
-            out.append(format_table(["wrong at \\ right at"] + [str(r) for r in res],
-                                    [[str(j)] + [("-" if i == j else f"{hm[str(j)][str(i)]:.1f}") for i in res] for j in res],
-                                    title=f"{label}: % of val images right at one resolution and wrong at another (RS-Nets Table 1)"))
+        if len(run["hit_miss"]) > 1:
+            out += ["", _format_hit_miss(run["hit_miss"], f"{label}: % of val images right at one resolution and wrong at another "
+                                                          "(RS-Nets Table 1)")]
+    if "hit_miss_individual" in report:
+        out += ["", _format_hit_miss(report["hit_miss_individual"], "single-resolution runs, each at its own resolution: "
+                                                                    "% right at one and wrong at another (RS-Nets Table 1)")]
     return "\n".join(out)
 
 
 def _eval(args: argparse.Namespace) -> int:
-    report = evaluate_runs(args.runs, args.data, args.resolutions, args.bn, args.calibration_images, args.batch_size, args.split)
+    bn, scale = args.bn, args.scale
+    if args.san_mode:
+        if bn or scale:
+            raise ValueError("--san-mode sets --bn and --scale itself; give one or the other")
+        bn, scale = SAN_MODES[args.san_mode]["bn_policy"], SAN_MODES[args.san_mode]["scale_policy"]
+    report = evaluate_runs(args.runs, args.data, args.resolutions, bn or "interpolate", args.calibration_images, args.batch_size,
+                           args.split, scale_policy=scale, workers=args.workers)
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
@@ -155,7 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="ImageFolder root (its val/ split is used)")
     e.add_argument("--split", default="val")
     e.add_argument("--resolutions", type=int, nargs="+", help="test resolutions (default: the run's eval.resolutions)")
-    e.add_argument("--bn", choices=BN_POLICIES, default="interpolate", help="BN policy for untrained resolutions")
+    e.add_argument("--bn", choices=BN_POLICIES, help="BN policy for untrained resolutions (default interpolate)")
+    e.add_argument("--scale", choices=SCALE_POLICIES, help="SAN models: weights from eps(T) ('exact', default) or from the "
+                   "nearest trained resolution's eps ('nearest')")
+    e.add_argument("--san-mode", choices=list(SAN_MODES), help="SAN inference: proxy = --bn nearest --scale nearest; ideal = "
+                   "--bn calibrate --scale exact; data-free = --bn interpolate --scale exact")
+    e.add_argument("--workers", type=int, default=0, help="data-loading processes (for sets too large to cache in memory)")
     e.add_argument("--calibration-images", type=int, help="images for --bn calibrate (default eval.calibration_images)")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--json", help="also write the report as JSON")

@@ -1,6 +1,8 @@
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,13 +52,19 @@ def test_train_then_eval_end_to_end(tmp_path, small_data, config, capsys):
     assert any(k.startswith("44/") for k in cal) and not any(k.startswith("48/") for k in cal)
 
 
-def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path, small_data, config):
+def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path, small_data, config, capsys):
     full, split = tmp_path / "full", tmp_path / "split"
     args = ["train", "--config", str(config), "--data", str(small_data), "--set", "epochs=3"]
     assert main(args + ["--out", str(full)]) == 0
     assert main(args + ["--out", str(split), "--stop-after-epochs", "1"]) == 0
     assert json.loads((split / "checkpoint.json").read_text())["epoch"] == 1
+    first_epoch = (split / "metrics.jsonl").read_text()
+    capsys.readouterr()
     assert main(args + ["--out", str(split), "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "resuming" in printed and "after epoch 1" in printed
+    assert [json.loads(ln)["epoch"] for ln in printed.splitlines() if ln.startswith("{")] == [2, 3]  # epoch 1 not redone
+    assert (split / "metrics.jsonl").read_text().startswith(first_epoch)
     a, b = load_file(str(full / "checkpoint.safetensors")), load_file(str(split / "checkpoint.safetensors"))
     assert a.keys() == b.keys() and any(k.startswith("optimizer.") for k in a) and "method.alpha_scores" in a
     for k in a:
@@ -91,11 +99,42 @@ def test_corrupt_training_image_names_the_file(tmp_path, small_data, config, cap
     assert main(base + ["--out", str(tmp_path / "a")]) == 2
     assert "zz_broken.JPEG" in capsys.readouterr().err
     assert main(base + ["--out", str(tmp_path / "b"), "--set", "skip_unreadable=true"]) == 0
+    assert json.loads((tmp_path / "b" / "metrics.jsonl").read_text())["skipped_unreadable"] == 1
+    # uncached, decoded in worker processes: the error still names the file
+    capsys.readouterr()
+    assert main(base + ["--out", str(tmp_path / "c"), "--set", "cache=false", "--set", "num_workers=2"]) == 2
+    assert "zz_broken.JPEG" in capsys.readouterr().err
 
 
 def test_console_script_help():
-    out = subprocess.run([sys.executable, "-m", "flexres.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    exe = shutil.which("flexres") or str(Path(sys.executable).parent / "flexres")
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
     assert "train" in out and "eval" in out and "demo" in out
+
+
+def test_set_batch_size_and_epochs_reach_the_training_section(config):
+    from flexres.engine.config import load_config
+
+    cfg = load_config(config, ["batch_size=7", "epochs=9", "eval.batch_size=3", "method.kwargs.mred=vanilla"])
+    assert (cfg["train"]["batch_size"], cfg["train"]["epochs"], cfg["eval"]["batch_size"]) == (7, 9, 3)
+    assert cfg["method"]["kwargs"] == {"mred": "vanilla"}
+
+
+def test_calibration_is_reused_and_dropped_when_the_weights_change(tmp_path, small_data, config, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--data", str(small_data), "--out", str(out), "--set", "epochs=2",
+                 "--stop-after-epochs", "1"]) == 0
+    ev = ["eval", str(out), "--data", str(small_data), "--bn", "calibrate", "--resolutions", "44", "36"]
+    assert main(ev + ["--json", str(tmp_path / "a.json")]) == 0
+    cal = out / "bn_calibration.safetensors"
+    stamp = cal.stat().st_mtime_ns
+    assert main(ev + ["--json", str(tmp_path / "b.json")]) == 0  # served from the saved statistics
+    assert cal.stat().st_mtime_ns == stamp
+    a, b = (json.loads((tmp_path / f).read_text())["runs"]["run"]["results"] for f in ("a.json", "b.json"))
+    assert a == b
+    assert main(["train", "--config", str(config), "--data", str(small_data), "--out", str(out), "--set", "epochs=2",
+                 "--resume"]) == 0
+    assert not cal.exists()  # new weights: the old statistics are gone
 
 
 def test_demo_runs_on_the_bundled_sample(tmp_path, capsys):

@@ -18,8 +18,9 @@ from tqdm import tqdm
 class UnreadableImageError(RuntimeError):
     """An image file could not be decoded. ``path`` names it."""
 
-    def __init__(self, path: str, cause: BaseException) -> None:
-        super().__init__(f"cannot read image {path}: {cause}. Fix or remove the file, or train with data.skip_unreadable=true")
+    # One message argument, so DataLoader workers can re-raise it in the main process intact.
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
         self.path = path
 
 
@@ -29,19 +30,24 @@ def load_rgb(path: str) -> Tensor:
         with Image.open(path) as im:
             return pil_to_tensor(im.convert("RGB"))
     except Exception as e:  # noqa: BLE001 - every decoder failure is reported with its path
-        raise UnreadableImageError(path, e) from e
+        raise UnreadableImageError(
+            f"cannot read image {path}: {e}. Fix or remove the file, or set data.skip_unreadable=true", path) from e
+
+
+AUTO_CACHE_IMAGES = 10_000
 
 
 class ImageFolderDataset(Dataset):
     """``root/<class>/<image>`` as in torchvision's ImageFolder; items are (transform(image), label).
 
     cache: decode every image once into memory (uint8) up front; worth it when the set fits in RAM.
+        "auto" caches sets of at most ``AUTO_CACHE_IMAGES`` images.
     skip_unreadable: an unreadable image is dropped from its batch (see ``collate_skipping``) and
     counted instead of stopping training with an error that names the file.
     """
 
     def __init__(self, root: str | os.PathLike, transform: Callable[[Tensor], Any] | None = None,
-                 cache: bool = False, skip_unreadable: bool = False, progress: bool = True) -> None:
+                 cache: bool | str = False, skip_unreadable: bool = False, progress: bool = True) -> None:
         self.root = str(root)
         if not Path(self.root).is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
@@ -53,6 +59,8 @@ class ImageFolderDataset(Dataset):
         self.skip_unreadable = skip_unreadable
         self.unreadable: list[str] = []
         self._cache: list[Tensor | None] | None = None
+        if cache == "auto":
+            cache = len(self.samples) <= AUTO_CACHE_IMAGES
         if cache:
             self._cache = []
             for path, _ in tqdm(self.samples, desc=f"decoding {Path(self.root).name}", disable=not progress, leave=False):
@@ -66,6 +74,10 @@ class ImageFolderDataset(Dataset):
                 raise
             self.unreadable.append(path)
             return None
+
+    @property
+    def cached(self) -> bool:
+        return self._cache is not None
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -8,9 +8,11 @@ rename), ``checkpoint.json`` (the same sidecar, for people), and optionally
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,14 @@ def load_tensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     except Exception as e:  # noqa: BLE001 - any parse failure means the file is not a checkpoint
         raise CheckpointMismatchError(f"{path} is not a readable safetensors checkpoint: {e}") from e
     return tensors, meta
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -120,6 +130,9 @@ def save_checkpoint(run_dir: str | Path, model: AdaptiveModel, sidecar: dict[str
         meta["optimizer"] = opt_info
     path = run_dir / CHECKPOINT
     save_tensors(path, tensors, meta)
+    stale = run_dir / CALIBRATION
+    if stale.exists():  # statistics calibrated for the previous weights
+        stale.unlink()
     human = {k: v for k, v in meta.items() if k != "optimizer"}
     _atomic_write(run_dir / SIDECAR, lambda tmp: Path(tmp).write_text(json.dumps(human, indent=2) + "\n"))
     return path
@@ -166,9 +179,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointMismatchError(f"{ckpt} has no flexres metadata ('arch' missing); was it written by flexres?")
     model = create_model(meta["arch"]["name"], **meta["arch"]["kwargs"])
     load_model_state(model, tensors, meta, str(ckpt))
+    meta["checkpoint_digest"] = file_digest(ckpt)
     calib = ckpt.parent / CALIBRATION
     if calib.is_file():
-        load_calibration(model, calib)
+        _, cal_meta = load_tensors(calib)
+        if cal_meta.get("checkpoint_digest") == meta["checkpoint_digest"]:
+            load_calibration(model, calib)
+            meta["calibration"] = cal_meta
+        else:
+            warnings.warn(f"ignoring {calib}: it was calibrated for other weights than {ckpt}", stacklevel=2)
     model.set_operating_point(model.train_resolutions[0])
     return model.to(map_location).eval(), meta
 
@@ -205,7 +224,13 @@ def calibration_tensors(model: AdaptiveModel) -> dict[str, Tensor]:
 
 
 def save_calibration(model: AdaptiveModel, path: str | Path, info: dict[str, Any]) -> None:
+    """Save every calibrated resolution; ``info`` should carry the checkpoint's digest and num_images."""
     save_tensors(path, calibration_tensors(model), info)
+
+
+def clear_calibration(model: AdaptiveModel) -> None:
+    for bn in model.switchable_bns():
+        bn.calibrated.clear()
 
 
 def load_calibration(model: AdaptiveModel, path: str | Path) -> dict[str, Any]:

@@ -18,7 +18,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "train": {
         "epochs": 120, "batch_size": 256, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False,
         "weight_decay": 1e-4, "warmup_epochs": 0.0, "label_smoothing": 0.0, "seed": 0, "amp": True,
-        "channels_last": True, "device": "auto", "eval_every": 1, "progress": True,
+        "channels_last": True, "deterministic": False, "device": "auto", "eval_every": 1, "progress": True,
     },
     "eval": {"resolutions": None, "bn_policy": "interpolate", "calibration_images": 2000, "batch_size": 256},
 }
@@ -64,14 +64,19 @@ def apply_overrides(cfg: dict[str, Any], sets: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, text = item.split("=", 1)
-        value = yaml.safe_load(text)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key}: value {text!r} is not valid YAML: {e}") from e
         parts = key.strip().split(".")
         if len(parts) == 1:
+            # A bare key means the training one when several sections have it (batch_size: train, eval).
             sections = [s for s in cfg if isinstance(cfg[s], dict) and parts[0] in cfg[s]]
-            if len(sections) != 1:
-                where = "no section" if not sections else f"sections {', '.join(sections)}"
-                raise ConfigError(f"--set {key}: found in {where}; write section.{key}")
-            parts = [sections[0], parts[0]]
+            if not sections:
+                raise ConfigError(f"--set {key}: no config section has '{key}'")
+            if len(sections) > 1 and "train" not in sections:
+                raise ConfigError(f"--set {key}: found in sections {', '.join(sections)}; write section.{key}")
+            parts = ["train" if "train" in sections else sections[0], parts[0]]
         node = cfg
         for p in parts[:-1]:
             if not isinstance(node, dict) or p not in node:

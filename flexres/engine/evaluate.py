@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from ..data import EvalTransform, ImageFolderDataset, MultiResolutionCrop, normalize_batch
@@ -16,12 +16,8 @@ from ..models import AdaptiveModel
 from ..nn import calibrate_bn
 
 
-def _batches(ds: ImageFolderDataset, batch_size: int, device: torch.device, mean, std, shuffle_seed: int | None = None,
-             workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-    gen = None
-    if shuffle_seed is not None:
-        gen = torch.Generator().manual_seed(shuffle_seed)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=gen is not None, generator=gen, num_workers=workers)
+def _batches(ds: Dataset, batch_size: int, device: torch.device, mean, std, workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers)
     for x, y in loader:
         if isinstance(x, (tuple, list)):
             (x,) = x
@@ -31,7 +27,7 @@ def _batches(ds: ImageFolderDataset, batch_size: int, device: torch.device, mean
 @torch.no_grad()
 def evaluate(model: AdaptiveModel, dataset: ImageFolderDataset, resolutions: list[int], bn_policy: str = "interpolate",
              batch_size: int = 256, crop_fraction: float = 0.875, mean=None, std=None,
-             progress: bool = False) -> dict[int, dict[str, Any]]:
+             progress: bool = False, scale_policy: str | None = None, workers: int = 0) -> dict[int, dict[str, Any]]:
     """Top-1/top-5 (%) of ``model`` on ``dataset`` at each resolution; also per-image correctness.
 
     Returns {resolution: {"top1", "top5", "n", "correct" (bool tensor, dataset order), "bn"}}.
@@ -46,10 +42,11 @@ def evaluate(model: AdaptiveModel, dataset: ImageFolderDataset, resolutions: lis
     try:
         for r in tqdm(resolutions, desc="eval", disable=not progress, leave=False):
             dataset.transform = EvalTransform(r, crop_fraction)
-            with model.at(r, bn_policy=bn_policy):
+            with model.at(r, bn_policy=bn_policy, scale_policy=scale_policy):
                 correct1, correct5 = [], []
-                for x, y in _batches(dataset, batch_size, device, mean, std):
-                    top5 = model(x).topk(min(5, model_num_classes(model)), dim=1).indices
+                for x, y in _batches(dataset, batch_size, device, mean, std, 0 if dataset.cached else workers):
+                    logits = model(x)
+                    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
                     hit = top5.eq(y[:, None])
                     correct1.append(hit[:, 0].cpu())
                     correct5.append(hit.any(1).cpu())
@@ -59,10 +56,6 @@ def evaluate(model: AdaptiveModel, dataset: ImageFolderDataset, resolutions: lis
     finally:
         dataset.transform = saved_transform
     return results
-
-
-def model_num_classes(model: AdaptiveModel) -> int:
-    return int(model.arch["kwargs"].get("num_classes", 1000)) if hasattr(model, "arch") else 1000
 
 
 def describe_bn(model: AdaptiveModel, resolution: int, bn_policy: str) -> str:
@@ -75,8 +68,10 @@ def describe_bn(model: AdaptiveModel, resolution: int, bn_policy: str) -> str:
 
 
 def calibrate(model: AdaptiveModel, train_dataset: ImageFolderDataset, resolutions: list[int], num_images: int,
-              batch_size: int = 256, scale=(0.08, 1.0), ratio=(0.75, 4 / 3), mean=None, std=None, seed: int = 0) -> list[int]:
-    """Calibrate BN statistics at each resolution not yet calibrated (train-time augmentation, seeded)."""
+              batch_size: int = 256, scale=(0.08, 1.0), ratio=(0.75, 4 / 3), mean=None, std=None, seed: int = 0,
+              workers: int = 0) -> list[int]:
+    """Calibrate BN statistics at each resolution not yet calibrated, on a seeded random subset of
+    ``num_images`` training images with the training augmentation."""
     from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     mean, std = mean or IMAGENET_MEAN, std or IMAGENET_STD
@@ -84,6 +79,8 @@ def calibrate(model: AdaptiveModel, train_dataset: ImageFolderDataset, resolutio
     done = []
     cached = set(model.switchable_bns()[0].calibrated) if model.switchable_bns() else set()
     saved_transform = train_dataset.transform
+    pick = torch.randperm(len(train_dataset), generator=torch.Generator().manual_seed(seed))[:num_images]
+    subset = Subset(train_dataset, pick.tolist())
     try:
         for r in resolutions:
             if r in cached:
@@ -94,8 +91,8 @@ def calibrate(model: AdaptiveModel, train_dataset: ImageFolderDataset, resolutio
             rng_state = torch.get_rng_state()
             torch.manual_seed(seed + r)
             try:
-                calibrate_bn(model, (x for x, _ in _batches(train_dataset, batch_size, device, mean, std, shuffle_seed=seed)), r,
-                             num_images)
+                batches = (x for x, _ in _batches(subset, batch_size, device, mean, std, 0 if train_dataset.cached else workers))
+                calibrate_bn(model, batches, r, num_images)
             finally:
                 torch.set_rng_state(rng_state)
             done.append(r)

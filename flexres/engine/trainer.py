@@ -7,6 +7,7 @@ import math
 import os
 import random
 import time
+from datetime import timedelta
 from collections import defaultdict
 from contextlib import nullcontext
 from pathlib import Path
@@ -93,8 +94,8 @@ def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[
     diffs = []
     for section, values in current.items():
         for key, value in values.items():
-            if (section, key) in _RESUME_FREE:
-                continue
+            if (section, key) in _RESUME_FREE or key not in saved.get(section, {}):
+                continue  # free to change, or a key newer than the run (its default applies)
             old = saved.get(section, {}).get(key)
             if old != value:
                 diffs.append(f"{section}.{key}: {old!r} -> {value!r}")
@@ -113,13 +114,19 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
         raise ValueError("no data: set data.root in the config or pass --data DIR")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # Long timeout: rank 0 evaluates and writes checkpoints while the others wait at a barrier.
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=2))
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
     is_main = rank == 0
     device = resolve_device(t["device"])
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        # Exact resume on GPUs needs deterministic kernels; they cost some speed, so it is a choice.
+        torch.backends.cudnn.benchmark = not t["deterministic"]
+        torch.backends.cudnn.deterministic = t["deterministic"]
+    if t["batch_size"] % world:
+        raise ValueError(f"train.batch_size={t['batch_size']} is the global batch and must divide by the {world} processes")
     ckpt_path = out_dir / CHECKPOINT
     if ckpt_path.exists() and not resume:
         raise FileExistsError(f"{out_dir} already holds a run ({ckpt_path}); pass --resume to continue it or choose another --out")
@@ -129,9 +136,12 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
     seed_everything(t["seed"])
     train_ds = ImageFolderDataset(split_dir(d["root"], d["train_split"]), cache=d["cache"],
                                   skip_unreadable=d["skip_unreadable"], progress=t["progress"] and is_main)
+    if train_ds.unreadable:
+        log(f"skipping {len(train_ds.unreadable)} unreadable training images, e.g. {train_ds.unreadable[0]}")
     val_ds = None
     if t["eval_every"] and (Path(d["root"]) / d["val_split"]).is_dir():
-        val_ds = ImageFolderDataset(split_dir(d["root"], d["val_split"]), cache=d["cache"], progress=False)
+        val_ds = ImageFolderDataset(split_dir(d["root"], d["val_split"]), cache=d["cache"],
+                                    skip_unreadable=d["skip_unreadable"], progress=False)
     num_classes = cfg["model"]["num_classes"] or len(train_ds.classes)
     if num_classes != len(train_ds.classes):
         raise ValueError(f"model.num_classes={num_classes} but {train_ds.root} has {len(train_ds.classes)} classes")
@@ -150,7 +160,7 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     per_rank_batch = t["batch_size"] // world
-    steps_per_epoch = len(train_ds) // t["batch_size"]
+    steps_per_epoch = (len(train_ds) // world) // per_rank_batch  # what DataLoader(drop_last=True) yields per rank
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size {t['batch_size']} is larger than the training set ({len(train_ds)} images)")
     total_steps = steps_per_epoch * t["epochs"]
@@ -163,6 +173,7 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
         if diffs:
             raise ValueError(f"--resume: the config differs from the run in {out_dir}: " + "; ".join(diffs))
         start_epoch = int(meta["epoch"])
+        scaler.load_state_dict(meta.get("grad_scaler") or {})
         log(f"resuming {out_dir} after epoch {start_epoch}")
     metrics_path = out_dir / "metrics.jsonl"
     if is_main:
@@ -184,8 +195,9 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
     end_epoch = t["epochs"] if stop_after_epochs is None else min(t["epochs"], start_epoch + stop_after_epochs)
     for epoch in range(start_epoch, end_epoch):
         # Everything random in an epoch derives from (seed, epoch): a resumed run replays it exactly.
-        seed_everything(t["seed"] * 100003 + epoch)
-        gen = torch.Generator().manual_seed(t["seed"] * 100003 + epoch)
+        epoch_seed = t["seed"] * 100003 + epoch + rank * 7919  # each DDP rank its own augmentation stream
+        seed_everything(epoch_seed)
+        gen = torch.Generator().manual_seed(epoch_seed)
         sampler = None
         if distributed:
             sampler = DistributedSampler(train_ds, shuffle=True, seed=t["seed"], drop_last=True)
@@ -202,6 +214,7 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
             skipped += batch["skipped"]
             if batch["inputs"] is None:
                 continue
+            assert i < steps_per_epoch, "loader yielded more batches than the LR schedule counts"
             step = epoch * steps_per_epoch + i
             lr = lr_at(step, total_steps, warmup_steps, t["lr"])
             for g in optimizer.param_groups:
@@ -240,15 +253,17 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
             "train_top1": {str(r): round(100.0 * c / max(seen, 1), 2) for r, c in sorted(correct.items(), reverse=True)},
             **method.log_values(),
         }
-        if skipped:
-            last["skipped_unreadable"] = len(skipped)
-            log(f"epoch {epoch + 1}: skipped {len(skipped)} unreadable images, e.g. {skipped[0]}")
+        unreadable = sorted(set(skipped) | set(train_ds.unreadable))
+        if unreadable:
+            last["skipped_unreadable"] = len(unreadable)
+            log(f"epoch {epoch + 1}: skipped {len(unreadable)} unreadable images, e.g. {unreadable[0]}")
         if is_main and val_ds is not None and ((epoch + 1) % t["eval_every"] == 0 or epoch + 1 == t["epochs"]):
             res = evaluate(model, val_ds, list(method.resolutions), crop_fraction=d["crop_fraction"],
                            batch_size=cfg["eval"]["batch_size"])
             last["val_top1"] = {str(r): round(v["top1"], 2) for r, v in res.items()}
         if is_main:
-            save_checkpoint(out_dir, model, dict(sidecar_base, epoch=epoch + 1, metrics=last), method, optimizer)
+            save_checkpoint(out_dir, model, dict(sidecar_base, epoch=epoch + 1, metrics=last,
+                                                 grad_scaler=scaler.state_dict() if use_amp else None), method, optimizer)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
             log(json.dumps(last))

@@ -67,10 +67,14 @@ def list_methods() -> list[str]:
 
 def create_method(name: str, **kwargs: Any) -> Method:
     if name not in _METHODS:
-        raise KeyError(f"unknown method {name!r}; available: {', '.join(list_methods())}")
+        from ..engine.config import ConfigError
+
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(list_methods())}")
     try:
         return _METHODS[name](**kwargs)
     except TypeError as e:
-        raise TypeError(f"bad options for method {name!r}: {e}") from e
+        from ..engine.config import ConfigError
+
+        raise ConfigError(f"bad options for method {name!r} (method.kwargs): {e}") from e
 
 

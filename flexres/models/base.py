@@ -3,14 +3,36 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from torch import Tensor, nn
 
-from ..nn.switchable_bn import BN_POLICIES, SwitchableBatchNorm2d
+from ..nn.meta_conv import MetaConv2d
+from ..nn.switchable_bn import BN_POLICIES, SwitchableBatchNorm2d, nearest_index
 from ..operating_point import OperatingPoint
+
+ConvFactory = Callable[..., nn.Module]  # (cin, cout, kernel, stride, padding, groups=1) -> bias-free conv
+SCALE_POLICIES = ("exact", "nearest")
+# SAN's three inference modes (Alg. 2-4) as (bn_policy, scale_policy).
+SAN_MODES = {
+    "proxy": {"bn_policy": "nearest", "scale_policy": "nearest"},
+    "ideal": {"bn_policy": "calibrate", "scale_policy": "exact"},
+    "data-free": {"bn_policy": "interpolate", "scale_policy": "exact"},
+}
+
+
+def _plain_conv(cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0, groups: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel, stride, padding, groups=groups, bias=False)
+
+
+def _meta_conv(cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0, groups: int = 1) -> MetaConv2d:
+    return MetaConv2d(cin, cout, kernel, stride, padding, groups=groups)
+
+
+def conv_factory(meta: bool) -> ConvFactory:
+    return _meta_conv if meta else _plain_conv
 
 
 def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
@@ -33,7 +55,7 @@ class AdaptiveModel(nn.Module):
     # Filled in by the registry so a checkpoint can rebuild the model: {"name": ..., "kwargs": {...}}.
     arch: dict[str, Any]
 
-    def __init__(self, train_resolutions: list[int] | tuple[int, ...]):
+    def __init__(self, train_resolutions: list[int] | tuple[int, ...], scale_divisor: float | None = None):
         super().__init__()
         if not train_resolutions:
             raise ValueError("train_resolutions must name at least one resolution")
@@ -44,7 +66,12 @@ class AdaptiveModel(nn.Module):
         self.train_resolutions: tuple[int, ...] = tuple(sorted(set(train_resolutions), reverse=True))
         self.operating_point = OperatingPoint(self.train_resolutions[0])
         self.bn_policy = "interpolate"
+        # SAN models: eps(r) = r / scale_divisor feeds every MetaConv2d; "exact" uses eps(T), "nearest"
+        # the eps of the nearest trained resolution (SAN proxy inference).
+        self.scale_divisor = scale_divisor
+        self.scale_policy = "exact"
         self._switchable: list[SwitchableBatchNorm2d] | None = None
+        self._meta: list[MetaConv2d] | None = None
 
     # --- operating point ---
     @property
@@ -56,12 +83,31 @@ class AdaptiveModel(nn.Module):
             self._switchable = [m for m in self.modules() if isinstance(m, SwitchableBatchNorm2d)]
         return self._switchable
 
-    def set_operating_point(self, op: OperatingPoint | int, bn_policy: str | None = None) -> "AdaptiveModel":
-        """Switch to ``op`` (an OperatingPoint or a resolution). Cheap: no re-allocation."""
+    def meta_convs(self) -> list[MetaConv2d]:
+        if self._meta is None:
+            self._meta = [m for m in self.modules() if isinstance(m, MetaConv2d)]
+        return self._meta
+
+    def scale_resolution(self, resolution: int, scale_policy: str | None = None) -> int:
+        """The resolution whose scale encoding generates the weights when serving ``resolution``."""
+        if (scale_policy or self.scale_policy) == "nearest":
+            return self.train_resolutions[nearest_index(resolution, self.train_resolutions)]
+        return resolution
+
+    def set_operating_point(self, op: OperatingPoint | int, bn_policy: str | None = None,
+                            scale_policy: str | None = None) -> "AdaptiveModel":
+        """Switch to ``op`` (an OperatingPoint or a resolution). Cheap: no re-allocation.
+
+        bn_policy serves untrained resolutions (nearest / interpolate / calibrate); scale_policy
+        (SAN models only) picks the scale encoding: "exact" eps(T) or "nearest" eps(S(T)).
+        """
         op = OperatingPoint.coerce(op)
         policy = bn_policy or self.bn_policy
         if policy not in BN_POLICIES:
             raise ValueError(f"unknown bn_policy {policy!r}; choose one of {', '.join(BN_POLICIES)}")
+        scale = scale_policy or self.scale_policy
+        if scale not in SCALE_POLICIES:
+            raise ValueError(f"unknown scale_policy {scale!r}; choose one of {', '.join(SCALE_POLICIES)}")
         self._check_operating_point(op)
         fell_back = False
         for bn in self.switchable_bns():
@@ -73,8 +119,13 @@ class AdaptiveModel(nn.Module):
                 "bn_policy 'interpolate' falls back to 'nearest'",
                 stacklevel=2,
             )
+        if self.scale_divisor is not None:
+            eps = self.scale_resolution(op.resolution, scale) / self.scale_divisor
+            for conv in self.meta_convs():
+                conv.set_scale(eps)
         self.operating_point = op
         self.bn_policy = policy
+        self.scale_policy = scale
         return self
 
     def _check_operating_point(self, op: OperatingPoint) -> None:
@@ -82,18 +133,19 @@ class AdaptiveModel(nn.Module):
             raise ValueError(f"{type(self).__name__} adapts resolution only; got {op}")
 
     @contextmanager
-    def at(self, op: OperatingPoint | int | None = None, *, bn_policy: str | None = None, **fields: Any) -> Iterator["AdaptiveModel"]:
+    def at(self, op: OperatingPoint | int | None = None, *, bn_policy: str | None = None, scale_policy: str | None = None,
+           **fields: Any) -> Iterator["AdaptiveModel"]:
         """Context manager: ``with model.at(96): ...`` or ``with model.at(resolution=96, bn_policy="nearest")``."""
         if op is None:
             op = OperatingPoint(**fields)
         elif fields:
             raise TypeError("pass either an operating point or its fields, not both")
-        previous, previous_policy = self.operating_point, self.bn_policy
-        self.set_operating_point(op, bn_policy)
+        previous = (self.operating_point, self.bn_policy, self.scale_policy)
+        self.set_operating_point(op, bn_policy, scale_policy)
         try:
             yield self
         finally:
-            self.set_operating_point(previous, previous_policy)
+            self.set_operating_point(*previous)
 
     # --- forward ---
     def forward_features(self, x: Tensor) -> Tensor:

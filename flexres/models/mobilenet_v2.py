@@ -7,7 +7,7 @@ from functools import partial
 from torch import Tensor, nn
 
 from ..nn.switchable_bn import SwitchableBatchNorm2d
-from .base import AdaptiveModel, make_divisible
+from .base import AdaptiveModel, ConvFactory, conv_factory, make_divisible
 from .registry import register_model
 
 # (expand ratio t, output channels c, repeats n, first stride s), MobileNetV2 Table 2.
@@ -17,23 +17,23 @@ _SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96,
 class ConvBNReLU(nn.Sequential):
     """Conv -> BN -> ReLU6, named ``0``, ``1``, ``2`` like torchvision's Conv2dNormActivation."""
 
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int, norm: partial, groups: int = 1) -> None:
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, norm: partial, conv: ConvFactory, groups: int = 1) -> None:
         super().__init__(
-            nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+            conv(cin, cout, kernel, stride, (kernel - 1) // 2, groups),
             norm(cout),
             nn.ReLU6(inplace=True),
         )
 
 
 class InvertedResidual(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, expand_ratio: int, norm: partial) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, expand_ratio: int, norm: partial, conv: ConvFactory) -> None:
         super().__init__()
         hidden = int(round(cin * expand_ratio))
         self.use_res_connect = stride == 1 and cin == cout
         layers: list[nn.Module] = []
         if expand_ratio != 1:
-            layers.append(ConvBNReLU(cin, hidden, 1, 1, norm))
-        layers += [ConvBNReLU(hidden, hidden, 3, stride, norm, groups=hidden), nn.Conv2d(hidden, cout, 1, bias=False), norm(cout)]
+            layers.append(ConvBNReLU(cin, hidden, 1, 1, norm, conv))
+        layers += [ConvBNReLU(hidden, hidden, 3, stride, norm, conv, groups=hidden), conv(hidden, cout, 1, 1, 0), norm(cout)]
         self.conv = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -47,18 +47,21 @@ class MobileNetV2(AdaptiveModel):
         train_resolutions: list[int] | tuple[int, ...] = (224,),
         width_mult: float = 1.0,
         dropout: float = 0.2,
+        meta_conv: bool = False,
+        scale_divisor: float = 320.0,
     ) -> None:
-        super().__init__(train_resolutions)
+        super().__init__(train_resolutions, scale_divisor if meta_conv else None)
         norm = partial(SwitchableBatchNorm2d, resolutions=self.train_resolutions)
+        conv = conv_factory(meta_conv)
         cin = make_divisible(32 * width_mult, 8)
         last = make_divisible(1280 * max(1.0, width_mult), 8)
-        features: list[nn.Module] = [ConvBNReLU(3, cin, 3, 2, norm)]
+        features: list[nn.Module] = [ConvBNReLU(3, cin, 3, 2, norm, conv)]
         for t, c, n, s in _SETTINGS:
             cout = make_divisible(c * width_mult, 8)
             for i in range(n):
-                features.append(InvertedResidual(cin, cout, s if i == 0 else 1, t, norm))
+                features.append(InvertedResidual(cin, cout, s if i == 0 else 1, t, norm, conv))
                 cin = cout
-        features.append(ConvBNReLU(cin, last, 1, 1, norm))
+        features.append(ConvBNReLU(cin, last, 1, 1, norm, conv))
         self.features = nn.Sequential(*features)
         self.num_features = last
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(last, num_classes))
@@ -82,3 +85,9 @@ class MobileNetV2(AdaptiveModel):
 @register_model
 def mobilenet_v2(**kwargs) -> MobileNetV2:
     return MobileNetV2(**kwargs)
+
+
+@register_model
+def san_mobilenet_v2(**kwargs) -> MobileNetV2:
+    """SAN: every conv a MetaConv2d whose weight is generated from the scale encoding."""
+    return MobileNetV2(meta_conv=True, **kwargs)

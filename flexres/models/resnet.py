@@ -7,31 +7,23 @@ from functools import partial
 from torch import Tensor, nn
 
 from ..nn.switchable_bn import SwitchableBatchNorm2d
-from .base import AdaptiveModel, make_divisible
+from .base import AdaptiveModel, ConvFactory, conv_factory, make_divisible
 from .registry import register_model
-
-
-def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-
-
-def _conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 1, stride, bias=False)
 
 
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, cin: int, planes: int, stride: int, norm: partial) -> None:
+    def __init__(self, cin: int, planes: int, stride: int, norm: partial, conv: ConvFactory) -> None:
         super().__init__()
-        self.conv1 = _conv3x3(cin, planes, stride)
+        self.conv1 = conv(cin, planes, 3, stride, 1)
         self.bn1 = norm(planes)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = _conv3x3(planes, planes)
+        self.conv2 = conv(planes, planes, 3, 1, 1)
         self.bn2 = norm(planes)
         self.downsample = None
         if stride != 1 or cin != planes:
-            self.downsample = nn.Sequential(_conv1x1(cin, planes, stride), norm(planes))
+            self.downsample = nn.Sequential(conv(cin, planes, 1, stride, 0), norm(planes))
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -43,19 +35,19 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, cin: int, planes: int, stride: int, norm: partial) -> None:
+    def __init__(self, cin: int, planes: int, stride: int, norm: partial, conv: ConvFactory) -> None:
         super().__init__()
         cout = planes * self.expansion
-        self.conv1 = _conv1x1(cin, planes)
+        self.conv1 = conv(cin, planes, 1, 1, 0)
         self.bn1 = norm(planes)
-        self.conv2 = _conv3x3(planes, planes, stride)  # stride on the 3x3, as torchvision (ResNet v1.5)
+        self.conv2 = conv(planes, planes, 3, stride, 1)  # stride on the 3x3, as torchvision (ResNet v1.5)
         self.bn2 = norm(planes)
-        self.conv3 = _conv1x1(planes, cout)
+        self.conv3 = conv(planes, cout, 1, 1, 0)
         self.bn3 = norm(cout)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = None
         if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(_conv1x1(cin, cout, stride), norm(cout))
+            self.downsample = nn.Sequential(conv(cin, cout, 1, stride, 0), norm(cout))
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -74,11 +66,14 @@ class ResNet(AdaptiveModel):
         train_resolutions: list[int] | tuple[int, ...] = (224,),
         width_mult: float = 1.0,
         zero_init_residual: bool = False,
+        meta_conv: bool = False,
+        scale_divisor: float = 320.0,
     ) -> None:
-        super().__init__(train_resolutions)
+        super().__init__(train_resolutions, scale_divisor if meta_conv else None)
         norm = partial(SwitchableBatchNorm2d, resolutions=self.train_resolutions)
+        conv = conv_factory(meta_conv)
         widths = [make_divisible(c * width_mult, 8) for c in (64, 128, 256, 512)]
-        self.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
+        self.conv1 = conv(3, widths[0], 7, 2, 3)
         self.bn1 = norm(widths[0])
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
@@ -86,7 +81,7 @@ class ResNet(AdaptiveModel):
         for i, (planes, n) in enumerate(zip(widths, layers)):
             blocks = []
             for j in range(n):
-                blocks.append(block(cin, planes, 2 if (i > 0 and j == 0) else 1, norm))
+                blocks.append(block(cin, planes, 2 if (i > 0 and j == 0) else 1, norm, conv))
                 cin = planes * block.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -126,3 +121,19 @@ def resnet34(**kwargs) -> ResNet:
 @register_model
 def resnet50(**kwargs) -> ResNet:
     return ResNet(Bottleneck, [3, 4, 6, 3], **kwargs)
+
+
+@register_model
+def san_resnet18(**kwargs) -> ResNet:
+    """SAN: every conv a MetaConv2d whose weight is generated from the scale encoding."""
+    return ResNet(BasicBlock, [2, 2, 2, 2], meta_conv=True, **kwargs)
+
+
+@register_model
+def san_resnet34(**kwargs) -> ResNet:
+    return ResNet(BasicBlock, [3, 4, 6, 3], meta_conv=True, **kwargs)
+
+
+@register_model
+def san_resnet50(**kwargs) -> ResNet:
+    return ResNet(Bottleneck, [3, 4, 6, 3], meta_conv=True, **kwargs)

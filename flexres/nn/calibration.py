@@ -27,12 +27,13 @@ def calibrate_bn(model: "AdaptiveModel", batches: Iterable[Tensor], resolution: 
     bns = model.switchable_bns()
     was_training = model.training
     model.eval()
-    previous = model.operating_point
+    previous = (model.operating_point, model.bn_policy, model.scale_policy)
     seen = 0
     try:
+        # Sets the input size and, for SAN models, the weights generated at eps(resolution) (SAN Alg. 2).
+        model.set_operating_point(OperatingPoint(resolution), bn_policy="nearest", scale_policy="exact")
         for bn in bns:
             bn.begin_calibration(resolution)
-        model.operating_point = OperatingPoint(resolution)
         for x in batches:
             if seen >= num_images:
                 break
@@ -48,6 +49,6 @@ def calibrate_bn(model: "AdaptiveModel", batches: Iterable[Tensor], resolution: 
             bn.abort_calibration()
         raise
     finally:
-        model.operating_point = previous
+        model.set_operating_point(*previous)
         model.train(was_training)
     return seen
