@@ -35,7 +35,7 @@ def evaluate_runs(runs: list[str], data: str, resolutions: list[int] | None, bn_
                   batch_size: int = 256, split: str = "val", progress: bool = True, scale_policy: str | None = None,
                   workers: int = 0) -> dict[str, Any]:
     """Evaluate each run at each resolution; returns a JSON-ready report (see ``flexres eval --json``)."""
-    from .analysis import count_macs, count_params
+    from .analysis import count_macs, count_params, meta_weight_ratios
     from .data import ImageFolderDataset, split_dir
 
     val = ImageFolderDataset(split_dir(data, split), cache="auto", progress=progress)
@@ -75,6 +75,10 @@ def evaluate_runs(runs: list[str], data: str, resolutions: list[int] | None, bn_
                                  "macs": count_macs(model, r)} for r, v in results.items()},
             "hit_miss": _json_matrix(hit_miss_matrix({r: v["correct"] for r, v in results.items() if r in model.train_resolutions})),
         }
+        ratios = meta_weight_ratios(model)
+        if ratios:  # SAN App. B
+            report["runs"][label]["meta_weight_ratio"] = {"mean": round(sum(ratios.values()) / len(ratios), 4),
+                                                          "per_layer": {k: round(v, 4) for k, v in ratios.items()}}
     if len(own_resolution) > 1:  # RS-Nets Table 1, "individual" block: each I-Net at its own resolution
         report["hit_miss_individual"] = _json_matrix(hit_miss_matrix(dict(sorted(own_resolution.items(), reverse=True))))
     return report
@@ -104,7 +108,8 @@ def format_report(report: dict[str, Any]) -> str:
         s = [run["results"][str(r)]["top1"] for r in run["train_resolutions"] if str(r) in run["results"]]
         cells.append(f"{sum(s) / len(s):.2f}" if s else "")
         rows.append([label] + cells)
-    out = [format_table(header, rows, title=f"top-1 % (* trained resolution; unseen ones served by bn_policy={report['bn_policy']})")]
+    policy = f"bn_policy={report['bn_policy']}" + (f", scale_policy={report['scale_policy']}" if report.get("scale_policy") else "")
+    out = [format_table(header, rows, title=f"top-1 % (* trained resolution; unseen ones served by {policy})")]
     first = next(iter(runs.values()))
     out.append("")
     out.append(format_table(["resolution"] + [str(r) for r in all_res],
@@ -115,6 +120,11 @@ def format_report(report: dict[str, Any]) -> str:
         if len(run["hit_miss"]) > 1:
             out += ["", _format_hit_miss(run["hit_miss"], f"{label}: % of val images right at one resolution and wrong at another "
                                                           "(RS-Nets Table 1)")]
+    for label, run in runs.items():
+        if "meta_weight_ratio" in run:
+            r = run["meta_weight_ratio"]["per_layer"]
+            out += ["", f"{label}: SAN meta weights, mean|A| / mean|B| per layer (App. B): mean {run['meta_weight_ratio']['mean']:.3f}, "
+                        f"min {min(r.values()):.3f} ({min(r, key=r.get)}), max {max(r.values()):.3f} ({max(r, key=r.get)})"]
     if "hit_miss_individual" in report:
         out += ["", _format_hit_miss(report["hit_miss_individual"], "single-resolution runs, each at its own resolution: "
                                                                     "% right at one and wrong at another (RS-Nets Table 1)")]

@@ -141,3 +141,23 @@ def test_demo_runs_on_the_bundled_sample(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "1"]) == 0
     text = capsys.readouterr().out
     assert "top-1 %" in text and "RS-Nets Table 1" in text and "mean over S" in text
+
+
+def test_san_train_and_the_three_inference_modes_from_the_cli(tmp_path, small_data, capsys):
+    cfg = tmp_path / "san.yaml"
+    cfg.write_text(CONFIG.replace("name: resnet18, width_mult: 0.25", "name: san_resnet18, width_mult: 0.25, kwargs: {scale_divisor: 80}")
+                   .replace("name: rsnet, resolutions: [48, 40, 32], kwargs: {mred: full}", "name: san, resolutions: [48, 40, 32]"))
+    out = tmp_path / "san"
+    assert main(["train", "--config", str(cfg), "--data", str(small_data), "--out", str(out), "--set", "epochs=1"]) == 0
+    m = json.loads((out / "metrics.jsonl").read_text())
+    assert {"loss_cls", "loss_sd"} <= set(m)
+    capsys.readouterr()
+    for mode in ("proxy", "ideal", "data-free"):
+        report = tmp_path / f"{mode}.json"
+        assert main(["eval", str(out), "--data", str(small_data), "--san-mode", mode, "--resolutions", "44", "40",
+                     "--json", str(report)]) == 0
+        assert "mean|A| / mean|B|" in capsys.readouterr().out
+        rep = json.loads(report.read_text())
+        assert rep["scale_policy"] == ("nearest" if mode == "proxy" else "exact")
+        assert rep["runs"]["san"]["results"]["44"]["bn"] == {"proxy": "nearest", "ideal": "calibrate", "data-free": "interpolate"}[mode]
+    assert main(["eval", str(out), "--data", str(small_data), "--san-mode", "proxy", "--bn", "nearest"]) == 2

@@ -1,5 +1,7 @@
 from . import mobilenet_v2, resnet  # noqa: F401  (registers the families)
-from .base import AdaptiveModel, load_single_bn_weights, make_divisible
+from .base import SAN_MODES, AdaptiveModel, load_single_bn_weights, make_divisible
+from .materialize import materialize
 from .registry import create_model, list_models, register_model
 
-__all__ = ["AdaptiveModel", "create_model", "load_single_bn_weights", "list_models", "make_divisible", "register_model"]
+__all__ = ["SAN_MODES", "AdaptiveModel", "create_model", "list_models", "load_single_bn_weights", "make_divisible",
+           "materialize", "register_model"]

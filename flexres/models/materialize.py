@@ -1,0 +1,51 @@
+"""Materialise one operating point of an adaptive model as a plain, single-BN model of the same family."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..nn.meta_conv import MetaConv2d
+from ..nn.switchable_bn import SwitchableBatchNorm2d
+from ..operating_point import OperatingPoint
+from .base import AdaptiveModel
+from .registry import create_model
+
+_ADAPTIVE_KWARGS = ("train_resolutions", "scale_divisor")
+
+
+def plain_arch(model: AdaptiveModel) -> tuple[str, dict]:
+    """The registry name and kwargs of the plain family member (``san_resnet18`` -> ``resnet18``)."""
+    name = model.arch["name"].removeprefix("san_")
+    kwargs = {k: v for k, v in model.arch["kwargs"].items() if k not in _ADAPTIVE_KWARGS}
+    return name, kwargs
+
+
+@torch.no_grad()
+def materialize(model: AdaptiveModel, op: OperatingPoint | int, bn_policy: str | None = None,
+                scale_policy: str | None = None) -> AdaptiveModel:
+    """A model with plain ``nn.Conv2d`` weights (SAN: generated at the selected eps) and one BN set (the
+    BN that serves ``op`` under ``bn_policy``), whose outputs equal ``model``'s at ``op``.
+
+    The result is an ordinary flexres model trained at ``op.resolution`` alone: it saves, loads and
+    exports like any other.
+    """
+    op = OperatingPoint.coerce(op)
+    name, kwargs = plain_arch(model)
+    plain = create_model(name, train_resolutions=[op.resolution], **kwargs)
+    plain.to(next(model.parameters()).device)
+    targets = dict(plain.named_modules())
+    with model.at(op, bn_policy=bn_policy, scale_policy=scale_policy):
+        for mod_name, module in model.named_modules():
+            target = targets.get(mod_name)
+            if isinstance(module, MetaConv2d):
+                target.weight.copy_(module.weight_at(module.eps))
+            elif isinstance(module, SwitchableBatchNorm2d):
+                bn = module.to_batchnorm()
+                dst = target.bns[0]
+                for attr in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(dst, attr).copy_(getattr(bn, attr))
+            elif isinstance(module, (nn.Conv2d, nn.Linear)) and not isinstance(target, SwitchableBatchNorm2d):
+                for pname, p in module.named_parameters(recurse=False):
+                    getattr(target, pname).copy_(p)
+    return plain.eval()
