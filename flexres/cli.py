@@ -33,9 +33,9 @@ def _train(args: argparse.Namespace) -> int:
 
 def evaluate_runs(runs: list[str], data: str, resolutions: list[int] | None, bn_policy: str, calibration_images: int | None = None,
                   batch_size: int = 256, split: str = "val", progress: bool = True, scale_policy: str | None = None,
-                  workers: int = 0) -> dict[str, Any]:
+                  workers: int = 0, latency: bool = False, save: bool = False) -> dict[str, Any]:
     """Evaluate each run at each resolution; returns a JSON-ready report (see ``flexres eval --json``)."""
-    from .analysis import count_macs, count_params, meta_weight_ratios
+    from .analysis import count_macs, count_params, measure_latency, meta_weight_ratios
     from .data import ImageFolderDataset, split_dir
 
     val = ImageFolderDataset(split_dir(data, split), cache="auto", progress=progress)
@@ -72,13 +72,17 @@ def evaluate_runs(runs: list[str], data: str, resolutions: list[int] | None, bn_
             "checkpoint": str(ckpt), "train_resolutions": list(model.train_resolutions),
             "method": meta.get("method", {}), "epoch": meta.get("epoch"), "params": count_params(model),
             "results": {str(r): {"top1": round(v["top1"], 2), "top5": round(v["top5"], 2), "n": v["n"], "bn": v["bn"],
-                                 "macs": count_macs(model, r)} for r, v in results.items()},
+                                 "macs": count_macs(model, r),
+                                 "latency_ms": round(measure_latency(model, r), 3) if latency else None} for r, v in results.items()},
             "hit_miss": _json_matrix(hit_miss_matrix({r: v["correct"] for r, v in results.items() if r in model.train_resolutions})),
         }
         ratios = meta_weight_ratios(model)
         if ratios:  # SAN App. B
             report["runs"][label]["meta_weight_ratio"] = {"mean": round(sum(ratios.values()) / len(ratios), 4),
                                                           "per_layer": {k: round(v, 4) for k, v in ratios.items()}}
+        if save:  # kept with the run: `flexres predict --max-macs` picks the most accurate point from it
+            name = f"eval_{bn_policy}" + (f"_{scale_policy}" if scale_policy else "") + ".json"
+            (ckpt.parent / name).write_text(json.dumps({"data": str(data), "split": split, **report["runs"][label]}, indent=2) + "\n")
     if len(own_resolution) > 1:  # RS-Nets Table 1, "individual" block: each I-Net at its own resolution
         report["hit_miss_individual"] = _json_matrix(hit_miss_matrix(dict(sorted(own_resolution.items(), reverse=True))))
     return report
@@ -138,11 +142,53 @@ def _eval(args: argparse.Namespace) -> int:
             raise ValueError("--san-mode sets --bn and --scale itself; give one or the other")
         bn, scale = SAN_MODES[args.san_mode]["bn_policy"], SAN_MODES[args.san_mode]["scale_policy"]
     report = evaluate_runs(args.runs, args.data, args.resolutions, bn or "interpolate", args.calibration_images, args.batch_size,
-                           args.split, scale_policy=scale, workers=args.workers)
+                           args.split, scale_policy=scale, workers=args.workers, latency=args.latency, save=True)
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"\nwrote {args.json}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .deploy import export
+    from .operating_point import OperatingPoint
+
+    model, meta = load_checkpoint(args.run)
+    op = OperatingPoint(args.resolution, args.width, tuple(args.scales) if args.scales else None)
+    ext = ".onnx" if args.format == "onnx" else ".pt"
+    out = Path(args.out) if args.out else resolve_checkpoint(args.run).parent / "export" / f"{model.arch['name']}_{op.resolution}{ext}"
+    info = export(model, meta, op, args.format, out, args.bn, args.scale, not args.no_fold_bn, args.data)
+    print(f"wrote {out} and {out}.json: {info['macs'] / 1e6:.1f} MMACs, {info['params'] / 1e6:.3f} M params, "
+          f"max |difference| to the adaptive model {info['parity_max_abs_diff']:.1e} on {info['parity_images']} real images")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .deploy.predict import load_predictor, parse_count, predict_files
+
+    max_macs = parse_count(args.max_macs) if args.max_macs else None
+    predictor = load_predictor(args.model, args.resolution, max_macs, args.max_latency_ms, args.bn)
+    results = predict_files(predictor, args.images, args.topk)
+    if args.json:
+        print(json.dumps({"model": predictor.description, "resolution": predictor.resolution, "predictions": results}, indent=2))
+    else:
+        print(f"model: {predictor.description}")
+        for r in results:
+            if "error" in r:
+                print(f"{r['file']}: error: {r['error']}", file=sys.stderr)
+            else:
+                print(f"{r['file']}: " + ", ".join(f"{c} {p:.3f}" for c, p in r["top"]))
+    return 1 if any("error" in r for r in results) else 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .deploy.report import write_report
+
+    report = evaluate_runs(args.runs, args.data, args.resolutions, args.bn, progress=False, latency=args.latency)
+    models = {label: load_checkpoint(run)[0] for label, run in zip(report["runs"], args.runs)}
+    index = write_report(report, models, args.out)
+    print(f"wrote {index} (open it in a browser)")
     return 0
 
 
@@ -200,8 +246,43 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workers", type=int, default=0, help="data-loading processes (for sets too large to cache in memory)")
     e.add_argument("--calibration-images", type=int, help="images for --bn calibrate (default eval.calibration_images)")
     e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--latency", action="store_true", help="also measure batch-1 latency on this machine")
     e.add_argument("--json", help="also write the report as JSON")
     e.set_defaults(func=_eval)
+
+    x = sub.add_parser("export", help="export one operating point as a static ONNX or TorchScript model")
+    x.add_argument("run", help="run directory or checkpoint")
+    x.add_argument("--resolution", type=int, required=True)
+    x.add_argument("--width", type=float, default=1.0)
+    x.add_argument("--scales", type=float, nargs="+")
+    x.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    x.add_argument("--out", help="output file (default RUN/export/<arch>_<res>.onnx|.pt)")
+    x.add_argument("--bn", choices=BN_POLICIES, help="BN policy when the resolution was not trained (default interpolate)")
+    x.add_argument("--scale", choices=SCALE_POLICIES, help="SAN models: eps(T) ('exact') or the nearest trained eps")
+    x.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm2d layers instead of folding them into the convs")
+    x.add_argument("--data", help="images for the parity check (default: the bundled sample)")
+    x.set_defaults(func=_export)
+
+    pr = sub.add_parser("predict", help="classify image files")
+    pr.add_argument("model", help="run directory, checkpoint, or an exported .onnx / .pt file")
+    pr.add_argument("images", nargs="+")
+    budget = pr.add_mutually_exclusive_group()
+    budget.add_argument("--resolution", type=int)
+    budget.add_argument("--max-macs", help="budget in MACs, e.g. 150M")
+    budget.add_argument("--max-latency-ms", type=float, help="budget in milliseconds (batch 1, measured here)")
+    pr.add_argument("--bn", choices=BN_POLICIES, default="interpolate")
+    pr.add_argument("--topk", type=int, default=5)
+    pr.add_argument("--json", action="store_true", help="print JSON instead of text")
+    pr.set_defaults(func=_predict)
+
+    rp = sub.add_parser("report", help="plots (accuracy vs cost, train x test heatmap, BN statistics) and an HTML page")
+    rp.add_argument("runs", nargs="+")
+    rp.add_argument("--data", required=True, help="ImageFolder root to evaluate on (val split)")
+    rp.add_argument("--out", required=True, help="output folder")
+    rp.add_argument("--resolutions", type=int, nargs="+")
+    rp.add_argument("--bn", choices=BN_POLICIES, default="interpolate")
+    rp.add_argument("--latency", action="store_true", help="also plot accuracy vs measured latency")
+    rp.set_defaults(func=_report)
 
     d = sub.add_parser("demo", help="train and evaluate a small RS-Net on the bundled sample images (CPU, minutes)")
     d.add_argument("--out", default="runs/demo")

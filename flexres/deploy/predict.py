@@ -1,0 +1,130 @@
+"""Classify image files with an adaptive run (at a chosen or budget-selected operating point) or an exported model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ..analysis import count_macs, measure_latency
+from ..data import EvalTransform, load_rgb, normalize_batch
+from ..engine.checkpoint import load_checkpoint, resolve_checkpoint
+
+
+def parse_count(text: str) -> float:
+    """'150M' -> 1.5e8, '1.2G' -> 1.2e9, '3e8' -> 3e8."""
+    t = text.strip().upper()
+    scale = {"K": 1e3, "M": 1e6, "G": 1e9}.get(t[-1:], 1.0)
+    try:
+        return float(t[:-1] if scale != 1.0 else t) * scale
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} as a count (e.g. 150M, 1.2G)") from None
+
+
+@dataclass
+class Predictor:
+    """A callable from a normalised batch to logits, with what it needs to preprocess images."""
+
+    run: Callable[[Tensor], Tensor]
+    resolution: int
+    classes: list[str]
+    mean: list[float]
+    std: list[float]
+    crop_fraction: float
+    description: str
+
+
+def candidate_resolutions(model, meta: dict[str, Any]) -> list[int]:
+    evals = meta.get("config", {}).get("eval", {}).get("resolutions") or []
+    return sorted(set(model.train_resolutions) | set(evals), reverse=True)
+
+
+def known_accuracy(run_dir: Path) -> dict[int, float]:
+    """top-1 per resolution from the evaluations ``flexres eval`` saved in the run (best BN policy each)."""
+    acc: dict[int, float] = {}
+    for f in sorted(run_dir.glob("eval_*.json")):
+        for r, v in json.loads(f.read_text()).get("results", {}).items():
+            acc[int(r)] = max(acc.get(int(r), 0.0), v["top1"])
+    return acc
+
+
+def choose_resolution(model, meta: dict[str, Any], run_dir: Path, max_macs: float | None, max_latency_ms: float | None,
+                      batch_size: int = 1) -> tuple[int, str]:
+    """The best resolution under the budget: most accurate where ``flexres eval`` results exist, else the largest."""
+    acc = known_accuracy(run_dir)
+    rows = []
+    for r in candidate_resolutions(model, meta):
+        cost_ok = True
+        macs = count_macs(model, r)
+        if max_macs is not None and macs > max_macs:
+            cost_ok = False
+        lat = None
+        if cost_ok and max_latency_ms is not None:
+            lat = measure_latency(model, r, batch_size)
+            cost_ok = lat <= max_latency_ms
+        if cost_ok:
+            rows.append((acc.get(r, -1.0), r, macs, lat))
+    if not rows:
+        budget = f"{max_macs / 1e6:.1f} MMACs" if max_macs is not None else f"{max_latency_ms} ms"
+        cheapest = min(candidate_resolutions(model, meta))
+        raise ValueError(f"no operating point fits the budget of {budget}; the cheapest, {cheapest} px, costs "
+                         f"{count_macs(model, cheapest) / 1e6:.1f} MMACs")
+    best = max(rows)
+    how = f"top-1 {best[0]:.1f}% (flexres eval)" if best[0] >= 0 else "largest resolution within budget (no eval results saved)"
+    lat = f", {best[3]:.2f} ms" if best[3] is not None else ""
+    return best[1], f"{best[1]} px: {best[2] / 1e6:.1f} MMACs{lat}; {how}"
+
+
+def load_predictor(target: str, resolution: int | None = None, max_macs: float | None = None,
+                   max_latency_ms: float | None = None, bn_policy: str = "interpolate") -> Predictor:
+    path = Path(target)
+    if path.suffix in (".onnx", ".pt", ".ts"):
+        info = json.loads(Path(str(path) + ".json").read_text())
+        r = info["operating_point"]["resolution"]
+        if resolution not in (None, r) or max_macs is not None or max_latency_ms is not None:
+            raise ValueError(f"{path} is a static model exported at {r} px: it takes no other resolution or budget")
+        pre = info["preprocessing"]
+        if path.suffix == ".onnx":
+            import onnxruntime as ort
+
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            run = lambda x: torch.from_numpy(session.run(None, {"image": x.numpy()})[0])  # noqa: E731
+        else:
+            module = torch.jit.load(str(path))
+            run = lambda x: module(x)  # noqa: E731
+        return Predictor(run, r, info.get("classes") or [], pre["mean"], pre["std"], r / pre["resize_short_side"],
+                         f"{path.name} (static, {r} px)")
+    model, meta = load_checkpoint(target)
+    run_dir = resolve_checkpoint(target).parent
+    how = "given"
+    if resolution is None:
+        if max_macs is None and max_latency_ms is None:
+            resolution, how = model.train_resolutions[0], "largest trained resolution"
+        else:
+            resolution, how = choose_resolution(model, meta, run_dir, max_macs, max_latency_ms)
+    model.set_operating_point(resolution, bn_policy=bn_policy)
+    norm = meta.get("normalization", {})
+    return Predictor(model, resolution, meta.get("classes") or [], norm.get("mean", [0.485, 0.456, 0.406]),
+                     norm.get("std", [0.229, 0.224, 0.225]), meta.get("crop_fraction", 0.875), f"{run_dir.name} at {how}")
+
+
+@torch.no_grad()
+def predict_files(predictor: Predictor, files: list[str], topk: int = 5) -> list[dict[str, Any]]:
+    """One entry per file: {"file", "top": [(class, probability), ...]} or {"file", "error"}."""
+    transform = EvalTransform(predictor.resolution, predictor.crop_fraction)
+    out = []
+    for f in files:
+        try:
+            x = normalize_batch(transform(load_rgb(f))[None], predictor.mean, predictor.std)
+        except Exception as e:  # noqa: BLE001 - one bad file must not stop the others
+            out.append({"file": f, "error": str(e) if Path(f).exists() else f"no such file: {f}"})
+            continue
+        probs = torch.softmax(predictor.run(x).float(), dim=1)[0]
+        p, idx = probs.topk(min(topk, probs.numel()))
+        names = predictor.classes
+        out.append({"file": f, "top": [(names[i] if i < len(names) else str(i), round(float(q), 4)) for q, i in zip(p, idx.tolist())]})
+    return out

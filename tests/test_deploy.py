@@ -1,0 +1,129 @@
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import flexres
+from flexres.cli import main, sample_data_dir
+from flexres.data import normalize_batch
+from flexres.deploy import export, to_static
+from flexres.deploy.export import reference_images
+
+
+def trained_like(name):
+    model = flexres.create_model(name, num_classes=10, train_resolutions=[96, 64], width_mult=0.25)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1, 0.2)
+                m.bias.normal_(0, 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "san_resnet18", "san_mobilenet_v2"])
+def test_onnx_and_torchscript_exports_match_the_adaptive_model_on_real_images(tmp_path, name):
+    model = trained_like(name)
+    meta = {"classes": [f"c{i}" for i in range(10)], "crop_fraction": 0.875}
+    # 80 px was never trained: the exported BN is the interpolated one
+    info = export(model, meta, 80, "onnx", tmp_path / "m.onnx", bn_policy="interpolate")
+    export(model, meta, 80, "torchscript", tmp_path / "m.pt", bn_policy="interpolate")
+    assert info["parity_max_abs_diff"] < 1e-4 and info["preprocessing"]["resize_short_side"] == 91
+    side = json.loads((tmp_path / "m.onnx.json").read_text())
+    assert side["classes"] == meta["classes"] and side["operating_point"]["resolution"] == 80
+
+    # independent check on other real images than the export's own
+    x = normalize_batch(reference_images(80, sample_data_dir() / "train", count=6))
+    with torch.no_grad(), model.at(80, bn_policy="interpolate"):
+        want = model(x).numpy()
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"image": x.numpy()})[0]
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    with torch.no_grad():
+        np.testing.assert_allclose(torch.jit.load(str(tmp_path / "m.pt"))(x).numpy(), want, atol=1e-4, rtol=0)
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node}
+    assert "BatchNormalization" not in ops and "Conv" in ops  # folded by default
+
+
+def test_unfolded_static_model_keeps_plain_batchnorm():
+    model = trained_like("resnet18")
+    static = to_static(model, 64, fold_bn=False)
+    kinds = {type(m) for m in static.modules()}
+    assert torch.nn.BatchNorm2d in kinds and not any("Switchable" in k.__name__ for k in kinds)
+    folded = to_static(model, 64)
+    assert torch.nn.BatchNorm2d not in {type(m) for m in folded.modules()}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deploy")
+    data = root / "data"
+    shutil.copytree(sample_data_dir(), data)
+    cfg = root / "c.yaml"
+    cfg.write_text("model: {name: resnet18, width_mult: 0.25}\nmethod: {name: rsnet, resolutions: [64, 48]}\n"
+                   "data: {cache: true, num_workers: 0}\ntrain: {epochs: 1, batch_size: 25, lr: 0.02, progress: false, eval_every: 0}\n"
+                   "eval: {resolutions: [72, 64, 56, 48, 40]}\n")
+    assert main(["train", "--config", str(cfg), "--data", str(data), "--out", str(root / "run")]) == 0
+    return root / "run", data
+
+
+def test_predict_classifies_real_images_and_reports_a_corrupt_one(run_dir, tmp_path, capsys):
+    run, data = run_dir
+    good = sorted((data / "val").rglob("*.JPEG"))[:3]
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not really")
+    files = [str(good[0]), str(bad), str(good[1]), str(tmp_path / "missing.png"), str(good[2])]
+    capsys.readouterr()
+    assert main(["predict", str(run), *files, "--resolution", "56", "--json", "--topk", "3"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    preds = out["predictions"]
+    assert [("error" in p) for p in preds] == [False, True, False, True, False]
+    assert "broken.jpg" in preds[1]["error"] and "missing.png" in preds[3]["error"]
+    classes = sorted(p.name for p in (data / "train").iterdir())
+    for p in (preds[0], preds[2], preds[4]):
+        assert len(p["top"]) == 3 and all(c in classes for c, _ in p["top"])
+        probs = [q for _, q in p["top"]]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+
+
+def test_predict_picks_an_operating_point_within_the_macs_budget(run_dir, capsys):
+    from flexres.analysis import count_macs
+
+    run, data = run_dir
+    model, _ = flexres.load_checkpoint(run)
+    budget = count_macs(model, 56) + 1
+    img = str(sorted((data / "val").rglob("*.JPEG"))[0])
+    capsys.readouterr()
+    assert main(["predict", str(run), img, "--max-macs", str(budget), "--json"]) == 0
+    chosen = json.loads(capsys.readouterr().out)["resolution"]
+    assert chosen == 56 and count_macs(model, chosen) <= budget  # the largest point that fits
+    assert main(["predict", str(run), img, "--max-macs", "1K"]) == 2
+    assert "no operating point fits the budget" in capsys.readouterr().err
+
+
+def test_export_cli_then_predict_with_the_exported_model(run_dir, tmp_path, capsys):
+    run, data = run_dir
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(run), "--resolution", "56", "--format", "onnx", "--out", str(out), "--data", str(data)]) == 0
+    img = str(sorted((data / "val").rglob("*.JPEG"))[0])
+    capsys.readouterr()
+    assert main(["predict", str(out), img, "--json"]) == 0
+    from_onnx = json.loads(capsys.readouterr().out)["predictions"][0]["top"]
+    assert main(["predict", str(run), img, "--resolution", "56", "--json"]) == 0
+    from_run = json.loads(capsys.readouterr().out)["predictions"][0]["top"]
+    assert [c for c, _ in from_onnx] == [c for c, _ in from_run]
+    assert all(abs(a - b) < 1e-3 for (_, a), (_, b) in zip(from_onnx, from_run))
+
+
+def test_report_writes_its_figures_and_page(run_dir, tmp_path):
+    run, data = run_dir
+    out = tmp_path / "report"
+    assert main(["report", str(run), "--data", str(data), "--out", str(out), "--latency"]) == 0
+    for f in ("index.html", "accuracy_vs_macs.png", "accuracy_vs_latency_ms.png", "train_test_heatmap.png", "bn_statistics_run.png"):
+        assert (out / f).stat().st_size > 1000, f
+    page = (out / "index.html").read_text()
+    assert page.count("<img") == 4 and "bn_statistics_run.png" in page
