@@ -13,12 +13,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "method": {"name": "rsnet", "resolutions": [224, 192, 160, 128, 96], "kwargs": {}},
     "data": {
         "root": None, "train_split": "train", "val_split": "val", "cache": False, "num_workers": 4,
-        "skip_unreadable": False, "scale": [0.08, 1.0], "ratio": [0.75, 1.3333333333333333], "crop_fraction": 0.875,
+        "skip_unreadable": False, "hflip": True, "scale": [0.08, 1.0], "ratio": [0.75, 1.3333333333333333], "crop_fraction": 0.875,
     },
     "train": {
         "epochs": 120, "batch_size": 256, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False,
         "weight_decay": 1e-4, "warmup_epochs": 0.0, "label_smoothing": 0.0, "seed": 0, "amp": True,
-        "channels_last": True, "deterministic": False, "device": "auto", "eval_every": 1, "progress": True,
+        "channels_last": True, "deterministic": False, "device": "auto", "accumulate_steps": 1,
+        "sync_bn": False, "compile": False, "eval_every": 1, "progress": True,
     },
     "eval": {"resolutions": None, "bn_policy": "interpolate", "calibration_images": 2000, "batch_size": 256},
 }

@@ -90,6 +90,37 @@ def build_optimizer(cfg: dict[str, Any], model: nn.Module, method: nn.Module) ->
     raise ValueError(f"unknown optimizer {t['optimizer']!r} (sgd or adamw)")
 
 
+def compile_or_fallback(module: nn.Module, log: Callable[[str], None]) -> nn.Module:
+    """torch.compile where it works here; the eager module (with a note) where it does not."""
+    try:
+        return torch.compile(module)
+    except Exception as e:  # noqa: BLE001 - any backend failure falls back to eager
+        log(f"torch.compile unavailable ({type(e).__name__}: {e}); training eagerly")
+        return module
+
+
+def epoch_loaders(dataset, seed: int, epoch: int, gen: torch.Generator, rank: int, world: int, accumulate: int,
+                  micro_batch: int, workers: int, pin: bool) -> list[DataLoader]:
+    """One loader per micro-batch this process runs in a step.
+
+    A single replica shuffles with ``gen``; several replicas (processes x accumulate_steps) each read
+    the shard DistributedSampler gives virtual rank ``rank * accumulate + k``, so one process that
+    accumulates k micro-batches reads exactly what k processes would.
+    """
+    common = dict(batch_size=micro_batch, num_workers=workers, collate_fn=collate_skipping, drop_last=True, pin_memory=pin,
+                  generator=gen)
+    replicas = world * accumulate
+    if replicas == 1:
+        return [DataLoader(dataset, shuffle=True, **common)]
+    loaders = []
+    for k in range(accumulate):
+        sampler = DistributedSampler(dataset, num_replicas=replicas, rank=rank * accumulate + k, shuffle=True, seed=seed,
+                                     drop_last=True)
+        sampler.set_epoch(epoch)
+        loaders.append(DataLoader(dataset, sampler=sampler, **common))
+    return loaders
+
+
 def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     diffs = []
     for section, values in current.items():
@@ -125,8 +156,6 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
         # Exact resume on GPUs needs deterministic kernels; they cost some speed, so it is a choice.
         torch.backends.cudnn.benchmark = not t["deterministic"]
         torch.backends.cudnn.deterministic = t["deterministic"]
-    if t["batch_size"] % world:
-        raise ValueError(f"train.batch_size={t['batch_size']} is the global batch and must divide by the {world} processes")
     ckpt_path = out_dir / CHECKPOINT
     if ckpt_path.exists() and not resume:
         raise FileExistsError(f"{out_dir} already holds a run ({ckpt_path}); pass --resume to continue it or choose another --out")
@@ -146,21 +175,32 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
     if num_classes != len(train_ds.classes):
         raise ValueError(f"model.num_classes={num_classes} but {train_ds.root} has {len(train_ds.classes)} classes")
     model, method = build_model_and_method(cfg, num_classes)
-    train_ds.transform = MultiResolutionCrop(method.resolutions, d["scale"], d["ratio"])
+    train_ds.transform = MultiResolutionCrop(method.resolutions, d["scale"], d["ratio"], hflip=d["hflip"])
     model.to(device)
     method.to(device)
     channels_last = t["channels_last"] and device.type == "cuda"
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    if distributed and t["sync_bn"]:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # converts the BNs inside every SwitchableBatchNorm2d
     optimizer = build_optimizer(cfg, model, method)
     step_module: nn.Module = TrainStep(model, method)
+    if t["compile"]:
+        step_module = compile_or_fallback(step_module, log)
     if distributed:
         step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
     use_amp = t["amp"] and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
-    per_rank_batch = t["batch_size"] // world
-    steps_per_epoch = (len(train_ds) // world) // per_rank_batch  # what DataLoader(drop_last=True) yields per rank
+    # Data-parallel replicas: the processes times the micro-batches each accumulates. One optimiser step
+    # sees train.batch_size images whatever the split, so a run on 1 device with accumulate_steps=8 takes
+    # the same steps as one on 8 devices.
+    accumulate = int(t["accumulate_steps"])
+    replicas = world * accumulate
+    if t["batch_size"] % replicas:
+        raise ValueError(f"train.batch_size={t['batch_size']} must divide by processes x accumulate_steps = {replicas}")
+    micro_batch = t["batch_size"] // replicas
+    steps_per_epoch = (len(train_ds) // replicas) // micro_batch  # what each DistributedSampler(drop_last) yields
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size {t['batch_size']} is larger than the training set ({len(train_ds)} images)")
     total_steps = steps_per_epoch * t["epochs"]
@@ -198,58 +238,62 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
         epoch_seed = t["seed"] * 100003 + epoch + rank * 7919  # each DDP rank its own augmentation stream
         seed_everything(epoch_seed)
         gen = torch.Generator().manual_seed(epoch_seed)
-        sampler = None
-        if distributed:
-            sampler = DistributedSampler(train_ds, shuffle=True, seed=t["seed"], drop_last=True)
-            sampler.set_epoch(epoch)
-        loader = DataLoader(train_ds, batch_size=per_rank_batch, shuffle=sampler is None, sampler=sampler, generator=gen,
-                            num_workers=d["num_workers"], collate_fn=collate_skipping, drop_last=True,
-                            pin_memory=device.type == "cuda", persistent_workers=False)
+        loaders = epoch_loaders(train_ds, t["seed"], epoch, gen, rank, world, accumulate, micro_batch, d["num_workers"],
+                                device.type == "cuda")
         step_module.train()
         sums: dict[str, float] = defaultdict(float)
         correct: dict[int, int] = defaultdict(int)
         seen, skipped, t0 = 0, [], time.time()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{t['epochs']}", disable=not (t["progress"] and is_main), leave=False)
-        for i, batch in enumerate(bar):
-            skipped += batch["skipped"]
-            if batch["inputs"] is None:
-                continue
-            assert i < steps_per_epoch, "loader yielded more batches than the LR schedule counts"
+        bar = tqdm(zip(*loaders), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{t['epochs']}",
+                   disable=not (t["progress"] and is_main), leave=False)
+        for i, micro_batches in enumerate(bar):
             step = epoch * steps_per_epoch + i
             lr = lr_at(step, total_steps, warmup_steps, t["lr"])
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            labels = batch["labels"].to(device, non_blocking=True)
-            inputs = tuple(normalize_batch(x.to(device, non_blocking=True)) for x in batch["inputs"])
-            if channels_last:
-                inputs = tuple(x.contiguous(memory_format=torch.channels_last) for x in inputs)
-            with torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext():
-                loss, terms, logits = step_module(inputs, labels)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, step {i}: lower train.lr?")
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            for k, batch in enumerate(micro_batches):
+                skipped += batch["skipped"]
+                if batch["inputs"] is None:
+                    continue
+                # Operating points a method samples come from this generator: the same on every rank and
+                # micro-batch of a step, so all replicas train the same sub-networks.
+                method.rng.manual_seed(t["seed"] * 1_000_003 + step)
+                labels = batch["labels"].to(device, non_blocking=True)
+                inputs = tuple(normalize_batch(x.to(device, non_blocking=True)) for x in batch["inputs"])
+                if channels_last:
+                    inputs = tuple(x.contiguous(memory_format=torch.channels_last) for x in inputs)
+                sync = nullcontext() if not distributed or k == len(micro_batches) - 1 else step_module.no_sync()
+                with sync:
+                    with torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext():
+                        loss, terms, logits = step_module(inputs, labels)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, step {i}: lower train.lr?")
+                    scaler.scale(loss / accumulate).backward()
+                n = labels.shape[0]
+                seen += n
+                sums["loss"] += loss.item() * n
+                for name, v in terms.items():
+                    sums[name] += v.item() * n
+                for r, z in logits.items():
+                    correct[r] += int((z.argmax(1) == labels).sum())
             scaler.step(optimizer)
             scaler.update()
-            n = labels.shape[0]
-            seen += n
-            sums["loss"] += loss.item() * n
-            for k, v in terms.items():
-                sums[k] += v.item() * n
-            for r, z in logits.items():
-                correct[r] += int((z.argmax(1) == labels).sum())
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4f}")
         bar.close()
         elapsed = time.time() - t0
-        if distributed:
-            for k in list(sums):
-                tsum = torch.tensor(sums[k], device=device)
-                dist.all_reduce(tsum)
-                sums[k] = float(tsum)
+        if distributed:  # metrics over every rank
+            keys, res_keys = sorted(sums), sorted(correct)
+            packed = torch.tensor([sums[k] for k in keys] + [correct[r] for r in res_keys] + [seen], dtype=torch.float64,
+                                  device=device)
+            dist.all_reduce(packed)
+            sums = dict(zip(keys, packed[: len(keys)].tolist()))
+            correct = {r: int(c) for r, c in zip(res_keys, packed[len(keys):-1].tolist())}
+            seen = int(packed[-1])
         last = {
-            "epoch": epoch + 1, "lr": lr, "images": seen * world, "seconds": round(elapsed, 2),
-            "images_per_s": round(seen * world / max(elapsed, 1e-9), 1),
-            **{f"loss_{k}" if k != "loss" else "loss": round(v / max(seen * world, 1), 5) for k, v in sums.items()},
+            "epoch": epoch + 1, "lr": lr, "images": seen, "seconds": round(elapsed, 2),
+            "images_per_s": round(seen / max(elapsed, 1e-9), 1),
+            **{f"loss_{k}" if k != "loss" else "loss": round(v / max(seen, 1), 5) for k, v in sums.items()},
             "train_top1": {str(r): round(100.0 * c / max(seen, 1), 2) for r, c in sorted(correct.items(), reverse=True)},
             **method.log_values(),
         }

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -33,6 +34,9 @@ class Method(nn.Module):
             raise ValueError(f"method {self.name!r} needs at least one resolution")
         self.resolutions: tuple[int, ...] = tuple(sorted({int(r) for r in resolutions}, reverse=True))
         self.label_smoothing = float(label_smoothing)
+        # Draw any random operating point from this generator: the engine seeds it from (seed, step)
+        # before every micro-batch, so every DDP rank samples the same sub-networks in a step.
+        self.rng = torch.Generator()
 
     def cross_entropy(self, logits: Tensor, labels: Tensor) -> Tensor:
         return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)

@@ -77,6 +77,12 @@ class _MomentAccumulator:
         self.count += x64.shape[1]
 
     def result(self) -> tuple[Tensor, Tensor]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.sum is not None:
+            # Calibration under torchrun: every rank saw its own images; the statistics are over all of them.
+            packed = torch.cat([self.sum, self.sum_sq, self.sum.new_tensor([float(self.count)])])
+            torch.distributed.all_reduce(packed)
+            c = self.sum.numel()
+            self.sum, self.sum_sq, self.count = packed[:c], packed[c:2 * c], int(packed[-1].item())
         if self.count < 2:
             raise RuntimeError("BN calibration saw fewer than 2 values per channel; give it more images")
         mean = self.sum / self.count
