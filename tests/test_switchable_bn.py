@@ -82,7 +82,7 @@ def test_calibration_gives_exact_statistics_of_the_first_layer():
 
     model = tiny_model(resolutions=(64, 32)).eval()
     images = [torch.randn(5, 3, 48, 48), torch.randn(3, 3, 48, 48)]
-    used = calibrate_bn(model, iter(images), resolution=48, num_images=7)  # the last image is not used
+    used = calibrate_bn(model, iter(images), 48, num_images=7)  # the last image is not used
     assert used == 7
     with torch.no_grad():
         feats = model.conv1(torch.cat(images)[:7])

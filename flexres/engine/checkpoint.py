@@ -215,36 +215,39 @@ def load_training_state(path: str | Path, model: AdaptiveModel, method: nn.Modul
 
 # --- calibrated BN statistics ---
 def calibration_tensors(model: AdaptiveModel) -> dict[str, Tensor]:
+    """``<operating point>/<module>.running_mean|var`` for every calibrated BN statistic."""
     out = {}
     for name, m in model.named_modules():
-        for res, (mean, var) in getattr(m, "calibrated", {}).items():
-            out[f"{res}/{name}.running_mean"] = mean
-            out[f"{res}/{name}.running_var"] = var
+        if not hasattr(m, "calibrated"):
+            continue
+        for key, (mean, var) in m.calibrated.items():
+            out[f"{m.key_to_str(key)}/{name}.running_mean"] = mean
+            out[f"{m.key_to_str(key)}/{name}.running_var"] = var
     return out
 
 
 def save_calibration(model: AdaptiveModel, path: str | Path, info: dict[str, Any]) -> None:
-    """Save every calibrated resolution; ``info`` should carry the checkpoint's digest and num_images."""
+    """Save every calibrated operating point; ``info`` should carry the checkpoint's digest and num_images."""
     save_tensors(path, calibration_tensors(model), info)
 
 
 def clear_calibration(model: AdaptiveModel) -> None:
-    for bn in model.switchable_bns():
-        bn.calibrated.clear()
+    model.clear_calibration()
 
 
 def load_calibration(model: AdaptiveModel, path: str | Path) -> dict[str, Any]:
     tensors, meta = load_tensors(path)
     modules = dict(model.named_modules())
+    pending: dict[tuple[str, Any], dict[str, Tensor]] = {}
     for key, value in tensors.items():
-        res, rest = key.split("/", 1)
+        point, rest = key.split("/", 1)
         name, stat = rest.rsplit(".", 1)
-        if name not in modules or not hasattr(modules[name], "calibrated"):
-            raise CheckpointMismatchError(f"{path}: calibration key {key} names no SwitchableBatchNorm2d of the model")
-        mean, var = modules[name].calibrated.get(int(res), (None, None))
-        if stat == "running_mean":
-            mean = value
-        else:
-            var = value
-        modules[name].calibrated[int(res)] = (mean, var)
+        module = modules.get(name)
+        if module is None or not hasattr(module, "calibrated"):
+            raise CheckpointMismatchError(f"{path}: calibration key {key} names no calibratable BN of the model")
+        pending.setdefault((name, module.key_from_str(point)), {})[stat] = value
+    for (name, point), stats in pending.items():
+        if set(stats) != {"running_mean", "running_var"}:
+            raise CheckpointMismatchError(f"{path}: {name} at {point} lacks running_mean or running_var")
+        modules[name].calibrated[point] = (stats["running_mean"], stats["running_var"])
     return meta

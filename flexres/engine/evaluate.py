@@ -14,6 +14,7 @@ from tqdm import tqdm
 from ..data import EvalTransform, ImageFolderDataset, MultiResolutionCrop, normalize_batch
 from ..models import AdaptiveModel
 from ..nn import calibrate_bn
+from ..operating_point import OperatingPoint
 
 
 def _batches(ds: Dataset, batch_size: int, device: torch.device, mean, std, workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
@@ -67,35 +68,34 @@ def describe_bn(model: AdaptiveModel, resolution: int, bn_policy: str) -> str:
     return bn_policy
 
 
-def calibrate(model: AdaptiveModel, train_dataset: ImageFolderDataset, resolutions: list[int], num_images: int,
+def calibrate(model: AdaptiveModel, train_dataset: ImageFolderDataset, points: list[OperatingPoint | int], num_images: int,
               batch_size: int = 256, scale=(0.08, 1.0), ratio=(0.75, 4 / 3), mean=None, std=None, seed: int = 0,
-              workers: int = 0) -> list[int]:
-    """Calibrate BN statistics at each resolution not yet calibrated, on a seeded random subset of
-    ``num_images`` training images with the training augmentation."""
+              workers: int = 0) -> list[OperatingPoint]:
+    """Calibrate BN statistics at each operating point not yet calibrated, on a seeded random subset of
+    ``num_images`` training images with the training augmentation. Returns the points it calibrated."""
     from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     mean, std = mean or IMAGENET_MEAN, std or IMAGENET_STD
     device = next(model.parameters()).device
     done = []
-    cached = set(model.switchable_bns()[0].calibrated) if model.switchable_bns() else set()
     saved_transform = train_dataset.transform
     pick = torch.randperm(len(train_dataset), generator=torch.Generator().manual_seed(seed))[:num_images]
     subset = Subset(train_dataset, pick.tolist())
     try:
-        for r in resolutions:
-            if r in cached:
+        for op in map(OperatingPoint.coerce, points):
+            if model.is_calibrated(op):
                 continue
             # The augmentation is the training one, so calibrated statistics are comparable with
             # the statistics the trained BNs gathered.
-            train_dataset.transform = MultiResolutionCrop([r], scale, ratio)
+            train_dataset.transform = MultiResolutionCrop([op.resolution], scale, ratio)
             rng_state = torch.get_rng_state()
-            torch.manual_seed(seed + r)
+            torch.manual_seed(seed + op.resolution)
             try:
                 batches = (x for x, _ in _batches(subset, batch_size, device, mean, std, 0 if train_dataset.cached else workers))
-                calibrate_bn(model, batches, r, num_images)
+                calibrate_bn(model, batches, op, num_images)
             finally:
                 torch.set_rng_state(rng_state)
-            done.append(r)
+            done.append(op)
     finally:
         train_dataset.transform = saved_transform
     return done

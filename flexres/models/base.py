@@ -10,6 +10,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..nn.meta_conv import MetaConv2d
+from ..nn.slimmable import SlimmableBatchNorm2d, SlimmableConv2d, SlimmableLinear
 from ..nn.switchable_bn import BN_POLICIES, SwitchableBatchNorm2d, nearest_index
 from ..operating_point import OperatingPoint
 
@@ -31,7 +32,13 @@ def _meta_conv(cin: int, cout: int, kernel: int, stride: int = 1, padding: int =
     return MetaConv2d(cin, cout, kernel, stride, padding, groups=groups)
 
 
-def conv_factory(meta: bool) -> ConvFactory:
+def conv_factory(meta: bool = False, slimmable_divisor: int | None = None) -> ConvFactory:
+    """Plain, SAN (meta) or width-slimmable (``slimmable_divisor`` set) bias-free convolutions."""
+    if slimmable_divisor is not None:
+        def slim(cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0, groups: int = 1) -> SlimmableConv2d:
+            return SlimmableConv2d(cin, cout, kernel, stride, padding, groups, slim_in=cin != 3, divisor=slimmable_divisor)
+
+        return slim
     return _meta_conv if meta else _plain_conv
 
 
@@ -55,7 +62,8 @@ class AdaptiveModel(nn.Module):
     # Filled in by the registry so a checkpoint can rebuild the model: {"name": ..., "kwargs": {...}}.
     arch: dict[str, Any]
 
-    def __init__(self, train_resolutions: list[int] | tuple[int, ...], scale_divisor: float | None = None):
+    def __init__(self, train_resolutions: list[int] | tuple[int, ...], scale_divisor: float | None = None,
+                 width_range: tuple[float, float] | None = None):
         super().__init__()
         if not train_resolutions:
             raise ValueError("train_resolutions must name at least one resolution")
@@ -70,8 +78,13 @@ class AdaptiveModel(nn.Module):
         # the eps of the nearest trained resolution (SAN proxy inference).
         self.scale_divisor = scale_divisor
         self.scale_policy = "exact"
+        # Width-slimmable models (US-Net, MutualNet): any width in [width_range[0], width_range[1]].
+        self.width_range = tuple(width_range) if width_range is not None else None
+        if self.width_range is not None and not 0 < self.width_range[0] <= self.width_range[1] <= 1.0:
+            raise ValueError(f"width_range must satisfy 0 < min <= max <= 1, got {width_range}")
         self._switchable: list[SwitchableBatchNorm2d] | None = None
         self._meta: list[MetaConv2d] | None = None
+        self._slimmable: list[nn.Module] | None = None
 
     # --- operating point ---
     @property
@@ -82,6 +95,25 @@ class AdaptiveModel(nn.Module):
         if self._switchable is None:
             self._switchable = [m for m in self.modules() if isinstance(m, SwitchableBatchNorm2d)]
         return self._switchable
+
+    def slimmable_modules(self) -> list[nn.Module]:
+        if self._slimmable is None:
+            kinds = (SlimmableConv2d, SlimmableLinear, SlimmableBatchNorm2d)
+            self._slimmable = [m for m in self.modules() if isinstance(m, kinds)]
+        return self._slimmable
+
+    def calibratable_bns(self) -> list[nn.Module]:
+        """Every BN whose statistics can be re-estimated per operating point."""
+        return [m for m in self.modules() if isinstance(m, (SwitchableBatchNorm2d, SlimmableBatchNorm2d))]
+
+    def is_calibrated(self, op: OperatingPoint | int) -> bool:
+        op = OperatingPoint.coerce(op)
+        bns = self.calibratable_bns()
+        return bool(bns) and all(bn.calibration_key(op.resolution, op.width) in bn.calibrated for bn in bns)
+
+    def clear_calibration(self) -> None:
+        for bn in self.calibratable_bns():
+            bn.calibrated.clear()
 
     def meta_convs(self) -> list[MetaConv2d]:
         if self._meta is None:
@@ -119,6 +151,11 @@ class AdaptiveModel(nn.Module):
                 "bn_policy 'interpolate' falls back to 'nearest'",
                 stacklevel=2,
             )
+        if self.width_range is not None:
+            for m in self.slimmable_modules():
+                m.set_width(op.width)
+                if isinstance(m, SlimmableBatchNorm2d):
+                    m.set_key(op.resolution, op.width)
         if self.scale_divisor is not None:
             eps = self.scale_resolution(op.resolution, scale) / self.scale_divisor
             for conv in self.meta_convs():
@@ -129,8 +166,13 @@ class AdaptiveModel(nn.Module):
         return self
 
     def _check_operating_point(self, op: OperatingPoint) -> None:
-        if op.width != 1.0 or op.scales is not None:
-            raise ValueError(f"{type(self).__name__} adapts resolution only; got {op}")
+        if op.scales is not None:
+            raise ValueError(f"{type(self).__name__} has no per-stage scales; got {op}")
+        if self.width_range is None:
+            if op.width != 1.0:
+                raise ValueError(f"{type(self).__name__} adapts resolution only; got {op}")
+        elif not self.width_range[0] - 1e-9 <= op.width <= self.width_range[1] + 1e-9:
+            raise ValueError(f"width {op.width:g} is outside this model's width range {list(self.width_range)}")
 
     @contextmanager
     def at(self, op: OperatingPoint | int | None = None, *, bn_policy: str | None = None, scale_policy: str | None = None,

@@ -15,25 +15,28 @@ from ..operating_point import OperatingPoint
 
 
 @torch.no_grad()
-def calibrate_bn(model: "AdaptiveModel", batches: Iterable[Tensor], resolution: int, num_images: int) -> int:
-    """Estimate every SwitchableBatchNorm2d's statistics at ``resolution`` from ``num_images`` images.
+def calibrate_bn(model: "AdaptiveModel", batches: Iterable[Tensor], op: "OperatingPoint | int", num_images: int) -> int:
+    """Estimate every BN's statistics at the operating point ``op`` (a resolution, or for slimmable
+    models a resolution and width) from ``num_images`` images.
 
-    ``batches`` yields input tensors already at ``resolution``. Statistics are the exact mean and
+    ``batches`` yields input tensors already at ``op``'s resolution. Statistics are the exact mean and
     unbiased variance over all pixels of all images seen (not a momentum average), each BN
     normalising with its batch statistics while they are gathered, with the affine parameters of
     the nearest trained BN. All other weights stay frozen. The result is cached on each BN under
-    ``resolution`` and served by ``bn_policy="calibrate"``. Returns the number of images used.
+    the operating point and served by ``bn_policy="calibrate"``. Returns the number of images used.
+    Under torchrun each rank passes its own images and the statistics cover all of them.
     """
-    bns = model.switchable_bns()
+    op = OperatingPoint.coerce(op)
+    bns = model.calibratable_bns()
     was_training = model.training
     model.eval()
     previous = (model.operating_point, model.bn_policy, model.scale_policy)
     seen = 0
     try:
         # Sets the input size and, for SAN models, the weights generated at eps(resolution) (SAN Alg. 2).
-        model.set_operating_point(OperatingPoint(resolution), bn_policy="nearest", scale_policy="exact")
+        model.set_operating_point(op, bn_policy="nearest", scale_policy="exact")
         for bn in bns:
-            bn.begin_calibration(resolution)
+            bn.begin_calibration(bn.calibration_key(op.resolution, op.width))
         for x in batches:
             if seen >= num_images:
                 break
@@ -41,7 +44,7 @@ def calibrate_bn(model: "AdaptiveModel", batches: Iterable[Tensor], resolution: 
             model(x)
             seen += x.shape[0]
         if seen == 0:
-            raise ValueError(f"BN calibration at resolution {resolution} got no images")
+            raise ValueError(f"BN calibration at {op} got no images")
         for bn in bns:
             bn.end_calibration()
     except BaseException:

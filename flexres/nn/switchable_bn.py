@@ -153,6 +153,18 @@ class SwitchableBatchNorm2d(nn.Module):
         return F.batch_norm(x, mean, var, w, b, False, 0.0, self.eps)
 
     # --- calibration (driven by flexres.nn.calibrate_bn) ---
+    @staticmethod
+    def calibration_key(resolution: int, width: float) -> int:
+        return int(resolution)
+
+    @staticmethod
+    def key_to_str(key: int) -> str:
+        return str(key)
+
+    @staticmethod
+    def key_from_str(text: str) -> int:
+        return int(text)
+
     def begin_calibration(self, resolution: int) -> None:
         self._resolution = resolution
         self._accumulator = _MomentAccumulator()
