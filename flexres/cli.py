@@ -16,6 +16,7 @@ from .engine.config import ConfigError, load_config, make_config
 from .engine.evaluate import calibrate, evaluate, format_table, hit_miss_matrix
 from .models.base import SAN_MODES, SCALE_POLICIES
 from .nn.switchable_bn import BN_POLICIES
+from .operating_point import OperatingPoint
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -33,7 +34,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def evaluate_runs(runs: list[str], data: str, resolutions: list[int] | None, bn_policy: str, calibration_images: int | None = None,
                   batch_size: int = 256, split: str = "val", progress: bool = True, scale_policy: str | None = None,
-                  workers: int = 0, latency: bool = False, save: bool = False) -> dict[str, Any]:
+                  workers: int = 0, latency: bool = False, save: bool = False, width: float = 1.0) -> dict[str, Any]:
     """Evaluate each run at each resolution; returns a JSON-ready report (see ``flexres eval --json``)."""
     from .analysis import count_macs, count_params, measure_latency, meta_weight_ratios
     from .data import ImageFolderDataset, split_dir
@@ -52,19 +53,14 @@ def evaluate_runs(runs: list[str], data: str, resolutions: list[int] | None, bn_
         res_list = resolutions or meta.get("config", {}).get("eval", {}).get("resolutions") or list(model.train_resolutions)
         cfg = meta.get("config") or make_config()
         ckpt = resolve_checkpoint(run)
-        if bn_policy == "calibrate":
-            n = calibration_images or cfg["eval"]["calibration_images"]
-            if meta.get("calibration", {}).get("num_images") != n:
-                clear_calibration(model)
-            if train_ds is None:
-                train_ds = ImageFolderDataset(split_dir(data, cfg["data"]["train_split"]), progress=progress)
-            new = calibrate(model, train_ds, [r for r in res_list if r not in model.train_resolutions], n, batch_size,
-                            cfg["data"]["scale"], cfg["data"]["ratio"], workers=workers)
-            if new:
-                save_calibration(model, ckpt.parent / CALIBRATION,
-                                 {"num_images": n, "data": str(data), "checkpoint_digest": meta["checkpoint_digest"]})
+        slimmable = model.width_range is not None
+        if bn_policy == "calibrate" or slimmable:  # slimmable models always need post-statistics BN
+            train_ds = train_ds or ImageFolderDataset(split_dir(data, cfg["data"]["train_split"]), progress=progress)
+            points = [OperatingPoint(r, width) for r in res_list if slimmable or r not in model.train_resolutions]
+            ensure_calibrated(model, meta, ckpt, train_ds, points, calibration_images or cfg["eval"]["calibration_images"],
+                              batch_size, cfg, str(data), workers)
         results = evaluate(model, val, res_list, bn_policy, batch_size, meta.get("crop_fraction", 0.875), progress=progress,
-                           scale_policy=scale_policy, workers=workers)
+                           scale_policy=scale_policy, workers=workers, width=width)
         label = Path(run).name if Path(run).is_dir() else Path(run).parent.name
         if len(model.train_resolutions) == 1 and model.train_resolutions[0] in results:
             own_resolution[model.train_resolutions[0]] = results[model.train_resolutions[0]]["correct"]
@@ -72,8 +68,9 @@ def evaluate_runs(runs: list[str], data: str, resolutions: list[int] | None, bn_
             "checkpoint": str(ckpt), "train_resolutions": list(model.train_resolutions),
             "method": meta.get("method", {}), "epoch": meta.get("epoch"), "params": count_params(model),
             "results": {str(r): {"top1": round(v["top1"], 2), "top5": round(v["top5"], 2), "n": v["n"], "bn": v["bn"],
-                                 "macs": count_macs(model, r),
-                                 "latency_ms": round(measure_latency(model, r), 3) if latency else None} for r, v in results.items()},
+                                 "macs": count_macs(model, OperatingPoint(r, width)),
+                                 "latency_ms": round(measure_latency(model, OperatingPoint(r, width)), 3) if latency else None}
+                        for r, v in results.items()},
             "hit_miss": _json_matrix(hit_miss_matrix({r: v["correct"] for r, v in results.items() if r in model.train_resolutions})),
         }
         ratios = meta_weight_ratios(model)
@@ -86,6 +83,18 @@ def evaluate_runs(runs: list[str], data: str, resolutions: list[int] | None, bn_
     if len(own_resolution) > 1:  # RS-Nets Table 1, "individual" block: each I-Net at its own resolution
         report["hit_miss_individual"] = _json_matrix(hit_miss_matrix(dict(sorted(own_resolution.items(), reverse=True))))
     return report
+
+
+def ensure_calibrated(model, meta: dict[str, Any], ckpt: Path, train_ds, points: list, num_images: int, batch_size: int,
+                      cfg: dict[str, Any], data: str, workers: int = 0) -> None:
+    """Calibrate the points not yet in the run's cache and save the cache with the run."""
+    if meta.get("calibration", {}).get("num_images") not in (None, num_images):
+        clear_calibration(model)  # computed from another number of images: not what was asked for
+    new = calibrate(model, train_ds, points, num_images, batch_size, cfg["data"]["scale"], cfg["data"]["ratio"], workers=workers)
+    if new:
+        save_calibration(model, ckpt.parent / CALIBRATION, {"num_images": num_images, "data": data,
+                                                              "checkpoint_digest": meta["checkpoint_digest"]})
+        meta["calibration"] = {"num_images": num_images}
 
 
 def _json_matrix(m: dict[int, dict[int, float]]) -> dict[str, dict[str, float]]:
@@ -142,11 +151,72 @@ def _eval(args: argparse.Namespace) -> int:
             raise ValueError("--san-mode sets --bn and --scale itself; give one or the other")
         bn, scale = SAN_MODES[args.san_mode]["bn_policy"], SAN_MODES[args.san_mode]["scale_policy"]
     report = evaluate_runs(args.runs, args.data, args.resolutions, bn or "interpolate", args.calibration_images, args.batch_size,
-                           args.split, scale_policy=scale, workers=args.workers, latency=args.latency, save=True)
+                           args.split, scale_policy=scale, workers=args.workers, latency=args.latency, save=True, width=args.width)
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"\nwrote {args.json}")
+    return 0
+
+
+def build_table(run: str, data: str | None, widths: list[float], resolutions: list[int] | None, latency: bool = False,
+                bn_policy: str = "interpolate", calibration_images: int | None = None, batch_size: int = 256,
+                workers: int = 0, progress: bool = True) -> list[dict[str, Any]]:
+    """Accuracy, MACs, params (and latency) of every (width, resolution); slimmable models get post-statistics BN."""
+    from .analysis import count_macs, count_params, measure_latency
+    from .data import ImageFolderDataset, split_dir
+
+    model, meta = load_checkpoint(run)
+    cfg = meta.get("config") or make_config()
+    data = data or cfg["data"]["root"]
+    if not data:
+        raise ValueError("no data: pass --data DIR")
+    if model.width_range is None and widths != [1.0]:
+        raise ValueError(f"{run} is not width-slimmable: use --widths 1.0")
+    res_list = resolutions or cfg["eval"]["resolutions"] or list(model.train_resolutions)
+    ckpt = resolve_checkpoint(run)
+    val = ImageFolderDataset(split_dir(data, cfg["data"]["val_split"]), cache="auto", progress=progress)
+    train_ds = ImageFolderDataset(split_dir(data, cfg["data"]["train_split"]), progress=progress)
+    n = calibration_images or cfg["eval"]["calibration_images"]
+    rows = []
+    for w in widths:
+        points = [OperatingPoint(r, w) for r in res_list if model.width_range or (bn_policy == "calibrate" and r not in model.train_resolutions)]
+        if points:
+            ensure_calibrated(model, meta, ckpt, train_ds, points, n, batch_size, cfg, str(data), workers)
+        results = evaluate(model, val, res_list, bn_policy, batch_size, meta.get("crop_fraction", 0.875), workers=workers, width=w)
+        for r, v in results.items():
+            op = OperatingPoint(r, w)
+            rows.append({"width": w, "resolution": r, "top1": round(v["top1"], 2), "top5": round(v["top5"], 2),
+                         "macs": count_macs(model, op), "params": count_params(model, op),
+                         "latency_ms": round(measure_latency(model, op), 3) if latency else None})
+        if progress:
+            print(f"width {w:g}: " + ", ".join(f"{r}px {v['top1']:.1f}%" for r, v in results.items()), flush=True)
+    return rows
+
+
+def _table(args: argparse.Namespace) -> int:
+    from .analysis.table import parse_range, write_table
+
+    rows = build_table(args.run, args.data, parse_range(args.widths), args.resolutions, args.latency, args.bn,
+                       args.calibration_images, args.batch_size, args.workers)
+    run_dir = resolve_checkpoint(args.run).parent
+    files = write_table(rows, run_dir, {"data": args.data, "bn_policy": args.bn, "latency_batch": 1})
+    print((run_dir / "table.md").read_text())
+    print("wrote " + ", ".join(map(str, files)))
+    return 0
+
+
+def _select(args: argparse.Namespace) -> int:
+    from .analysis.table import read_table, select
+    from .deploy.predict import parse_count
+
+    row = select(read_table(resolve_checkpoint(args.run).parent), parse_count(args.max_macs) if args.max_macs else None,
+                 args.max_latency_ms)
+    lat = f", {row['latency_ms']:.2f} ms" if row.get("latency_ms") is not None else ""
+    print(f"width {row['width']:g} at {row['resolution']} px: top-1 {row['top1']:.2f}% (top-5 {row['top5']:.2f}%), "
+          f"{row['macs'] / 1e6:.1f} MMACs, {row['params'] / 1e6:.3f} M params{lat}")
+    if args.json:
+        print(json.dumps(row))
     return 0
 
 
@@ -244,11 +314,32 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--san-mode", choices=list(SAN_MODES), help="SAN inference: proxy = --bn nearest --scale nearest; ideal = "
                    "--bn calibrate --scale exact; data-free = --bn interpolate --scale exact")
     e.add_argument("--workers", type=int, default=0, help="data-loading processes (for sets too large to cache in memory)")
+    e.add_argument("--width", type=float, default=1.0, help="slimmable models: the width to evaluate")
     e.add_argument("--calibration-images", type=int, help="images for --bn calibrate (default eval.calibration_images)")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--latency", action="store_true", help="also measure batch-1 latency on this machine")
     e.add_argument("--json", help="also write the report as JSON")
     e.set_defaults(func=_eval)
+
+    tb = sub.add_parser("table", help="accuracy, MACs, params (and latency) of every operating point")
+    tb.add_argument("run")
+    tb.add_argument("--data", help="ImageFolder root (default: the run's data.root)")
+    tb.add_argument("--widths", default="1.0", help="START:STOP:STEP or one value, e.g. 0.25:1.0:0.05")
+    tb.add_argument("--resolutions", type=int, nargs="+")
+    tb.add_argument("--latency", action="store_true", help="also measure batch-1 latency on this machine")
+    tb.add_argument("--bn", choices=BN_POLICIES, default="interpolate", help="resolution-switchable models: BN policy")
+    tb.add_argument("--calibration-images", type=int)
+    tb.add_argument("--batch-size", type=int, default=256)
+    tb.add_argument("--workers", type=int, default=0)
+    tb.set_defaults(func=_table)
+
+    sl = sub.add_parser("select", help="the best operating point under a budget, from the run's table")
+    sl.add_argument("run")
+    sel = sl.add_mutually_exclusive_group(required=True)
+    sel.add_argument("--max-macs", help="e.g. 150M")
+    sel.add_argument("--max-latency-ms", type=float)
+    sl.add_argument("--json", action="store_true")
+    sl.set_defaults(func=_select)
 
     x = sub.add_parser("export", help="export one operating point as a static ONNX or TorchScript model")
     x.add_argument("run", help="run directory or checkpoint")

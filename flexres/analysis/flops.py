@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..models import AdaptiveModel
+from ..nn.meta_conv import MetaConv2d
+from ..nn.slimmable import SlimmableBatchNorm2d, SlimmableConv2d, SlimmableLinear
 from ..nn.switchable_bn import SwitchableBatchNorm2d
 from ..operating_point import OperatingPoint
 
@@ -18,19 +21,33 @@ def count_macs(model: AdaptiveModel, op: OperatingPoint | int) -> int:
     """
     op = OperatingPoint.coerce(op)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with model.at(op, bn_policy="nearest"), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, 3, op.resolution, op.resolution, device=device))
-    finally:
-        model.train(was_training)
+    with model.measuring_cost(), model.at(op, bn_policy="nearest"), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, op.resolution, op.resolution, device=device))
     return counter.get_total_flops() // 2
 
 
-def count_params(model: AdaptiveModel) -> int:
-    """Parameters of the network deployed at one operating point: one BN set, not all of them."""
-    bns = [m for m in model.modules() if isinstance(m, SwitchableBatchNorm2d)]
-    in_bns = {id(p) for m in bns for p in m.parameters()}
-    shared = sum(p.numel() for p in model.parameters() if id(p) not in in_bns)
-    return shared + sum(sum(p.numel() for p in m.bns[0].parameters()) for m in bns)
+def count_params(model: AdaptiveModel, op: OperatingPoint | int | None = None) -> int:
+    """Parameters of the network deployed at one operating point (default: the active one):
+    one BN set, not all of them, and for slimmable models only the channels that width uses."""
+    if op is not None:
+        with model.at(op, bn_policy="nearest"):
+            return count_params(model)
+    total = 0
+    for m in model.modules():
+        if isinstance(m, SwitchableBatchNorm2d):
+            total += sum(p.numel() for p in m.bns[0].parameters())
+        elif isinstance(m, SlimmableBatchNorm2d):
+            total += 2 * m.active
+        elif isinstance(m, SlimmableConv2d):
+            total += m.active_out * (1 if m.depthwise else m.active_in) * m.kernel_size[0] * m.kernel_size[1]
+        elif isinstance(m, MetaConv2d):  # deployed as the one weight W(eps) it generates
+            total += m.A.numel()
+        elif isinstance(m, SlimmableLinear):
+            total += m.out_features * (m.active_in + 1)
+        elif not isinstance(m, nn.BatchNorm2d) or not _inside_switchable(model, m):
+            total += sum(p.numel() for p in m.parameters(recurse=False))
+    return total
+
+
+def _inside_switchable(model: AdaptiveModel, bn: nn.Module) -> bool:
+    return any(bn is b for s in model.switchable_bns() for b in s.bns)

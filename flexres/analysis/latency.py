@@ -36,10 +36,5 @@ def measure_latency(model: AdaptiveModel, op: OperatingPoint | int, batch_size: 
     device = next(model.parameters()).device
     x = torch.randn(batch_size, 3, op.resolution, op.resolution, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
-    was_training = model.training
-    model.eval()
-    try:
-        with model.at(op, bn_policy=bn_policy):
-            return time_call(lambda: model(x), warmup, repeats, sync)
-    finally:
-        model.train(was_training)
+    with model.measuring_cost(), model.at(op, bn_policy=bn_policy):
+        return time_call(lambda: model(x), warmup, repeats, sync)

@@ -14,7 +14,9 @@ from torch.fx.experimental.optimization import fuse
 from .. import __version__
 from ..analysis import count_macs, count_params
 from ..data import EvalTransform, ImageFolderDataset, load_rgb, normalize_batch
-from ..models import AdaptiveModel, materialize
+from ..models import AdaptiveModel
+from ..nn.meta_conv import MetaConv2d
+from ..nn.slimmable import SlimmableBatchNorm2d, SlimmableConv2d, SlimmableLinear
 from ..nn.switchable_bn import SwitchableBatchNorm2d
 from ..operating_point import OperatingPoint
 
@@ -32,21 +34,28 @@ class StaticClassifier(nn.Module):
         return self.net.forward_head(self.net.forward_features(x))
 
 
-def _replace_switchable_bns(module: nn.Module) -> None:
+def _make_static(module: nn.Module) -> None:
+    """Swap every adaptive layer for the plain layer it currently computes."""
     for name, child in module.named_children():
-        if isinstance(child, SwitchableBatchNorm2d):
+        if isinstance(child, (SwitchableBatchNorm2d, SlimmableBatchNorm2d)):
             setattr(module, name, child.to_batchnorm())
+        elif isinstance(child, (MetaConv2d, SlimmableConv2d)):
+            setattr(module, name, child.to_conv2d())
+        elif isinstance(child, SlimmableLinear):
+            setattr(module, name, child.to_linear())
         else:
-            _replace_switchable_bns(child)
+            _make_static(child)
 
 
 @torch.no_grad()
 def to_static(model: AdaptiveModel, op: OperatingPoint | int, bn_policy: str | None = None, scale_policy: str | None = None,
               fold_bn: bool = True) -> nn.Module:
-    """The sub-network serving ``op`` as a plain module; with ``fold_bn`` every BN is folded into its conv."""
-    plain = copy.deepcopy(materialize(model, op, bn_policy, scale_policy))
-    _replace_switchable_bns(plain)
-    static = StaticClassifier(plain).eval()
+    """The sub-network serving ``op`` as plain Conv2d / BatchNorm2d / Linear layers (SAN weights generated,
+    slimmable layers sliced, the selected BN); with ``fold_bn`` every BN is folded into its conv."""
+    net = copy.deepcopy(model).eval()
+    net.set_operating_point(op, bn_policy, scale_policy)
+    _make_static(net)
+    static = StaticClassifier(net).eval()
     return fuse(static) if fold_bn else static
 
 
@@ -107,7 +116,8 @@ def export(model: AdaptiveModel, meta: dict[str, Any], op: OperatingPoint | int,
         "format": fmt, "file": out.name, "operating_point": {"resolution": op.resolution, "width": op.width, "scales": op.scales},
         "bn_policy": model.bn_policy if bn_policy is None else bn_policy, "scale_policy": scale_policy, "bn_folded": fold_bn,
         "preprocessing": preprocessing(op.resolution, meta), "classes": meta.get("classes"),
-        "macs": count_macs(model, op), "params": count_params(materialize(model, op, bn_policy, scale_policy)),
+        "macs": count_macs(model, op), "params": sum(p.numel() for p in static.parameters()) if not fold_bn else
+        count_params(model, op),
         "parity_max_abs_diff": diff, "parity_images": int(images.shape[0]), "source_arch": model.arch,
         "source_epoch": meta.get("epoch"), "flexres_version": __version__,
     }

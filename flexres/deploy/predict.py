@@ -12,7 +12,9 @@ from torch import Tensor
 
 from ..analysis import count_macs, measure_latency
 from ..data import EvalTransform, load_rgb, normalize_batch
+from ..analysis.table import TABLE, read_table, select
 from ..engine.checkpoint import load_checkpoint, resolve_checkpoint
+from ..operating_point import OperatingPoint
 
 
 def parse_count(text: str) -> float:
@@ -100,13 +102,17 @@ def load_predictor(target: str, resolution: int | None = None, max_macs: float |
                          f"{path.name} (static, {r} px)")
     model, meta = load_checkpoint(target)
     run_dir = resolve_checkpoint(target).parent
-    how = "given"
+    how, width = "given", 1.0
     if resolution is None:
         if max_macs is None and max_latency_ms is None:
             resolution, how = model.train_resolutions[0], "largest trained resolution"
+        elif (run_dir / TABLE).is_file():  # the query table built by `flexres table`
+            row = select(read_table(run_dir), max_macs, max_latency_ms)
+            resolution, width = row["resolution"], row["width"]
+            how = f"{resolution} px, width {width:g}: {row['macs'] / 1e6:.1f} MMACs; top-1 {row['top1']:.1f}% (flexres table)"
         else:
             resolution, how = choose_resolution(model, meta, run_dir, max_macs, max_latency_ms)
-    model.set_operating_point(resolution, bn_policy=bn_policy)
+    model.set_operating_point(OperatingPoint(resolution, width), bn_policy=bn_policy)
     norm = meta.get("normalization", {})
     return Predictor(model, resolution, meta.get("classes") or [], norm.get("mean", [0.485, 0.456, 0.406]),
                      norm.get("std", [0.229, 0.224, 0.225]), meta.get("crop_fraction", 0.875), f"{run_dir.name} at {how}")

@@ -72,8 +72,11 @@ def build_model_and_method(cfg: dict[str, Any], num_classes: int) -> tuple[Adapt
     mcfg, meth = cfg["model"], cfg["method"]
     method = create_method(meth["name"], resolutions=meth["resolutions"], label_smoothing=cfg["train"]["label_smoothing"],
                            **meth["kwargs"])
+    kwargs = dict(mcfg["kwargs"])
+    if hasattr(method, "width_range"):  # slimmable recipes: the model serves the widths the method trains
+        kwargs.setdefault("width_range", list(method.width_range))
     model = create_model(mcfg["name"], num_classes=num_classes, train_resolutions=list(method.resolutions),
-                         width_mult=mcfg["width_mult"], **mcfg["kwargs"])
+                         width_mult=mcfg["width_mult"], **kwargs)
     return model, method
 
 

@@ -115,6 +115,21 @@ class AdaptiveModel(nn.Module):
         for bn in self.calibratable_bns():
             bn.calibrated.clear()
 
+    @contextmanager
+    def measuring_cost(self) -> Iterator["AdaptiveModel"]:
+        """Eval mode where uncalibrated slimmable BNs run on placeholder statistics: for MACs and latency only."""
+        was_training = self.training
+        bns = [m for m in self.modules() if isinstance(m, SlimmableBatchNorm2d)]
+        self.eval()
+        for bn in bns:
+            bn.placeholder_statistics = True
+        try:
+            yield self
+        finally:
+            for bn in bns:
+                bn.placeholder_statistics = False
+            self.train(was_training)
+
     def meta_convs(self) -> list[MetaConv2d]:
         if self._meta is None:
             self._meta = [m for m in self.modules() if isinstance(m, MetaConv2d)]

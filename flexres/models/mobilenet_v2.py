@@ -6,6 +6,7 @@ from functools import partial
 
 from torch import Tensor, nn
 
+from ..nn.slimmable import SlimmableBatchNorm2d, SlimmableLinear
 from ..nn.switchable_bn import SwitchableBatchNorm2d
 from .base import AdaptiveModel, ConvFactory, conv_factory, make_divisible
 from .registry import register_model
@@ -49,10 +50,17 @@ class MobileNetV2(AdaptiveModel):
         dropout: float = 0.2,
         meta_conv: bool = False,
         scale_divisor: float = 320.0,
+        slimmable: bool = False,
+        width_range: tuple[float, float] = (0.25, 1.0),
+        slim_divisor: int = 8,
     ) -> None:
-        super().__init__(train_resolutions, scale_divisor if meta_conv else None)
-        norm = partial(SwitchableBatchNorm2d, resolutions=self.train_resolutions)
-        conv = conv_factory(meta_conv)
+        super().__init__(train_resolutions, scale_divisor if meta_conv else None, width_range if slimmable else None)
+        if slimmable:
+            norm = partial(SlimmableBatchNorm2d, divisor=slim_divisor)
+            conv = conv_factory(slimmable_divisor=slim_divisor)
+        else:
+            norm = partial(SwitchableBatchNorm2d, resolutions=self.train_resolutions)
+            conv = conv_factory(meta_conv)
         cin = make_divisible(32 * width_mult, 8)
         last = make_divisible(1280 * max(1.0, width_mult), 8)
         features: list[nn.Module] = [ConvBNReLU(3, cin, 3, 2, norm, conv)]
@@ -64,7 +72,8 @@ class MobileNetV2(AdaptiveModel):
         features.append(ConvBNReLU(cin, last, 1, 1, norm, conv))
         self.features = nn.Sequential(*features)
         self.num_features = last
-        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(last, num_classes))
+        linear = SlimmableLinear(last, num_classes, slim_divisor) if slimmable else nn.Linear(last, num_classes)
+        self.classifier = nn.Sequential(nn.Dropout(dropout), linear)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out")
@@ -91,3 +100,9 @@ def mobilenet_v2(**kwargs) -> MobileNetV2:
 def san_mobilenet_v2(**kwargs) -> MobileNetV2:
     """SAN: every conv a MetaConv2d whose weight is generated from the scale encoding."""
     return MobileNetV2(meta_conv=True, **kwargs)
+
+
+@register_model
+def us_mobilenet_v2(**kwargs) -> MobileNetV2:
+    """Universally slimmable MobileNetV2 (US-Net / MutualNet): any width in ``width_range``."""
+    return MobileNetV2(slimmable=True, **kwargs)

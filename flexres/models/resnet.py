@@ -6,6 +6,7 @@ from functools import partial
 
 from torch import Tensor, nn
 
+from ..nn.slimmable import SlimmableBatchNorm2d, SlimmableLinear
 from ..nn.switchable_bn import SwitchableBatchNorm2d
 from .base import AdaptiveModel, ConvFactory, conv_factory, make_divisible
 from .registry import register_model
@@ -68,10 +69,17 @@ class ResNet(AdaptiveModel):
         zero_init_residual: bool = False,
         meta_conv: bool = False,
         scale_divisor: float = 320.0,
+        slimmable: bool = False,
+        width_range: tuple[float, float] = (0.25, 1.0),
+        slim_divisor: int = 8,
     ) -> None:
-        super().__init__(train_resolutions, scale_divisor if meta_conv else None)
-        norm = partial(SwitchableBatchNorm2d, resolutions=self.train_resolutions)
-        conv = conv_factory(meta_conv)
+        super().__init__(train_resolutions, scale_divisor if meta_conv else None, width_range if slimmable else None)
+        if slimmable:
+            norm = partial(SlimmableBatchNorm2d, divisor=slim_divisor)
+            conv = conv_factory(slimmable_divisor=slim_divisor)
+        else:
+            norm = partial(SwitchableBatchNorm2d, resolutions=self.train_resolutions)
+            conv = conv_factory(meta_conv)
         widths = [make_divisible(c * width_mult, 8) for c in (64, 128, 256, 512)]
         self.conv1 = conv(3, widths[0], 7, 2, 3)
         self.bn1 = norm(widths[0])
@@ -86,7 +94,7 @@ class ResNet(AdaptiveModel):
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.num_features = cin
-        self.fc = nn.Linear(cin, num_classes)
+        self.fc = SlimmableLinear(cin, num_classes, slim_divisor) if slimmable else nn.Linear(cin, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -96,9 +104,8 @@ class ResNet(AdaptiveModel):
         if zero_init_residual:
             for m in self.modules():
                 last = getattr(m, "bn3", None) if isinstance(m, Bottleneck) else getattr(m, "bn2", None) if isinstance(m, BasicBlock) else None
-                if last is not None:
-                    for bn in last.bns:
-                        nn.init.zeros_(bn.weight)
+                for bn in getattr(last, "bns", [last] if last is not None else []):
+                    nn.init.zeros_(bn.weight)
 
     def forward_features(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -137,3 +144,14 @@ def san_resnet34(**kwargs) -> ResNet:
 @register_model
 def san_resnet50(**kwargs) -> ResNet:
     return ResNet(Bottleneck, [3, 4, 6, 3], meta_conv=True, **kwargs)
+
+
+@register_model
+def us_resnet18(**kwargs) -> ResNet:
+    """Universally slimmable ResNet-18 (US-Net / MutualNet): any width in ``width_range``."""
+    return ResNet(BasicBlock, [2, 2, 2, 2], slimmable=True, **kwargs)
+
+
+@register_model
+def us_resnet50(**kwargs) -> ResNet:
+    return ResNet(Bottleneck, [3, 4, 6, 3], slimmable=True, **kwargs)

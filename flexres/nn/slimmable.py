@@ -98,6 +98,8 @@ class SlimmableBatchNorm2d(nn.Module):
         self.key: tuple[int, float] = (0, 1.0)
         self.calibrated: dict[tuple[int, float], tuple[Tensor, Tensor]] = {}
         self._accumulator: _MomentAccumulator | None = None
+        # Cost measurements (MACs, latency) need a forward pass, not correct statistics.
+        self.placeholder_statistics = False
 
     def set_width(self, width: float) -> None:
         self.active = slim_channels(self.num_features, width, self.divisor)
@@ -113,6 +115,9 @@ class SlimmableBatchNorm2d(nn.Module):
         if self.training:
             return F.batch_norm(x, None, None, w, b, True, 0.0, self.eps)
         if self.key not in self.calibrated:
+            if self.placeholder_statistics:
+                ones = self.weight.new_ones(self.active)
+                return F.batch_norm(x, ones * 0, ones, w, b, False, 0.0, self.eps)
             raise LookupError(
                 f"operating point {self.key[0]}px @ width {self.key[1]:g} has no post-statistics BN; run "
                 "flexres.calibrate_bn for it (flexres eval / table do so automatically)"

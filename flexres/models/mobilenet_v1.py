@@ -1,0 +1,68 @@
+"""MobileNetV1 (Howard et al. 2017): a 3x3 stem and 13 depthwise-separable blocks; plain, or width-slimmable."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from torch import Tensor, nn
+
+from ..nn.slimmable import SlimmableBatchNorm2d, SlimmableLinear
+from ..nn.switchable_bn import SwitchableBatchNorm2d
+from .base import AdaptiveModel, conv_factory, make_divisible
+from .mobilenet_v2 import ConvBNReLU
+from .registry import register_model
+
+# (output channels, stride) of the 13 depthwise-separable blocks.
+_BLOCKS = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1), (512, 1), (512, 1), (512, 1), (512, 1),
+           (1024, 2), (1024, 1)]
+
+
+class DepthwiseSeparable(nn.Sequential):
+    """3x3 depthwise conv-BN-ReLU6 (``0``), then 1x1 pointwise conv-BN-ReLU6 (``1``)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, norm: partial, conv) -> None:
+        super().__init__(ConvBNReLU(cin, cin, 3, stride, norm, conv, groups=cin), ConvBNReLU(cin, cout, 1, 1, norm, conv))
+
+
+class MobileNetV1(AdaptiveModel):
+    def __init__(self, num_classes: int = 1000, train_resolutions: list[int] | tuple[int, ...] = (224,), width_mult: float = 1.0,
+                 dropout: float = 0.0, slimmable: bool = False, width_range: tuple[float, float] = (0.25, 1.0),
+                 slim_divisor: int = 8) -> None:
+        super().__init__(train_resolutions, None, width_range if slimmable else None)
+        if slimmable:
+            norm, conv = partial(SlimmableBatchNorm2d, divisor=slim_divisor), conv_factory(slimmable_divisor=slim_divisor)
+        else:
+            norm, conv = partial(SwitchableBatchNorm2d, resolutions=self.train_resolutions), conv_factory()
+        cin = make_divisible(32 * width_mult, 8)
+        layers: list[nn.Module] = [ConvBNReLU(3, cin, 3, 2, norm, conv)]
+        for c, s in _BLOCKS:
+            cout = make_divisible(c * width_mult, 8)
+            layers.append(DepthwiseSeparable(cin, cout, s, norm, conv))
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        self.num_features = cin
+        linear = SlimmableLinear(cin, num_classes, slim_divisor) if slimmable else nn.Linear(cin, num_classes)
+        self.classifier = nn.Sequential(nn.Dropout(dropout), linear)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        return self.classifier(nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+@register_model
+def mobilenet_v1(**kwargs) -> MobileNetV1:
+    return MobileNetV1(**kwargs)
+
+
+@register_model
+def us_mobilenet_v1(**kwargs) -> MobileNetV1:
+    """Universally slimmable MobileNetV1 (US-Net / MutualNet): any width in ``width_range``."""
+    return MobileNetV1(slimmable=True, **kwargs)
