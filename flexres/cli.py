@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .engine.checkpoint import (CALIBRATION, CheckpointMismatchError, clear_calibration, load_checkpoint, resolve_checkpoint,
                                 save_calibration)
@@ -159,10 +162,27 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def scale_configurations(model, spec: str | None, seed: int = 0) -> list[tuple[float, ...] | None]:
+    """Resizable-NAS: 'all' configurations of the model's factor list, or a seeded sample of N; [None] otherwise."""
+    import itertools
+
+    if spec is None:
+        return [None]
+    if model.scale_factors is None:
+        raise ValueError("--scales needs a resizable model")
+    every = list(itertools.product(model.scale_factors, repeat=model.num_stages))
+    if spec == "all":
+        return every
+    n = int(spec)
+    pick = torch.randperm(len(every), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    return [every[i] for i in sorted(pick)]
+
+
 def build_table(run: str, data: str | None, widths: list[float], resolutions: list[int] | None, latency: bool = False,
                 bn_policy: str = "interpolate", calibration_images: int | None = None, batch_size: int = 256,
-                workers: int = 0, progress: bool = True) -> list[dict[str, Any]]:
-    """Accuracy, MACs, params (and latency) of every (width, resolution); slimmable models get post-statistics BN."""
+                workers: int = 0, progress: bool = True, scales: str | None = None) -> list[dict[str, Any]]:
+    """Accuracy, MACs, params (and latency) of every (width, resolution[, scaling configuration]);
+    slimmable models get post-statistics BN."""
     from .analysis import count_macs, count_params, measure_latency
     from .data import ImageFolderDataset, split_dir
 
@@ -179,18 +199,20 @@ def build_table(run: str, data: str | None, widths: list[float], resolutions: li
     train_ds = ImageFolderDataset(split_dir(data, cfg["data"]["train_split"]), progress=progress)
     n = calibration_images or cfg["eval"]["calibration_images"]
     rows = []
-    for w in widths:
+    for w, sc in itertools.product(widths, scale_configurations(model, scales)):
         points = [OperatingPoint(r, w) for r in res_list if model.width_range or (bn_policy == "calibrate" and r not in model.train_resolutions)]
         if points:
             ensure_calibrated(model, meta, ckpt, train_ds, points, n, batch_size, cfg, str(data), workers)
-        results = evaluate(model, val, res_list, bn_policy, batch_size, meta.get("crop_fraction", 0.875), workers=workers, width=w)
+        results = evaluate(model, val, res_list, bn_policy, batch_size, meta.get("crop_fraction", 0.875), workers=workers, width=w,
+                           scales=sc)
         for r, v in results.items():
-            op = OperatingPoint(r, w)
-            rows.append({"width": w, "resolution": r, "top1": round(v["top1"], 2), "top5": round(v["top5"], 2),
-                         "macs": count_macs(model, op), "params": count_params(model, op),
+            op = OperatingPoint(r, w, sc)
+            rows.append({"width": w, "resolution": r, "scales": list(sc) if sc else None, "top1": round(v["top1"], 2),
+                         "top5": round(v["top5"], 2), "macs": count_macs(model, op), "params": count_params(model, op),
                          "latency_ms": round(measure_latency(model, op), 3) if latency else None})
         if progress:
-            print(f"width {w:g}: " + ", ".join(f"{r}px {v['top1']:.1f}%" for r, v in results.items()), flush=True)
+            tag = f"width {w:g}" + (f", scales {sc}" if sc else "")
+            print(f"{tag}: " + ", ".join(f"{r}px {v['top1']:.1f}%" for r, v in results.items()), flush=True)
     return rows
 
 
@@ -198,7 +220,7 @@ def _table(args: argparse.Namespace) -> int:
     from .analysis.table import parse_range, write_table
 
     rows = build_table(args.run, args.data, parse_range(args.widths), args.resolutions, args.latency, args.bn,
-                       args.calibration_images, args.batch_size, args.workers)
+                       args.calibration_images, args.batch_size, args.workers, scales=args.scales)
     run_dir = resolve_checkpoint(args.run).parent
     files = write_table(rows, run_dir, {"data": args.data, "bn_policy": args.bn, "latency_batch": 1})
     print((run_dir / "table.md").read_text())
@@ -213,7 +235,8 @@ def _select(args: argparse.Namespace) -> int:
     row = select(read_table(resolve_checkpoint(args.run).parent), parse_count(args.max_macs) if args.max_macs else None,
                  args.max_latency_ms)
     lat = f", {row['latency_ms']:.2f} ms" if row.get("latency_ms") is not None else ""
-    print(f"width {row['width']:g} at {row['resolution']} px: top-1 {row['top1']:.2f}% (top-5 {row['top5']:.2f}%), "
+    where = f"width {row['width']:g} at {row['resolution']} px" + (f", scales {row['scales']}" if row.get("scales") else "")
+    print(f"{where}: top-1 {row['top1']:.2f}% (top-5 {row['top5']:.2f}%), "
           f"{row['macs'] / 1e6:.1f} MMACs, {row['params'] / 1e6:.3f} M params{lat}")
     if args.json:
         print(json.dumps(row))
@@ -328,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--resolutions", type=int, nargs="+")
     tb.add_argument("--latency", action="store_true", help="also measure batch-1 latency on this machine")
     tb.add_argument("--bn", choices=BN_POLICIES, default="interpolate", help="resolution-switchable models: BN policy")
+    tb.add_argument("--scales", help="resizable models (Resizable-NAS): 'all' scaling configurations, or N sampled (seeded)")
     tb.add_argument("--calibration-images", type=int)
     tb.add_argument("--batch-size", type=int, default=256)
     tb.add_argument("--workers", type=int, default=0)

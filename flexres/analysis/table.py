@@ -56,19 +56,21 @@ def select(rows: list[dict[str, Any]], max_macs: float | None = None, max_latenc
 
 def write_table(rows: list[dict[str, Any]], run_dir: str | Path, info: dict[str, Any]) -> list[Path]:
     run_dir = Path(run_dir)
-    front = {(r["width"], r["resolution"]) for r in pareto_front(rows)}
+    front = {id(r) for r in pareto_front(rows)}
     for r in rows:
-        r["pareto_macs"] = (r["width"], r["resolution"]) in front
+        r["pareto_macs"] = id(r) in front
     (run_dir / TABLE).write_text(json.dumps({**info, "rows": rows}, indent=2) + "\n")
-    keys = ["width", "resolution", "top1", "top5", "macs", "params", "latency_ms", "pareto_macs"]
+    keys = ["width", "resolution", "scales", "top1", "top5", "macs", "params", "latency_ms", "pareto_macs"]
     with open(run_dir / "table.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    lines = ["| width | resolution | top-1 | top-5 | MMACs | params (M) | latency (ms) | Pareto (MACs) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| width | resolution | scales | top-1 | top-5 | MMACs | params (M) | latency (ms) | Pareto (MACs) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["macs"]):
         lat = f"{r['latency_ms']:.2f}" if r.get("latency_ms") is not None else ""
-        lines.append(f"| {r['width']:g} | {r['resolution']} | {r['top1']:.1f} | {r['top5']:.1f} | {r['macs'] / 1e6:.1f} | "
+        sc = "-".join(f"{f:g}" for f in r["scales"]) if r.get("scales") else ""
+        lines.append(f"| {r['width']:g} | {r['resolution']} | {sc} | {r['top1']:.1f} | {r['top5']:.1f} | {r['macs'] / 1e6:.1f} | "
                      f"{r['params'] / 1e6:.3f} | {lat} | {'yes' if r['pareto_macs'] else ''} |")
     (run_dir / "table.md").write_text("\n".join(lines) + "\n")
     return [run_dir / TABLE, run_dir / "table.csv", run_dir / "table.md"]

@@ -17,6 +17,7 @@ from ..data import EvalTransform, ImageFolderDataset, load_rgb, normalize_batch
 from ..models import AdaptiveModel
 from ..nn.meta_conv import MetaConv2d
 from ..nn.slimmable import SlimmableBatchNorm2d, SlimmableConv2d, SlimmableLinear
+from ..nn.stage_resize import FixedResize, StageResize
 from ..nn.switchable_bn import SwitchableBatchNorm2d
 from ..operating_point import OperatingPoint
 
@@ -43,6 +44,8 @@ def _make_static(module: nn.Module) -> None:
             setattr(module, name, child.to_conv2d())
         elif isinstance(child, SlimmableLinear):
             setattr(module, name, child.to_linear())
+        elif isinstance(child, StageResize):
+            setattr(module, name, FixedResize(child.size) if child.size is not None else nn.Identity())
         else:
             _make_static(child)
 

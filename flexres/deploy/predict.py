@@ -102,17 +102,18 @@ def load_predictor(target: str, resolution: int | None = None, max_macs: float |
                          f"{path.name} (static, {r} px)")
     model, meta = load_checkpoint(target)
     run_dir = resolve_checkpoint(target).parent
-    how, width = "given", 1.0
+    how, width, scales = "given", 1.0, None
     if resolution is None:
         if max_macs is None and max_latency_ms is None:
             resolution, how = model.train_resolutions[0], "largest trained resolution"
         elif (run_dir / TABLE).is_file():  # the query table built by `flexres table`
             row = select(read_table(run_dir), max_macs, max_latency_ms)
-            resolution, width = row["resolution"], row["width"]
-            how = f"{resolution} px, width {width:g}: {row['macs'] / 1e6:.1f} MMACs; top-1 {row['top1']:.1f}% (flexres table)"
+            resolution, width, scales = row["resolution"], row["width"], row.get("scales")
+            how = (f"{resolution} px, width {width:g}" + (f", scales {scales}" if scales else "")
+                   + f": {row['macs'] / 1e6:.1f} MMACs; top-1 {row['top1']:.1f}% (flexres table)")
         else:
             resolution, how = choose_resolution(model, meta, run_dir, max_macs, max_latency_ms)
-    model.set_operating_point(OperatingPoint(resolution, width), bn_policy=bn_policy)
+    model.set_operating_point(OperatingPoint(resolution, width, tuple(scales) if scales else None), bn_policy=bn_policy)
     norm = meta.get("normalization", {})
     return Predictor(model, resolution, meta.get("classes") or [], norm.get("mean", [0.485, 0.456, 0.406]),
                      norm.get("std", [0.229, 0.224, 0.225]), meta.get("crop_fraction", 0.875), f"{run_dir.name} at {how}")

@@ -29,7 +29,7 @@ def _batches(ds: Dataset, batch_size: int, device: torch.device, mean, std, work
 def evaluate(model: AdaptiveModel, dataset: ImageFolderDataset, resolutions: list[int], bn_policy: str = "interpolate",
              batch_size: int = 256, crop_fraction: float = 0.875, mean=None, std=None,
              progress: bool = False, scale_policy: str | None = None, workers: int = 0,
-             width: float = 1.0) -> dict[int, dict[str, Any]]:
+             width: float = 1.0, scales: tuple[float, ...] | None = None) -> dict[int, dict[str, Any]]:
     """Top-1/top-5 (%) of ``model`` on ``dataset`` at each resolution; also per-image correctness.
 
     Returns {resolution: {"top1", "top5", "n", "correct" (bool tensor, dataset order), "bn"}}.
@@ -44,7 +44,7 @@ def evaluate(model: AdaptiveModel, dataset: ImageFolderDataset, resolutions: lis
     try:
         for r in tqdm(resolutions, desc="eval", disable=not progress, leave=False):
             dataset.transform = EvalTransform(r, crop_fraction)
-            with model.at(OperatingPoint(r, width), bn_policy=bn_policy, scale_policy=scale_policy):
+            with model.at(OperatingPoint(r, width, scales), bn_policy=bn_policy, scale_policy=scale_policy):
                 correct1, correct5 = [], []
                 for x, y in _batches(dataset, batch_size, device, mean, std, 0 if dataset.cached else workers):
                     logits = model(x)

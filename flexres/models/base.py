@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ..nn.meta_conv import MetaConv2d
 from ..nn.slimmable import SlimmableBatchNorm2d, SlimmableConv2d, SlimmableLinear
+from ..nn.stage_resize import StageResize, factor_key
 from ..nn.switchable_bn import BN_POLICIES, SwitchableBatchNorm2d, nearest_index
 from ..operating_point import OperatingPoint
 
@@ -51,6 +52,19 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     return new
 
 
+def scale_aware_norm(factors: tuple[float, ...], stage: int, train_resolutions: tuple[int, ...]) -> Callable[[int], nn.Module]:
+    """Resizable networks' scale-aware BN: one BN per factor of ``stage`` (keyed 45, 65, ...); stage -1
+    (before the first resize) keeps one BN per training resolution."""
+    def make(num_features: int) -> SwitchableBatchNorm2d:
+        if stage < 0:
+            return SwitchableBatchNorm2d(num_features, resolutions=train_resolutions)
+        bn = SwitchableBatchNorm2d(num_features, resolutions=[factor_key(f) for f in factors])
+        bn.scale_stage = stage
+        return bn
+
+    return make
+
+
 class AdaptiveModel(nn.Module):
     """Base class: holds the trained resolutions and the active operating point.
 
@@ -63,7 +77,7 @@ class AdaptiveModel(nn.Module):
     arch: dict[str, Any]
 
     def __init__(self, train_resolutions: list[int] | tuple[int, ...], scale_divisor: float | None = None,
-                 width_range: tuple[float, float] | None = None):
+                 width_range: tuple[float, float] | None = None, scale_factors: tuple[float, ...] | None = None):
         super().__init__()
         if not train_resolutions:
             raise ValueError("train_resolutions must name at least one resolution")
@@ -82,6 +96,12 @@ class AdaptiveModel(nn.Module):
         self.width_range = tuple(width_range) if width_range is not None else None
         if self.width_range is not None and not 0 < self.width_range[0] <= self.width_range[1] <= 1.0:
             raise ValueError(f"width_range must satisfy 0 < min <= max <= 1, got {width_range}")
+        # Resizable networks: a StageResize per stage (``stage_resizers``, set by the family) and the
+        # factor list L; the operating point's ``scales`` picks one factor per stage.
+        self.scale_factors = tuple(float(f) for f in scale_factors) if scale_factors is not None else None
+        if self.scale_factors is not None and not all(0 < f <= 1.0 for f in self.scale_factors):
+            raise ValueError(f"scale factors must lie in (0, 1], got {list(scale_factors)}")
+        self.stage_resizers: nn.ModuleList | None = None
         self._switchable: list[SwitchableBatchNorm2d] | None = None
         self._meta: list[MetaConv2d] | None = None
         self._slimmable: list[nn.Module] | None = None
@@ -156,9 +176,13 @@ class AdaptiveModel(nn.Module):
         if scale not in SCALE_POLICIES:
             raise ValueError(f"unknown scale_policy {scale!r}; choose one of {', '.join(SCALE_POLICIES)}")
         self._check_operating_point(op)
+        scales = self.stage_scales(op)
         fell_back = False
         for bn in self.switchable_bns():
-            fell_back |= bn.select(op.resolution, policy).fell_back
+            key = op.resolution if bn.scale_stage is None else factor_key(scales[bn.scale_stage])
+            fell_back |= bn.select(key, policy).fell_back
+        for resize, factor in zip(self.stage_resizers or [], scales):
+            resize.set_target(op.resolution, factor)
         if fell_back:
             warnings.warn(
                 f"resolution {op.resolution} is outside the trained range "
@@ -180,9 +204,24 @@ class AdaptiveModel(nn.Module):
         self.scale_policy = scale
         return self
 
+    @property
+    def num_stages(self) -> int:
+        return len(self.stage_resizers) if self.stage_resizers is not None else 0
+
+    def stage_scales(self, op: OperatingPoint) -> tuple[float, ...]:
+        """The per-stage factors of ``op`` (all 1.0 when it names none)."""
+        return op.scales if op.scales is not None else (1.0,) * self.num_stages
+
     def _check_operating_point(self, op: OperatingPoint) -> None:
         if op.scales is not None:
-            raise ValueError(f"{type(self).__name__} has no per-stage scales; got {op}")
+            if self.scale_factors is None:
+                raise ValueError(f"{type(self).__name__} has no per-stage scales; got {op}")
+            if len(op.scales) != self.num_stages:
+                raise ValueError(f"{op} gives {len(op.scales)} scales; this model has {self.num_stages} stages")
+            lo, hi = min(self.scale_factors), max(self.scale_factors)
+            bad = [f for f in op.scales if not lo - 1e-9 <= f <= hi + 1e-9]
+            if bad:
+                raise ValueError(f"scales {bad} lie outside the trained factors [{lo:g}, {hi:g}]")
         if self.width_range is None:
             if op.width != 1.0:
                 raise ValueError(f"{type(self).__name__} adapts resolution only; got {op}")
@@ -231,10 +270,10 @@ def load_single_bn_weights(model: AdaptiveModel, state_dict: dict[str, Tensor]) 
     expanded: dict[str, Tensor] = {}
     for key, value in state_dict.items():
         prefix, _, leaf = key.rpartition(".")
-        targets = [f"{prefix}.bns.{i}.{leaf}" for i in range(len(model.train_resolutions))]
+        targets = [t for t in (f"{prefix}.bns.{i}.{leaf}" for i in range(len(own))) if t in own]
         if key in own:
             expanded[key] = value
-        elif targets[0] in own:
+        elif targets:
             expanded.update({t: value for t in targets})
         else:
             raise KeyError(f"{key} matches no parameter or buffer of {type(model).__name__}")

@@ -8,7 +8,8 @@ from torch import Tensor, nn
 
 from ..nn.slimmable import SlimmableBatchNorm2d, SlimmableLinear
 from ..nn.switchable_bn import SwitchableBatchNorm2d
-from .base import AdaptiveModel, ConvFactory, conv_factory, make_divisible
+from ..nn.stage_resize import StageResize
+from .base import AdaptiveModel, ConvFactory, conv_factory, make_divisible, scale_aware_norm
 from .registry import register_model
 
 
@@ -72,8 +73,11 @@ class ResNet(AdaptiveModel):
         slimmable: bool = False,
         width_range: tuple[float, float] = (0.25, 1.0),
         slim_divisor: int = 8,
+        resizable: bool = False,
+        scale_factors: tuple[float, ...] = (0.45, 0.65, 0.85, 1.0),
     ) -> None:
-        super().__init__(train_resolutions, scale_divisor if meta_conv else None, width_range if slimmable else None)
+        super().__init__(train_resolutions, scale_divisor if meta_conv else None, width_range if slimmable else None,
+                         scale_factors if resizable else None)
         if slimmable:
             norm = partial(SlimmableBatchNorm2d, divisor=slim_divisor)
             conv = conv_factory(slimmable_divisor=slim_divisor)
@@ -86,12 +90,20 @@ class ResNet(AdaptiveModel):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         cin = widths[0]
+        # Resizable: each stage resizes at its first non-strided block (Resizable App. B.1), so the
+        # strided first block of layer2-4 still sees the previous stage's scale, and its BNs are keyed
+        # by that stage's factor (scale-aware BN).
+        self.resize_at = [0, 1, 1, 1]
         for i, (planes, n) in enumerate(zip(widths, layers)):
             blocks = []
             for j in range(n):
-                blocks.append(block(cin, planes, 2 if (i > 0 and j == 0) else 1, norm, conv))
+                stage_norm = norm if not resizable else scale_aware_norm(self.scale_factors, i if j >= self.resize_at[i] else i - 1,
+                                                                           self.train_resolutions)
+                blocks.append(block(cin, planes, 2 if (i > 0 and j == 0) else 1, stage_norm, conv))
                 cin = planes * block.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        if resizable:
+            self.stage_resizers = nn.ModuleList(StageResize(stride) for stride in (4, 8, 16, 32))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.num_features = cin
         self.fc = SlimmableLinear(cin, num_classes, slim_divisor) if slimmable else nn.Linear(cin, num_classes)
@@ -109,7 +121,12 @@ class ResNet(AdaptiveModel):
 
     def forward_features(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        for i, layer in enumerate((self.layer1, self.layer2, self.layer3, self.layer4)):
+            for j, blk in enumerate(layer):
+                if self.stage_resizers is not None and j == self.resize_at[i]:
+                    x = self.stage_resizers[i](x)
+                x = blk(x)
+        return x
 
     def forward_head(self, x: Tensor) -> Tensor:
         return self.fc(self.avgpool(x).flatten(1))
@@ -155,3 +172,14 @@ def us_resnet18(**kwargs) -> ResNet:
 @register_model
 def us_resnet50(**kwargs) -> ResNet:
     return ResNet(Bottleneck, [3, 4, 6, 3], slimmable=True, **kwargs)
+
+
+@register_model
+def resizable_resnet18(**kwargs) -> ResNet:
+    """Resizable ResNet-18: each stage's feature map resized by a factor from ``scale_factors``."""
+    return ResNet(BasicBlock, [2, 2, 2, 2], resizable=True, **kwargs)
+
+
+@register_model
+def resizable_resnet50(**kwargs) -> ResNet:
+    return ResNet(Bottleneck, [3, 4, 6, 3], resizable=True, **kwargs)

@@ -108,6 +108,8 @@ class SwitchableBatchNorm2d(nn.Module):
         self._choice = BNChoice("trained", 0)
         self._resolution = self.resolutions[0]
         self._accumulator: _MomentAccumulator | None = None
+        # Resizable networks: the stage whose scaling factor (not the input resolution) keys this BN.
+        self.scale_stage: int | None = None
 
     @property
     def eps(self) -> float:

@@ -1,0 +1,57 @@
+"""Resizable networks (ICLR 2020 submission): fair sampling of per-stage scaling configurations (Alg. 1)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..models.base import AdaptiveModel
+from ..operating_point import OperatingPoint
+from .base import Method, StepOutput, register_method
+
+
+def fair_configurations(factors: tuple[float, ...], num_stages: int, generator: torch.Generator) -> list[tuple[float, ...]]:
+    """|L| configurations in which, at every stage, each factor appears exactly once (a random permutation per stage)."""
+    perms = [torch.randperm(len(factors), generator=generator).tolist() for _ in range(num_stages)]
+    return [tuple(factors[perms[s][k]] for s in range(num_stages)) for k in range(len(factors))]
+
+
+def random_configurations(factors: tuple[float, ...], num_stages: int, count: int, generator: torch.Generator) -> list[tuple[float, ...]]:
+    """``count`` configurations with every stage's factor drawn independently (the baseline fair sampling beats)."""
+    picks = torch.randint(len(factors), (count, num_stages), generator=generator).tolist()
+    return [tuple(factors[i] for i in row) for row in picks]
+
+
+@register_method
+class Resizable(Method):
+    """Each step trains |L| scaling configurations at the one training resolution (cross-entropy each),
+    their gradients summed into one optimiser step. sampling="fair" (Alg. 1) or "random"."""
+
+    name = "resizable"
+
+    def __init__(self, resolutions: list[int] | tuple[int, ...], sampling: str = "fair", label_smoothing: float = 0.0) -> None:
+        super().__init__(resolutions, label_smoothing)
+        if len(self.resolutions) != 1:
+            raise ValueError(f"method 'resizable' trains at one input resolution, got {list(self.resolutions)}")
+        if sampling not in ("fair", "random"):
+            raise ValueError(f"sampling must be 'fair' or 'random', got {sampling!r}")
+        self.sampling = sampling
+
+    def sample(self, model: AdaptiveModel) -> list[tuple[float, ...]]:
+        if model.scale_factors is None:
+            raise ValueError(f"method 'resizable' needs a resizable model (e.g. resizable_resnet18), got {model.arch['name']}")
+        factors = model.scale_factors
+        if self.sampling == "fair":
+            return fair_configurations(factors, model.num_stages, self.rng)
+        return random_configurations(factors, model.num_stages, len(factors), self.rng)
+
+    def forward(self, model: AdaptiveModel, inputs: tuple[Tensor, ...], labels: Tensor) -> StepOutput:
+        (x,) = inputs
+        losses, first = [], None
+        for scales in self.sample(model):
+            model.set_operating_point(OperatingPoint(self.resolutions[0], scales=scales))
+            logits = model(x)
+            first = logits if first is None else first
+            losses.append(self.cross_entropy(logits, labels))
+        loss = sum(losses)
+        return StepOutput(loss, {"cls": loss.detach()}, {self.resolutions[0]: first.detach()})

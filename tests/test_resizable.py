@@ -1,0 +1,105 @@
+import json
+
+import pytest
+import torch
+
+import flexres
+from flexres import OperatingPoint
+from flexres.analysis import count_macs
+from flexres.cli import main
+from flexres.deploy import to_static
+from flexres.methods import create_method
+from flexres.methods.resizable import fair_configurations, random_configurations
+from flexres.nn.stage_resize import StageResize, stage_size
+
+L = (0.45, 0.65, 0.85, 1.0)
+
+
+def test_fair_sampling_uses_every_factor_exactly_once_per_stage_per_step():
+    g = torch.Generator().manual_seed(0)
+    seen_orders = set()
+    for _ in range(20):
+        configs = fair_configurations(L, 4, g)
+        assert len(configs) == len(L)
+        for stage in range(4):
+            assert sorted(c[stage] for c in configs) == sorted(L)
+        seen_orders.add(tuple(configs))
+    assert len(seen_orders) > 1  # the permutations are random
+
+
+def test_random_sampling_does_not_balance_factors():
+    g = torch.Generator().manual_seed(0)
+    unbalanced = 0
+    for _ in range(20):
+        configs = random_configurations(L, 4, 4, g)
+        unbalanced += any(sorted(c[s] for c in configs) != sorted(L) for s in range(4))
+    assert unbalanced > 15
+
+
+def test_all_factors_one_equals_the_plain_network():
+    res = flexres.create_model("resizable_resnet18", num_classes=10, train_resolutions=[112], width_mult=0.25).train()
+    plain = flexres.create_model("resnet18", num_classes=10, train_resolutions=[112], width_mult=0.25).train()
+    # the resizable model's BNs per factor all start from the plain model's one BN
+    from flexres.models import load_single_bn_weights
+
+    load_single_bn_weights(res, {k.replace(".bns.0", ""): v for k, v in plain.state_dict().items()})
+    x = torch.randn(4, 3, 112, 112)
+    res.set_operating_point(OperatingPoint(112, scales=(1.0, 1.0, 1.0, 1.0)))
+    torch.testing.assert_close(res(x), plain(x))
+    res.set_operating_point(OperatingPoint(112, scales=(0.45, 1.0, 1.0, 1.0)))
+    assert not torch.allclose(res(x), plain(x))
+
+
+def test_macs_follow_the_configuration_and_stage_sizes():
+    m = flexres.create_model("resizable_resnet18", num_classes=10, train_resolutions=[112], width_mult=0.25)
+    full = count_macs(m, OperatingPoint(112, scales=(1.0,) * 4))
+    assert full == count_macs(flexres.create_model("resnet18", num_classes=10, train_resolutions=[112], width_mult=0.25), 112)
+    smaller = [count_macs(m, OperatingPoint(112, scales=(f,) * 4)) for f in L]
+    assert smaller == sorted(smaller) and smaller[0] < 0.5 * full
+    # shrinking a later stage saves less than shrinking an early one of the same factor: stages cost alike,
+    # but the early resize also shrinks the strided block that opens the next stage
+    early = count_macs(m, OperatingPoint(112, scales=(0.45, 1.0, 1.0, 1.0)))
+    assert early < full
+    assert stage_size(112, 4, 0.45) == 13 and stage_size(112, 32, 1.0) == 4
+    m.set_operating_point(OperatingPoint(112, scales=(0.45, 0.65, 0.85, 1.0)))
+    assert [r.size for r in m.stage_resizers] == [13, 9, 6, 4]
+
+
+def test_scale_aware_bn_selects_the_bn_of_each_stages_factor():
+    m = flexres.create_model("resizable_resnet18", num_classes=10, train_resolutions=[112], width_mult=0.25)
+    m.set_operating_point(OperatingPoint(112, scales=(0.45, 0.65, 0.85, 1.0)))
+    key = lambda bn: bn.resolutions[bn._choice.index]  # noqa: E731
+    assert key(m.layer1[0].bn1) == 45 and key(m.layer2[0].bn1) == 45  # strided block before the resize: stage 1's factor
+    assert key(m.layer2[1].bn1) == 65 and key(m.layer3[1].bn2) == 85 and key(m.layer4[0].downsample[1]) == 85
+    assert key(m.layer4[1].bn1) == 100 and key(m.bn1) == 112  # the stem keeps its resolution BN
+    with pytest.raises(ValueError, match="gives 3 scales; this model has 4 stages"):
+        m.set_operating_point(OperatingPoint(112, scales=(1.0, 1.0, 1.0)))
+    with pytest.raises(ValueError, match="outside the trained factors"):
+        m.set_operating_point(OperatingPoint(112, scales=(0.2, 1.0, 1.0, 1.0)))
+
+
+def test_static_export_of_a_configuration_matches():
+    m = flexres.create_model("resizable_resnet18", num_classes=10, train_resolutions=[112], width_mult=0.25).eval()
+    op = OperatingPoint(112, scales=(0.45, 1.0, 0.65, 0.85))
+    x = torch.randn(2, 3, 112, 112)
+    static = to_static(m, op)
+    with torch.no_grad(), m.at(op):
+        torch.testing.assert_close(static(x), m(x), atol=1e-5, rtol=0)
+    assert not any(isinstance(mod, StageResize) for mod in static.modules())
+
+
+def test_resizable_method_trains_every_sampled_configuration(tmp_path, small_data):
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text("model: {name: resizable_resnet18, width_mult: 0.25}\nmethod: {name: resizable, resolutions: [48]}\n"
+                   "data: {cache: true, num_workers: 0}\ntrain: {epochs: 1, batch_size: 4, lr: 0.05, progress: false, eval_every: 0}\n"
+                   "eval: {resolutions: [48]}\n")
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--data", str(small_data), "--out", str(out)]) == 0
+    model, _ = flexres.load_checkpoint(out)
+    for bn in model.switchable_bns():  # fair sampling: every factor's BN of every stage was trained each step
+        if bn.scale_stage is not None:
+            assert len({int(b.num_batches_tracked) for b in bn.bns}) == 1 and int(bn.bns[0].num_batches_tracked) == 3
+    assert main(["table", str(out), "--data", str(small_data), "--scales", "5"]) == 0
+    rows = json.loads((out / "table.json").read_text())["rows"]
+    assert len(rows) == 5 and all(len(r["scales"]) == 4 for r in rows)
+    assert len({r["macs"] for r in rows}) > 1
