@@ -36,17 +36,20 @@ def test_random_sampling_does_not_balance_factors():
     assert unbalanced > 15
 
 
-def test_all_factors_one_equals_the_plain_network():
-    res = flexres.create_model("resizable_resnet18", num_classes=10, train_resolutions=[112], width_mult=0.25).train()
-    plain = flexres.create_model("resnet18", num_classes=10, train_resolutions=[112], width_mult=0.25).train()
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "mobilenet_v1"])
+def test_all_factors_one_equals_the_plain_network(name):
+    kw = {"dropout": 0.0} if "mobilenet" in name else {}
+    res = flexres.create_model(f"resizable_{name}", num_classes=10, train_resolutions=[112], width_mult=0.25, **kw).train()
+    plain = flexres.create_model(name, num_classes=10, train_resolutions=[112], width_mult=0.25, **kw).train()
     # the resizable model's BNs per factor all start from the plain model's one BN
     from flexres.models import load_single_bn_weights
 
     load_single_bn_weights(res, {k.replace(".bns.0", ""): v for k, v in plain.state_dict().items()})
     x = torch.randn(4, 3, 112, 112)
-    res.set_operating_point(OperatingPoint(112, scales=(1.0, 1.0, 1.0, 1.0)))
+    n = res.num_stages
+    res.set_operating_point(OperatingPoint(112, scales=(1.0,) * n))
     torch.testing.assert_close(res(x), plain(x))
-    res.set_operating_point(OperatingPoint(112, scales=(0.45, 1.0, 1.0, 1.0)))
+    res.set_operating_point(OperatingPoint(112, scales=(0.45,) + (1.0,) * (n - 1)))
     assert not torch.allclose(res(x), plain(x))
 
 
@@ -78,9 +81,10 @@ def test_scale_aware_bn_selects_the_bn_of_each_stages_factor():
         m.set_operating_point(OperatingPoint(112, scales=(0.2, 1.0, 1.0, 1.0)))
 
 
-def test_static_export_of_a_configuration_matches():
-    m = flexres.create_model("resizable_resnet18", num_classes=10, train_resolutions=[112], width_mult=0.25).eval()
-    op = OperatingPoint(112, scales=(0.45, 1.0, 0.65, 0.85))
+@pytest.mark.parametrize("name", ["resizable_resnet18", "resizable_mobilenet_v2"])
+def test_static_export_of_a_configuration_matches(name):
+    m = flexres.create_model(name, num_classes=10, train_resolutions=[112], width_mult=0.25).eval()
+    op = OperatingPoint(112, scales=(0.45, 1.0, 0.65, 0.85, 1.0)[: m.num_stages])
     x = torch.randn(2, 3, 112, 112)
     static = to_static(m, op)
     with torch.no_grad(), m.at(op):

@@ -65,6 +65,30 @@ def scale_aware_norm(factors: tuple[float, ...], stage: int, train_resolutions: 
     return make
 
 
+def resize_plan(strides: list[int]) -> tuple[dict[int, int], list[int], list[int]]:
+    """Resizable networks on a sequence of blocks with these strides (block 0 is the stem).
+
+    Stages are runs of blocks at one feature-map resolution; each resizes at its first non-strided
+    block (Resizable App. B.1). Returns (block index -> stage it resizes, the stage whose factor keys
+    each block's BNs (-1: before any resize), the plain network's stride at each stage).
+    """
+    resize_at: dict[int, int] = {}
+    bn_stage: list[int] = [-1]
+    stage_strides: list[int] = []
+    cumulative, stage, pending = strides[0], -1, True
+    for b, s in enumerate(strides[1:], start=1):
+        if s > 1:
+            cumulative *= s
+            pending = True
+        elif pending:
+            stage += 1
+            resize_at[b] = stage
+            stage_strides.append(cumulative)
+            pending = False
+        bn_stage.append(stage)
+    return resize_at, bn_stage, stage_strides
+
+
 class AdaptiveModel(nn.Module):
     """Base class: holds the trained resolutions and the active operating point.
 

@@ -8,7 +8,8 @@ from torch import Tensor, nn
 
 from ..nn.slimmable import SlimmableBatchNorm2d, SlimmableLinear
 from ..nn.switchable_bn import SwitchableBatchNorm2d
-from .base import AdaptiveModel, conv_factory, make_divisible
+from ..nn.stage_resize import StageResize
+from .base import AdaptiveModel, conv_factory, make_divisible, resize_plan, scale_aware_norm
 from .mobilenet_v2 import ConvBNReLU
 from .registry import register_model
 
@@ -27,17 +28,22 @@ class DepthwiseSeparable(nn.Sequential):
 class MobileNetV1(AdaptiveModel):
     def __init__(self, num_classes: int = 1000, train_resolutions: list[int] | tuple[int, ...] = (224,), width_mult: float = 1.0,
                  dropout: float = 0.0, slimmable: bool = False, width_range: tuple[float, float] = (0.25, 1.0),
-                 slim_divisor: int = 8) -> None:
-        super().__init__(train_resolutions, None, width_range if slimmable else None)
+                 slim_divisor: int = 8, resizable: bool = False, scale_factors: tuple[float, ...] = (0.45, 0.65, 0.85, 1.0)) -> None:
+        super().__init__(train_resolutions, None, width_range if slimmable else None, scale_factors if resizable else None)
         if slimmable:
             norm, conv = partial(SlimmableBatchNorm2d, divisor=slim_divisor), conv_factory(slimmable_divisor=slim_divisor)
         else:
             norm, conv = partial(SwitchableBatchNorm2d, resolutions=self.train_resolutions), conv_factory()
+        self.resize_at, bn_stage, stage_strides = resize_plan([2] + [s for _, s in _BLOCKS])
+        norms = [norm] * (len(_BLOCKS) + 1)
+        if resizable:
+            norms = [scale_aware_norm(self.scale_factors, st, self.train_resolutions) for st in bn_stage]
+            self.stage_resizers = nn.ModuleList(StageResize(st) for st in stage_strides)
         cin = make_divisible(32 * width_mult, 8)
-        layers: list[nn.Module] = [ConvBNReLU(3, cin, 3, 2, norm, conv)]
+        layers: list[nn.Module] = [ConvBNReLU(3, cin, 3, 2, norms[0], conv)]
         for c, s in _BLOCKS:
             cout = make_divisible(c * width_mult, 8)
-            layers.append(DepthwiseSeparable(cin, cout, s, norm, conv))
+            layers.append(DepthwiseSeparable(cin, cout, s, norms[len(layers)], conv))
             cin = cout
         self.features = nn.Sequential(*layers)
         self.num_features = cin
@@ -51,7 +57,11 @@ class MobileNetV1(AdaptiveModel):
                 nn.init.zeros_(m.bias)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        return self.features(x)
+        for b, layer in enumerate(self.features):
+            if self.stage_resizers is not None and b in self.resize_at:
+                x = self.stage_resizers[self.resize_at[b]](x)
+            x = layer(x)
+        return x
 
     def forward_head(self, x: Tensor) -> Tensor:
         return self.classifier(nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
@@ -66,3 +76,9 @@ def mobilenet_v1(**kwargs) -> MobileNetV1:
 def us_mobilenet_v1(**kwargs) -> MobileNetV1:
     """Universally slimmable MobileNetV1 (US-Net / MutualNet): any width in ``width_range``."""
     return MobileNetV1(slimmable=True, **kwargs)
+
+
+@register_model
+def resizable_mobilenet_v1(**kwargs) -> MobileNetV1:
+    """Resizable MobileNetV1: five stages (one per feature-map resolution), each resized by a factor."""
+    return MobileNetV1(resizable=True, **kwargs)

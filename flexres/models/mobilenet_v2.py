@@ -8,7 +8,8 @@ from torch import Tensor, nn
 
 from ..nn.slimmable import SlimmableBatchNorm2d, SlimmableLinear
 from ..nn.switchable_bn import SwitchableBatchNorm2d
-from .base import AdaptiveModel, ConvFactory, conv_factory, make_divisible
+from ..nn.stage_resize import StageResize
+from .base import AdaptiveModel, ConvFactory, conv_factory, make_divisible, resize_plan, scale_aware_norm
 from .registry import register_model
 
 # (expand ratio t, output channels c, repeats n, first stride s), MobileNetV2 Table 2.
@@ -53,8 +54,11 @@ class MobileNetV2(AdaptiveModel):
         slimmable: bool = False,
         width_range: tuple[float, float] = (0.25, 1.0),
         slim_divisor: int = 8,
+        resizable: bool = False,
+        scale_factors: tuple[float, ...] = (0.45, 0.65, 0.85, 1.0),
     ) -> None:
-        super().__init__(train_resolutions, scale_divisor if meta_conv else None, width_range if slimmable else None)
+        super().__init__(train_resolutions, scale_divisor if meta_conv else None, width_range if slimmable else None,
+                         scale_factors if resizable else None)
         if slimmable:
             norm = partial(SlimmableBatchNorm2d, divisor=slim_divisor)
             conv = conv_factory(slimmable_divisor=slim_divisor)
@@ -63,13 +67,20 @@ class MobileNetV2(AdaptiveModel):
             conv = conv_factory(meta_conv)
         cin = make_divisible(32 * width_mult, 8)
         last = make_divisible(1280 * max(1.0, width_mult), 8)
-        features: list[nn.Module] = [ConvBNReLU(3, cin, 3, 2, norm, conv)]
+        strides = [2] + [s if i == 0 else 1 for _, _, n, s in _SETTINGS for i in range(n)] + [1]
+        self.resize_at, bn_stage, stage_strides = resize_plan(strides)
+        if resizable:  # scale-aware BN: each block's BNs keyed by the factor of the stage it runs in
+            norms = [scale_aware_norm(self.scale_factors, st, self.train_resolutions) for st in bn_stage]
+            self.stage_resizers = nn.ModuleList(StageResize(st) for st in stage_strides)
+        else:
+            norms = [norm] * len(strides)
+        features: list[nn.Module] = [ConvBNReLU(3, cin, 3, 2, norms[0], conv)]
         for t, c, n, s in _SETTINGS:
             cout = make_divisible(c * width_mult, 8)
             for i in range(n):
-                features.append(InvertedResidual(cin, cout, s if i == 0 else 1, t, norm, conv))
+                features.append(InvertedResidual(cin, cout, s if i == 0 else 1, t, norms[len(features)], conv))
                 cin = cout
-        features.append(ConvBNReLU(cin, last, 1, 1, norm, conv))
+        features.append(ConvBNReLU(cin, last, 1, 1, norms[len(features)], conv))
         self.features = nn.Sequential(*features)
         self.num_features = last
         linear = SlimmableLinear(last, num_classes, slim_divisor) if slimmable else nn.Linear(last, num_classes)
@@ -85,7 +96,11 @@ class MobileNetV2(AdaptiveModel):
                 nn.init.zeros_(m.bias)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        return self.features(x)
+        for b, layer in enumerate(self.features):
+            if self.stage_resizers is not None and b in self.resize_at:
+                x = self.stage_resizers[self.resize_at[b]](x)
+            x = layer(x)
+        return x
 
     def forward_head(self, x: Tensor) -> Tensor:
         return self.classifier(nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
@@ -106,3 +121,9 @@ def san_mobilenet_v2(**kwargs) -> MobileNetV2:
 def us_mobilenet_v2(**kwargs) -> MobileNetV2:
     """Universally slimmable MobileNetV2 (US-Net / MutualNet): any width in ``width_range``."""
     return MobileNetV2(slimmable=True, **kwargs)
+
+
+@register_model
+def resizable_mobilenet_v2(**kwargs) -> MobileNetV2:
+    """Resizable MobileNetV2: five stages (one per feature-map resolution), each resized by a factor."""
+    return MobileNetV2(resizable=True, **kwargs)
