@@ -107,3 +107,28 @@ def test_resizable_method_trains_every_sampled_configuration(tmp_path, small_dat
     rows = json.loads((out / "table.json").read_text())["rows"]
     assert len(rows) == 5 and all(len(r["scales"]) == 4 for r in rows)
     assert len({r["macs"] for r in rows}) > 1
+
+
+def test_resizable_aug_switches_to_the_target_configuration_after_two_thirds():
+    m = flexres.create_model("resizable_resnet18", num_classes=10, train_resolutions=[64], width_mult=0.25)
+    aug = create_method("resizable", resolutions=[64], target_scales=[1.0, 1.0, 1.0, 1.0], finetune_from=2 / 3)
+    aug.progress = 0.5
+    assert len(aug.sample(m)) == 4
+    aug.progress = 0.7
+    assert aug.sample(m) == [(1.0, 1.0, 1.0, 1.0)]
+    fixed = create_method("resizable", resolutions=[64], sampling="fixed", target_scales=[0.45, 0.65, 0.85, 1.0])
+    assert fixed.sample(m) == [(0.45, 0.65, 0.85, 1.0)]
+
+
+def test_nas_fine_tuning_starts_from_the_trained_weights(tmp_path, small_data):
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text("model: {name: resizable_resnet18, width_mult: 0.25}\nmethod: {name: resizable, resolutions: [48]}\n"
+                   "data: {cache: true, num_workers: 0}\ntrain: {epochs: 1, batch_size: 4, lr: 0.05, progress: false, eval_every: 0}\n")
+    assert main(["train", "--config", str(cfg), "--data", str(small_data), "--out", str(tmp_path / "a")]) == 0
+    ft = ["train", "--config", str(cfg), "--data", str(small_data), "--out", str(tmp_path / "b"), "--set", f"init_from={tmp_path / 'a'}",
+          "--set", "method.kwargs={sampling: fixed, target_scales: [0.45, 0.65, 0.85, 1.0]}", "--set", "lr=0.0"]
+    assert main(ft) == 0
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(tmp_path / "a" / "checkpoint.safetensors")), load_file(str(tmp_path / "b" / "checkpoint.safetensors"))
+    assert torch.equal(a["model.conv1.weight"], b["model.conv1.weight"])  # lr 0: the fine-tune kept the trained weights

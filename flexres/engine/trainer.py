@@ -26,7 +26,7 @@ from ..data import ImageFolderDataset, MultiResolutionCrop, collate_skipping, no
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..methods import Method, create_method
 from ..models import AdaptiveModel, create_model
-from .checkpoint import CHECKPOINT, load_training_state, save_checkpoint
+from .checkpoint import CHECKPOINT, load_into, load_training_state, save_checkpoint
 from .evaluate import evaluate
 
 # Keys that may change between a run and its resume without changing the result.
@@ -178,6 +178,9 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
     if num_classes != len(train_ds.classes):
         raise ValueError(f"model.num_classes={num_classes} but {train_ds.root} has {len(train_ds.classes)} classes")
     model, method = build_model_and_method(cfg, num_classes)
+    if t["init_from"] and not resume:  # start from trained weights, e.g. to fine-tune a Resizable-NAS pick
+        meta = load_into(model, t["init_from"])
+        log(f"initialised the model from {t['init_from']} (epoch {meta.get('epoch')})")
     train_ds.transform = MultiResolutionCrop(method.resolutions, d["scale"], d["ratio"], hflip=d["hflip"])
     model.to(device)
     method.to(device)
@@ -262,6 +265,7 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
                 # Operating points a method samples come from this generator: the same on every rank and
                 # micro-batch of a step, so all replicas train the same sub-networks.
                 method.rng.manual_seed(t["seed"] * 1_000_003 + step)
+                method.progress = step / total_steps
                 labels = batch["labels"].to(device, non_blocking=True)
                 inputs = tuple(normalize_batch(x.to(device, non_blocking=True)) for x in batch["inputs"])
                 if channels_last:

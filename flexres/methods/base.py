@@ -37,6 +37,8 @@ class Method(nn.Module):
         # Draw any random operating point from this generator: the engine seeds it from (seed, step)
         # before every micro-batch, so every DDP rank samples the same sub-networks in a step.
         self.rng = torch.Generator()
+        # Fraction of training done before this step (set by the engine): for schedules such as Resizable-Aug.
+        self.progress = 0.0
 
     def cross_entropy(self, logits: Tensor, labels: Tensor) -> Tensor:
         return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)

@@ -25,21 +25,35 @@ def random_configurations(factors: tuple[float, ...], num_stages: int, count: in
 @register_method
 class Resizable(Method):
     """Each step trains |L| scaling configurations at the one training resolution (cross-entropy each),
-    their gradients summed into one optimiser step. sampling="fair" (Alg. 1) or "random"."""
+    their gradients summed into one optimiser step.
+
+    sampling: "fair" (Alg. 1: every factor once per stage per step), "random" (iid factors), or
+    "fixed" (only ``target_scales``: fine-tuning a Resizable-NAS pick).
+    Resizable-Aug: ``target_scales`` plus ``finetune_from=2/3``: fair sampling for the first 2/3 of
+    training, then only the target configuration (default all 1.0, the plain network).
+    """
 
     name = "resizable"
 
-    def __init__(self, resolutions: list[int] | tuple[int, ...], sampling: str = "fair", label_smoothing: float = 0.0) -> None:
+    def __init__(self, resolutions: list[int] | tuple[int, ...], sampling: str = "fair", target_scales: list[float] | None = None,
+                 finetune_from: float | None = None, label_smoothing: float = 0.0) -> None:
         super().__init__(resolutions, label_smoothing)
         if len(self.resolutions) != 1:
             raise ValueError(f"method 'resizable' trains at one input resolution, got {list(self.resolutions)}")
-        if sampling not in ("fair", "random"):
-            raise ValueError(f"sampling must be 'fair' or 'random', got {sampling!r}")
+        if sampling not in ("fair", "random", "fixed"):
+            raise ValueError(f"sampling must be 'fair', 'random' or 'fixed', got {sampling!r}")
+        if finetune_from is not None and not 0.0 <= finetune_from <= 1.0:
+            raise ValueError(f"finetune_from is a fraction of training in [0, 1], got {finetune_from}")
         self.sampling = sampling
+        self.target_scales = tuple(float(f) for f in target_scales) if target_scales is not None else None
+        self.finetune_from = finetune_from
 
     def sample(self, model: AdaptiveModel) -> list[tuple[float, ...]]:
         if model.scale_factors is None:
             raise ValueError(f"method 'resizable' needs a resizable model (e.g. resizable_resnet18), got {model.arch['name']}")
+        target = self.target_scales or (1.0,) * model.num_stages
+        if self.sampling == "fixed" or (self.finetune_from is not None and self.progress >= self.finetune_from):
+            return [target]
         factors = model.scale_factors
         if self.sampling == "fair":
             return fair_configurations(factors, model.num_stages, self.rng)
