@@ -65,6 +65,8 @@ def evaluate_runs(runs: list[str], data: str, resolutions: list[int] | None, bn_
         results = evaluate(model, val, res_list, bn_policy, batch_size, meta.get("crop_fraction", 0.875), progress=progress,
                            scale_policy=scale_policy, workers=workers, width=width)
         label = Path(run).name if Path(run).is_dir() else Path(run).parent.name
+        if label in report["runs"]:  # two runs with one folder name: tell them apart by their parent
+            label = str(Path(ckpt.parent.parent.name) / ckpt.parent.name)
         if len(model.train_resolutions) == 1 and model.train_resolutions[0] in results:
             own_resolution[model.train_resolutions[0]] = results[model.train_resolutions[0]]["correct"]
         report["runs"][label] = {
@@ -249,8 +251,19 @@ def _export(args: argparse.Namespace) -> int:
 
     model, meta = load_checkpoint(args.run)
     op = OperatingPoint(args.resolution, args.width, tuple(args.scales) if args.scales else None)
+    ckpt = resolve_checkpoint(args.run)
+    if model.width_range is not None and not model.is_calibrated(op):  # post-statistics BN for this point
+        from .data import ImageFolderDataset, split_dir
+
+        cfg = meta.get("config") or make_config()
+        data = args.data or cfg["data"]["root"]
+        if not data or not Path(data).is_dir():
+            raise ValueError(f"{op} of this slimmable model needs post-statistics BN from training images: pass --data DIR")
+        train_ds = ImageFolderDataset(split_dir(data, cfg["data"]["train_split"]), progress=False)
+        ensure_calibrated(model, meta, ckpt, train_ds, [op], cfg["eval"]["calibration_images"], 256, cfg, str(data))
     ext = ".onnx" if args.format == "onnx" else ".pt"
-    out = Path(args.out) if args.out else resolve_checkpoint(args.run).parent / "export" / f"{model.arch['name']}_{op.resolution}{ext}"
+    tag = f"{op.resolution}" + (f"_w{op.width:g}" if op.width != 1.0 else "") + ("_s" + "-".join(f"{f:g}" for f in op.scales) if op.scales else "")
+    out = Path(args.out) if args.out else ckpt.parent / "export" / f"{model.arch['name']}_{tag}{ext}"
     info = export(model, meta, op, args.format, out, args.bn, args.scale, not args.no_fold_bn, args.data)
     print(f"wrote {out} and {out}.json: {info['macs'] / 1e6:.1f} MMACs, {info['params'] / 1e6:.3f} M params, "
           f"max |difference| to the adaptive model {info['parity_max_abs_diff']:.1e} on {info['parity_images']} real images")
@@ -261,7 +274,9 @@ def _predict(args: argparse.Namespace) -> int:
     from .deploy.predict import load_predictor, parse_count, predict_files
 
     max_macs = parse_count(args.max_macs) if args.max_macs else None
-    predictor = load_predictor(args.model, args.resolution, max_macs, args.max_latency_ms, args.bn)
+    if args.width != 1.0 and args.resolution is None:
+        raise ValueError("--width goes with --resolution (a budget picks both)")
+    predictor = load_predictor(args.model, args.resolution, max_macs, args.max_latency_ms, args.bn, args.width)
     results = predict_files(predictor, args.images, args.topk)
     if args.json:
         print(json.dumps({"model": predictor.description, "resolution": predictor.resolution, "predictions": results}, indent=2))
@@ -385,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--resolution", type=int)
     budget.add_argument("--max-macs", help="budget in MACs, e.g. 150M")
     budget.add_argument("--max-latency-ms", type=float, help="budget in milliseconds (batch 1, measured here)")
+    pr.add_argument("--width", type=float, default=1.0, help="slimmable models: the width to run at with --resolution")
     pr.add_argument("--bn", choices=BN_POLICIES, default="interpolate")
     pr.add_argument("--topk", type=int, default=5)
     pr.add_argument("--json", action="store_true", help="print JSON instead of text")

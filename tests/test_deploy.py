@@ -127,3 +127,41 @@ def test_report_writes_its_figures_and_page(run_dir, tmp_path):
         assert (out / f).stat().st_size > 1000, f
     page = (out / "index.html").read_text()
     assert page.count("<img") == 4 and "bn_statistics_run.png" in page
+
+
+@pytest.mark.parametrize("name", ["us_mobilenet_v2", "mobilenet_v1", "resizable_resnet18"])
+def test_export_parity_for_slimmable_and_resizable_families(tmp_path, name):
+    from flexres import OperatingPoint
+    from flexres.nn import calibrate_bn
+
+    model = trained_like(name) if "us_" not in name else flexres.create_model(name, num_classes=10, train_resolutions=[96],
+                                                                              width_mult=0.5).eval()
+    op = OperatingPoint(80)
+    if model.width_range:
+        op = OperatingPoint(80, 0.5)
+        calibrate_bn(model, iter([normalize_batch(reference_images(80, sample_data_dir() / "train", count=8))]), op, 8)
+    if model.scale_factors:
+        op = OperatingPoint(80, scales=(0.45, 1.0, 0.65, 0.85))
+    info = export(model, {"classes": [str(i) for i in range(10)]}, op, "onnx", tmp_path / "m.onnx")
+    assert info["parity_max_abs_diff"] < 1e-4
+
+
+def test_predict_reads_the_query_table_of_a_slimmable_run(tmp_path, small_data, capsys):
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text("model: {name: us_mobilenet_v2, width_mult: 0.35, kwargs: {slim_divisor: 4}}\n"
+                   "method: {name: mutualnet, resolutions: [48, 32], kwargs: {width_range: [0.5, 1.0]}}\n"
+                   "data: {cache: true, num_workers: 0}\ntrain: {epochs: 1, batch_size: 4, progress: false, eval_every: 0}\n"
+                   "eval: {resolutions: [48, 32], calibration_images: 8}\n")
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--data", str(small_data), "--out", str(run)]) == 0
+    assert main(["table", str(run), "--data", str(small_data), "--widths", "0.5:1.0:0.5"]) == 0
+    rows = json.loads((run / "table.json").read_text())["rows"]
+    budget = sorted(r["macs"] for r in rows)[1]
+    img = str(sorted((small_data / "val").rglob("*.JPEG"))[0])
+    capsys.readouterr()
+    assert main(["predict", str(run), img, "--max-macs", str(budget), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "flexres table" in out["model"]
+    fits = [r for r in rows if r["macs"] <= budget]
+    top = max(r["top1"] for r in fits)
+    assert out["resolution"] in {r["resolution"] for r in fits if r["top1"] == top}  # the most accurate point that fits

@@ -38,6 +38,10 @@ def parameters(run_dir):
             and not any(b in k for b in ("running_mean", "running_var", "num_batches_tracked"))}
 
 
+MUTUALNET = CONFIG.replace("{name: resnet18, width_mult: 0.25}", "{name: us_mobilenet_v2, width_mult: 0.35, kwargs: {slim_divisor: 4, dropout: 0.0}}") \
+    .replace("{name: rsnet, resolutions: [48, 32]}", "{name: mutualnet, resolutions: [48, 32], kwargs: {width_range: [0.5, 1.0]}}")
+
+
 @pytest.fixture
 def config(tmp_path):
     p = tmp_path / "c.yaml"
@@ -45,12 +49,21 @@ def config(tmp_path):
     return p
 
 
-def test_ddp_matches_one_process_accumulating_the_same_micro_batches(tmp_path, small_data, config):
+@pytest.fixture(params=["rsnet", "mutualnet"])
+def any_config(tmp_path, request):
+    p = tmp_path / "c.yaml"
+    p.write_text(CONFIG if request.param == "rsnet" else MUTUALNET)
+    return p
+
+
+def test_ddp_matches_one_process_accumulating_the_same_micro_batches(tmp_path, small_data, any_config):
+    """For MutualNet this also shows rank-consistent sampling: both ranks train the same random sub-networks."""
+    config = any_config
     base = ["train", "--config", str(config), "--data", str(small_data)]
     torchrun(base + ["--out", str(tmp_path / "ddp")])
     assert main(base + ["--out", str(tmp_path / "acc"), "--set", "accumulate_steps=2"]) == 0
     ddp, acc = parameters(tmp_path / "ddp"), parameters(tmp_path / "acc")
-    assert ddp.keys() == acc.keys() and len(ddp) > 50
+    assert ddp.keys() == acc.keys() and len(ddp) > 40
     for k in ddp:
         torch.testing.assert_close(ddp[k], acc[k], rtol=1e-4, atol=1e-5, msg=k)
     # and it is not trivially equal: one process without accumulation (one batch of 4) trains differently

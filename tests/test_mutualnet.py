@@ -140,11 +140,12 @@ def test_mutualnet_train_table_select_end_to_end(tmp_path, small_data, capsys):
     cfg.write_text("model: {name: us_mobilenet_v2, width_mult: 0.35, kwargs: {slim_divisor: 4}}\n"
                    "method: {name: mutualnet, resolutions: [48, 40, 32], kwargs: {width_range: [0.5, 1.0]}}\n"
                    "data: {cache: true, num_workers: 0}\n"
-                   "train: {epochs: 1, batch_size: 4, lr: 0.05, progress: false, eval_every: 0}\n"
+                   "train: {epochs: 1, batch_size: 4, lr: 0.05, progress: false, eval_every: 1}\n"
                    "eval: {resolutions: [48, 32], calibration_images: 8}\n")
     out = tmp_path / "run"
     assert main(["train", "--config", str(cfg), "--data", str(small_data), "--out", str(out)]) == 0
-    assert {"loss_cls", "loss_kd"} <= set(json.loads((out / "metrics.jsonl").read_text()))
+    metrics = json.loads((out / "metrics.jsonl").read_text())
+    assert {"loss_cls", "loss_kd"} <= set(metrics) and set(metrics["val_top1"]) == {"48", "40", "32"}  # evaluated in training
     assert main(["table", str(out), "--data", str(small_data), "--widths", "0.5:1.0:0.25"]) == 0
     rows = json.loads((out / "table.json").read_text())["rows"]
     assert {(r["width"], r["resolution"]) for r in rows} == {(w, r) for w in (0.5, 0.75, 1.0) for r in (48, 32)}
@@ -159,3 +160,51 @@ def test_mutualnet_train_table_select_end_to_end(tmp_path, small_data, capsys):
     # the table's post-statistics were saved with the run and are reused
     model, meta = flexres.load_checkpoint(out)
     assert model.is_calibrated(OperatingPoint(32, 0.75))
+
+
+@pytest.mark.parametrize("name,op", [("us_mobilenet_v2", OperatingPoint(48, 0.5)), ("resnet18", OperatingPoint(40))])
+def test_calibrated_statistics_of_a_deep_bn_are_those_of_a_train_mode_forward(name, op):
+    """With all images in one batch, every BN's calibrated statistics equal the batch statistics its input has in a
+    train-mode forward (where the layers above also normalise with batch statistics)."""
+    model = flexres.create_model(name, num_classes=5, train_resolutions=[48, 32], width_mult=0.5, **({"dropout": 0.0}
+                                 if "mobilenet" in name else {})).eval()
+    x = torch.randn(6, 3, op.resolution, op.resolution)
+    calibrate_bn(model, iter([x]), op, 6)
+    bns = model.calibratable_bns()
+    deep = bns[len(bns) * 2 // 3]
+    seen = {}
+    handle = deep.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0].detach()))
+    model.train()
+    with torch.no_grad(), model.at(op, bn_policy="nearest"):
+        for bn in bns:  # train-mode forward without touching running statistics
+            bn.begin_calibration(bn.calibration_key(op.resolution, op.width))
+        model(x)
+        for bn in bns:
+            bn.abort_calibration()
+    handle.remove()
+    key = deep.calibration_key(op.resolution, op.width)
+    mean, var = deep.calibrated[key]
+    torch.testing.assert_close(mean, seen["x"].mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(var, seen["x"].var((0, 2, 3), unbiased=True), rtol=1e-4, atol=1e-5)
+
+
+def test_inplace_distillation_detaches_the_teacher():
+    model = flexres.create_model("us_resnet18", num_classes=5, train_resolutions=[48], width_mult=0.25,
+                                 width_range=[0.5, 1.0], slim_divisor=4).train()
+    m = create_method("mutualnet", resolutions=[48], width_range=[0.5, 1.0], num_subnets=2)
+    m.rng.manual_seed(0)
+    out = m(model, (torch.randn(4, 3, 48, 48),), torch.tensor([0, 1, 2, 3]))
+    kd = out.terms["kd"]
+    assert kd > 0
+    # the KD term alone must not move the parameters only the full width uses (the teacher's last channels)
+    m.rng.manual_seed(0)
+    pts = m.sample()
+    x = torch.randn(4, 3, 48, 48)
+    model.set_operating_point(pts[0])
+    teacher = model(x)
+    model.set_operating_point(pts[1])
+    from flexres.methods.rsnet import kl_divergence
+
+    kl_divergence(teacher, model(x)).backward()
+    full_only = model.fc.weight.grad[:, model.fc.active_in:]
+    assert full_only.abs().sum() == 0 and model.fc.weight.grad[:, : model.fc.active_in].abs().sum() > 0

@@ -132,3 +132,25 @@ def test_nas_fine_tuning_starts_from_the_trained_weights(tmp_path, small_data):
 
     a, b = load_file(str(tmp_path / "a" / "checkpoint.safetensors")), load_file(str(tmp_path / "b" / "checkpoint.safetensors"))
     assert torch.equal(a["model.conv1.weight"], b["model.conv1.weight"])  # lr 0: the fine-tune kept the trained weights
+
+
+def test_adaptive_routing_never_exceeds_the_budget(small_data):
+    import itertools
+
+    from flexres.analysis.adapt import adapt_report, best_config_labels
+    from flexres.data import ImageFolderDataset
+
+    assert best_config_labels(torch.tensor([[False, True, True], [False, False, False]]),
+                              torch.tensor([[0.9, 0.4, 0.6], [0.2, 0.5, 0.1]])).tolist() == [2, 1]
+    model = flexres.create_model("resizable_resnet18", num_classes=3, train_resolutions=[48], width_mult=0.25).eval()
+    configs = list(itertools.product(L, repeat=4))[::17]
+    costs = sorted(count_macs(model, OperatingPoint(48, scales=c)) for c in configs)
+    budget = costs[len(costs) // 2]
+    train = ImageFolderDataset(small_data / "train")
+    val = ImageFolderDataset(small_data / "val")
+    rep = adapt_report(model, train, val, 48, configs, budget, epochs=2)
+    assert rep["candidates"] == sum(c <= budget for c in costs)
+    assert float(rep["chosen_macs"].max()) <= budget and rep["adapt"]["max_macs"] <= budget
+    assert rep["nas"]["macs"] <= budget and 0 <= rep["adapt"]["top1"] <= rep["oracle_top1"] <= 100
+    with pytest.raises(ValueError, match="no scaling configuration fits"):
+        adapt_report(model, train, val, 48, configs, costs[0] - 1)

@@ -114,9 +114,13 @@ def test_each_inference_mode_picks_its_eps_and_bn():
 
 
 @pytest.mark.parametrize("name", ["san_resnet18", "san_mobilenet_v2"])
-@pytest.mark.parametrize("mode,resolution", [("proxy", 72), ("data-free", 72), ("data-free", 96), ("proxy", 40)])
+@pytest.mark.parametrize("mode,resolution", [("proxy", 72), ("data-free", 72), ("data-free", 96), ("proxy", 40), ("ideal", 72)])
 def test_materialised_model_matches_the_san_model(name, mode, resolution):
     model = san_model(name)
+    if mode == "ideal":
+        from flexres.nn import calibrate_bn
+
+        calibrate_bn(model, iter([torch.randn(6, 3, resolution, resolution)]), resolution, 6)
     x = torch.randn(2, 3, resolution, resolution)
     plain = materialize(model, resolution, **SAN_MODES[mode])
     assert not any(isinstance(m, MetaConv2d) for m in plain.modules())

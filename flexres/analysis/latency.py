@@ -30,11 +30,18 @@ def time_call(fn: Callable[[], object], warmup: int = 5, repeats: int = 30, sync
 
 @torch.no_grad()
 def measure_latency(model: AdaptiveModel, op: OperatingPoint | int, batch_size: int = 1, warmup: int = 5,
-                    repeats: int = 30, bn_policy: str = "nearest") -> float:
-    """Median forward latency (ms) of ``model`` at ``op`` for a batch of ``batch_size`` images."""
+                    repeats: int = 30, bn_policy: str = "nearest", deployed: bool = True) -> float:
+    """Median forward latency (ms) at ``op`` for a batch of ``batch_size`` images.
+
+    deployed=True times what ``flexres export`` ships for that point (plain layers, BN folded); False
+    times the adaptive model itself.
+    """
+    from ..deploy.export import to_static
+
     op = OperatingPoint.coerce(op)
     device = next(model.parameters()).device
     x = torch.randn(batch_size, 3, op.resolution, op.resolution, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     with model.measuring_cost(), model.at(op, bn_policy=bn_policy):
-        return time_call(lambda: model(x), warmup, repeats, sync)
+        net = to_static(model, op, bn_policy) if deployed else model
+        return time_call(lambda: net(x), warmup, repeats, sync)

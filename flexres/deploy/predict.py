@@ -82,7 +82,7 @@ def choose_resolution(model, meta: dict[str, Any], run_dir: Path, max_macs: floa
 
 
 def load_predictor(target: str, resolution: int | None = None, max_macs: float | None = None,
-                   max_latency_ms: float | None = None, bn_policy: str = "interpolate") -> Predictor:
+                   max_latency_ms: float | None = None, bn_policy: str = "interpolate", width: float = 1.0) -> Predictor:
     path = Path(target)
     if path.suffix in (".onnx", ".pt", ".ts"):
         info = json.loads(Path(str(path) + ".json").read_text())
@@ -102,7 +102,7 @@ def load_predictor(target: str, resolution: int | None = None, max_macs: float |
                          f"{path.name} (static, {r} px)")
     model, meta = load_checkpoint(target)
     run_dir = resolve_checkpoint(target).parent
-    how, width, scales = "given", 1.0, None
+    how, scales = "given", None
     if resolution is None:
         if max_macs is None and max_latency_ms is None:
             resolution, how = model.train_resolutions[0], "largest trained resolution"
@@ -113,7 +113,11 @@ def load_predictor(target: str, resolution: int | None = None, max_macs: float |
                    + f": {row['macs'] / 1e6:.1f} MMACs; top-1 {row['top1']:.1f}% (flexres table)")
         else:
             resolution, how = choose_resolution(model, meta, run_dir, max_macs, max_latency_ms)
-    model.set_operating_point(OperatingPoint(resolution, width, tuple(scales) if scales else None), bn_policy=bn_policy)
+    op = OperatingPoint(resolution, width, tuple(scales) if scales else None)
+    if model.width_range is not None and not model.is_calibrated(op):
+        raise ValueError(f"{op} has no post-statistics BN in {run_dir}; compute it with `flexres table {run_dir} --data DIR` "
+                         f"or `flexres eval {run_dir} --data DIR --width {width:g} --resolutions {resolution}`")
+    model.set_operating_point(op, bn_policy=bn_policy)
     norm = meta.get("normalization", {})
     return Predictor(model, resolution, meta.get("classes") or [], norm.get("mean", [0.485, 0.456, 0.406]),
                      norm.get("std", [0.229, 0.224, 0.225]), meta.get("crop_fraction", 0.875), f"{run_dir.name} at {how}")

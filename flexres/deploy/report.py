@@ -100,13 +100,18 @@ def write_report(report: dict[str, Any], models: dict[str, AdaptiveModel], out: 
         figures.append(("Accuracy vs latency", plot_accuracy_vs_cost(report, out, "latency_ms")))
     figures.append(("Train x test accuracy", plot_heatmap(report, out)))
     for label, model in models.items():
-        if len(model.train_resolutions) > 1:
+        if len(model.train_resolutions) > 1 and model.width_range is None:
             figures.append((f"BN statistics: {label}", plot_bn_statistics(model, label, out)))
+    res = sorted({int(r) for run in report["runs"].values() for r in run["results"]}, reverse=True)
+
+    def cell(run: dict[str, Any], r: int) -> str:
+        v = run["results"].get(str(r))
+        return f"<td>{v['top1']:.1f}</td>" if v else "<td></td>"
+
     rows = "".join(
         f"<tr><td>{html.escape(lb)}</td><td>{', '.join(map(str, run['train_resolutions']))}</td>"
-        + "".join(f"<td>{v['top1']:.1f}</td>" for _, v in sorted(run["results"].items(), key=lambda kv: -int(kv[0]))) + "</tr>"
+        + "".join(cell(run, r) for r in res) + "</tr>"
         for lb, run in report["runs"].items())
-    res = sorted({int(r) for run in report["runs"].values() for r in run["results"]}, reverse=True)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>flexres report</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}} img{{max-width:100%;border:1px solid #ddd}}
 table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}</style></head><body>

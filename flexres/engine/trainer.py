@@ -27,7 +27,8 @@ from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..methods import Method, create_method
 from ..models import AdaptiveModel, create_model
 from .checkpoint import CHECKPOINT, load_into, load_training_state, save_checkpoint
-from .evaluate import evaluate
+from .config import ConfigError
+from .evaluate import calibrate, evaluate
 
 # Keys that may change between a run and its resume without changing the result.
 _RESUME_FREE = {("train", "progress"), ("train", "eval_every"), ("train", "device"), ("data", "root"), ("data", "num_workers"),
@@ -93,13 +94,33 @@ def build_optimizer(cfg: dict[str, Any], model: nn.Module, method: nn.Module) ->
     raise ValueError(f"unknown optimizer {t['optimizer']!r} (sgd or adamw)")
 
 
-def compile_or_fallback(module: nn.Module, log: Callable[[str], None]) -> nn.Module:
-    """torch.compile where it works here; the eager module (with a note) where it does not."""
-    try:
-        return torch.compile(module)
-    except Exception as e:  # noqa: BLE001 - any backend failure falls back to eager
-        log(f"torch.compile unavailable ({type(e).__name__}: {e}); training eagerly")
-        return module
+class CompileOrFallback(nn.Module):
+    """torch.compile where it works here; the eager module (with a note) where it does not.
+
+    torch.compile is lazy: a missing compiler or backend only shows at the first call, so that call
+    is the one guarded."""
+
+    def __init__(self, module: nn.Module, log: Callable[[str], None]) -> None:
+        super().__init__()
+        self.module, self.log = module, log
+        self.compiled: Callable | None = None
+        self.failed = False
+        try:
+            self.compiled = torch.compile(module)
+        except Exception as e:  # noqa: BLE001 - any failure falls back to eager
+            self._fail(e)
+
+    def _fail(self, e: BaseException) -> None:
+        self.failed, self.compiled = True, None
+        self.log(f"torch.compile unavailable ({type(e).__name__}: {e}); training eagerly")
+
+    def forward(self, *args):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as e:  # noqa: BLE001
+                self._fail(e)
+        return self.module(*args)
 
 
 def epoch_loaders(dataset, seed: int, epoch: int, gen: torch.Generator, rank: int, world: int, accumulate: int,
@@ -187,12 +208,15 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
     channels_last = t["channels_last"] and device.type == "cuda"
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    if t["sync_bn"] and model.width_range is not None:
+        raise ConfigError("train.sync_bn: slimmable models normalise with per-batch statistics of their own layer "
+                          "(SlimmableBatchNorm2d) and cannot be synchronised; leave sync_bn off")
     if distributed and t["sync_bn"]:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # converts the BNs inside every SwitchableBatchNorm2d
     optimizer = build_optimizer(cfg, model, method)
     step_module: nn.Module = TrainStep(model, method)
     if t["compile"]:
-        step_module = compile_or_fallback(step_module, log)
+        step_module = CompileOrFallback(step_module, log)
     if distributed:
         step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
     use_amp = t["amp"] and device.type == "cuda"
@@ -260,7 +284,12 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
             optimizer.zero_grad(set_to_none=True)
             for k, batch in enumerate(micro_batches):
                 skipped += batch["skipped"]
+                sync = nullcontext() if not distributed or k == len(micro_batches) - 1 else step_module.no_sync()
                 if batch["inputs"] is None:
+                    # Every image of this micro-batch was unreadable: a zero loss over all parameters keeps
+                    # DDP's gradient all-reduce in step with the other ranks.
+                    with sync:
+                        sum(p.reshape(-1)[0] * 0.0 for p in step_module.parameters()).backward()
                     continue
                 # Operating points a method samples come from this generator: the same on every rank and
                 # micro-batch of a step, so all replicas train the same sub-networks.
@@ -270,7 +299,6 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
                 inputs = tuple(normalize_batch(x.to(device, non_blocking=True)) for x in batch["inputs"])
                 if channels_last:
                     inputs = tuple(x.contiguous(memory_format=torch.channels_last) for x in inputs)
-                sync = nullcontext() if not distributed or k == len(micro_batches) - 1 else step_module.no_sync()
                 with sync:
                     with torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext():
                         loss, terms, logits = step_module(inputs, labels)
@@ -309,8 +337,13 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
             last["skipped_unreadable"] = len(unreadable)
             log(f"epoch {epoch + 1}: skipped {len(unreadable)} unreadable images, e.g. {unreadable[0]}")
         if is_main and val_ds is not None and ((epoch + 1) % t["eval_every"] == 0 or epoch + 1 == t["epochs"]):
+            if model.width_range is not None:  # slimmable: post-statistics BN for the full width, from current weights
+                model.clear_calibration()
+                calibrate(model, train_ds, list(method.resolutions), min(cfg["eval"]["calibration_images"], 1000),
+                          cfg["eval"]["batch_size"], d["scale"], d["ratio"], seed=t["seed"])
             res = evaluate(model, val_ds, list(method.resolutions), crop_fraction=d["crop_fraction"],
                            batch_size=cfg["eval"]["batch_size"])
+            model.clear_calibration()
             last["val_top1"] = {str(r): round(v["top1"], 2) for r, v in res.items()}
         if is_main:
             save_checkpoint(out_dir, model, dict(sidecar_base, epoch=epoch + 1, metrics=last,

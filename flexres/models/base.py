@@ -199,6 +199,9 @@ class AdaptiveModel(nn.Module):
         scale = scale_policy or self.scale_policy
         if scale not in SCALE_POLICIES:
             raise ValueError(f"unknown scale_policy {scale!r}; choose one of {', '.join(SCALE_POLICIES)}")
+        if self.scale_divisor is not None and policy == "calibrate" and scale != "exact" and op.resolution not in self.train_resolutions:
+            raise ValueError("bn_policy 'calibrate' re-estimates statistics under the weights generated at eps(T), so it "
+                             "needs scale_policy 'exact' (SAN ideal inference)")
         self._check_operating_point(op)
         scales = self.stage_scales(op)
         fell_back = False

@@ -31,6 +31,9 @@ def materialize(model: AdaptiveModel, op: OperatingPoint | int, bn_policy: str |
     exports like any other.
     """
     op = OperatingPoint.coerce(op)
+    if model.width_range is not None or model.scale_factors is not None:
+        raise ValueError(f"{model.arch['name']} is width-slimmable or resizable: its sub-networks have no plain family "
+                         "member with the same layers; use flexres.deploy.to_static(model, op) instead")
     name, kwargs = plain_arch(model)
     plain = create_model(name, train_resolutions=[op.resolution], **kwargs)
     plain.to(next(model.parameters()).device)

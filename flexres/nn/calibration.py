@@ -15,7 +15,8 @@ from ..operating_point import OperatingPoint
 
 
 @torch.no_grad()
-def calibrate_bn(model: "AdaptiveModel", batches: Iterable[Tensor], op: "OperatingPoint | int", num_images: int) -> int:
+def calibrate_bn(model: "AdaptiveModel", batches: Iterable[Tensor], op: "OperatingPoint | int", num_images: int,
+                 across_ranks: bool = False) -> int:
     """Estimate every BN's statistics at the operating point ``op`` (a resolution, or for slimmable
     models a resolution and width) from ``num_images`` images.
 
@@ -24,7 +25,8 @@ def calibrate_bn(model: "AdaptiveModel", batches: Iterable[Tensor], op: "Operati
     normalising with its batch statistics while they are gathered, with the affine parameters of
     the nearest trained BN. All other weights stay frozen. The result is cached on each BN under
     the operating point and served by ``bn_policy="calibrate"``. Returns the number of images used.
-    Under torchrun each rank passes its own images and the statistics cover all of them.
+    With ``across_ranks`` (under torchrun, every rank calling it with its own shard of images) the
+    statistics cover the images of all ranks.
     """
     op = OperatingPoint.coerce(op)
     bns = model.calibratable_bns()
@@ -36,7 +38,7 @@ def calibrate_bn(model: "AdaptiveModel", batches: Iterable[Tensor], op: "Operati
         # Sets the input size and, for SAN models, the weights generated at eps(resolution) (SAN Alg. 2).
         model.set_operating_point(op, bn_policy="nearest", scale_policy="exact")
         for bn in bns:
-            bn.begin_calibration(bn.calibration_key(op.resolution, op.width))
+            bn.begin_calibration(bn.calibration_key(op.resolution, op.width), across_ranks)
         for x in batches:
             if seen >= num_images:
                 break

@@ -120,7 +120,8 @@ class SlimmableBatchNorm2d(nn.Module):
                 return F.batch_norm(x, ones * 0, ones, w, b, False, 0.0, self.eps)
             raise LookupError(
                 f"operating point {self.key[0]}px @ width {self.key[1]:g} has no post-statistics BN; run "
-                "flexres.calibrate_bn for it (flexres eval / table do so automatically)"
+                "flexres.calibrate_bn for it in Python; `flexres eval RUN --width W`, `flexres table` and "
+                "`flexres export` calibrate it for you"
             )
         mean, var = self.calibrated[self.key]
         return F.batch_norm(x, mean, var, w, b, False, 0.0, self.eps)
@@ -138,9 +139,9 @@ class SlimmableBatchNorm2d(nn.Module):
         r, w = text.split("@")
         return (int(r), float(w))
 
-    def begin_calibration(self, key: tuple[int, float]) -> None:
+    def begin_calibration(self, key: tuple[int, float], across_ranks: bool = False) -> None:
         self.key = key
-        self._accumulator = _MomentAccumulator()
+        self._accumulator = _MomentAccumulator(across_ranks)
 
     def end_calibration(self) -> None:
         mean, var = self._accumulator.result()
@@ -151,7 +152,13 @@ class SlimmableBatchNorm2d(nn.Module):
         self._accumulator = None
 
     def to_batchnorm(self) -> nn.BatchNorm2d:
-        mean, var = self.calibrated[self.key]
+        if self.key in self.calibrated:
+            mean, var = self.calibrated[self.key]
+        elif self.placeholder_statistics:  # cost measurement only
+            mean, var = self.weight.new_zeros(self.active), self.weight.new_ones(self.active)
+        else:
+            raise LookupError(f"operating point {self.key[0]}px @ width {self.key[1]:g} has no post-statistics BN to export; "
+                              "calibrate it first (flexres export does so when given --data)")
         bn = nn.BatchNorm2d(self.active, eps=self.eps)
         with torch.no_grad():
             bn.weight.copy_(self.weight[: self.active])

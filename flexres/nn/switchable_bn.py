@@ -62,9 +62,13 @@ def plan_bn(resolution: int, trained: tuple[int, ...], policy: str, calibrated: 
 
 
 class _MomentAccumulator:
-    """Exact per-channel mean and unbiased variance over every pixel of every calibration batch."""
+    """Exact per-channel mean and unbiased variance over every pixel of every calibration batch.
 
-    def __init__(self) -> None:
+    across_ranks: under torchrun, sum the moments of every rank (each rank passing its own images).
+    """
+
+    def __init__(self, across_ranks: bool = False) -> None:
+        self.across_ranks = across_ranks
         self.count = 0
         self.sum: Tensor | None = None
         self.sum_sq: Tensor | None = None
@@ -77,7 +81,7 @@ class _MomentAccumulator:
         self.count += x64.shape[1]
 
     def result(self) -> tuple[Tensor, Tensor]:
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.sum is not None:
+        if self.across_ranks and torch.distributed.is_available() and torch.distributed.is_initialized() and self.sum is not None:
             # Calibration under torchrun: every rank saw its own images; the statistics are over all of them.
             packed = torch.cat([self.sum, self.sum_sq, self.sum.new_tensor([float(self.count)])])
             torch.distributed.all_reduce(packed)
@@ -167,9 +171,9 @@ class SwitchableBatchNorm2d(nn.Module):
     def key_from_str(text: str) -> int:
         return int(text)
 
-    def begin_calibration(self, resolution: int) -> None:
+    def begin_calibration(self, resolution: int, across_ranks: bool = False) -> None:
         self._resolution = resolution
-        self._accumulator = _MomentAccumulator()
+        self._accumulator = _MomentAccumulator(across_ranks)
 
     def end_calibration(self) -> None:
         if self._accumulator is None:

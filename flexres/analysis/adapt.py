@@ -1,0 +1,143 @@
+"""Resizable-Adapt: route each image through the scaling configuration a small classifier predicts for it.
+
+1. Candidates: the configurations whose MACs fit the budget (so no image ever costs more).
+2. Labels: on a set of training images, run every candidate; an image's label is the candidate that
+   classifies it correctly with the highest probability of the true class (the most probable one when
+   none is correct).
+3. Router: three 3x3 conv-BN-ReLU layers, global pooling and a linear layer over the candidates, on the
+   last-stage features of a probe pass (the cheapest candidate), trained with cross-entropy.
+4. Inference: probe pass -> router -> the chosen configuration classifies the image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from ..data import EvalTransform, ImageFolderDataset, normalize_batch
+from ..models import AdaptiveModel
+from ..operating_point import OperatingPoint
+from .flops import count_macs
+
+
+class ConfigRouter(nn.Module):
+    """Three conv layers and pooling on last-stage features -> logits over the candidate configurations."""
+
+    def __init__(self, in_channels: int, num_configs: int, hidden: int = 64) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for c in (in_channels, hidden, hidden):
+            layers += [nn.Conv2d(c, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True)]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(hidden, num_configs)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.head(F.adaptive_avg_pool2d(self.body(features), 1).flatten(1))
+
+
+@dataclass
+class Candidates:
+    scales: list[tuple[float, ...]]
+    macs: list[int]
+
+    @property
+    def probe(self) -> int:
+        return min(range(len(self.macs)), key=self.macs.__getitem__)
+
+
+def candidates_within(model: AdaptiveModel, resolution: int, configs: list[tuple[float, ...]], max_macs: float) -> Candidates:
+    costs = [(sc, count_macs(model, OperatingPoint(resolution, scales=sc))) for sc in configs]
+    fit = [(sc, m) for sc, m in costs if m <= max_macs]
+    if not fit:
+        cheapest = min(costs, key=lambda c: c[1])
+        raise ValueError(f"no scaling configuration fits {max_macs / 1e6:.1f} MMACs; the cheapest, {cheapest[0]}, costs "
+                         f"{cheapest[1] / 1e6:.1f} MMACs")
+    return Candidates([sc for sc, _ in fit], [m for _, m in fit])
+
+
+@torch.no_grad()
+def score_candidates(model: AdaptiveModel, dataset: ImageFolderDataset, resolution: int, cands: Candidates,
+                     batch_size: int = 256, crop_fraction: float = 0.875) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(correct [N, C] bool, true-class probability [N, C], labels [N], probe features [N, ...]) over ``dataset``."""
+    model.eval()
+    saved = dataset.transform
+    dataset.transform = EvalTransform(resolution, crop_fraction)
+    device = next(model.parameters()).device
+    correct, prob, feats, labels = [], [], [], []
+    try:
+        for x, y in DataLoader(dataset, batch_size=batch_size):
+            x, y = normalize_batch(x.to(device)), y.to(device)
+            c_row, p_row = [], []
+            for k, sc in enumerate(cands.scales):
+                with model.at(OperatingPoint(resolution, scales=sc)):
+                    f = model.forward_features(x)
+                    logits = model.forward_head(f)
+                if k == cands.probe:
+                    feats.append(f.cpu())
+                p = logits.softmax(1)
+                c_row.append(logits.argmax(1) == y)
+                p_row.append(p.gather(1, y[:, None])[:, 0])
+            correct.append(torch.stack(c_row, 1).cpu())
+            prob.append(torch.stack(p_row, 1).cpu())
+            labels.append(y.cpu())
+    finally:
+        dataset.transform = saved
+    return torch.cat(correct), torch.cat(prob), torch.cat(labels), torch.cat(feats)
+
+
+def best_config_labels(correct: Tensor, prob: Tensor) -> Tensor:
+    """Per image: the candidate that is right with the highest true-class probability (else the most probable)."""
+    return (correct.float() * 2.0 + prob).argmax(1)
+
+
+def train_router(features: Tensor, targets: Tensor, num_configs: int, epochs: int = 30, lr: float = 1e-3,
+                 batch_size: int = 128, seed: int = 0) -> ConfigRouter:
+    torch.manual_seed(seed)
+    router = ConfigRouter(features.shape[1], num_configs)
+    opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(len(targets), generator=gen)
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            if len(idx) < 2:
+                continue
+            loss = F.cross_entropy(router(features[idx]), targets[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return router.eval()
+
+
+@torch.no_grad()
+def route(router: ConfigRouter, features: Tensor) -> Tensor:
+    return router(features).argmax(1)
+
+
+def adapt_report(model: AdaptiveModel, train_subset: ImageFolderDataset, val: ImageFolderDataset, resolution: int,
+                 configs: list[tuple[float, ...]], max_macs: float, epochs: int = 30, batch_size: int = 256) -> dict[str, Any]:
+    """Build candidates, label, train the router, and compare on ``val``: Adapt vs the best single configuration
+    (chosen on the labelled training images, as Resizable-NAS would) vs the oracle."""
+    cands = candidates_within(model, resolution, configs, max_macs)
+    tr_correct, tr_prob, _, tr_feats = score_candidates(model, train_subset, resolution, cands, batch_size)
+    router = train_router(tr_feats, best_config_labels(tr_correct, tr_prob), len(cands.scales), epochs)
+    va_correct, _, _, va_feats = score_candidates(model, val, resolution, cands, batch_size)
+    chosen = route(router, va_feats)
+    macs = torch.tensor(cands.macs, dtype=torch.float64)
+    nas = int(tr_correct.float().mean(0).argmax())
+    acc = va_correct.float()
+    return {
+        "budget_macs": max_macs, "candidates": len(cands.scales), "probe_scales": list(cands.scales[cands.probe]),
+        "probe_macs": cands.macs[cands.probe], "train_images": len(tr_correct), "val_images": len(va_correct),
+        "adapt": {"top1": 100 * float(acc[torch.arange(len(chosen)), chosen].mean()), "mean_macs": float(macs[chosen].mean()),
+                  "max_macs": float(macs[chosen].max()), "configs_used": int(chosen.unique().numel())},
+        "nas": {"scales": list(cands.scales[nas]), "top1": 100 * float(acc[:, nas].mean()), "macs": cands.macs[nas]},
+        "oracle_top1": 100 * float(acc.max(1).values.mean()),
+        "router": router,
+        "chosen_macs": macs[chosen],
+    }
