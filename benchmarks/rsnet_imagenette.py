@@ -63,20 +63,24 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--runs", nargs="*", default=[], help="subset of run labels (I-112 ... parallel RS-Net)")
     p.add_argument("--skip-calibrate", action="store_true")
+    p.add_argument("--policies", nargs="+", help="BN policies to evaluate (default interpolate nearest calibrate)")
+    p.add_argument("--test-resolutions", type=int, nargs="+", default=T)
     args = p.parse_args()
     if not args.data.is_dir():
         raise SystemExit(f"no data at {args.data}; pass --data DIR (an ImageFolder root with train/ and val/)")
     torch.set_num_threads(torch.get_num_threads())
     report = {"date": str(date.today()), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-              "data": str(args.data), "epochs": args.epochs, "seeds": {}}
+              "data": str(args.data), "epochs": args.epochs, "test_resolutions": args.test_resolutions, "seeds": {}}
     for seed in args.seeds:
         walls = train_all(args, seed)
         runs = [str(Path(args.out) / f"seed{seed}" / label) for label, _, _ in run_specs(args.runs)]
         per_seed = {"wall_s": walls}
-        policies = ["interpolate", "nearest"] + ([] if args.skip_calibrate else ["calibrate"])
+        policies = args.policies or ["interpolate", "nearest"] + ([] if args.skip_calibrate else ["calibrate"])
         for policy in policies:
-            rep = evaluate_runs(runs, str(args.data), T, policy, calibration_images=2000, progress=False)
+            rep = evaluate_runs(runs, str(args.data), args.test_resolutions, policy, calibration_images=2000, progress=False)
             per_seed[policy] = rep["runs"]
+            if "hit_miss_individual" in rep:
+                per_seed["hit_miss_individual"] = rep["hit_miss_individual"]
             print(f"evaluated seed {seed} with bn_policy={policy}", flush=True)
         report["seeds"][str(seed)] = per_seed
         out_json = Path(args.out) / "report.json"
@@ -87,6 +91,7 @@ def main() -> None:
 
 
 def render(report: dict) -> str:
+    T = report.get("test_resolutions", globals()["T"])  # noqa: N806
     lines = [f"Date {report['date']}; machine: {report['machine']}; data {report['data']}; {report['epochs']} epochs."]
     seeds = list(report["seeds"])
     for policy in ("interpolate", "nearest", "calibrate"):
@@ -102,10 +107,11 @@ def render(report: dict) -> str:
                 m = statistics.mean(vals[r])
                 txt = f"{m:.1f}" + (f" ± {statistics.stdev(vals[r]):.1f}" if len(seeds) > 1 else "")
                 cells.append(f"**{txt}**" if len(train_res) == 1 and r in train_res else txt)
-            mean_s = statistics.mean(statistics.mean(vals[r]) for r in S)
+            mean_s = statistics.mean(statistics.mean(vals[r]) for r in S if r in vals)
             wall = statistics.mean(report["seeds"][s]["wall_s"].get(label, float("nan")) for s in seeds)
             rows.append([label] + cells + [f"{mean_s:.2f}", f"{wall:.0f}"])
-        lines += ["", f"Top-1 % on {labels and report['seeds'][seeds[0]][policy][labels[0]]['results']['112']['n']} val images, "
+        n_images = report["seeds"][seeds[0]][policy][labels[0]]["results"][str(T[0])]["n"]
+        lines += ["", f"Top-1 % on {n_images} val images, "
                   f"unseen resolutions served by bn_policy={policy} (I-Nets have one BN set), seeds {', '.join(seeds)}:", ""]
         lines.append(markdown_table(["run"] + [str(r) for r in T] + ["mean over S", "train wall s"], rows))
     rs = report["seeds"][seeds[0]]["interpolate"].get("RS-Net")
@@ -115,6 +121,11 @@ def render(report: dict) -> str:
         hm = rs["hit_miss"]
         lines.append(markdown_table(["wrong at \\ right at"] + [str(r) for r in S],
                                     [[str(j)] + ["-" if i == j else f"{hm[str(j)][str(i)]:.1f}" for i in S] for j in S]))
+    individual = report["seeds"][seeds[0]].get("hit_miss_individual")
+    if individual:
+        lines += ["", f"I-Nets, each at its own resolution (the 'individual' block of RS-Nets Table 1), seed {seeds[0]}:", ""]
+        lines.append(markdown_table(["wrong at \\ right at"] + [str(r) for r in S],
+                                    [[str(j)] + ["-" if i == j else f"{individual[str(j)][str(i)]:.1f}" for i in S] for j in S]))
     return "\n".join(lines) + "\n"
 
 

@@ -245,6 +245,59 @@ def _select(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapt(args: argparse.Namespace) -> int:
+    from .analysis.adapt import adapt_report
+    from .data import ImageFolderDataset, split_dir
+    from .deploy.predict import parse_count
+    from .engine.checkpoint import save_tensors
+
+    model, meta = load_checkpoint(args.run)
+    if model.scale_factors is None:
+        raise ValueError(f"{args.run} is not a resizable model: Resizable-Adapt routes between scaling configurations")
+    cfg = meta.get("config") or make_config()
+    data = args.data or cfg["data"]["root"]
+    configs = [c for c in scale_configurations(model, args.configs) if c is not None]
+    train_ds = ImageFolderDataset(split_dir(data, cfg["data"]["train_split"]), progress=False)
+    pick = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(0))[: args.label_images].tolist()
+    val = ImageFolderDataset(split_dir(data, cfg["data"]["val_split"]), cache="auto", progress=False)
+    resolution = args.resolution or model.train_resolutions[0]
+    rep = adapt_report(model, _SubsetView(train_ds, pick), val, resolution, configs, parse_count(args.max_macs), args.epochs)
+    run_dir = resolve_checkpoint(args.run).parent
+    router = rep.pop("router")
+    rep.pop("chosen_macs")
+    save_tensors(run_dir / "adapt_router.safetensors", router.state_dict(), {k: v for k, v in rep.items()})
+    (run_dir / "adapt.json").write_text(json.dumps(rep, indent=2) + "\n")
+    a, n = rep["adapt"], rep["nas"]
+    print(f"Resizable-Adapt under {rep['budget_macs'] / 1e6:.1f} MMACs ({rep['candidates']} candidate configurations, router trained "
+          f"on {rep['train_images']} images):")
+    print(f"  adapt : top-1 {a['top1']:.2f}%  mean {a['mean_macs'] / 1e6:.1f} MMACs per image (max {a['max_macs'] / 1e6:.1f}), "
+          f"{a['configs_used']} configurations used; + probe pass {rep['probe_macs'] / 1e6:.1f} MMACs")
+    print(f"  NAS   : top-1 {n['top1']:.2f}%  {n['macs'] / 1e6:.1f} MMACs, scales {n['scales']}")
+    print(f"  oracle: top-1 {rep['oracle_top1']:.2f}% (the best candidate per image)")
+    return 0
+
+
+class _SubsetView(torch.utils.data.Dataset):
+    """A subset of an ImageFolderDataset that still exposes (and forwards) ``transform``."""
+
+    def __init__(self, base, indices: list[int]) -> None:
+        self.base, self.indices = base, indices
+
+    @property
+    def transform(self):
+        return self.base.transform
+
+    @transform.setter
+    def transform(self, value) -> None:
+        self.base.transform = value
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.base[self.indices[i]]
+
+
 def _export(args: argparse.Namespace) -> int:
     from .deploy import export
     from .operating_point import OperatingPoint
@@ -379,6 +432,16 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--max-latency-ms", type=float)
     sl.add_argument("--json", action="store_true")
     sl.set_defaults(func=_select)
+
+    ad = sub.add_parser("adapt", help="Resizable-Adapt: a per-image choice of scaling configuration under a MACs budget")
+    ad.add_argument("run")
+    ad.add_argument("--data", help="ImageFolder root (default: the run's data.root)")
+    ad.add_argument("--max-macs", required=True, help="no image may cost more, e.g. 25M")
+    ad.add_argument("--configs", default="all", help="'all' scaling configurations, or N sampled (seeded)")
+    ad.add_argument("--label-images", type=int, default=2000, help="training images labelled with their best configuration")
+    ad.add_argument("--epochs", type=int, default=30, help="router training epochs")
+    ad.add_argument("--resolution", type=int)
+    ad.set_defaults(func=_adapt)
 
     x = sub.add_parser("export", help="export one operating point as a static ONNX or TorchScript model")
     x.add_argument("run", help="run directory or checkpoint")

@@ -154,3 +154,19 @@ def test_adaptive_routing_never_exceeds_the_budget(small_data):
     assert rep["nas"]["macs"] <= budget and 0 <= rep["adapt"]["top1"] <= rep["oracle_top1"] <= 100
     with pytest.raises(ValueError, match="no scaling configuration fits"):
         adapt_report(model, train, val, 48, configs, costs[0] - 1)
+
+
+def test_adapt_cli_reports_and_saves_the_router(tmp_path, small_data, capsys):
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text("model: {name: resizable_resnet18, width_mult: 0.25}\nmethod: {name: resizable, resolutions: [48]}\n"
+                   "data: {cache: true, num_workers: 0}\ntrain: {epochs: 1, batch_size: 4, lr: 0.05, progress: false, eval_every: 0}\n")
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--data", str(small_data), "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["adapt", str(run), "--data", str(small_data), "--max-macs", "5M", "--configs", "12", "--label-images", "8",
+                 "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "Resizable-Adapt under 5.0 MMACs" in out and "oracle" in out
+    rep = json.loads((run / "adapt.json").read_text())
+    assert rep["adapt"]["max_macs"] <= 5e6 and rep["train_images"] == 8
+    assert (run / "adapt_router.safetensors").exists()
