@@ -1,0 +1,124 @@
+"""MutualNet vs US-Net vs I-Nets on the Imagenette protocol (MobileNetV2 base width 0.5, widths [0.25, 1.0]).
+
+Trains MutualNet (resolutions {112, 96, 80, 64}) and US-Net (112 only) with the sandwich rule, and
+I-Nets (plain MobileNetV2 trained at one width x resolution each); builds each adaptive run's query
+table (post-statistics BN per point), plots accuracy vs MACs (PNG) and tables the best point of each
+method at a series of MACs budgets.
+
+    python benchmarks/mutualnet_imagenette.py [--data DIR] [--out runs/bench_mutualnet] [--epochs 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from flexres.analysis.table import pareto_front, select  # noqa: E402
+from flexres.cli import build_table, evaluate_runs  # noqa: E402
+from flexres.engine.checkpoint import SIDECAR  # noqa: E402
+from flexres.engine.config import load_config  # noqa: E402
+from flexres.engine.evaluate import markdown_table  # noqa: E402
+from flexres.engine.trainer import train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenette-224"
+INETS = [(1.0, 112), (0.75, 96), (0.5, 80), (0.35, 64), (1.0, 64), (0.5, 112)]  # (width of the 0.5 base, resolution)
+
+
+def run(label: str, cfg: dict, out: Path, epochs: int) -> float:
+    side = out / SIDECAR
+    if side.exists() and json.loads(side.read_text())["epoch"] >= epochs:
+        return json.loads((out / "wall_seconds.json").read_text())["seconds"] if (out / "wall_seconds.json").exists() else float("nan")
+    t0 = time.time()
+    print(f"== training {label} -> {out}", flush=True)
+    train(cfg, out, resume=(out / "checkpoint.safetensors").exists(), log=lambda s: print("  " + s[:200], flush=True))
+    wall = round(time.time() - t0, 1)
+    (out / "wall_seconds.json").write_text(json.dumps({"seconds": wall}))
+    return wall
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--out", type=Path, default=Path("runs/bench_mutualnet"))
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--widths", default="0.25:1.0:0.05")
+    p.add_argument("--calibration-images", type=int, default=2000)
+    p.add_argument("--batch", type=int, help="override the batch size (e.g. for a smoke test on a tiny set)")
+    args = p.parse_args()
+    if not (args.data / "train").is_dir():
+        raise SystemExit(f"no data at {args.data}; pass --data DIR")
+    from flexres.analysis.table import parse_range
+
+    sets = [f"epochs={args.epochs}", "progress=false", f"eval.calibration_images={args.calibration_images}"]
+    sets += [f"batch_size={args.batch}"] if args.batch else []
+    walls, tables = {}, {}
+    for label, config, res in (("MutualNet", "imagenette_mutualnet_mbv2.yaml", [112, 96, 80, 64]),
+                               ("US-Net", "imagenette_usnet_mbv2.yaml", [112])):
+        cfg = load_config(ROOT / "configs" / config, sets)
+        cfg["data"]["root"] = str(args.data)
+        walls[label] = run(label, cfg, args.out / label, args.epochs)
+        tables[label] = build_table(str(args.out / label), str(args.data), parse_range(args.widths), res,
+                                    calibration_images=args.calibration_images, progress=False)
+    inet_rows = []
+    for w, r in INETS:
+        label = f"I-w{w:g}-{r}"
+        cfg = load_config(ROOT / "configs" / "imagenette_mutualnet_mbv2.yaml", sets)
+        cfg["data"]["root"] = str(args.data)
+        cfg["model"] = {"name": "mobilenet_v2", "width_mult": 0.5 * w, "num_classes": None, "kwargs": {}}
+        cfg["method"] = {"name": "individual", "resolutions": [r], "kwargs": {}}
+        walls[label] = run(label, cfg, args.out / label, args.epochs)
+        rep = evaluate_runs([str(args.out / label)], str(args.data), [r], "interpolate", progress=False)["runs"][label]
+        inet_rows.append({"label": label, "width": w, "resolution": r, "top1": rep["results"][str(r)]["top1"],
+                          "macs": rep["results"][str(r)]["macs"]})
+    report = {"date": str(date.today()), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+              "epochs": args.epochs, "wall_s": walls, "tables": tables, "inets": inet_rows}
+    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, rows in tables.items():
+        front = pareto_front(rows)
+        ax.plot([r["macs"] / 1e6 for r in front], [r["top1"] for r in front], marker="o", ms=3, label=f"{label} (Pareto frontier)")
+    ax.scatter([r["macs"] / 1e6 for r in inet_rows], [r["top1"] for r in inet_rows], color="black", marker="x", label="I-Nets")
+    ax.set_xlabel("MMACs per image")
+    ax.set_ylabel("top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Imagenette, MobileNetV2 (base width 0.5): accuracy vs MACs")
+    fig.tight_layout()
+    fig.savefig(args.out / "accuracy_vs_macs.png", dpi=110)
+
+    all_macs = sorted(r["macs"] for rows in tables.values() for r in rows)
+    budgets = [all_macs[int(q * (len(all_macs) - 1))] for q in (0.05, 0.2, 0.4, 0.6, 0.8, 1.0)]
+    rows = []
+    for b in budgets:
+        row = [f"{b / 1e6:.1f}"]
+        for label, table in tables.items():
+            try:
+                s = select(table, max_macs=b)
+                row.append(f"{s['top1']:.1f} (w {s['width']:g}, {s['resolution']} px)")
+            except ValueError:
+                row.append("-")
+        fits = [r for r in inet_rows if r["macs"] <= b]
+        best = max(fits, key=lambda r: r["top1"]) if fits else None
+        row.append(f"{best['top1']:.1f} ({best['label']})" if best else "-")
+        rows.append(row)
+    md = [f"Date {report['date']}; {report['machine']}; {args.epochs} epochs; wall s: " + ", ".join(f"{k} {v:.0f}" for k, v in walls.items()),
+          "", "Best top-1 under each MACs budget (the operating point `flexres select` picks):", "",
+          markdown_table(["budget (MMACs)"] + list(tables) + ["best I-Net"], rows)]
+    (args.out / "report.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
