@@ -14,10 +14,10 @@ def test_registry_lists_the_families():
         flexres.create_model("resnet19")
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2"])
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2", "shufflenet_v2"])
 def test_layer_names_and_params_follow_torchvision(name):
     ours = flexres.create_model(name, num_classes=1000, train_resolutions=[224])
-    theirs = getattr(torchvision.models, name)()
+    theirs = getattr(torchvision.models, name if name != "shufflenet_v2" else "shufflenet_v2_x1_0")()
     assert {k.replace(".bns.0", "") for k in ours.state_dict()} == set(theirs.state_dict())
     assert count_params(ours) == sum(p.numel() for p in theirs.parameters())
 
@@ -68,11 +68,11 @@ def test_macs_scale_with_resolution_squared():
     assert abs(count_macs(full, 224) / 1e9 - 1.82) < 0.01
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "shufflenet_v2"])
 def test_torchvision_weights_load_into_every_bn_set_and_give_torchvision_outputs(name):
     from flexres.models import load_single_bn_weights
 
-    theirs = getattr(torchvision.models, name)(num_classes=7).eval()
+    theirs = getattr(torchvision.models, name if name != "shufflenet_v2" else "shufflenet_v2_x1_0")(num_classes=7).eval()
     with torch.no_grad():  # non-trivial BN statistics so a wrong mapping shows
         for m in theirs.modules():
             if isinstance(m, torch.nn.BatchNorm2d):

@@ -36,7 +36,7 @@ def test_random_sampling_does_not_balance_factors():
     assert unbalanced > 15
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "mobilenet_v1"])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "mobilenet_v1", "shufflenet_v2"])
 def test_all_factors_one_equals_the_plain_network(name):
     kw = {"dropout": 0.0} if "mobilenet" in name else {}
     res = flexres.create_model(f"resizable_{name}", num_classes=10, train_resolutions=[112], width_mult=0.25, **kw).train()
@@ -81,7 +81,7 @@ def test_scale_aware_bn_selects_the_bn_of_each_stages_factor():
         m.set_operating_point(OperatingPoint(112, scales=(0.2, 1.0, 1.0, 1.0)))
 
 
-@pytest.mark.parametrize("name", ["resizable_resnet18", "resizable_mobilenet_v2"])
+@pytest.mark.parametrize("name", ["resizable_resnet18", "resizable_mobilenet_v2", "resizable_shufflenet_v2"])
 def test_static_export_of_a_configuration_matches(name):
     m = flexres.create_model(name, num_classes=10, train_resolutions=[112], width_mult=0.25).eval()
     op = OperatingPoint(112, scales=(0.45, 1.0, 0.65, 0.85, 1.0)[: m.num_stages])

@@ -1,4 +1,4 @@
-from . import mobilenet_v1, mobilenet_v2, resnet  # noqa: F401  (registers the families)
+from . import mobilenet_v1, mobilenet_v2, resnet, shufflenet_v2  # noqa: F401  (registers the families)
 from .base import SAN_MODES, AdaptiveModel, load_single_bn_weights, make_divisible
 from .materialize import materialize
 from .registry import create_model, list_models, register_model
