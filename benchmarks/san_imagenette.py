@@ -63,9 +63,16 @@ def main() -> None:
                                 scale_policy=policies["scale_policy"])
             per_seed[mode] = rep["runs"]["SAN"]
             print(f"evaluated SAN seed {seed}: {mode}", flush=True)
-        baselines = [str(Path(args.rsnet_runs) / f"seed{seed}" / b) for b in BASELINES if (Path(args.rsnet_runs) / f"seed{seed}" / b).is_dir()]
-        if baselines:
-            per_seed["baselines"] = evaluate_runs(baselines, str(args.data), T, "interpolate", progress=False)["runs"]
+        # The I-Nets and RS-Net of the same seed: their evaluation from rsnet_imagenette.py when it has one for T.
+        prior = Path(args.rsnet_runs) / "report.json"
+        prior_runs = json.loads(prior.read_text())["seeds"].get(str(seed), {}).get("interpolate", {}) if prior.exists() else {}
+        if all(b in prior_runs and all(str(r) in prior_runs[b]["results"] for r in T) for b in BASELINES):
+            per_seed["baselines"] = {b: prior_runs[b] for b in BASELINES}
+        else:
+            baselines = [str(Path(args.rsnet_runs) / f"seed{seed}" / b) for b in BASELINES
+                         if (Path(args.rsnet_runs) / f"seed{seed}" / b).is_dir()]
+            if baselines:
+                per_seed["baselines"] = evaluate_runs(baselines, str(args.data), T, "interpolate", progress=False)["runs"]
         report["seeds"][str(seed)] = per_seed
         (Path(args.out) / "report.json").write_text(json.dumps(report, indent=2))
     md = render(report)
