@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from datetime import date
 from pathlib import Path
 
@@ -22,29 +21,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from _common import train_once  # noqa: E402
 
 from flexres.analysis.table import pareto_front, select  # noqa: E402
 from flexres.cli import build_table, evaluate_runs  # noqa: E402
-from flexres.engine.checkpoint import SIDECAR  # noqa: E402
 from flexres.engine.config import load_config  # noqa: E402
 from flexres.engine.evaluate import markdown_table  # noqa: E402
-from flexres.engine.trainer import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenette-224"
 INETS = [(1.0, 112), (0.75, 96), (0.5, 80), (0.35, 64), (1.0, 64), (0.5, 112)]  # (width of the 0.5 base, resolution)
-
-
-def run(label: str, cfg: dict, out: Path, epochs: int) -> float:
-    side = out / SIDECAR
-    if side.exists() and json.loads(side.read_text())["epoch"] >= epochs:
-        return json.loads((out / "wall_seconds.json").read_text())["seconds"] if (out / "wall_seconds.json").exists() else float("nan")
-    t0 = time.time()
-    print(f"== training {label} -> {out}", flush=True)
-    train(cfg, out, resume=(out / "checkpoint.safetensors").exists(), log=lambda s: print("  " + s[:200], flush=True))
-    wall = round(time.time() - t0, 1)
-    (out / "wall_seconds.json").write_text(json.dumps({"seconds": wall}))
-    return wall
 
 
 def main() -> None:
@@ -67,7 +53,7 @@ def main() -> None:
                                ("US-Net", "imagenette_usnet_mbv2.yaml", [112])):
         cfg = load_config(ROOT / "configs" / config, sets)
         cfg["data"]["root"] = str(args.data)
-        walls[label] = run(label, cfg, args.out / label, args.epochs)
+        walls[label] = train_once(label, cfg, args.out / label, args.epochs)
         tables[label] = build_table(str(args.out / label), str(args.data), parse_range(args.widths), res,
                                     calibration_images=args.calibration_images, progress=False)
     inet_rows = []
@@ -77,7 +63,7 @@ def main() -> None:
         cfg["data"]["root"] = str(args.data)
         cfg["model"] = {"name": "mobilenet_v2", "width_mult": 0.5 * w, "num_classes": None, "kwargs": {}}
         cfg["method"] = {"name": "individual", "resolutions": [r], "kwargs": {}}
-        walls[label] = run(label, cfg, args.out / label, args.epochs)
+        walls[label] = train_once(label, cfg, args.out / label, args.epochs)
         rep = evaluate_runs([str(args.out / label)], str(args.data), [r], "interpolate", progress=False)["runs"][label]
         inet_rows.append({"label": label, "width": w, "resolution": r, "top1": rep["results"][str(r)]["top1"],
                           "macs": rep["results"][str(r)]["macs"]})

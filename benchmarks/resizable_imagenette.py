@@ -11,22 +11,20 @@
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
-import time
 from datetime import date
 from pathlib import Path
 
 import torch
+from _common import train_once
 
 from flexres.analysis.adapt import adapt_report
 from flexres.cli import _SubsetView, build_table
 from flexres.data import ImageFolderDataset
-from flexres.engine.checkpoint import SIDECAR, load_checkpoint
+from flexres.engine.checkpoint import load_checkpoint
 from flexres.engine.config import load_config
 from flexres.engine.evaluate import evaluate, markdown_table
-from flexres.engine.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenette-224"
@@ -40,19 +38,6 @@ def base_config(data: Path, epochs: int, batch: int | None) -> dict:
     cfg["model"]["name"] = "resizable_resnet18"
     cfg["method"] = {"name": "resizable", "resolutions": [112], "kwargs": {}}
     return cfg
-
-
-def run(label: str, cfg: dict, out: Path, epochs: int) -> float:
-    side = out / SIDECAR
-    if side.exists() and json.loads(side.read_text())["epoch"] >= epochs:
-        w = out / "wall_seconds.json"
-        return json.loads(w.read_text())["seconds"] if w.exists() else float("nan")
-    t0 = time.time()
-    print(f"== training {label} -> {out}", flush=True)
-    train(cfg, out, resume=(out / "checkpoint.safetensors").exists(), log=lambda s: print("  " + s[:200], flush=True))
-    wall = round(time.time() - t0, 1)
-    (out / "wall_seconds.json").write_text(json.dumps({"seconds": wall}))
-    return wall
 
 
 def main() -> None:
@@ -74,7 +59,7 @@ def main() -> None:
     for label, kwargs in runs.items():
         cfg = base_config(args.data, args.epochs, args.batch)
         cfg["method"]["kwargs"] = kwargs
-        walls[label] = run(label, cfg, args.out / label, args.epochs)
+        walls[label] = train_once(label, cfg, args.out / label, args.epochs)
 
     tables = {k: build_table(str(args.out / k), str(args.data), [1.0], [112], scales=args.configs, progress=False)
               for k in ("fair", "random")}

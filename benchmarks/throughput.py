@@ -25,7 +25,12 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 import flexres
-from flexres.data import ImageFolderDataset, MultiResolutionCrop, collate_skipping, normalize_batch
+from flexres.data import (
+    ImageFolderDataset,
+    MultiResolutionCrop,
+    collate_skipping,
+    normalize_batch,
+)
 from flexres.engine.evaluate import markdown_table
 from flexres.methods import create_method
 

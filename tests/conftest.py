@@ -35,5 +35,17 @@ def small_data(tmp_path, sample_data) -> Path:
     return root
 
 
+@torch.no_grad()
+def distinct_bn_statistics(model):
+    """Give every BN set its own statistics and affine parameters, as training would leave them; eval mode."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.normal_(1, 0.2)
+            m.bias.normal_(0, 0.2)
+    return model.eval()
+
+
 def tiny_model(name="resnet18", resolutions=(64, 48, 32), num_classes=5, **kw):
     return flexres.create_model(name, num_classes=num_classes, train_resolutions=list(resolutions), width_mult=0.25, **kw)

@@ -6,22 +6,11 @@ import torch
 
 import flexres
 from flexres.engine.checkpoint import CheckpointMismatchError, load_checkpoint, load_into, save_checkpoint
-from tests.conftest import tiny_model
-
-
-def _trained_like(model):
-    """Give every BN distinct statistics, as training would."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_()
-    return model.eval()
+from tests.conftest import distinct_bn_statistics, tiny_model
 
 
 def test_round_trip_gives_identical_outputs_at_every_resolution(tmp_path):
-    model = _trained_like(tiny_model(resolutions=(64, 48, 32)))
+    model = distinct_bn_statistics(tiny_model(resolutions=(64, 48, 32)))
     save_checkpoint(tmp_path, model, {"epoch": 3, "classes": list("abcde")})
     loaded, meta = load_checkpoint(tmp_path)
     assert meta["epoch"] == 3 and meta["train_resolutions"] == [64, 48, 32]

@@ -12,18 +12,11 @@ from flexres.cli import main, sample_data_dir
 from flexres.data import normalize_batch
 from flexres.deploy import export, to_static
 from flexres.deploy.export import reference_images
+from tests.conftest import distinct_bn_statistics
 
 
 def trained_like(name):
-    model = flexres.create_model(name, num_classes=10, train_resolutions=[96, 64], width_mult=0.25)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_(1, 0.2)
-                m.bias.normal_(0, 0.2)
-    return model.eval()
+    return distinct_bn_statistics(flexres.create_model(name, num_classes=10, train_resolutions=[96, 64], width_mult=0.25))
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "san_resnet18", "san_mobilenet_v2"])

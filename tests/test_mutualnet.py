@@ -11,7 +11,7 @@ from flexres.analysis.table import pareto_front, parse_range, select
 from flexres.cli import main
 from flexres.methods import create_method
 from flexres.nn import calibrate_bn
-from flexres.nn.slimmable import SlimmableBatchNorm2d, SlimmableConv2d, SlimmableLinear, slim_channels
+from flexres.nn.slimmable import SlimmableConv2d, SlimmableLinear, slim_channels
 
 
 def test_slim_channels_rounds_to_the_divisor_and_never_exceeds_the_layer():

@@ -8,18 +8,11 @@ from flexres.methods import create_method
 from flexres.methods.san import scale_distillation
 from flexres.models import SAN_MODES, materialize
 from flexres.nn.meta_conv import MetaConv2d
+from tests.conftest import distinct_bn_statistics
 
 
 def san_model(name="san_resnet18", resolutions=(96, 64, 32)):
-    model = flexres.create_model(name, num_classes=5, train_resolutions=list(resolutions), width_mult=0.25)
-    with torch.no_grad():  # distinct BN sets, as training would leave them
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_(1, 0.2)
-                m.bias.normal_(0, 0.2)
-    return model.eval()
+    return distinct_bn_statistics(flexres.create_model(name, num_classes=5, train_resolutions=list(resolutions), width_mult=0.25))
 
 
 def test_generated_weight_is_a_times_eps_plus_b():

@@ -10,7 +10,6 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 
 from ..models import AdaptiveModel  # noqa: E402
 
@@ -124,4 +123,4 @@ table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px;t
     return index
 
 
-__all__ = ["bn_statistics", "torch", "write_report"]
+__all__ = ["bn_statistics", "write_report"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from ..data import EvalTransform, ImageFolderDataset, MultiResolutionCrop, normalize_batch
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..models import AdaptiveModel
 from ..nn import calibrate_bn
 from ..operating_point import OperatingPoint
@@ -34,8 +34,6 @@ def evaluate(model: AdaptiveModel, dataset: ImageFolderDataset, resolutions: lis
 
     Returns {resolution: {"top1", "top5", "n", "correct" (bool tensor, dataset order), "bn"}}.
     """
-    from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
     mean, std = mean or IMAGENET_MEAN, std or IMAGENET_STD
     device = next(model.parameters()).device
     model.eval()
@@ -75,8 +73,6 @@ def calibrate(model: AdaptiveModel, train_dataset: ImageFolderDataset, points: l
               workers: int = 0) -> list[OperatingPoint]:
     """Calibrate BN statistics at each operating point not yet calibrated, on a seeded random subset of
     ``num_images`` training images with the training augmentation. Returns the points it calibrated."""
-    from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
     mean, std = mean or IMAGENET_MEAN, std or IMAGENET_STD
     device = next(model.parameters()).device
     done = []
@@ -138,4 +134,4 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Path", "accuracy_matrix", "calibrate", "evaluate", "format_table", "hit_miss_matrix", "markdown_table"]
+__all__ = ["accuracy_matrix", "calibrate", "evaluate", "format_table", "hit_miss_matrix", "markdown_table"]

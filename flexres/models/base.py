@@ -5,13 +5,14 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 from torch import Tensor, nn
 
 from ..nn.meta_conv import MetaConv2d
 from ..nn.slimmable import SlimmableBatchNorm2d, SlimmableConv2d, SlimmableLinear
-from ..nn.stage_resize import StageResize, factor_key
+from ..nn.stage_resize import factor_key
 from ..nn.switchable_bn import BN_POLICIES, SwitchableBatchNorm2d, nearest_index
 from ..operating_point import OperatingPoint
 
@@ -270,6 +271,12 @@ class AdaptiveModel(nn.Module):
         finally:
             self.set_operating_point(*previous)
 
+    def layer_factories(self, meta_conv: bool = False, slimmable: bool = False, slim_divisor: int = 8) -> tuple[Callable, ConvFactory]:
+        """(norm, conv) factories: a BN per trained resolution with plain or SAN convs, or width-slimmable layers."""
+        if slimmable:
+            return partial(SlimmableBatchNorm2d, divisor=slim_divisor), conv_factory(slimmable_divisor=slim_divisor)
+        return partial(SwitchableBatchNorm2d, resolutions=self.train_resolutions), conv_factory(meta_conv)
+
     # --- forward ---
     def forward_features(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -285,6 +292,23 @@ class AdaptiveModel(nn.Module):
                 f"(expected N x C x {r} x {r}); call model.set_operating_point({x.shape[-1]}) first"
             )
         return self.forward_head(self.forward_features(x))
+
+
+class FeatureSequenceModel(AdaptiveModel):
+    """A family whose body is ``self.features`` (a sequence of blocks) and head ``self.classifier``
+    (MobileNets): blocks run in order, with each stage's StageResize before its ``resize_at`` block."""
+
+    resize_at: dict[int, int]
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        for b, layer in enumerate(self.features):
+            if self.stage_resizers is not None and b in self.resize_at:
+                x = self.stage_resizers[self.resize_at[b]](x)
+            x = layer(x)
+        return x
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        return self.classifier(nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
 def load_single_bn_weights(model: AdaptiveModel, state_dict: dict[str, Tensor]) -> None:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from functools import partial
 
-from torch import Tensor, nn
+from torch import nn
 
-from ..nn.slimmable import SlimmableBatchNorm2d, SlimmableLinear
-from ..nn.switchable_bn import SwitchableBatchNorm2d
+from ..nn.slimmable import SlimmableLinear
 from ..nn.stage_resize import StageResize
-from .base import AdaptiveModel, conv_factory, make_divisible, resize_plan, scale_aware_norm
+from .base import FeatureSequenceModel, make_divisible, resize_plan, scale_aware_norm
 from .mobilenet_v2 import ConvBNReLU
 from .registry import register_model
 
@@ -25,15 +24,12 @@ class DepthwiseSeparable(nn.Sequential):
         super().__init__(ConvBNReLU(cin, cin, 3, stride, norm, conv, groups=cin), ConvBNReLU(cin, cout, 1, 1, norm, conv))
 
 
-class MobileNetV1(AdaptiveModel):
+class MobileNetV1(FeatureSequenceModel):
     def __init__(self, num_classes: int = 1000, train_resolutions: list[int] | tuple[int, ...] = (224,), width_mult: float = 1.0,
                  dropout: float = 0.0, slimmable: bool = False, width_range: tuple[float, float] = (0.25, 1.0),
                  slim_divisor: int = 8, resizable: bool = False, scale_factors: tuple[float, ...] = (0.45, 0.65, 0.85, 1.0)) -> None:
         super().__init__(train_resolutions, None, width_range if slimmable else None, scale_factors if resizable else None)
-        if slimmable:
-            norm, conv = partial(SlimmableBatchNorm2d, divisor=slim_divisor), conv_factory(slimmable_divisor=slim_divisor)
-        else:
-            norm, conv = partial(SwitchableBatchNorm2d, resolutions=self.train_resolutions), conv_factory()
+        norm, conv = self.layer_factories(slimmable=slimmable, slim_divisor=slim_divisor)
         self.resize_at, bn_stage, stage_strides = resize_plan([2] + [s for _, s in _BLOCKS])
         norms = [norm] * (len(_BLOCKS) + 1)
         if resizable:
@@ -56,15 +52,6 @@ class MobileNetV1(AdaptiveModel):
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        for b, layer in enumerate(self.features):
-            if self.stage_resizers is not None and b in self.resize_at:
-                x = self.stage_resizers[self.resize_at[b]](x)
-            x = layer(x)
-        return x
-
-    def forward_head(self, x: Tensor) -> Tensor:
-        return self.classifier(nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
 @register_model

@@ -6,10 +6,9 @@ from functools import partial
 
 from torch import Tensor, nn
 
-from ..nn.slimmable import SlimmableBatchNorm2d, SlimmableLinear
-from ..nn.switchable_bn import SwitchableBatchNorm2d
+from ..nn.slimmable import SlimmableLinear
 from ..nn.stage_resize import StageResize
-from .base import AdaptiveModel, ConvFactory, conv_factory, make_divisible, resize_plan, scale_aware_norm
+from .base import ConvFactory, FeatureSequenceModel, make_divisible, resize_plan, scale_aware_norm
 from .registry import register_model
 
 # (expand ratio t, output channels c, repeats n, first stride s), MobileNetV2 Table 2.
@@ -42,7 +41,7 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x) if self.use_res_connect else self.conv(x)
 
 
-class MobileNetV2(AdaptiveModel):
+class MobileNetV2(FeatureSequenceModel):
     def __init__(
         self,
         num_classes: int = 1000,
@@ -59,12 +58,7 @@ class MobileNetV2(AdaptiveModel):
     ) -> None:
         super().__init__(train_resolutions, scale_divisor if meta_conv else None, width_range if slimmable else None,
                          scale_factors if resizable else None)
-        if slimmable:
-            norm = partial(SlimmableBatchNorm2d, divisor=slim_divisor)
-            conv = conv_factory(slimmable_divisor=slim_divisor)
-        else:
-            norm = partial(SwitchableBatchNorm2d, resolutions=self.train_resolutions)
-            conv = conv_factory(meta_conv)
+        norm, conv = self.layer_factories(meta_conv, slimmable, slim_divisor)
         cin = make_divisible(32 * width_mult, 8)
         last = make_divisible(1280 * max(1.0, width_mult), 8)
         strides = [2] + [s if i == 0 else 1 for _, _, n, s in _SETTINGS for i in range(n)] + [1]
@@ -95,15 +89,6 @@ class MobileNetV2(AdaptiveModel):
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        for b, layer in enumerate(self.features):
-            if self.stage_resizers is not None and b in self.resize_at:
-                x = self.stage_resizers[self.resize_at[b]](x)
-            x = layer(x)
-        return x
-
-    def forward_head(self, x: Tensor) -> Tensor:
-        return self.classifier(nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
 @register_model

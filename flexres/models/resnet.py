@@ -6,10 +6,9 @@ from functools import partial
 
 from torch import Tensor, nn
 
-from ..nn.slimmable import SlimmableBatchNorm2d, SlimmableLinear
-from ..nn.switchable_bn import SwitchableBatchNorm2d
+from ..nn.slimmable import SlimmableLinear
 from ..nn.stage_resize import StageResize
-from .base import AdaptiveModel, ConvFactory, conv_factory, make_divisible, scale_aware_norm
+from .base import AdaptiveModel, ConvFactory, make_divisible, scale_aware_norm
 from .registry import register_model
 
 
@@ -78,12 +77,7 @@ class ResNet(AdaptiveModel):
     ) -> None:
         super().__init__(train_resolutions, scale_divisor if meta_conv else None, width_range if slimmable else None,
                          scale_factors if resizable else None)
-        if slimmable:
-            norm = partial(SlimmableBatchNorm2d, divisor=slim_divisor)
-            conv = conv_factory(slimmable_divisor=slim_divisor)
-        else:
-            norm = partial(SwitchableBatchNorm2d, resolutions=self.train_resolutions)
-            conv = conv_factory(meta_conv)
+        norm, conv = self.layer_factories(meta_conv, slimmable, slim_divisor)
         widths = [make_divisible(c * width_mult, 8) for c in (64, 128, 256, 512)]
         self.conv1 = conv(3, widths[0], 7, 2, 3)
         self.bn1 = norm(widths[0])

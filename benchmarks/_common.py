@@ -1,0 +1,24 @@
+"""Shared by the benchmark scripts: train a run once (resume if interrupted, skip if finished) and time it."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from flexres.engine.checkpoint import SIDECAR
+from flexres.engine.trainer import train
+
+
+def train_once(label: str, cfg: dict, out: Path, epochs: int) -> float:
+    """Wall seconds of training ``label`` into ``out`` (from its record when it had already finished)."""
+    out = Path(out)
+    side, wall_file = out / SIDECAR, out / "wall_seconds.json"
+    if side.exists() and json.loads(side.read_text())["epoch"] >= epochs:
+        return json.loads(wall_file.read_text())["seconds"] if wall_file.exists() else float("nan")
+    t0 = time.time()
+    print(f"== training {label} -> {out}", flush=True)
+    train(cfg, out, resume=(out / "checkpoint.safetensors").exists(), log=lambda s: print("  " + s[:200], flush=True))
+    wall = round(time.time() - t0, 1)
+    wall_file.write_text(json.dumps({"seconds": wall}))
+    return wall
