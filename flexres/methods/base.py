@@ -28,8 +28,14 @@ class Method(nn.Module):
 
     name: str = ""
 
-    def __init__(self, resolutions: list[int] | tuple[int, ...], label_smoothing: float = 0.0) -> None:
+    def __init__(self, resolutions: list[int] | tuple[int, ...], label_smoothing: float = 0.0, reduction: str = "sum") -> None:
         super().__init__()
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction must be 'sum' (the papers' equations) or 'mean' (divided by the number of "
+                             f"resolutions), got {reduction!r}")
+        # "sum" is the papers' loss; "mean" divides the network's loss by the number of resolutions, so one
+        # step moves the shared weights as far as a single-resolution step does at the same learning rate.
+        self.reduction = reduction
         if not resolutions:
             raise ValueError(f"method {self.name!r} needs at least one resolution")
         self.resolutions: tuple[int, ...] = tuple(sorted({int(r) for r in resolutions}, reverse=True))
@@ -42,6 +48,9 @@ class Method(nn.Module):
 
     def cross_entropy(self, logits: Tensor, labels: Tensor) -> Tensor:
         return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+
+    def reduce(self, loss: Tensor) -> Tensor:
+        return loss / len(self.resolutions) if self.reduction == "mean" else loss
 
     def run_all(self, model: AdaptiveModel, inputs: tuple[Tensor, ...]) -> list[Tensor]:
         """Logits at every training resolution; ``inputs[i]`` is the batch at ``resolutions[i]``."""

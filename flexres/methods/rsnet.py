@@ -43,10 +43,13 @@ class Parallel(Method):
 
     name = "parallel"
 
+    def __init__(self, resolutions: list[int] | tuple[int, ...], label_smoothing: float = 0.0, reduction: str = "sum") -> None:
+        super().__init__(resolutions, label_smoothing, reduction)
+
     def forward(self, model: AdaptiveModel, inputs: tuple[Tensor, ...], labels: Tensor) -> StepOutput:
         logits = self.run_all(model, inputs)
         loss = sum(self.cross_entropy(z, labels) for z in logits)
-        return StepOutput(loss, {"cls": loss.detach()}, {r: z.detach() for r, z in zip(self.resolutions, logits)})
+        return StepOutput(self.reduce(loss), {"cls": loss.detach()}, {r: z.detach() for r, z in zip(self.resolutions, logits)})
 
 
 @register_method
@@ -63,8 +66,9 @@ class RSNet(Method):
 
     name = "rsnet"
 
-    def __init__(self, resolutions: list[int] | tuple[int, ...], mred: str = "full", label_smoothing: float = 0.0) -> None:
-        super().__init__(resolutions, label_smoothing)
+    def __init__(self, resolutions: list[int] | tuple[int, ...], mred: str = "full", label_smoothing: float = 0.0,
+                 reduction: str = "sum") -> None:
+        super().__init__(resolutions, label_smoothing, reduction)
         if mred not in ("full", "vanilla"):
             raise ValueError(f"mred must be 'full' or 'vanilla', got {mred!r}")
         if len(self.resolutions) < 2:
@@ -93,7 +97,8 @@ class RSNet(Method):
     def forward(self, model: AdaptiveModel, inputs: tuple[Tensor, ...], labels: Tensor) -> StepOutput:
         logits = self.run_all(model, inputs)
         terms = self.mred_losses(logits, labels)
-        loss = terms["cls"] + terms["ens"] + terms["dis"]
+        # L_ens reaches only alpha, so the reduction (a step size for the shared weights) leaves it alone.
+        loss = self.reduce(terms["cls"] + terms["dis"]) + terms["ens"]
         return StepOutput(loss, {k: v.detach() for k, v in terms.items()}, {r: z.detach() for r, z in zip(self.resolutions, logits)})
 
     def log_values(self) -> dict[str, object]:
