@@ -97,3 +97,25 @@ def test_teachers_are_detached_in_every_kl(example):
 def test_individual_refuses_several_resolutions():
     with pytest.raises(ValueError, match="exactly one resolution"):
         create_method("individual", resolutions=[96, 64])
+
+
+def test_mean_reduction_divides_the_network_loss_but_not_the_ensemble_loss(example):
+    logits, labels = example
+
+    class FakeModel:
+        def set_operating_point(self, r):
+            self.r = r
+
+        def __call__(self, x):
+            return logits[[96, 64, 32].index(self.r)]
+
+    summed = create_method("rsnet", resolutions=[96, 64, 32])
+    mean = create_method("rsnet", resolutions=[96, 64, 32], reduction="mean")
+    a, b = summed(FakeModel(), (None,) * 3, labels), mean(FakeModel(), (None,) * 3, labels)
+    t = a.terms
+    torch.testing.assert_close(a.loss, t["cls"] + t["ens"] + t["dis"])
+    torch.testing.assert_close(b.loss, (t["cls"] + t["dis"]) / 3 + t["ens"])
+    par = create_method("parallel", resolutions=[96, 64, 32], reduction="mean")
+    torch.testing.assert_close(par(FakeModel(), (None,) * 3, labels).loss, sum(F.cross_entropy(z, labels) for z in logits) / 3)
+    with pytest.raises(ValueError, match="reduction must be"):
+        create_method("parallel", resolutions=[96, 64], reduction="max")
