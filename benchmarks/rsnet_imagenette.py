@@ -33,6 +33,9 @@ T = [128, 112, 104, 96, 88, 80, 72, 64, 56, 48, 40]
 def run_specs(which: list[str]) -> list[tuple[str, str, list[str]]]:
     specs = [(f"I-{r}", "imagenette_individual_r18.yaml", [f"method.resolutions=[{r}]"]) for r in S]
     specs += [("parallel", "imagenette_parallel_r18.yaml", []), ("RS-Net", "imagenette_rsnet_r18.yaml", [])]
+    # The papers' summed loss (Eq. 2) at the protocol's learning rate, for comparison with the configs' mean.
+    specs += [("parallel-sum", "imagenette_parallel_r18.yaml", ["method.kwargs={reduction: sum}"]),
+              ("RS-Net-sum", "imagenette_rsnet_r18.yaml", ["method.kwargs={mred: full, reduction: sum}"])]
     return [s for s in specs if not which or s[0] in which]
 
 
@@ -61,7 +64,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench_rsnet")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--runs", nargs="*", default=[], help="subset of run labels (I-112 ... parallel RS-Net)")
+    p.add_argument("--runs", nargs="*", default=[], help="subset of run labels (I-112 ... parallel RS-Net parallel-sum RS-Net-sum)")
     p.add_argument("--skip-calibrate", action="store_true")
     p.add_argument("--policies", nargs="+", help="BN policies to evaluate (default interpolate nearest calibrate)")
     p.add_argument("--test-resolutions", type=int, nargs="+", default=T)
@@ -114,7 +117,7 @@ def render(report: dict) -> str:
         lines += ["", f"Top-1 % on {n_images} val images, "
                   f"unseen resolutions served by bn_policy={policy} (I-Nets have one BN set), seeds {', '.join(seeds)}:", ""]
         lines.append(markdown_table(["run"] + [str(r) for r in T] + ["mean over S", "train wall s"], rows))
-    rs = report["seeds"][seeds[0]]["interpolate"].get("RS-Net")
+    rs = report["seeds"][seeds[0]].get("interpolate", {}).get("RS-Net")
     if rs:
         lines += ["", "RS-Net hit/miss (% right at column resolution, wrong at row resolution; RS-Nets Table 1), seed "
                   f"{seeds[0]}:", ""]
