@@ -120,3 +120,59 @@ def test_sync_batchnorm_reaches_the_bns_inside_switchable_bn():
     synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     kinds = {type(b) for m in synced.switchable_bns() for b in m.bns}
     assert kinds == {torch.nn.SyncBatchNorm}
+
+
+CALIBRATE_SCRIPT = """
+import sys, torch, torch.distributed as dist
+import flexres
+from flexres.nn import calibrate_bn
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = flexres.create_model("resnet18", num_classes=3, train_resolutions=[48, 32], width_mult=0.25).eval()
+images = torch.randn(8, 3, 40, 40, generator=torch.Generator().manual_seed(1))
+mine = images[rank * 4:(rank + 1) * 4]  # each rank calibrates on its own shard, in one batch
+calibrate_bn(model, iter([mine]), 40, 4, across_ranks=True)
+if rank == 0:
+    torch.save(model.bn1.calibrated[40], sys.argv[1])
+dist.destroy_process_group()
+"""
+
+
+def test_bn_calibration_across_ranks_covers_every_ranks_images(tmp_path):
+    import flexres
+    from flexres.nn import calibrate_bn
+
+    script = tmp_path / "cal.py"
+    script.write_text(CALIBRATE_SCRIPT)
+    out = tmp_path / "stats.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ddp_mean, ddp_var = torch.load(out)
+    torch.manual_seed(0)
+    model = flexres.create_model("resnet18", num_classes=3, train_resolutions=[48, 32], width_mult=0.25).eval()
+    images = torch.randn(8, 3, 40, 40, generator=torch.Generator().manual_seed(1))
+    # the stem BN sees the stem conv output, which does not depend on how the shards were normalised
+    calibrate_bn(model, iter([images]), 40, 8)
+    mean, var = model.bn1.calibrated[40]
+    torch.testing.assert_close(ddp_mean, mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ddp_var, var, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_compile_falls_back_to_eager_when_the_first_call_fails(tmp_path, small_data, monkeypatch):
+    import flexres.engine.trainer as trainer_mod
+
+    def broken_compile(module):
+        def call(*args):
+            raise RuntimeError("no C++ compiler here")
+        return call
+
+    monkeypatch.setattr(trainer_mod.torch, "compile", broken_compile)
+    notes = []
+    cfg = make_config({"model": {"name": "resnet18", "width_mult": 0.25}, "method": {"name": "rsnet", "resolutions": [32, 24]},
+                       "data": {"root": str(small_data), "cache": True, "num_workers": 0},
+                       "train": {"epochs": 1, "batch_size": 4, "compile": True, "progress": False, "eval_every": 0}})
+    last = train(cfg, tmp_path / "run", log=notes.append)
+    assert last["images"] == 12 and any("torch.compile unavailable" in n and "no C++ compiler" in n for n in notes)
