@@ -56,7 +56,17 @@ def any_config(tmp_path, request):
     return p
 
 
-def test_ddp_matches_one_process_accumulating_the_same_micro_batches(tmp_path, small_data, any_config):
+@pytest.fixture
+def one_thread():
+    """The torchrun ranks run one thread each; the reference run must use the same kernels, or float
+    differences between 1- and 2-thread reductions grow over the steps."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_ddp_matches_one_process_accumulating_the_same_micro_batches(tmp_path, small_data, any_config, one_thread):
     """For MutualNet this also shows rank-consistent sampling: both ranks train the same random sub-networks."""
     config = any_config
     base = ["train", "--config", str(config), "--data", str(small_data)]
