@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..models import AdaptiveModel
@@ -33,6 +32,7 @@ def count_params(model: AdaptiveModel, op: OperatingPoint | int | None = None) -
         with model.at(op, bn_policy="nearest"):
             return count_params(model)
     total = 0
+    inner_bns = {id(b) for s in model.switchable_bns() for b in s.bns}
     for m in model.modules():
         if isinstance(m, SwitchableBatchNorm2d):
             total += sum(p.numel() for p in m.bns[0].parameters())
@@ -44,10 +44,6 @@ def count_params(model: AdaptiveModel, op: OperatingPoint | int | None = None) -
             total += m.A.numel()
         elif isinstance(m, SlimmableLinear):
             total += m.out_features * (m.active_in + 1)
-        elif not isinstance(m, nn.BatchNorm2d) or not _inside_switchable(model, m):
+        elif id(m) not in inner_bns:  # the BN sets inside a SwitchableBatchNorm2d were counted above, once
             total += sum(p.numel() for p in m.parameters(recurse=False))
     return total
-
-
-def _inside_switchable(model: AdaptiveModel, bn: nn.Module) -> bool:
-    return any(bn is b for s in model.switchable_bns() for b in s.bns)
