@@ -33,10 +33,8 @@ FIXED = [(1.0,) * 4, (0.85,) * 4, (0.65,) * 4, (0.45,) * 4]
 
 def base_config(data: Path, epochs: int, batch: int | None) -> dict:
     sets = [f"epochs={epochs}", "progress=false"] + ([f"batch_size={batch}"] if batch else [])
-    cfg = load_config(ROOT / "configs" / "imagenette_individual_r18.yaml", sets)
+    cfg = load_config(ROOT / "configs" / "imagenette_resizable_r18.yaml", sets)
     cfg["data"]["root"] = str(data)
-    cfg["model"]["name"] = "resizable_resnet18"
-    cfg["method"] = {"name": "resizable", "resolutions": [112], "kwargs": {}}
     return cfg
 
 
@@ -58,7 +56,7 @@ def main() -> None:
     walls = {}
     for label, kwargs in runs.items():
         cfg = base_config(args.data, args.epochs, args.batch)
-        cfg["method"]["kwargs"] = kwargs
+        cfg["method"]["kwargs"] = {**cfg["method"]["kwargs"], **kwargs}
         walls[label] = train_once(label, cfg, args.out / label, args.epochs)
 
     tables = {k: build_table(str(args.out / k), str(args.data), [1.0], [112], scales=args.configs, progress=False)

@@ -68,7 +68,10 @@ def main() -> None:
     p.add_argument("--skip-calibrate", action="store_true")
     p.add_argument("--policies", nargs="+", help="BN policies to evaluate (default interpolate nearest calibrate)")
     p.add_argument("--test-resolutions", type=int, nargs="+", default=T)
+    p.add_argument("--reuse", type=Path, help="an earlier report.json: a seed's evaluation is taken from it when it covers "
+                                               "every requested run and test resolution under that policy")
     args = p.parse_args()
+    prior = json.loads(args.reuse.read_text())["seeds"] if args.reuse else {}
     if not args.data.is_dir():
         raise SystemExit(f"no data at {args.data}; pass --data DIR (an ImageFolder root with train/ and val/)")
     torch.set_num_threads(torch.get_num_threads())
@@ -80,6 +83,14 @@ def main() -> None:
         per_seed = {"wall_s": walls}
         policies = args.policies or ["interpolate", "nearest"] + ([] if args.skip_calibrate else ["calibrate"])
         for policy in policies:
+            labels = [Path(r).name for r in runs]
+            done = prior.get(str(seed), {}).get(policy, {})
+            if all(lb in done and all(str(r) in done[lb]["results"] for r in args.test_resolutions) for lb in labels):
+                per_seed[policy] = {lb: done[lb] for lb in labels}
+                if "hit_miss_individual" in prior[str(seed)]:
+                    per_seed["hit_miss_individual"] = prior[str(seed)]["hit_miss_individual"]
+                print(f"seed {seed}, bn_policy={policy}: evaluation taken from {args.reuse}", flush=True)
+                continue
             rep = evaluate_runs(runs, str(args.data), args.test_resolutions, policy, calibration_images=2000, progress=False)
             per_seed[policy] = rep["runs"]
             if "hit_miss_individual" in rep:

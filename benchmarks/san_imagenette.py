@@ -41,7 +41,9 @@ def main() -> None:
     p.add_argument("--rsnet-runs", default="runs/bench_rsnet", help="where rsnet_imagenette.py left its runs")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--reuse", type=Path, help="an earlier report.json: a seed's SAN evaluation is taken from it when it has every mode")
     args = p.parse_args()
+    prior = json.loads(args.reuse.read_text())["seeds"] if args.reuse else {}
     if not args.data.is_dir():
         raise SystemExit(f"no data at {args.data}; pass --data DIR (an ImageFolder root with train/ and val/)")
     report = {"date": str(date.today()), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
@@ -59,6 +61,11 @@ def main() -> None:
             wall_file.write_text(json.dumps({"seconds": round(time.time() - t0, 1)}))
         per_seed = {"wall_s": json.loads(wall_file.read_text())["seconds"] if wall_file.exists() else None}
         for mode, policies in SAN_MODES.items():
+            done = prior.get(str(seed), {}).get(mode)
+            if done and all(str(r) in done["results"] for r in T):
+                per_seed[mode] = done
+                print(f"SAN seed {seed}, {mode}: evaluation taken from {args.reuse}", flush=True)
+                continue
             rep = evaluate_runs([str(out)], str(args.data), T, policies["bn_policy"], calibration_images=2000, progress=False,
                                 scale_policy=policies["scale_policy"])
             per_seed[mode] = rep["runs"]["SAN"]

@@ -117,6 +117,10 @@ def test_mutualnet_loss_is_ce_of_the_full_network_plus_kl_of_the_others():
     kl = lambda t, s: F.kl_div(F.log_softmax(s, 1), F.softmax(t, 1), reduction="batchmean")  # noqa: E731
     expect = F.cross_entropy(outs[0], y) + kl(outs[0], outs[1]) + kl(outs[0], outs[2])
     torch.testing.assert_close(out.loss, expect, rtol=1e-5, atol=1e-5)
+    # reduction="mean" divides by the sub-networks of the step, the same draw otherwise.
+    mean = create_method("mutualnet", resolutions=[64, 48], width_range=[0.5, 1.0], num_subnets=3, reduction="mean")
+    mean.rng.manual_seed(0)
+    torch.testing.assert_close(mean(model, (x[64], x[48]), y).loss, expect / 3, rtol=1e-5, atol=1e-5)
 
 
 def test_select_returns_a_pareto_optimal_point_and_refuses_an_impossible_budget():

@@ -27,6 +27,24 @@ def test_fair_sampling_uses_every_factor_exactly_once_per_stage_per_step():
     assert len(seen_orders) > 1  # the permutations are random
 
 
+def test_resizable_loss_sums_cross_entropy_over_the_sampled_configurations():
+    model = flexres.create_model("resizable_resnet18", num_classes=5, train_resolutions=[64], width_mult=0.25).train()
+    x, y = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 3])
+    losses = {}
+    for reduction in ("sum", "mean"):
+        m = create_method("resizable", resolutions=[64], reduction=reduction)
+        m.rng.manual_seed(0)
+        configs = m.sample(model)
+        m.rng.manual_seed(0)
+        losses[reduction] = m(model, (x,), y).loss
+    expect = 0.0
+    for sc in configs:
+        model.set_operating_point(OperatingPoint(64, scales=sc))
+        expect = expect + torch.nn.functional.cross_entropy(model(x), y)
+    torch.testing.assert_close(losses["sum"], expect, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(losses["mean"], expect / len(L), rtol=1e-5, atol=1e-5)
+
+
 def test_random_sampling_does_not_balance_factors():
     g = torch.Generator().manual_seed(0)
     unbalanced = 0

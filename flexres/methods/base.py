@@ -32,9 +32,10 @@ class Method(nn.Module):
         super().__init__()
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' (the papers' equations) or 'mean' (divided by the number of "
-                             f"resolutions), got {reduction!r}")
-        # "sum" is the papers' loss; "mean" divides the network's loss by the number of resolutions, so one
-        # step moves the shared weights as far as a single-resolution step does at the same learning rate.
+                             f"resolutions or sub-networks in a step), got {reduction!r}")
+        # "sum" is the papers' loss; "mean" divides the network's loss by the number of forward passes it adds up
+        # (resolutions, sampled sub-networks), so one step moves the shared weights as far as a single-network
+        # step does at the same learning rate.
         self.reduction = reduction
         if not resolutions:
             raise ValueError(f"method {self.name!r} needs at least one resolution")
@@ -49,8 +50,9 @@ class Method(nn.Module):
     def cross_entropy(self, logits: Tensor, labels: Tensor) -> Tensor:
         return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
 
-    def reduce(self, loss: Tensor) -> Tensor:
-        return loss / len(self.resolutions) if self.reduction == "mean" else loss
+    def reduce(self, loss: Tensor, terms: int | None = None) -> Tensor:
+        """``loss`` summed over ``terms`` forward passes (default: one per resolution), reduced as configured."""
+        return loss / (terms or len(self.resolutions)) if self.reduction == "mean" else loss
 
     def run_all(self, model: AdaptiveModel, inputs: tuple[Tensor, ...]) -> list[Tensor]:
         """Logits at every training resolution; ``inputs[i]`` is the batch at ``resolutions[i]``."""

@@ -22,8 +22,8 @@ class MutualNet(Method):
     name = "mutualnet"
 
     def __init__(self, resolutions: list[int] | tuple[int, ...], width_range: tuple[float, float] | list[float] = (0.25, 1.0),
-                 num_subnets: int = 4, label_smoothing: float = 0.0) -> None:
-        super().__init__(resolutions, label_smoothing)
+                 num_subnets: int = 4, label_smoothing: float = 0.0, reduction: str = "sum") -> None:
+        super().__init__(resolutions, label_smoothing, reduction)
         lo, hi = float(width_range[0]), float(width_range[1])
         if not 0 < lo < hi <= 1.0:
             raise ValueError(f"width_range must satisfy 0 < min < max <= 1, got {list(width_range)}")
@@ -46,7 +46,7 @@ class MutualNet(Method):
         full = model(by_res[points[0].resolution])
         l_cls = self.cross_entropy(full, labels)
         l_kd = sum(self._student(model, op, by_res, full) for op in points[1:])
-        return StepOutput(l_cls + l_kd, {"cls": l_cls.detach(), "kd": l_kd.detach()}, {points[0].resolution: full.detach()})
+        return StepOutput(self.reduce(l_cls + l_kd, len(points)), {"cls": l_cls.detach(), "kd": l_kd.detach()}, {points[0].resolution: full.detach()})
 
     @staticmethod
     def _student(model: AdaptiveModel, op: OperatingPoint, by_res: dict[int, Tensor], teacher: Tensor) -> Tensor:
@@ -61,7 +61,7 @@ class USNet(MutualNet):
     name = "usnet"
 
     def __init__(self, resolutions: list[int] | tuple[int, ...], width_range: tuple[float, float] | list[float] = (0.25, 1.0),
-                 num_subnets: int = 4, label_smoothing: float = 0.0) -> None:
-        super().__init__(resolutions, width_range, num_subnets, label_smoothing)
+                 num_subnets: int = 4, label_smoothing: float = 0.0, reduction: str = "sum") -> None:
+        super().__init__(resolutions, width_range, num_subnets, label_smoothing, reduction)
         if len(self.resolutions) != 1:
             raise ValueError(f"method 'usnet' trains at one resolution, got {list(self.resolutions)}")

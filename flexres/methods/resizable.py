@@ -36,8 +36,8 @@ class Resizable(Method):
     name = "resizable"
 
     def __init__(self, resolutions: list[int] | tuple[int, ...], sampling: str = "fair", target_scales: list[float] | None = None,
-                 finetune_from: float | None = None, label_smoothing: float = 0.0) -> None:
-        super().__init__(resolutions, label_smoothing)
+                 finetune_from: float | None = None, label_smoothing: float = 0.0, reduction: str = "sum") -> None:
+        super().__init__(resolutions, label_smoothing, reduction)
         if len(self.resolutions) != 1:
             raise ValueError(f"method 'resizable' trains at one input resolution, got {list(self.resolutions)}")
         if sampling not in ("fair", "random", "fixed"):
@@ -67,5 +67,5 @@ class Resizable(Method):
             logits = model(x)
             first = logits if first is None else first
             losses.append(self.cross_entropy(logits, labels))
-        loss = sum(losses)
+        loss = self.reduce(sum(losses), len(losses))
         return StepOutput(loss, {"cls": loss.detach()}, {self.resolutions[0]: first.detach()})
