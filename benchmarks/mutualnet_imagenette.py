@@ -99,9 +99,21 @@ def main() -> None:
         best = max(fits, key=lambda r: r["top1"]) if fits else None
         row.append(f"{best['top1']:.1f} ({best['label']})" if best else "-")
         rows.append(row)
+    matched = []  # each I-Net against the adaptive networks' best point costing no more than it
+    for r in inet_rows:
+        row = [r["label"], f"{r['macs'] / 1e6:.1f}", f"{r['top1']:.1f}"]
+        for table in tables.values():
+            try:
+                s = select(table, max_macs=r["macs"])
+                row.append(f"{s['top1']:.1f} (w {s['width']:g}, {s['resolution']} px, {s['macs'] / 1e6:.1f} M)")
+            except ValueError:
+                row.append("-")
+        matched.append(row)
     md = [f"Date {report['date']}; {report['machine']}; {args.epochs} epochs; wall s: " + ", ".join(f"{k} {v:.0f}" for k, v in walls.items()),
           "", "Best top-1 under each MACs budget (the operating point `flexres select` picks):", "",
-          markdown_table(["budget (MMACs)"] + list(tables) + ["best I-Net"], rows)]
+          markdown_table(["budget (MMACs)"] + list(tables) + ["best I-Net"], rows),
+          "", "Each I-Net (width of the 0.5 base, resolution) against the best adaptive point within its MACs:", "",
+          markdown_table(["I-Net", "MMACs", "I-Net top-1"] + [f"{k} (point)" for k in tables], matched)]
     (args.out / "report.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
