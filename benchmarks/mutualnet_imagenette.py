@@ -1,4 +1,4 @@
-"""MutualNet vs US-Net vs I-Nets on the Imagenette protocol (MobileNetV2 base width 0.5, widths [0.25, 1.0]).
+"""MutualNet vs US-Net vs I-Nets on the Imagenette protocol (MobileNetV2 base width 0.25, widths [0.25, 1.0] of it).
 
 Trains MutualNet (resolutions {112, 96, 80, 64}) and US-Net (112 only) with the sandwich rule, and
 I-Nets (plain MobileNetV2 trained at one width x resolution each); builds each adaptive run's query
@@ -30,7 +30,7 @@ from flexres.engine.evaluate import markdown_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenette-224"
-INETS = [(1.0, 112), (0.75, 96), (0.5, 80), (0.35, 64), (1.0, 64), (0.5, 112)]  # (width of the 0.5 base, resolution)
+INETS = [(1.0, 112), (0.75, 96), (0.5, 80), (0.35, 64)]  # (width of the base, resolution)
 
 
 def main() -> None:
@@ -41,6 +41,8 @@ def main() -> None:
     p.add_argument("--widths", default="0.25:1.0:0.05")
     p.add_argument("--calibration-images", type=int, default=2000)
     p.add_argument("--batch", type=int, help="override the batch size (e.g. for a smoke test on a tiny set)")
+    p.add_argument("--train-only", nargs="+", metavar="LABEL",
+                   help="only train these runs (MutualNet, US-Net, I-w1-112, ...) and exit: to spread them over processes")
     args = p.parse_args()
     if not (args.data / "train").is_dir():
         raise SystemExit(f"no data at {args.data}; pass --data DIR")
@@ -48,22 +50,29 @@ def main() -> None:
 
     sets = [f"epochs={args.epochs}", "progress=false", f"eval.calibration_images={args.calibration_images}"]
     sets += [f"batch_size={args.batch}"] if args.batch else []
-    walls, tables = {}, {}
-    for label, config, res in (("MutualNet", "imagenette_mutualnet_mbv2.yaml", [112, 96, 80, 64]),
-                               ("US-Net", "imagenette_usnet_mbv2.yaml", [112])):
-        cfg = load_config(ROOT / "configs" / config, sets)
+    configs = {"MutualNet": load_config(ROOT / "configs" / "imagenette_mutualnet_mbv2.yaml", sets),
+               "US-Net": load_config(ROOT / "configs" / "imagenette_usnet_mbv2.yaml", sets)}
+    base_width = configs["MutualNet"]["model"]["width_mult"]
+    for w, r in INETS:  # plain MobileNetV2 at (width of the base) x base, trained at one resolution
+        cfg = load_config(ROOT / "configs" / "imagenette_mutualnet_mbv2.yaml", sets)
+        cfg["model"] = {"name": "mobilenet_v2", "width_mult": base_width * w, "num_classes": None, "kwargs": {}}
+        cfg["method"] = {"name": "individual", "resolutions": [r], "kwargs": {}}
+        configs[f"I-w{w:g}-{r}"] = cfg
+    for cfg in configs.values():
         cfg["data"]["root"] = str(args.data)
-        walls[label] = train_once(label, cfg, args.out / label, args.epochs)
-        tables[label] = build_table(str(args.out / label), str(args.data), parse_range(args.widths), res,
-                                    calibration_images=args.calibration_images, progress=False)
+    if args.train_only:
+        unknown = set(args.train_only) - set(configs)
+        if unknown:
+            raise SystemExit(f"unknown run(s) {sorted(unknown)}; known: {list(configs)}")
+        for label in args.train_only:
+            train_once(label, configs[label], args.out / label, args.epochs)
+        return
+    walls = {label: train_once(label, cfg, args.out / label, args.epochs) for label, cfg in configs.items()}
+    tables = {label: build_table(str(args.out / label), str(args.data), parse_range(args.widths), configs[label]["method"]["resolutions"],
+                                 calibration_images=args.calibration_images, progress=False) for label in ("MutualNet", "US-Net")}
     inet_rows = []
     for w, r in INETS:
         label = f"I-w{w:g}-{r}"
-        cfg = load_config(ROOT / "configs" / "imagenette_mutualnet_mbv2.yaml", sets)
-        cfg["data"]["root"] = str(args.data)
-        cfg["model"] = {"name": "mobilenet_v2", "width_mult": 0.5 * w, "num_classes": None, "kwargs": {}}
-        cfg["method"] = {"name": "individual", "resolutions": [r], "kwargs": {}}
-        walls[label] = train_once(label, cfg, args.out / label, args.epochs)
         rep = evaluate_runs([str(args.out / label)], str(args.data), [r], "interpolate", progress=False)["runs"][label]
         inet_rows.append({"label": label, "width": w, "resolution": r, "top1": rep["results"][str(r)]["top1"],
                           "macs": rep["results"][str(r)]["macs"]})
@@ -80,7 +89,7 @@ def main() -> None:
     ax.set_ylabel("top-1 (%)")
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title("Imagenette, MobileNetV2 (base width 0.5): accuracy vs MACs")
+    ax.set_title(f"Imagenette, MobileNetV2 (base width {base_width:g}): accuracy vs MACs")
     fig.tight_layout()
     fig.savefig(args.out / "accuracy_vs_macs.png", dpi=110)
 
@@ -112,7 +121,7 @@ def main() -> None:
     md = [f"Date {report['date']}; {report['machine']}; {args.epochs} epochs; wall s: " + ", ".join(f"{k} {v:.0f}" for k, v in walls.items()),
           "", "Best top-1 under each MACs budget (the operating point `flexres select` picks):", "",
           markdown_table(["budget (MMACs)"] + list(tables) + ["best I-Net"], rows),
-          "", "Each I-Net (width of the 0.5 base, resolution) against the best adaptive point within its MACs:", "",
+          "", "Each I-Net (width of the base, resolution) against the best adaptive point within its MACs:", "",
           markdown_table(["I-Net", "MMACs", "I-Net top-1"] + [f"{k} (point)" for k in tables], matched)]
     (args.out / "report.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
