@@ -98,7 +98,7 @@ def main() -> None:
     rows = []
     for b in budgets:
         row = [f"{b / 1e6:.1f}"]
-        for label, table in tables.items():
+        for table in tables.values():
             try:
                 s = select(table, max_macs=b)
                 row.append(f"{s['top1']:.1f} (w {s['width']:g}, {s['resolution']} px)")
@@ -118,7 +118,8 @@ def main() -> None:
             except ValueError:
                 row.append("-")
         matched.append(row)
-    md = [f"Date {report['date']}; {report['machine']}; {args.epochs} epochs; wall s: " + ", ".join(f"{k} {v:.0f}" for k, v in walls.items()),
+    md = [f"Date {report['date']}; {report['machine']}; {args.epochs} epochs; wall s: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in walls.items()),
           "", "Best top-1 under each MACs budget (the operating point `flexres select` picks):", "",
           markdown_table(["budget (MMACs)"] + list(tables) + ["best I-Net"], rows),
           "", "Each I-Net (width of the base, resolution) against the best adaptive point within its MACs:", "",

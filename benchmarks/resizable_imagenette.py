@@ -84,7 +84,8 @@ def main() -> None:
     def at(table, sc, key="top1"):
         return next((r[key] for r in table if tuple(r["scales"]) == sc), float("nan"))
 
-    lines = [f"Date {date.today()}; {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; {args.epochs} epochs; "
+    lines = [f"Date {date.today()}; {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+             f"{args.epochs} epochs; "
              "wall s: " + ", ".join(f"{k} {v:.0f}" for k, v in walls.items()), "",
              "(a) Sub-networks of the fair-sampling run vs networks trained alone at that configuration (top-1 %):", "",
              markdown_table(["configuration", "MMACs", "trained alone", "resizable (fair) sub-network", "gain"],

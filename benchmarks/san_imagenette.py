@@ -89,7 +89,8 @@ def main() -> None:
 
 def render(report: dict) -> str:
     seeds = list(report["seeds"])
-    lines = [f"Date {report['date']}; machine: {report['machine']}; data {report['data']}; {report['epochs']} epochs; seeds {', '.join(seeds)}.",
+    lines = [f"Date {report['date']}; machine: {report['machine']}; data {report['data']}; {report['epochs']} epochs; "
+             f"seeds {', '.join(seeds)}.",
              "", "Top-1 % on the val images. I-Nets and RS-Net: unseen resolutions by BN interpolation. SAN rows: its three "
              "inference modes (proxy = eps and BN of the nearest trained resolution; ideal = eps(T) + BN re-calibrated at T on "
              "2000 training images; data-free = eps(T) + BN interpolated).", ""]

@@ -13,8 +13,14 @@ from typing import Any
 
 import torch
 
-from .engine.checkpoint import (CALIBRATION, CheckpointMismatchError, clear_calibration, load_checkpoint, resolve_checkpoint,
-                                save_calibration)
+from .engine.checkpoint import (
+    CALIBRATION,
+    CheckpointMismatchError,
+    clear_calibration,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_calibration,
+)
 from .engine.config import ConfigError, load_config, make_config
 from .engine.evaluate import calibrate, evaluate, format_table, hit_miss_matrix
 from .models.base import SAN_MODES, SCALE_POLICIES
@@ -202,7 +208,8 @@ def build_table(run: str, data: str | None, widths: list[float], resolutions: li
     n = calibration_images or cfg["eval"]["calibration_images"]
     rows = []
     for w, sc in itertools.product(widths, scale_configurations(model, scales)):
-        points = [OperatingPoint(r, w) for r in res_list if model.width_range or (bn_policy == "calibrate" and r not in model.train_resolutions)]
+        points = [OperatingPoint(r, w) for r in res_list
+                  if model.width_range or (bn_policy == "calibrate" and r not in model.train_resolutions)]
         if points:
             ensure_calibrated(model, meta, ckpt, train_ds, points, n, batch_size, cfg, str(data), workers)
         results = evaluate(model, val, res_list, bn_policy, batch_size, meta.get("crop_fraction", 0.875), workers=workers, width=w,
@@ -315,7 +322,8 @@ def _export(args: argparse.Namespace) -> int:
         train_ds = ImageFolderDataset(split_dir(data, cfg["data"]["train_split"]), progress=False)
         ensure_calibrated(model, meta, ckpt, train_ds, [op], cfg["eval"]["calibration_images"], 256, cfg, str(data))
     ext = ".onnx" if args.format == "onnx" else ".pt"
-    tag = f"{op.resolution}" + (f"_w{op.width:g}" if op.width != 1.0 else "") + ("_s" + "-".join(f"{f:g}" for f in op.scales) if op.scales else "")
+    tag = (f"{op.resolution}" + (f"_w{op.width:g}" if op.width != 1.0 else "")
+           + ("_s" + "-".join(f"{f:g}" for f in op.scales) if op.scales else ""))
     out = Path(args.out) if args.out else ckpt.parent / "export" / f"{model.arch['name']}_{tag}{ext}"
     info = export(model, meta, op, args.format, out, args.bn, args.scale, not args.no_fold_bn, args.data)
     print(f"wrote {out} and {out}.json: {info['macs'] / 1e6:.1f} MMACs, {info['params'] / 1e6:.3f} M params, "

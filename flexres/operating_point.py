@@ -27,7 +27,7 @@ class OperatingPoint:
             object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
 
     @classmethod
-    def coerce(cls, value: "OperatingPoint | int") -> "OperatingPoint":
+    def coerce(cls, value: OperatingPoint | int) -> OperatingPoint:
         if isinstance(value, OperatingPoint):
             return value
         if isinstance(value, int) and not isinstance(value, bool):

@@ -1,8 +1,7 @@
+import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-
-import pytest
 
 from flexres.data import EvalTransform, ImageFolderDataset, MultiResolutionCrop, UnreadableImageError, collate_skipping, load_rgb
 from flexres.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_batch

@@ -38,7 +38,8 @@ def parameters(run_dir):
             and not any(b in k for b in ("running_mean", "running_var", "num_batches_tracked"))}
 
 
-MUTUALNET = CONFIG.replace("{name: resnet18, width_mult: 0.25}", "{name: us_mobilenet_v2, width_mult: 0.35, kwargs: {slim_divisor: 4, dropout: 0.0}}") \
+MUTUALNET = CONFIG.replace("{name: resnet18, width_mult: 0.25}",
+                           "{name: us_mobilenet_v2, width_mult: 0.35, kwargs: {slim_divisor: 4, dropout: 0.0}}") \
     .replace("{name: rsnet, resolutions: [48, 32]}", "{name: mutualnet, resolutions: [48, 32], kwargs: {width_range: [0.5, 1.0]}}")
 
 

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..analysis import count_macs, measure_latency
-from ..data import EvalTransform, load_rgb, normalize_batch
 from ..analysis.table import TABLE, read_table, select
+from ..data import EvalTransform, load_rgb, normalize_batch
 from ..engine.checkpoint import load_checkpoint, resolve_checkpoint
 from ..operating_point import OperatingPoint
 

@@ -46,10 +46,11 @@ def plot_heatmap(report: dict[str, Any], out: Path) -> Path:
     ax.set_xticks(range(len(res)), [str(r) for r in res])
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("test resolution")
+    mean = sum(map(sum, grid)) / max(1, sum(map(len, grid)))
     for i, row in enumerate(grid):
         for j, v in enumerate(row):
             bold = res[j] in report["runs"][labels[i]]["train_resolutions"]
-            ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=8, color="white" if v < sum(map(sum, grid)) / max(1, sum(map(len, grid))) else "black",
+            ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=8, color="white" if v < mean else "black",
                     fontweight="bold" if bold else "normal")
     fig.colorbar(im, ax=ax, label="top-1 %")
     ax.set_title("train x test top-1 (bold: trained resolution)")

@@ -99,7 +99,8 @@ def calibrate(model: AdaptiveModel, train_dataset: ImageFolderDataset, points: l
     return done
 
 
-def accuracy_matrix(rows: dict[str, dict[int, dict[str, Any]]], resolutions: list[int], metric: str = "top1") -> dict[str, dict[int, float]]:
+def accuracy_matrix(rows: dict[str, dict[int, dict[str, Any]]], resolutions: list[int],
+                    metric: str = "top1") -> dict[str, dict[int, float]]:
     """Train x test matrix: {row label: {test resolution: accuracy}}."""
     return {label: {r: res[r][metric] for r in resolutions if r in res} for label, res in rows.items()}
 

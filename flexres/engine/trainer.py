@@ -7,11 +7,12 @@ import math
 import os
 import random
 import time
-from datetime import timedelta
 from collections import defaultdict
+from collections.abc import Callable
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch

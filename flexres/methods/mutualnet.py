@@ -46,7 +46,8 @@ class MutualNet(Method):
         full = model(by_res[points[0].resolution])
         l_cls = self.cross_entropy(full, labels)
         l_kd = sum(self._student(model, op, by_res, full) for op in points[1:])
-        return StepOutput(self.reduce(l_cls + l_kd, len(points)), {"cls": l_cls.detach(), "kd": l_kd.detach()}, {points[0].resolution: full.detach()})
+        return StepOutput(self.reduce(l_cls + l_kd, len(points)), {"cls": l_cls.detach(), "kd": l_kd.detach()},
+                          {points[0].resolution: full.detach()})
 
     @staticmethod
     def _student(model: AdaptiveModel, op: OperatingPoint, by_res: dict[int, Tensor], teacher: Tensor) -> Tensor:

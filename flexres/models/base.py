@@ -161,7 +161,7 @@ class AdaptiveModel(nn.Module):
             bn.calibrated.clear()
 
     @contextmanager
-    def measuring_cost(self) -> Iterator["AdaptiveModel"]:
+    def measuring_cost(self) -> Iterator[AdaptiveModel]:
         """Eval mode where uncalibrated slimmable BNs run on placeholder statistics: for MACs and latency only."""
         was_training = self.training
         bns = [m for m in self.modules() if isinstance(m, SlimmableBatchNorm2d)]
@@ -187,7 +187,7 @@ class AdaptiveModel(nn.Module):
         return resolution
 
     def set_operating_point(self, op: OperatingPoint | int, bn_policy: str | None = None,
-                            scale_policy: str | None = None) -> "AdaptiveModel":
+                            scale_policy: str | None = None) -> AdaptiveModel:
         """Switch to ``op`` (an OperatingPoint or a resolution). Cheap: no re-allocation.
 
         bn_policy serves untrained resolutions (nearest / interpolate / calibrate); scale_policy
@@ -258,7 +258,7 @@ class AdaptiveModel(nn.Module):
 
     @contextmanager
     def at(self, op: OperatingPoint | int | None = None, *, bn_policy: str | None = None, scale_policy: str | None = None,
-           **fields: Any) -> Iterator["AdaptiveModel"]:
+           **fields: Any) -> Iterator[AdaptiveModel]:
         """Context manager: ``with model.at(96): ...`` or ``with model.at(resolution=96, bn_policy="nearest")``."""
         if op is None:
             op = OperatingPoint(**fields)

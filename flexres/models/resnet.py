@@ -109,7 +109,8 @@ class ResNet(AdaptiveModel):
                 nn.init.zeros_(m.bias)
         if zero_init_residual:
             for m in self.modules():
-                last = getattr(m, "bn3", None) if isinstance(m, Bottleneck) else getattr(m, "bn2", None) if isinstance(m, BasicBlock) else None
+                last = (getattr(m, "bn3", None) if isinstance(m, Bottleneck)
+                        else getattr(m, "bn2", None) if isinstance(m, BasicBlock) else None)
                 for bn in getattr(last, "bns", [last] if last is not None else []):
                     nn.init.zeros_(bn.weight)
 

@@ -15,7 +15,7 @@ from ..operating_point import OperatingPoint
 
 
 @torch.no_grad()
-def calibrate_bn(model: "AdaptiveModel", batches: Iterable[Tensor], op: "OperatingPoint | int", num_images: int,
+def calibrate_bn(model: AdaptiveModel, batches: Iterable[Tensor], op: OperatingPoint | int, num_images: int,
                  across_ranks: bool = False) -> int:
     """Estimate every BN's statistics at the operating point ``op`` (a resolution, or for slimmable
     models a resolution and width) from ``num_images`` images.
