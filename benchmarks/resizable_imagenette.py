@@ -46,6 +46,8 @@ def main() -> None:
     p.add_argument("--batch", type=int)
     p.add_argument("--configs", default="all", help="configurations in the tables: 'all' (256) or N sampled")
     p.add_argument("--label-images", type=int, default=2000)
+    p.add_argument("--train-only", nargs="+", metavar="LABEL",
+                   help="only train these runs (fair, random, aug, fixed-1-1-1-1, ...) and exit: to spread them over processes")
     args = p.parse_args()
     runs = {
         "fair": {"sampling": "fair"},
@@ -53,11 +55,18 @@ def main() -> None:
         "aug": {"sampling": "fair", "target_scales": [1.0] * 4, "finetune_from": 2 / 3},
         **{f"fixed-{'-'.join(f'{f:g}' for f in sc)}": {"sampling": "fixed", "target_scales": list(sc)} for sc in FIXED},
     }
+    if args.train_only:
+        unknown = set(args.train_only) - set(runs)
+        if unknown:
+            raise SystemExit(f"unknown run(s) {sorted(unknown)}; known: {list(runs)}")
+        runs = {label: runs[label] for label in args.train_only}
     walls = {}
     for label, kwargs in runs.items():
         cfg = base_config(args.data, args.epochs, args.batch)
         cfg["method"]["kwargs"] = {**cfg["method"]["kwargs"], **kwargs}
         walls[label] = train_once(label, cfg, args.out / label, args.epochs)
+    if args.train_only:
+        return
 
     tables = {k: build_table(str(args.out / k), str(args.data), [1.0], [112], scales=args.configs, progress=False)
               for k in ("fair", "random")}
