@@ -41,16 +41,18 @@ def main() -> None:
     p.add_argument("--rsnet-runs", default="runs/bench_rsnet", help="where rsnet_imagenette.py left its runs")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--batch", type=int, help="override the batch size (e.g. for a smoke test on a tiny set)")
     p.add_argument("--reuse", type=Path, help="an earlier report.json: a seed's SAN evaluation is taken from it when it has every mode")
     args = p.parse_args()
-    prior = json.loads(args.reuse.read_text())["seeds"] if args.reuse else {}
+    reused = json.loads(args.reuse.read_text())["seeds"] if args.reuse else {}
     if not args.data.is_dir():
         raise SystemExit(f"no data at {args.data}; pass --data DIR (an ImageFolder root with train/ and val/)")
     report = {"date": str(date.today()), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
               "data": str(args.data), "epochs": args.epochs, "seeds": {}}
     for seed in args.seeds:
         out = Path(args.out) / f"seed{seed}" / "SAN"
-        cfg = load_config(ROOT / "configs" / "imagenette_san_r18.yaml", [f"seed={seed}", f"epochs={args.epochs}", "progress=false"])
+        cfg = load_config(ROOT / "configs" / "imagenette_san_r18.yaml", [f"seed={seed}", f"epochs={args.epochs}", "progress=false"]
+                          + ([f"batch_size={args.batch}"] if args.batch else []))
         cfg["data"]["root"] = str(args.data)
         wall_file = out / "wall_seconds.json"
         sidecar = out / SIDECAR
@@ -61,8 +63,10 @@ def main() -> None:
             wall_file.write_text(json.dumps({"seconds": round(time.time() - t0, 1)}))
         per_seed = {"wall_s": json.loads(wall_file.read_text())["seconds"] if wall_file.exists() else None}
         for mode, policies in SAN_MODES.items():
-            done = prior.get(str(seed), {}).get(mode)
-            if done and all(str(r) in done["results"] for r in T):
+            done = reused.get(str(seed), {}).get(mode)
+            # only an evaluation written after the checkpoint it evaluated
+            fresh = args.reuse and args.reuse.stat().st_mtime > (out / "checkpoint.safetensors").stat().st_mtime
+            if done and fresh and all(str(r) in done["results"] for r in T):
                 per_seed[mode] = done
                 print(f"SAN seed {seed}, {mode}: evaluation taken from {args.reuse}", flush=True)
                 continue
