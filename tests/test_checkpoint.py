@@ -67,3 +67,26 @@ def test_a_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypat
     assert (tmp_path / "checkpoint.safetensors").read_bytes() == before
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
     assert load_checkpoint(tmp_path)[1]["epoch"] == 1
+
+
+def test_resumed_optimizer_buffers_take_the_parameters_channels_last_layout(tmp_path):
+    from flexres.engine.checkpoint import load_training_state
+
+    def model_and_optimizer():
+        torch.manual_seed(0)
+        model = tiny_model().to(memory_format=torch.channels_last)
+        return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+
+    model, opt = model_and_optimizer()
+    model.set_operating_point(64)
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path, model, {"epoch": 1}, optimizer=opt)
+    model2, opt2 = model_and_optimizer()
+    load_training_state(tmp_path, model2, torch.nn.Module(), opt2)
+    convs = [(p, p2) for p, p2 in zip(model.parameters(), model2.parameters()) if p.dim() == 4]
+    assert convs
+    for p, p2 in convs:
+        saved, loaded = opt.state[p]["momentum_buffer"], opt2.state[p2]["momentum_buffer"]
+        assert loaded.stride() == p2.stride()  # channels_last, as in the run that never stopped
+        assert torch.equal(loaded, saved)

@@ -114,6 +114,14 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor]
     for g, saved in zip(groups, saved_groups):
         g.update(saved)
     optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+    # Buffers are saved contiguous: give each its parameter's layout (channels_last) again, so a resumed
+    # run steps with the same kernels, and the same rounding, as one that never stopped.
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p, {})
+            for name, v in st.items():
+                if isinstance(v, Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    st[name] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
 def save_checkpoint(run_dir: str | Path, model: AdaptiveModel, sidecar: dict[str, Any],

@@ -67,5 +67,5 @@ class Resizable(Method):
             logits = model(x)
             first = logits if first is None else first
             losses.append(self.cross_entropy(logits, labels))
-        loss = self.reduce(sum(losses), len(losses))
-        return StepOutput(loss, {"cls": loss.detach()}, {self.resolutions[0]: first.detach()})
+        total = sum(losses)  # logged before the reduction, as every method logs its loss terms
+        return StepOutput(self.reduce(total, len(losses)), {"cls": total.detach()}, {self.resolutions[0]: first.detach()})
