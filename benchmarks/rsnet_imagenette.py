@@ -70,7 +70,10 @@ def main() -> None:
     p.add_argument("--test-resolutions", type=int, nargs="+", default=T)
     p.add_argument("--reuse", type=Path, help="an earlier report.json: a seed's evaluation is taken from it when it covers "
                                                "every requested run and test resolution under that policy")
+    p.add_argument("--render", type=Path, metavar="REPORT_JSON", help="only re-render a report.json into its report.md")
     args = p.parse_args()
+    if args.render:
+        return render_only(args.render)
     prior = json.loads(args.reuse.read_text())["seeds"] if args.reuse else {}
     if not args.data.is_dir():
         raise SystemExit(f"no data at {args.data}; pass --data DIR (an ImageFolder root with train/ and val/)")
@@ -130,6 +133,11 @@ def render(report: dict) -> str:
         lines += ["", f"Top-1 % on {n_images} val images, "
                   f"unseen resolutions served by bn_policy={policy} (I-Nets have one BN set), seeds {', '.join(seeds)}:", ""]
         lines.append(markdown_table(["run"] + [str(r) for r in T] + ["mean over S", "train wall s"], rows))
+    paired = paired_gaps(report, seeds)
+    if paired:
+        lines += ["", "Each multi-resolution run minus the I-Net of a resolution, at that resolution, seed by seed "
+                  "(the RS-Nets claim: above every I-Net at its own resolution):", ""]
+        lines.append(markdown_table(["run", "resolution"] + [f"seed {s}" for s in seeds] + ["mean ± std"], paired))
     rs = report["seeds"][seeds[0]].get("interpolate", {}).get("RS-Net")
     if rs:
         lines += ["", "RS-Net hit/miss (% right at column resolution, wrong at row resolution; RS-Nets Table 1), seed "
@@ -143,6 +151,32 @@ def render(report: dict) -> str:
         lines.append(markdown_table(["wrong at \\ right at"] + [str(r) for r in S],
                                     [[str(j)] + ["-" if i == j else f"{individual[str(j)][str(i)]:.1f}" for i in S] for j in S]))
     return "\n".join(lines) + "\n"
+
+
+def paired_gaps(report: dict, seeds: list[str]) -> list[list[str]]:
+    """Rows of (run, resolution, the gap in each seed, mean ± std) for every non-I-Net run in every seed."""
+    runs = [report["seeds"][s].get("interpolate", {}) for s in seeds]
+    if not runs[0]:
+        return []
+    rows = []
+    for label in runs[0]:
+        if label.startswith("I-") or not all(label in r for r in runs):
+            continue
+        for res in S:
+            inet = f"I-{res}"
+            if not all(inet in r for r in runs):
+                continue
+            gaps = [r[label]["results"][str(res)]["top1"] - r[inet]["results"][str(res)]["top1"] for r in runs]
+            spread = f" ± {statistics.stdev(gaps):.1f}" if len(gaps) > 1 else ""
+            rows.append([label, str(res)] + [f"{g:+.1f}" for g in gaps] + [f"{statistics.mean(gaps):+.2f}{spread}"])
+    return rows
+
+
+def render_only(path: Path) -> None:
+    report = json.loads(path.read_text())
+    md = render(report)
+    path.with_suffix(".md").write_text(md)
+    print(md)
 
 
 if __name__ == "__main__":

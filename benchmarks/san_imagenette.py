@@ -111,6 +111,21 @@ def render(report: dict) -> str:
         vals = {r: [report["seeds"][s][mode]["results"][str(r)]["top1"] for s in seeds] for r in T}
         rows.append([f"SAN ({mode})"] + [cell(vals[r]) for r in T] + [f"{statistics.mean(statistics.mean(vals[r]) for r in S):.2f}"])
     lines.append(markdown_table(["run"] + [str(r) for r in T] + ["mean over S"], rows))
+    if all("baselines" in report["seeds"][s] for s in seeds):
+        gaps_rows = []
+        # SAN: any mode (all three are the same at a trained resolution)
+        runs = {"RS-Net": [report["seeds"][s]["baselines"].get("RS-Net") for s in seeds],
+                "SAN": [report["seeds"][s]["proxy"] for s in seeds]}
+        for label, per_seed in runs.items():
+            for res in S:
+                inets = [report["seeds"][s]["baselines"].get(f"I-{res}") for s in seeds]
+                if None in per_seed or None in inets:
+                    continue
+                gaps = [run["results"][str(res)]["top1"] - inet["results"][str(res)]["top1"] for run, inet in zip(per_seed, inets)]
+                spread = f" ± {statistics.stdev(gaps):.1f}" if len(gaps) > 1 else ""
+                gaps_rows.append([label, str(res)] + [f"{g:+.1f}" for g in gaps] + [f"{statistics.mean(gaps):+.2f}{spread}"])
+        lines += ["", "Minus the I-Net of each training resolution, at that resolution, seed by seed (SAN's claim: above "
+                  "every I-Net):", "", markdown_table(["run", "resolution"] + [f"seed {s}" for s in seeds] + ["mean ± std"], gaps_rows)]
     walls = [report["seeds"][s]["wall_s"] for s in seeds if report["seeds"][s]["wall_s"]]
     if walls:
         lines += ["", f"SAN training wall time: {statistics.mean(walls):.0f} s."]
