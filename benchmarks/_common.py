@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -22,3 +23,10 @@ def train_once(label: str, cfg: dict, out: Path, epochs: int) -> float:
     wall = round(time.time() - t0, 1)
     wall_file.write_text(json.dumps({"seconds": wall}))
     return wall
+
+
+def gap_row(label: str, res: int, runs: list[dict], inets: list[dict]) -> list[str]:
+    """A table row: ``label`` minus the I-Net at ``res``, one evaluation per seed, then mean ± std."""
+    gaps = [run["results"][str(res)]["top1"] - inet["results"][str(res)]["top1"] for run, inet in zip(runs, inets)]
+    spread = f" ± {statistics.stdev(gaps):.1f}" if len(gaps) > 1 else ""
+    return [label, str(res)] + [f"{g:+.1f}" for g in gaps] + [f"{statistics.mean(gaps):+.2f}{spread}"]

@@ -17,6 +17,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from _common import gap_row
 
 from flexres.cli import evaluate_runs
 from flexres.engine.checkpoint import SIDECAR
@@ -166,9 +167,7 @@ def paired_gaps(report: dict, seeds: list[str]) -> list[list[str]]:
             inet = f"I-{res}"
             if not all(inet in r for r in runs):
                 continue
-            gaps = [r[label]["results"][str(res)]["top1"] - r[inet]["results"][str(res)]["top1"] for r in runs]
-            spread = f" ± {statistics.stdev(gaps):.1f}" if len(gaps) > 1 else ""
-            rows.append([label, str(res)] + [f"{g:+.1f}" for g in gaps] + [f"{statistics.mean(gaps):+.2f}{spread}"])
+            rows.append(gap_row(label, res, [r[label] for r in runs], [r[inet] for r in runs]))
     return rows
 
 

@@ -19,6 +19,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from _common import gap_row
 
 from flexres.cli import evaluate_runs
 from flexres.engine.checkpoint import SIDECAR
@@ -121,9 +122,7 @@ def render(report: dict) -> str:
                 inets = [report["seeds"][s]["baselines"].get(f"I-{res}") for s in seeds]
                 if None in per_seed or None in inets:
                     continue
-                gaps = [run["results"][str(res)]["top1"] - inet["results"][str(res)]["top1"] for run, inet in zip(per_seed, inets)]
-                spread = f" ± {statistics.stdev(gaps):.1f}" if len(gaps) > 1 else ""
-                gaps_rows.append([label, str(res)] + [f"{g:+.1f}" for g in gaps] + [f"{statistics.mean(gaps):+.2f}{spread}"])
+                gaps_rows.append(gap_row(label, res, per_seed, inets))
         lines += ["", "Minus the I-Net of each training resolution, at that resolution, seed by seed (SAN's claim: above "
                   "every I-Net):", "", markdown_table(["run", "resolution"] + [f"seed {s}" for s in seeds] + ["mean ± std"], gaps_rows)]
     walls = [report["seeds"][s]["wall_s"] for s in seeds if report["seeds"][s]["wall_s"]]
