@@ -30,3 +30,9 @@ def gap_row(label: str, res: int, runs: list[dict], inets: list[dict]) -> list[s
     gaps = [run["results"][str(res)]["top1"] - inet["results"][str(res)]["top1"] for run, inet in zip(runs, inets)]
     spread = f" ± {statistics.stdev(gaps):.1f}" if len(gaps) > 1 else ""
     return [label, str(res)] + [f"{g:+.1f}" for g in gaps] + [f"{statistics.mean(gaps):+.2f}{spread}"]
+
+
+def evaluated_after(report: Path | None, run_dirs: list[Path]) -> bool:
+    """Whether ``report`` (an earlier evaluation, for ``--reuse``) was written after every run's checkpoint."""
+    return report is not None and all(report.stat().st_mtime > (Path(d) / "checkpoint.safetensors").stat().st_mtime
+                                      for d in run_dirs)

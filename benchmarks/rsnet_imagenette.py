@@ -17,7 +17,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from _common import gap_row
+from _common import evaluated_after, gap_row
 
 from flexres.cli import evaluate_runs
 from flexres.engine.checkpoint import SIDECAR
@@ -89,9 +89,8 @@ def main() -> None:
         for policy in policies:
             labels = [Path(r).name for r in runs]
             done = prior.get(str(seed), {}).get(policy, {})
-            # only an evaluation written after every checkpoint it evaluated
-            fresh = args.reuse and all(args.reuse.stat().st_mtime > (Path(r) / "checkpoint.safetensors").stat().st_mtime for r in runs)
-            if fresh and all(lb in done and all(str(r) in done[lb]["results"] for r in args.test_resolutions) for lb in labels):
+            covered = all(lb in done and all(str(r) in done[lb]["results"] for r in args.test_resolutions) for lb in labels)
+            if covered and evaluated_after(args.reuse, runs):
                 per_seed[policy] = {lb: done[lb] for lb in labels}
                 if "hit_miss_individual" in prior[str(seed)]:
                     per_seed["hit_miss_individual"] = prior[str(seed)]["hit_miss_individual"]

@@ -19,7 +19,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from _common import gap_row
+from _common import evaluated_after, gap_row
 
 from flexres.cli import evaluate_runs
 from flexres.engine.checkpoint import SIDECAR
@@ -65,9 +65,7 @@ def main() -> None:
         per_seed = {"wall_s": json.loads(wall_file.read_text())["seconds"] if wall_file.exists() else None}
         for mode, policies in SAN_MODES.items():
             done = reused.get(str(seed), {}).get(mode)
-            # only an evaluation written after the checkpoint it evaluated
-            fresh = args.reuse and args.reuse.stat().st_mtime > (out / "checkpoint.safetensors").stat().st_mtime
-            if done and fresh and all(str(r) in done["results"] for r in T):
+            if done and evaluated_after(args.reuse, [out]) and all(str(r) in done["results"] for r in T):
                 per_seed[mode] = done
                 print(f"SAN seed {seed}, {mode}: evaluation taken from {args.reuse}", flush=True)
                 continue
