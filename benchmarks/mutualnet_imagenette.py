@@ -57,6 +57,7 @@ def main() -> None:
         cfg = load_config(ROOT / "configs" / "imagenette_mutualnet_mbv2.yaml", sets)
         cfg["model"] = {"name": "mobilenet_v2", "width_mult": base_width * w, "num_classes": None, "kwargs": {}}
         cfg["method"] = {"name": "individual", "resolutions": [r], "kwargs": {}}
+        cfg["train"].update(lr=0.2, warmup_epochs=1)  # the protocol's recipe; the sandwich configs need a lower lr
         configs[f"I-w{w:g}-{r}"] = cfg
     for cfg in configs.values():
         cfg["data"]["root"] = str(args.data)

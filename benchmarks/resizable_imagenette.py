@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 from datetime import date
@@ -19,12 +20,14 @@ from pathlib import Path
 import torch
 from _common import train_once
 
-from flexres.analysis.adapt import adapt_report
-from flexres.cli import _SubsetView, build_table
+from flexres.analysis import count_macs
+from flexres.analysis.adapt import Candidates, Scores, compare_adapt_nas, score_candidates
+from flexres.cli import _SubsetView, scale_configurations
 from flexres.data import ImageFolderDataset
 from flexres.engine.checkpoint import load_checkpoint
 from flexres.engine.config import load_config
 from flexres.engine.evaluate import evaluate, markdown_table
+from flexres.operating_point import OperatingPoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenette-224"
@@ -68,22 +71,21 @@ def main() -> None:
     if args.train_only:
         return
 
-    tables = {k: build_table(str(args.out / k), str(args.data), [1.0], [112], scales=args.configs, progress=False)
-              for k in ("fair", "random")}
-    if args.configs != "all":  # the four fixed configurations must be in the table for (a)
-        for k, t in tables.items():
-            have = {tuple(r["scales"]) for r in t}
-            missing = [sc for sc in FIXED if sc not in have]
-            if missing:
-                model, _ = load_checkpoint(args.out / k)
-                from flexres.analysis import count_macs
-                from flexres.operating_point import OperatingPoint
-
-                val0 = ImageFolderDataset(args.data / "val", cache="auto", progress=False)
-                for sc in missing:
-                    t.append({"scales": list(sc), "top1": evaluate(model, val0, [112], scales=sc)[112]["top1"],
-                              "macs": count_macs(model, OperatingPoint(112, scales=sc))})
     val = ImageFolderDataset(args.data / "val", cache="auto", progress=False)
+    train_ds = ImageFolderDataset(args.data / "train", progress=False)
+    pick = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(0))[: args.label_images].tolist()
+    fair_model, _ = load_checkpoint(args.out / "fair")
+    configs = scale_configurations(fair_model, args.configs)
+    configs += [sc for sc in FIXED if sc not in configs]  # (a) needs the four uniform configurations
+    # Every configuration runs once per image and the results are kept: the query tables (b), the labels
+    # and the validation scores of every Adapt budget (d) are all read from these matrices.
+    scores = {k: score_all(args.out / k, configs, val, args.out / f"scores_{k}_val.pt") for k in ("fair", "random")}
+    cands = scores["fair"][0]
+    train_scores = score_all(args.out / "fair", configs, _SubsetView(train_ds, pick), args.out / "scores_fair_train.pt")[1]
+    tables = {k: [{"scales": list(sc), "top1": 100 * float(sv.correct[:, i].float().mean()), "macs": cands.macs[i]}
+                  for i, sc in enumerate(configs)] for k, (_, sv) in scores.items()}
+    (args.out / "tables.json").write_text(json.dumps(tables, indent=1))
+
     per_fixed = {}  # each network trained alone, evaluated at its own configuration
     for sc in FIXED:
         model, _ = load_checkpoint(args.out / f"fixed-{'-'.join(f'{f:g}' for f in sc)}")
@@ -91,7 +93,7 @@ def main() -> None:
     aug_top1 = evaluate(load_checkpoint(args.out / "aug")[0], val, [112], scales=(1.0,) * 4)[112]["top1"]
 
     def at(table, sc, key="top1"):
-        return next((r[key] for r in table if tuple(r["scales"]) == sc), float("nan"))
+        return next(r[key] for r in table if tuple(r["scales"]) == sc)
 
     lines = [f"Date {date.today()}; {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
              f"{args.epochs} epochs; "
@@ -104,25 +106,40 @@ def main() -> None:
     for k, t in tables.items():
         accs = [r["top1"] for r in t]
         summary.append([k, str(len(accs)), f"{statistics.mean(accs):.2f}", f"{min(accs):.1f}", f"{max(accs):.1f}"])
+    wins = sum(a["top1"] > b["top1"] for a, b in zip(tables["fair"], tables["random"]))
     lines += ["(b) Fair vs random sampling, over the evaluated configurations:", "",
               markdown_table(["sampling", "configurations", "mean top-1", "min", "max"], summary), "",
+              f"Fair above random at {wins} of {len(configs)} configurations.", "",
               f"(c) Resizable-Aug at all 1.0: {aug_top1:.1f}% vs plain training (fixed all 1.0): {per_fixed[(1.0,) * 4]:.1f}%.", ""]
 
-    model, _ = load_checkpoint(args.out / "fair")
-    train_ds = ImageFolderDataset(args.data / "train", progress=False)
-    pick = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(0))[: args.label_images].tolist()
-    configs = [tuple(r["scales"]) for r in tables["fair"]]
-    macs = sorted(r["macs"] for r in tables["fair"])
+    macs = sorted(cands.macs)
     adapt_rows = []
     for q in (0.25, 0.5, 0.75):
         budget = macs[int(q * (len(macs) - 1))]
-        rep = adapt_report(model, _SubsetView(train_ds, pick), val, 112, configs, budget)
-        adapt_rows.append([f"{budget / 1e6:.1f}", f"{rep['adapt']['top1']:.1f}", f"{rep['adapt']['mean_macs'] / 1e6:.1f}",
-                           f"{rep['nas']['top1']:.1f}", f"{rep['nas']['macs'] / 1e6:.1f}", f"{rep['oracle_top1']:.1f}"])
+        cols = [i for i, m in enumerate(cands.macs) if m <= budget]
+        sub = Candidates([cands.scales[i] for i in cols], [cands.macs[i] for i in cols])
+        rep = compare_adapt_nas(sub, train_scores.subset(cols), scores["fair"][1].subset(cols))
+        adapt_rows.append([f"{budget / 1e6:.1f}", str(len(cols)), f"{rep['adapt']['top1']:.1f}", f"{rep['adapt']['mean_macs'] / 1e6:.1f}",
+                           f"{(rep['adapt']['mean_macs'] + rep['probe_macs']) / 1e6:.1f}", f"{rep['nas']['top1']:.1f}",
+                           f"{rep['nas']['macs'] / 1e6:.1f}", f"{rep['oracle_top1']:.1f}"])
     lines += ["(d) Resizable-Adapt vs NAS (best single configuration under the same budget, picked on the labelled training images):",
-              "", markdown_table(["budget (MMACs)", "Adapt top-1", "Adapt mean MMACs", "NAS top-1", "NAS MMACs", "oracle"], adapt_rows)]
+              "", markdown_table(["budget (MMACs)", "candidates", "Adapt top-1", "Adapt mean MMACs", "+ probe pass", "NAS top-1",
+                                  "NAS MMACs", "oracle"], adapt_rows)]
     (args.out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def score_all(run: Path, configs: list[tuple[float, ...]], dataset, cache: Path) -> tuple[Candidates, Scores]:
+    """Run every configuration of ``run`` on ``dataset`` at 112 px (kept in ``cache``: rendering again costs nothing)."""
+    model, _ = load_checkpoint(run)
+    cands = Candidates(configs, [count_macs(model, OperatingPoint(112, scales=sc)) for sc in configs])
+    if cache.exists() and cache.stat().st_mtime > (run / "checkpoint.safetensors").stat().st_mtime:
+        saved = torch.load(cache)
+        if saved["configs"] == [list(sc) for sc in configs]:
+            return cands, Scores(saved["correct"], saved["prob"], saved["features"])
+    correct, prob, _, feats = score_candidates(model, dataset, 112, cands)
+    torch.save({"configs": [list(sc) for sc in configs], "correct": correct, "prob": prob, "features": feats}, cache)
+    return cands, Scores(correct, prob, feats)
 
 
 if __name__ == "__main__":

@@ -174,6 +174,31 @@ def test_adaptive_routing_never_exceeds_the_budget(small_data):
         adapt_report(model, train, val, 48, configs, costs[0] - 1)
 
 
+def test_adapt_from_one_scoring_of_every_configuration_matches_scoring_per_budget(small_data):
+    """The benchmark scores every configuration once and reads each budget's candidates from those columns:
+    that must give what scoring only the budget's candidates gives."""
+    import itertools
+
+    from flexres.analysis.adapt import Candidates, Scores, adapt_report, compare_adapt_nas, score_candidates
+    from flexres.data import ImageFolderDataset
+
+    torch.manual_seed(0)
+    model = flexres.create_model("resizable_resnet18", num_classes=3, train_resolutions=[48], width_mult=0.25).eval()
+    configs = list(itertools.product(L, repeat=4))[::29]
+    every = Candidates(configs, [count_macs(model, OperatingPoint(48, scales=c)) for c in configs])
+    budget = sorted(every.macs)[len(configs) // 2]
+    train, val = ImageFolderDataset(small_data / "train"), ImageFolderDataset(small_data / "val")
+    tr, va = (Scores(*(t for i, t in enumerate(score_candidates(model, ds, 48, every)) if i != 2)) for ds in (train, val))
+    cols = [i for i, m in enumerate(every.macs) if m <= budget]
+    assert every.probe in cols  # the cheapest configuration fits any budget that anything fits: same probe features
+    sub = Candidates([configs[i] for i in cols], [every.macs[i] for i in cols])
+    reused = compare_adapt_nas(sub, tr.subset(cols), va.subset(cols), epochs=2)
+    direct = adapt_report(model, train, val, 48, configs, budget, epochs=2)
+    assert reused["candidates"] == direct["candidates"] == len(cols)
+    assert reused["adapt"] == direct["adapt"] and reused["nas"] == direct["nas"]
+    assert torch.equal(reused["chosen_macs"], direct["chosen_macs"])
+
+
 def test_adapt_cli_reports_and_saves_the_router(tmp_path, small_data, capsys):
     cfg = tmp_path / "r.yaml"
     cfg.write_text("model: {name: resizable_resnet18, width_mult: 0.25}\nmethod: {name: resizable, resolutions: [48]}\n"

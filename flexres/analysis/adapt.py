@@ -119,21 +119,29 @@ def route(router: ConfigRouter, features: Tensor) -> Tensor:
     return router(features).argmax(1)
 
 
-def adapt_report(model: AdaptiveModel, train_subset: ImageFolderDataset, val: ImageFolderDataset, resolution: int,
-                 configs: list[tuple[float, ...]], max_macs: float, epochs: int = 30, batch_size: int = 256) -> dict[str, Any]:
-    """Build candidates, label, train the router, and compare on ``val``: Adapt vs the best single configuration
-    (chosen on the labelled training images, as Resizable-NAS would) vs the oracle."""
-    cands = candidates_within(model, resolution, configs, max_macs)
-    tr_correct, tr_prob, _, tr_feats = score_candidates(model, train_subset, resolution, cands, batch_size)
-    router = train_router(tr_feats, best_config_labels(tr_correct, tr_prob), len(cands.scales), epochs)
-    va_correct, _, _, va_feats = score_candidates(model, val, resolution, cands, batch_size)
-    chosen = route(router, va_feats)
+@dataclass
+class Scores:
+    """Every candidate run on a set of images: what ``score_candidates`` returns, kept for reuse."""
+    correct: Tensor  # [N, C] bool
+    prob: Tensor  # [N, C] true-class probability
+    features: Tensor  # [N, ...] last-stage features of the probe (cheapest) candidate
+
+    def subset(self, columns: list[int]) -> Scores:
+        return Scores(self.correct[:, columns], self.prob[:, columns], self.features)
+
+
+def compare_adapt_nas(cands: Candidates, train: Scores, val: Scores, epochs: int = 30) -> dict[str, Any]:
+    """Train the router on ``train``'s labels and compare on ``val``: Adapt vs the best single configuration
+    (chosen on the labelled training images, as Resizable-NAS would) vs the oracle. Both score sets must come
+    from the same candidates, in the same order, with the same probe."""
+    router = train_router(train.features, best_config_labels(train.correct, train.prob), len(cands.scales), epochs)
+    chosen = route(router, val.features)
     macs = torch.tensor(cands.macs, dtype=torch.float64)
-    nas = int(tr_correct.float().mean(0).argmax())
-    acc = va_correct.float()
+    nas = int(train.correct.float().mean(0).argmax())
+    acc = val.correct.float()
     return {
-        "budget_macs": max_macs, "candidates": len(cands.scales), "probe_scales": list(cands.scales[cands.probe]),
-        "probe_macs": cands.macs[cands.probe], "train_images": len(tr_correct), "val_images": len(va_correct),
+        "candidates": len(cands.scales), "probe_scales": list(cands.scales[cands.probe]),
+        "probe_macs": cands.macs[cands.probe], "train_images": len(train.correct), "val_images": len(val.correct),
         "adapt": {"top1": 100 * float(acc[torch.arange(len(chosen)), chosen].mean()), "mean_macs": float(macs[chosen].mean()),
                   "max_macs": float(macs[chosen].max()), "configs_used": int(chosen.unique().numel())},
         "nas": {"scales": list(cands.scales[nas]), "top1": 100 * float(acc[:, nas].mean()), "macs": cands.macs[nas]},
@@ -141,3 +149,13 @@ def adapt_report(model: AdaptiveModel, train_subset: ImageFolderDataset, val: Im
         "router": router,
         "chosen_macs": macs[chosen],
     }
+
+
+def adapt_report(model: AdaptiveModel, train_subset: ImageFolderDataset, val: ImageFolderDataset, resolution: int,
+                 configs: list[tuple[float, ...]], max_macs: float, epochs: int = 30, batch_size: int = 256) -> dict[str, Any]:
+    """Candidates within ``max_macs``, scored on ``train_subset`` (labels) and ``val``, then ``compare_adapt_nas``."""
+    cands = candidates_within(model, resolution, configs, max_macs)
+    tr_correct, tr_prob, _, tr_feats = score_candidates(model, train_subset, resolution, cands, batch_size)
+    va_correct, va_prob, _, va_feats = score_candidates(model, val, resolution, cands, batch_size)
+    return {"budget_macs": max_macs, **compare_adapt_nas(cands, Scores(tr_correct, tr_prob, tr_feats),
+                                                         Scores(va_correct, va_prob, va_feats), epochs)}
