@@ -137,9 +137,9 @@ def score_all(run: Path, configs: list[tuple[float, ...]], dataset, cache: Path)
         saved = torch.load(cache)
         if saved["configs"] == [list(sc) for sc in configs]:
             return cands, Scores(saved["correct"], saved["prob"], saved["features"])
-    correct, prob, _, feats = score_candidates(model, dataset, 112, cands)
-    torch.save({"configs": [list(sc) for sc in configs], "correct": correct, "prob": prob, "features": feats}, cache)
-    return cands, Scores(correct, prob, feats)
+    scores = score_candidates(model, dataset, 112, cands)
+    torch.save({"configs": [list(sc) for sc in configs], **vars(scores)}, cache)
+    return cands, scores
 
 
 if __name__ == "__main__":

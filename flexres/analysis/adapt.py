@@ -60,15 +60,26 @@ def candidates_within(model: AdaptiveModel, resolution: int, configs: list[tuple
     return Candidates([sc for sc, _ in fit], [m for _, m in fit])
 
 
+@dataclass
+class Scores:
+    """Every candidate run on a set of images: what ``score_candidates`` returns, kept for reuse."""
+    correct: Tensor  # [N, C] bool
+    prob: Tensor  # [N, C] true-class probability
+    features: Tensor  # [N, ...] last-stage features of the probe (cheapest) candidate
+
+    def subset(self, columns: list[int]) -> Scores:
+        return Scores(self.correct[:, columns], self.prob[:, columns], self.features)
+
+
 @torch.no_grad()
 def score_candidates(model: AdaptiveModel, dataset: ImageFolderDataset, resolution: int, cands: Candidates,
-                     batch_size: int = 256, crop_fraction: float = 0.875) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(correct [N, C] bool, true-class probability [N, C], labels [N], probe features [N, ...]) over ``dataset``."""
+                     batch_size: int = 256, crop_fraction: float = 0.875) -> Scores:
+    """Every candidate on every image of ``dataset`` (with the probe candidate's features)."""
     model.eval()
     saved = dataset.transform
     dataset.transform = EvalTransform(resolution, crop_fraction)
     device = next(model.parameters()).device
-    correct, prob, feats, labels = [], [], [], []
+    correct, prob, feats = [], [], []
     try:
         for x, y in DataLoader(dataset, batch_size=batch_size):
             x, y = normalize_batch(x.to(device)), y.to(device)
@@ -84,10 +95,9 @@ def score_candidates(model: AdaptiveModel, dataset: ImageFolderDataset, resoluti
                 p_row.append(p.gather(1, y[:, None])[:, 0])
             correct.append(torch.stack(c_row, 1).cpu())
             prob.append(torch.stack(p_row, 1).cpu())
-            labels.append(y.cpu())
     finally:
         dataset.transform = saved
-    return torch.cat(correct), torch.cat(prob), torch.cat(labels), torch.cat(feats)
+    return Scores(torch.cat(correct), torch.cat(prob), torch.cat(feats))
 
 
 def best_config_labels(correct: Tensor, prob: Tensor) -> Tensor:
@@ -119,17 +129,6 @@ def route(router: ConfigRouter, features: Tensor) -> Tensor:
     return router(features).argmax(1)
 
 
-@dataclass
-class Scores:
-    """Every candidate run on a set of images: what ``score_candidates`` returns, kept for reuse."""
-    correct: Tensor  # [N, C] bool
-    prob: Tensor  # [N, C] true-class probability
-    features: Tensor  # [N, ...] last-stage features of the probe (cheapest) candidate
-
-    def subset(self, columns: list[int]) -> Scores:
-        return Scores(self.correct[:, columns], self.prob[:, columns], self.features)
-
-
 def compare_adapt_nas(cands: Candidates, train: Scores, val: Scores, epochs: int = 30) -> dict[str, Any]:
     """Train the router on ``train``'s labels and compare on ``val``: Adapt vs the best single configuration
     (chosen on the labelled training images, as Resizable-NAS would) vs the oracle. Both score sets must come
@@ -155,7 +154,5 @@ def adapt_report(model: AdaptiveModel, train_subset: ImageFolderDataset, val: Im
                  configs: list[tuple[float, ...]], max_macs: float, epochs: int = 30, batch_size: int = 256) -> dict[str, Any]:
     """Candidates within ``max_macs``, scored on ``train_subset`` (labels) and ``val``, then ``compare_adapt_nas``."""
     cands = candidates_within(model, resolution, configs, max_macs)
-    tr_correct, tr_prob, _, tr_feats = score_candidates(model, train_subset, resolution, cands, batch_size)
-    va_correct, va_prob, _, va_feats = score_candidates(model, val, resolution, cands, batch_size)
-    return {"budget_macs": max_macs, **compare_adapt_nas(cands, Scores(tr_correct, tr_prob, tr_feats),
-                                                         Scores(va_correct, va_prob, va_feats), epochs)}
+    train, held_out = (score_candidates(model, ds, resolution, cands, batch_size) for ds in (train_subset, val))
+    return {"budget_macs": max_macs, **compare_adapt_nas(cands, train, held_out, epochs)}
