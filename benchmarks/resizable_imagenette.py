@@ -1,11 +1,14 @@
 """Resizable networks on the Imagenette protocol (resizable_resnet18 x0.25 at 112 px, L = (0.45, 0.65, 0.85, 1.0)).
 
 (a) sub-networks of one fair-sampling run vs networks trained alone at the same configuration (Table 1);
-(b) fair vs random sampling over all 256 configurations (Table 11);
+(b) fair vs random sampling over the evaluated configurations (all 256, or a seeded sample) (Table 11);
 (c) Resizable-Aug (fair sampling for 2/3 of the epochs, then all 1.0) vs plain training (Table 2);
 (d) Resizable-Adapt vs the best single configuration (NAS) at equal budgets (Fig. 3d).
 
     python benchmarks/resizable_imagenette.py [--data DIR] [--out runs/bench_resizable] [--epochs 20]
+
+Every configuration of a run is scored once per image and kept (scores_*.pt), so the report can be
+rendered again for free; --train-only and --score-only spread the work over processes.
 """
 
 from __future__ import annotations
