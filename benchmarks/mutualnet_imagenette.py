@@ -41,6 +41,8 @@ def main() -> None:
     p.add_argument("--widths", default="0.25:1.0:0.05")
     p.add_argument("--calibration-images", type=int, default=2000)
     p.add_argument("--batch", type=int, help="override the batch size (e.g. for a smoke test on a tiny set)")
+    p.add_argument("--skip", nargs="+", default=[], metavar="LABEL",
+                   help="runs to leave out (e.g. I-w0.75-96): not trained, not in the report")
     p.add_argument("--train-only", nargs="+", metavar="LABEL",
                    help="only train these runs (MutualNet, US-Net, I-w1-112, ...) and exit: to spread them over processes")
     args = p.parse_args()
@@ -59,6 +61,7 @@ def main() -> None:
         cfg["method"] = {"name": "individual", "resolutions": [r], "kwargs": {}}
         cfg["train"].update(lr=0.2, warmup_epochs=1)  # the protocol's recipe; the sandwich configs need a lower lr
         configs[f"I-w{w:g}-{r}"] = cfg
+    configs = {label: cfg for label, cfg in configs.items() if label not in args.skip}
     for cfg in configs.values():
         cfg["data"]["root"] = str(args.data)
     if args.train_only:
@@ -74,6 +77,8 @@ def main() -> None:
     inet_rows = []
     for w, r in INETS:
         label = f"I-w{w:g}-{r}"
+        if label in args.skip:
+            continue
         rep = evaluate_runs([str(args.out / label)], str(args.data), [r], "interpolate", progress=False)["runs"][label]
         inet_rows.append({"label": label, "width": w, "resolution": r, "top1": rep["results"][str(r)]["top1"],
                           "macs": rep["results"][str(r)]["macs"]})

@@ -37,6 +37,10 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenette-224"
 FIXED = [(1.0,) * 4, (0.85,) * 4, (0.65,) * 4, (0.45,) * 4]
 
 
+def fixed_label(scales: tuple[float, ...]) -> str:
+    return "fixed-" + "-".join(f"{f:g}" for f in scales)
+
+
 def base_config(data: Path, epochs: int, batch: int | None) -> dict:
     sets = [f"epochs={epochs}", "progress=false"] + ([f"batch_size={batch}"] if batch else [])
     cfg = load_config(ROOT / "configs" / "imagenette_resizable_r18.yaml", sets)
@@ -53,6 +57,8 @@ def main() -> None:
     p.add_argument("--configs", default="all", help="configurations in the tables: 'all' (256) or N sampled")
     p.add_argument("--random-configs", help="configurations for the random-sampling run's table (default: as --configs)")
     p.add_argument("--label-images", type=int, default=2000)
+    p.add_argument("--skip", nargs="+", default=[], metavar="LABEL",
+                   help="runs to leave out (e.g. fixed-0.65-0.65-0.65-0.65): not trained, not in the report")
     p.add_argument("--score-only", action="store_true",
                    help="only run every configuration of the finished fair and random runs (kept for the report) and exit")
     p.add_argument("--train-only", nargs="+", metavar="LABEL",
@@ -62,8 +68,10 @@ def main() -> None:
         "fair": {"sampling": "fair"},
         "random": {"sampling": "random"},
         "aug": {"sampling": "fair", "target_scales": [1.0] * 4, "finetune_from": 2 / 3},
-        **{f"fixed-{'-'.join(f'{f:g}' for f in sc)}": {"sampling": "fixed", "target_scales": list(sc)} for sc in FIXED},
+        **{fixed_label(sc): {"sampling": "fixed", "target_scales": list(sc)} for sc in FIXED},
     }
+    runs = {label: kw for label, kw in runs.items() if label not in args.skip}
+    fixed = [sc for sc in FIXED if fixed_label(sc) in runs]
     if args.train_only:
         unknown = set(args.train_only) - set(runs)
         if unknown:
@@ -100,8 +108,8 @@ def main() -> None:
     (args.out / "tables.json").write_text(json.dumps(tables, indent=1))
 
     per_fixed = {}  # each network trained alone, evaluated at its own configuration
-    for sc in FIXED:
-        model, _ = load_checkpoint(args.out / f"fixed-{'-'.join(f'{f:g}' for f in sc)}")
+    for sc in fixed:
+        model, _ = load_checkpoint(args.out / fixed_label(sc))
         per_fixed[sc] = evaluate(model, val, [112], scales=sc)[112]["top1"]
     aug_top1 = evaluate(load_checkpoint(args.out / "aug")[0], val, [112], scales=(1.0,) * 4)[112]["top1"]
 
@@ -114,7 +122,7 @@ def main() -> None:
              "(a) Sub-networks of the fair-sampling run vs networks trained alone at that configuration (top-1 %):", "",
              markdown_table(["configuration", "MMACs", "trained alone", "resizable (fair) sub-network", "gain"],
                             [["-".join(f"{f:g}" for f in sc), f"{at(tables['fair'], sc, 'macs') / 1e6:.1f}", f"{per_fixed[sc]:.1f}",
-                              f"{at(tables['fair'], sc):.1f}", f"{at(tables['fair'], sc) - per_fixed[sc]:+.1f}"] for sc in FIXED]), ""]
+                              f"{at(tables['fair'], sc):.1f}", f"{at(tables['fair'], sc) - per_fixed[sc]:+.1f}"] for sc in fixed]), ""]
     summary = []
     for k, t in tables.items():
         accs = [r["top1"] for r in t]
