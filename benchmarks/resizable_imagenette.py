@@ -89,17 +89,23 @@ def main() -> None:
     train_ds = ImageFolderDataset(args.data / "train", progress=False)
     pick = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(0))[: args.label_images].tolist()
     fair_model, _ = load_checkpoint(args.out / "fair")
-    configs = scale_configurations(fair_model, args.configs)
-    configs += [sc for sc in FIXED if sc not in configs]  # (a) needs the four uniform configurations
+    random_model, _ = load_checkpoint(args.out / "random")
+    macs: dict[tuple[float, ...], int] = {}  # MACs follow the configuration, not the weights: counted once
+
+    def candidates(spec: str) -> Candidates:
+        scales = scale_configurations(fair_model, spec)
+        scales += [sc for sc in FIXED if sc not in scales]  # (a) needs the four uniform configurations
+        for sc in scales:
+            if sc not in macs:
+                macs[sc] = count_macs(fair_model, OperatingPoint(112, scales=sc))
+        return Candidates(scales, [macs[sc] for sc in scales])
+
     # Every configuration runs once per image and the results are kept: the query tables (b), the labels
     # and the validation scores of every Adapt budget (d) are all read from these matrices.
-    random_configs = configs
-    if args.random_configs:
-        random_configs = scale_configurations(fair_model, args.random_configs)
-        random_configs += [sc for sc in FIXED if sc not in random_configs]
-    cands, fair_scores = score_all(args.out / "fair", configs, val, args.out / "scores_fair_val.pt")
-    train_scores = score_all(args.out / "fair", configs, _SubsetView(train_ds, pick), args.out / "scores_fair_train.pt")[1]
-    random_cands, random_scores = score_all(args.out / "random", random_configs, val, args.out / "scores_random_val.pt")
+    cands, random_cands = candidates(args.configs), candidates(args.random_configs or args.configs)
+    fair_scores = score_all(fair_model, args.out / "fair", cands, val, args.out / "scores_fair_val.pt")
+    train_scores = score_all(fair_model, args.out / "fair", cands, _SubsetView(train_ds, pick), args.out / "scores_fair_train.pt")
+    random_scores = score_all(random_model, args.out / "random", random_cands, val, args.out / "scores_random_val.pt")
     if args.score_only:
         return
     tables = {k: [{"scales": list(sc), "top1": 100 * float(sv.correct[:, i].float().mean()), "macs": c.macs[i]}
@@ -137,10 +143,10 @@ def main() -> None:
               f"random {statistics.mean(r for _, r in both):.2f}.", "",
               f"(c) Resizable-Aug at all 1.0: {aug_top1:.1f}% vs plain training (fixed all 1.0): {per_fixed[(1.0,) * 4]:.1f}%.", ""]
 
-    macs = sorted(cands.macs)
+    ordered = sorted(cands.macs)
     adapt_rows = []
     for q in (0.25, 0.5, 0.75):
-        budget = macs[int(q * (len(macs) - 1))]
+        budget = ordered[int(q * (len(ordered) - 1))]
         cols = [i for i, m in enumerate(cands.macs) if m <= budget]
         sub = Candidates([cands.scales[i] for i in cols], [cands.macs[i] for i in cols])
         rep = compare_adapt_nas(sub, train_scores.subset(cols), fair_scores.subset(cols))
@@ -154,17 +160,17 @@ def main() -> None:
     print("\n".join(lines))
 
 
-def score_all(run: Path, configs: list[tuple[float, ...]], dataset, cache: Path) -> tuple[Candidates, Scores]:
-    """Run every configuration of ``run`` on ``dataset`` at 112 px (kept in ``cache``: rendering again costs nothing)."""
-    model, _ = load_checkpoint(run)
-    cands = Candidates(configs, [count_macs(model, OperatingPoint(112, scales=sc)) for sc in configs])
+def score_all(model, run: Path, cands: Candidates, dataset, cache: Path) -> Scores:
+    """Every configuration of ``model`` (trained in ``run``) on ``dataset`` at 112 px, kept in ``cache``:
+    rendering the report again costs nothing."""
+    configs = [list(sc) for sc in cands.scales]
     if cache.exists() and cache.stat().st_mtime > (run / "checkpoint.safetensors").stat().st_mtime:
         saved = torch.load(cache)
-        if saved["configs"] == [list(sc) for sc in configs] and len(saved["correct"]) == len(dataset):
-            return cands, Scores(saved["correct"], saved["prob"], saved["features"])
+        if saved["configs"] == configs and len(saved["correct"]) == len(dataset):
+            return Scores(saved["correct"], saved["prob"], saved["features"])
     scores = score_candidates(model, dataset, 112, cands)
-    torch.save({"configs": [list(sc) for sc in configs], **vars(scores)}, cache)
-    return cands, scores
+    torch.save({"configs": configs, **vars(scores)}, cache)
+    return scores
 
 
 if __name__ == "__main__":
