@@ -147,8 +147,7 @@ def main() -> None:
     adapt_rows = []
     for q in (0.25, 0.5, 0.75):
         budget = ordered[int(q * (len(ordered) - 1))]
-        cols = [i for i, m in enumerate(cands.macs) if m <= budget]
-        sub = Candidates([cands.scales[i] for i in cols], [cands.macs[i] for i in cols])
+        sub, cols = cands.within(budget)
         rep = compare_adapt_nas(sub, train_scores.subset(cols), fair_scores.subset(cols))
         adapt_rows.append([f"{budget / 1e6:.1f}", str(len(cols)), f"{rep['adapt']['top1']:.1f}", f"{rep['adapt']['mean_macs'] / 1e6:.1f}",
                            f"{(rep['adapt']['mean_macs'] + rep['probe_macs']) / 1e6:.1f}", f"{rep['nas']['top1']:.1f}",

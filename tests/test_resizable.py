@@ -189,9 +189,9 @@ def test_adapt_from_one_scoring_of_every_configuration_matches_scoring_per_budge
     budget = sorted(every.macs)[len(configs) // 2]
     train, val = ImageFolderDataset(small_data / "train"), ImageFolderDataset(small_data / "val")
     tr, va = (score_candidates(model, ds, 48, every) for ds in (train, val))
-    cols = [i for i, m in enumerate(every.macs) if m <= budget]
+    sub, cols = every.within(budget)
+    assert cols == [i for i, m in enumerate(every.macs) if m <= budget] and sub.scales == [configs[i] for i in cols]
     assert every.probe in cols  # the cheapest configuration fits any budget that anything fits: same probe features
-    sub = Candidates([configs[i] for i in cols], [every.macs[i] for i in cols])
     reused = compare_adapt_nas(sub, tr.subset(cols), va.subset(cols), epochs=2)
     direct = adapt_report(model, train, val, 48, configs, budget, epochs=2)
     assert reused["candidates"] == direct["candidates"] == len(cols)

@@ -49,15 +49,19 @@ class Candidates:
     def probe(self) -> int:
         return min(range(len(self.macs)), key=self.macs.__getitem__)
 
+    def within(self, max_macs: float) -> tuple[Candidates, list[int]]:
+        """The candidates that cost at most ``max_macs``, and their positions here (columns of a ``Scores``)."""
+        cols = [i for i, m in enumerate(self.macs) if m <= max_macs]
+        if not cols:
+            cheapest = self.probe
+            raise ValueError(f"no scaling configuration fits {max_macs / 1e6:.1f} MMACs; the cheapest, {self.scales[cheapest]}, "
+                             f"costs {self.macs[cheapest] / 1e6:.1f} MMACs")
+        return Candidates([self.scales[i] for i in cols], [self.macs[i] for i in cols]), cols
+
 
 def candidates_within(model: AdaptiveModel, resolution: int, configs: list[tuple[float, ...]], max_macs: float) -> Candidates:
-    costs = [(sc, count_macs(model, OperatingPoint(resolution, scales=sc))) for sc in configs]
-    fit = [(sc, m) for sc, m in costs if m <= max_macs]
-    if not fit:
-        cheapest = min(costs, key=lambda c: c[1])
-        raise ValueError(f"no scaling configuration fits {max_macs / 1e6:.1f} MMACs; the cheapest, {cheapest[0]}, costs "
-                         f"{cheapest[1] / 1e6:.1f} MMACs")
-    return Candidates([sc for sc, _ in fit], [m for _, m in fit])
+    every = Candidates(list(configs), [count_macs(model, OperatingPoint(resolution, scales=sc)) for sc in configs])
+    return every.within(max_macs)[0]
 
 
 @dataclass
