@@ -40,6 +40,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--widths", default="0.25:1.0:0.05")
     p.add_argument("--calibration-images", type=int, default=2000)
+    p.add_argument("--inet-lr", type=float, help="train the I-Nets at this lr instead of the sandwich configs' lr")
     p.add_argument("--batch", type=int, help="override the batch size (e.g. for a smoke test on a tiny set)")
     p.add_argument("--skip", nargs="+", default=[], metavar="LABEL",
                    help="runs to leave out (e.g. I-w0.75-96): not trained, not in the report")
@@ -59,7 +60,10 @@ def main() -> None:
         cfg = load_config(ROOT / "configs" / "imagenette_mutualnet_mbv2.yaml", sets)
         cfg["model"] = {"name": "mobilenet_v2", "width_mult": base_width * w, "num_classes": None, "kwargs": {}}
         cfg["method"] = {"name": "individual", "resolutions": [r], "kwargs": {}}
-        cfg["train"].update(lr=0.2, warmup_epochs=1)  # the protocol's recipe; the sandwich configs need a lower lr
+        # The controls keep the sandwich configs' schedule (lr 0.1, 2-epoch warm-up, wd 4e-5): same schedule for
+        # method and control (PROTOCOL.md, "Fair comparisons"). --inet-lr gives them another lr (a sweep point).
+        if args.inet_lr is not None:
+            cfg["train"]["lr"] = args.inet_lr
         configs[f"I-w{w:g}-{r}"] = cfg
     configs = {label: cfg for label, cfg in configs.items() if label not in args.skip}
     for cfg in configs.values():

@@ -208,8 +208,10 @@ def build_table(run: str, data: str | None, widths: list[float], resolutions: li
     n = calibration_images or cfg["eval"]["calibration_images"]
     rows = []
     for w, sc in itertools.product(widths, scale_configurations(model, scales)):
-        points = [OperatingPoint(r, w) for r in res_list
-                  if model.width_range or (bn_policy == "calibrate" and r not in model.train_resolutions)]
+        # Post-statistics BN for slimmable models; with bn_policy calibrate, every untrained resolution and
+        # (Resizable) every scaling configuration gets its own statistics.
+        points = [OperatingPoint(r, w, sc) for r in res_list
+                  if model.width_range or (bn_policy == "calibrate" and (r not in model.train_resolutions or sc is not None))]
         if points:
             ensure_calibrated(model, meta, ckpt, train_ds, points, n, batch_size, cfg, str(data), workers)
         results = evaluate(model, val, res_list, bn_policy, batch_size, meta.get("crop_fraction", 0.875), workers=workers, width=w,

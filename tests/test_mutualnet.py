@@ -14,15 +14,51 @@ from flexres.nn import calibrate_bn
 from flexres.nn.slimmable import SlimmableConv2d, SlimmableLinear, slim_channels
 
 
-def test_slim_channels_rounds_to_the_divisor_and_never_exceeds_the_layer():
+def official_make_divisible(v, divisor=8):
+    """The slimmable-networks / TF-slim rule, written out independently of flexres."""
+    new = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return new + divisor if new < 0.9 * v else new
+
+
+def test_slim_channels_follow_the_official_rounding():
     assert slim_channels(64, 1.0) == 64
     assert slim_channels(64, 0.5) == 32
-    assert slim_channels(64, 0.3) == 16  # 19.2 -> nearest multiple of 8
+    assert slim_channels(64, 0.3) == 24  # 19.2 -> 16 would lose 17 %: one divisor more
     assert slim_channels(64, 0.35) == 24  # 22.4 -> 24
-    assert slim_channels(64, 0.05) == 8  # at least one divisor
-    assert slim_channels(20, 0.9, divisor=8) == 16
-    assert slim_channels(12, 0.9, divisor=8) == 8
-    assert slim_channels(64, 0.3, divisor=4) == 20
+    assert slim_channels(64, 0.05) == 8  # never below 8
+    assert slim_channels(16, 0.25) == 8  # 4 -> 8: the floor, not 4 channels
+    assert slim_channels(20, 0.9) == 20  # 18 -> 24 by the 10 % rule, capped at the layer
+    # MobileNetV2's expanded channels: expand ratio x the rounded input (official ratio=[1, t]).
+    assert slim_channels(48, 0.25, ratio=6) == 48  # input 8 x 0.25 -> 8 (floor) -> 48
+    assert slim_channels(96, 0.5, ratio=6) == 48
+    assert slim_channels(96, 0.3, ratio=6) == 48
+    for c in (8, 16, 24, 40, 80, 96, 160, 320, 1280):
+        for w in torch.linspace(0.05, 0.99, 48).tolist():
+            got = slim_channels(c, w)
+            assert got == min(c, official_make_divisible(c * w))
+            assert got == c or (got % 8 == 0 and got >= 8 and got >= 0.9 * c * w)
+
+
+def test_slimmable_mobilenets_keep_the_head_at_full_size():
+    """The official US-Net / MutualNet MobileNetV2 keep the last 1x1 conv (1280) and the classifier at full size;
+    slim_head=True slims them as flexres did before."""
+    m = flexres.create_model("us_mobilenet_v2", num_classes=10, train_resolutions=[64], width_mult=0.25)
+    m.set_operating_point(OperatingPoint(64, 0.25))
+    head_conv, head_bn = m.features[-1][0], m.features[-1][1]
+    assert (head_conv.active_in, head_conv.active_out, head_bn.active) == (24, 1280, 1280)  # input: 80 x 0.25 -> 24
+    assert m.classifier[1].active_in == 1280
+    block = m.features[4]  # 16 -> 16 channels at base 0.25, expand ratio 6
+    assert [block.conv[0][0].active_out, block.conv[1][0].active_out, block.conv[2].active_out] == [48, 48, 8]
+    assert m(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+    old = flexres.create_model("us_mobilenet_v2", num_classes=10, train_resolutions=[64], width_mult=0.25, slim_head=True)
+    old.set_operating_point(OperatingPoint(64, 0.25))
+    assert old.features[-1][0].active_out == 320 and old.classifier[1].active_in == 320
+    v1 = flexres.create_model("us_mobilenet_v1", num_classes=10, train_resolutions=[64], width_mult=0.25)
+    v1.set_operating_point(OperatingPoint(64, 0.5))
+    assert v1.features[-1][1][0].active_out == 256 and v1.classifier[1].active_in == 256
+    assert v1.features[-1][1][0].active_in == 128 and v1.features[-2][1][0].active_out == 128
+    # Post-statistics BN still applies to the full-size head BN: it is keyed per (resolution, width).
+    assert head_bn in m.calibratable_bns()
 
 
 def test_slice_shapes_of_dense_depthwise_and_linear_layers():
@@ -181,12 +217,12 @@ def test_calibrated_statistics_of_a_deep_bn_are_those_of_a_train_mode_forward(na
     model.train()
     with torch.no_grad(), model.at(op, bn_policy="nearest"):
         for bn in bns:  # train-mode forward without touching running statistics
-            bn.begin_calibration(bn.calibration_key(op.resolution, op.width))
+            bn.begin_calibration(bn.calibration_key(op))
         model(x)
         for bn in bns:
             bn.abort_calibration()
     handle.remove()
-    key = deep.calibration_key(op.resolution, op.width)
+    key = deep.calibration_key(op)
     mean, var = deep.calibrated[key]
     torch.testing.assert_close(mean, seen["x"].mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(var, seen["x"].var((0, 2, 3), unbiased=True), rtol=1e-4, atol=1e-5)

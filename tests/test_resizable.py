@@ -213,3 +213,64 @@ def test_adapt_cli_reports_and_saves_the_router(tmp_path, small_data, capsys):
     rep = json.loads((run / "adapt.json").read_text())
     assert rep["adapt"]["max_macs"] <= 5e6 and rep["train_images"] == 8
     assert (run / "adapt_router.safetensors").exists()
+
+
+def test_calibrating_one_configuration_changes_exactly_the_bns_it_runs_through():
+    """Scale-aware BNs store calibrated statistics per (resolution, factors up to their stage): calibrating one
+    configuration fills exactly the BNs it uses, under its own keys, with the batch statistics of their inputs
+    at that configuration; other configurations keep the trained BNs."""
+    from flexres.nn import calibrate_bn
+    from flexres.nn.stage_resize import factor_key
+
+    torch.manual_seed(0)
+    m = flexres.create_model("resizable_resnet18", num_classes=10, train_resolutions=[96], width_mult=0.25).eval()
+    for bn in m.switchable_bns():  # trained statistics that differ from what calibration will find
+        for sub in bn.bns:
+            sub.running_mean.uniform_(-1, 1)
+            sub.running_var.uniform_(0.5, 2)
+    trained = {k: v.clone() for k, v in m.state_dict().items()}
+    x, other_x = torch.randn(8, 3, 96, 96), torch.randn(2, 3, 96, 96)
+    config = OperatingPoint(96, scales=(0.45, 0.65, 0.85, 1.0))
+    shares_two = OperatingPoint(96, scales=(0.45, 0.65, 1.0, 1.0))  # same first two stages, then differs
+    with torch.no_grad(), m.at(shares_two, bn_policy="calibrate"):
+        before_shared = m(other_x)
+    calibrate_bn(m, iter([x]), config, 8)
+    # Exactly one new entry per BN, under the configuration's key; the trained BNs are untouched.
+    for bn in m.switchable_bns():
+        expect = 96 if bn.scale_stage is None else (96, config.scales[: bn.scale_stage + 1])
+        assert list(bn.calibrated) == [expect]
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(v, trained[k], msg=k)
+    assert m.is_calibrated(config) and not m.is_calibrated(shares_two)
+    # Served under calibrate: each BN with the affine parameters of its stage's factor and the statistics of its
+    # input in a train-mode forward at this configuration.
+    inputs = {}
+    hooks = [bn.register_forward_pre_hook(lambda mod, a: inputs.setdefault(mod, a[0].detach())) for bn in m.switchable_bns()]
+    m.train()
+    with torch.no_grad(), m.at(config, bn_policy="nearest"):
+        for bn in m.switchable_bns():
+            bn.begin_calibration(bn.calibration_key(m.resolve(config)))
+        m(x)
+        for bn in m.switchable_bns():
+            bn.abort_calibration()
+    m.eval()
+    for h in hooks:
+        h.remove()
+    m.set_operating_point(config, bn_policy="calibrate")
+    for bn in m.switchable_bns():
+        w, _, mean, var = bn.selected_parameters()
+        trained_key = 96 if bn.scale_stage is None else factor_key(config.scales[bn.scale_stage])
+        assert w is bn.bns[bn.resolutions.index(trained_key)].weight
+        torch.testing.assert_close(mean, inputs[bn].mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(var, inputs[bn].var((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    # A configuration sharing the first two stages reuses their calibrated statistics (same input to those BNs);
+    # from its third stage on it runs on the trained BNs, and its output changed because its early stages did.
+    m.set_operating_point(shares_two, bn_policy="calibrate")
+    kinds = {bn.scale_stage: bn._choice.kind for bn in m.switchable_bns()}
+    assert kinds == {None: "calibrated", 0: "calibrated", 1: "calibrated", 2: "trained", 3: "trained"}
+    with torch.no_grad():
+        assert not torch.allclose(m(other_x), before_shared)
+    # Calibrated keys survive the sidecar's string form.
+    for bn in m.switchable_bns():
+        for key in bn.calibrated:
+            assert bn.key_from_str(bn.key_to_str(key)) == key

@@ -11,10 +11,12 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..nn.meta_conv import MetaConv2d
-from ..nn.slimmable import SlimmableBatchNorm2d, SlimmableConv2d, SlimmableLinear
+from ..nn.slimmable import SlimmableBatchNorm2d, SlimmableConv2d, SlimmableLinear, make_divisible
 from ..nn.stage_resize import factor_key
 from ..nn.switchable_bn import BN_POLICIES, SwitchableBatchNorm2d, nearest_index
 from ..operating_point import OperatingPoint
+
+__all__ = ["AdaptiveModel", "FeatureSequenceModel", "SAN_MODES", "load_single_bn_weights", "make_divisible"]
 
 ConvFactory = Callable[..., nn.Module]  # (cin, cout, kernel, stride, padding, groups=1) -> bias-free conv
 SCALE_POLICIES = ("exact", "nearest")
@@ -42,15 +44,6 @@ def conv_factory(meta: bool = False, slimmable_divisor: int | None = None) -> Co
 
         return slim
     return _meta_conv if meta else _plain_conv
-
-
-def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
-    """Round a channel count to a multiple of ``divisor`` without losing more than 10% (MobileNet rule)."""
-    min_value = divisor if min_value is None else min_value
-    new = max(min_value, int(value + divisor / 2) // divisor * divisor)
-    if new < 0.9 * value:
-        new += divisor
-    return new
 
 
 def scale_aware_norm(factors: tuple[float, ...], stage: int, train_resolutions: tuple[int, ...]) -> Callable[[int], nn.Module]:
@@ -151,10 +144,16 @@ class AdaptiveModel(nn.Module):
         """Every BN whose statistics can be re-estimated per operating point."""
         return [m for m in self.modules() if isinstance(m, (SwitchableBatchNorm2d, SlimmableBatchNorm2d))]
 
+    def resolve(self, op: OperatingPoint) -> OperatingPoint:
+        """``op`` with its per-stage scales spelled out (all 1.0 when it names none) on a Resizable network."""
+        if self.scale_factors is None or op.scales is not None:
+            return op
+        return OperatingPoint(op.resolution, op.width, self.stage_scales(op))
+
     def is_calibrated(self, op: OperatingPoint | int) -> bool:
-        op = OperatingPoint.coerce(op)
+        op = self.resolve(OperatingPoint.coerce(op))
         bns = self.calibratable_bns()
-        return bool(bns) and all(bn.calibration_key(op.resolution, op.width) in bn.calibrated for bn in bns)
+        return bool(bns) and all(bn.calibration_key(op) in bn.calibrated for bn in bns)
 
     def clear_calibration(self) -> None:
         for bn in self.calibratable_bns():
@@ -206,9 +205,10 @@ class AdaptiveModel(nn.Module):
         self._check_operating_point(op)
         scales = self.stage_scales(op)
         fell_back = False
+        resolved = self.resolve(op)
         for bn in self.switchable_bns():
             key = op.resolution if bn.scale_stage is None else factor_key(scales[bn.scale_stage])
-            fell_back |= bn.select(key, policy).fell_back
+            fell_back |= bn.select(key, policy, bn.calibration_key(resolved)).fell_back
         for resize, factor in zip(self.stage_resizers or [], scales):
             resize.set_target(op.resolution, factor)
         if fell_back:

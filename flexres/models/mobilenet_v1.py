@@ -6,7 +6,7 @@ from functools import partial
 
 from torch import nn
 
-from ..nn.slimmable import SlimmableLinear
+from ..nn.slimmable import SlimmableLinear, keep_full_width
 from ..nn.stage_resize import StageResize
 from .base import FeatureSequenceModel, make_divisible, resize_plan, scale_aware_norm
 from .mobilenet_v2 import ConvBNReLU
@@ -27,7 +27,8 @@ class DepthwiseSeparable(nn.Sequential):
 class MobileNetV1(FeatureSequenceModel):
     def __init__(self, num_classes: int = 1000, train_resolutions: list[int] | tuple[int, ...] = (224,), width_mult: float = 1.0,
                  dropout: float = 0.0, slimmable: bool = False, width_range: tuple[float, float] = (0.25, 1.0),
-                 slim_divisor: int = 8, resizable: bool = False, scale_factors: tuple[float, ...] = (0.45, 0.65, 0.85, 1.0)) -> None:
+                 slim_divisor: int = 8, slim_head: bool = False, resizable: bool = False,
+                 scale_factors: tuple[float, ...] = (0.45, 0.65, 0.85, 1.0)) -> None:
         super().__init__(train_resolutions, None, width_range if slimmable else None, scale_factors if resizable else None)
         norm, conv = self.layer_factories(slimmable=slimmable, slim_divisor=slim_divisor)
         self.resize_at, bn_stage, stage_strides = resize_plan([2] + [s for _, s in _BLOCKS])
@@ -41,9 +42,11 @@ class MobileNetV1(FeatureSequenceModel):
             cout = make_divisible(c * width_mult, 8)
             layers.append(DepthwiseSeparable(cin, cout, s, norms[len(layers)], conv))
             cin = cout
+        if not slim_head:  # the classifier sees every channel at every width: the last pointwise conv stays full
+            keep_full_width(layers[-1][1])
         self.features = nn.Sequential(*layers)
         self.num_features = cin
-        linear = SlimmableLinear(cin, num_classes, slim_divisor) if slimmable else nn.Linear(cin, num_classes)
+        linear = SlimmableLinear(cin, num_classes, slim_divisor, slim_in=slim_head) if slimmable else nn.Linear(cin, num_classes)
         self.classifier = nn.Sequential(nn.Dropout(dropout), linear)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -61,7 +64,10 @@ def mobilenet_v1(**kwargs) -> MobileNetV1:
 
 @register_model
 def us_mobilenet_v1(**kwargs) -> MobileNetV1:
-    """Universally slimmable MobileNetV1 (US-Net / MutualNet): any width in ``width_range``."""
+    """Universally slimmable MobileNetV1 (US-Net / MutualNet): any width in ``width_range``.
+
+    The classifier keeps its full size at every width (and so the last pointwise conv's output);
+    ``slim_head=True`` slims both."""
     return MobileNetV1(slimmable=True, **kwargs)
 
 

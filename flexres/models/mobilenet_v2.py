@@ -6,7 +6,7 @@ from functools import partial
 
 from torch import Tensor, nn
 
-from ..nn.slimmable import SlimmableLinear
+from ..nn.slimmable import SlimmableLinear, keep_full_width, set_channel_ratio
 from ..nn.stage_resize import StageResize
 from .base import ConvFactory, FeatureSequenceModel, make_divisible, resize_plan, scale_aware_norm
 from .registry import register_model
@@ -36,6 +36,12 @@ class InvertedResidual(nn.Module):
             layers.append(ConvBNReLU(cin, hidden, 1, 1, norm, conv))
         layers += [ConvBNReLU(hidden, hidden, 3, stride, norm, conv, groups=hidden), conv(hidden, cout, 1, 1, 0), norm(cout)]
         self.conv = nn.Sequential(*layers)
+        # Width-slimmable: the expanded channels are expand_ratio x the (rounded) input channels at every
+        # width, as in the official US-Net, not hidden * width rounded on its own.
+        t = expand_ratio
+        expand = [layers[0][0], layers[0][1]] if expand_ratio != 1 else []
+        dw, project = layers[-3], layers[-2:]
+        set_channel_ratio(expand + [dw[0], dw[1]] + project, [1, t, t, t, t, 1], [t, t, t, t, 1, 1])
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.conv(x) if self.use_res_connect else self.conv(x)
@@ -53,6 +59,7 @@ class MobileNetV2(FeatureSequenceModel):
         slimmable: bool = False,
         width_range: tuple[float, float] = (0.25, 1.0),
         slim_divisor: int = 8,
+        slim_head: bool = False,
         resizable: bool = False,
         scale_factors: tuple[float, ...] = (0.45, 0.65, 0.85, 1.0),
     ) -> None:
@@ -75,9 +82,11 @@ class MobileNetV2(FeatureSequenceModel):
                 features.append(InvertedResidual(cin, cout, s if i == 0 else 1, t, norms[len(features)], conv))
                 cin = cout
         features.append(ConvBNReLU(cin, last, 1, 1, norms[len(features)], conv))
+        if not slim_head:  # the official US-Net / MutualNet: last 1x1 conv and classifier at full size
+            keep_full_width(features[-1])
         self.features = nn.Sequential(*features)
         self.num_features = last
-        linear = SlimmableLinear(last, num_classes, slim_divisor) if slimmable else nn.Linear(last, num_classes)
+        linear = SlimmableLinear(last, num_classes, slim_divisor, slim_in=slim_head) if slimmable else nn.Linear(last, num_classes)
         self.classifier = nn.Sequential(nn.Dropout(dropout), linear)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -104,7 +113,10 @@ def san_mobilenet_v2(**kwargs) -> MobileNetV2:
 
 @register_model
 def us_mobilenet_v2(**kwargs) -> MobileNetV2:
-    """Universally slimmable MobileNetV2 (US-Net / MutualNet): any width in ``width_range``."""
+    """Universally slimmable MobileNetV2 (US-Net / MutualNet): any width in ``width_range``.
+
+    As in the official code, the last 1x1 conv (1280 channels) and the classifier keep their full size at
+    every width; ``slim_head=True`` slims them too (flexres before 2026-12)."""
     return MobileNetV2(slimmable=True, **kwargs)
 
 

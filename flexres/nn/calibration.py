@@ -26,9 +26,11 @@ def calibrate_bn(model: AdaptiveModel, batches: Iterable[Tensor], op: OperatingP
     the nearest trained BN. All other weights stay frozen. The result is cached on each BN under
     the operating point and served by ``bn_policy="calibrate"``. Returns the number of images used.
     With ``across_ranks`` (under torchrun, every rank calling it with its own shard of images) the
-    statistics cover the images of all ranks.
+    statistics cover the images of all ranks. A Resizable network's scale-aware BNs store their statistics
+    per configuration prefix (``SwitchableBatchNorm2d.calibration_key``): calibrating one configuration
+    re-estimates the BNs it runs through, under its own keys, and serves it alone under ``bn_policy="calibrate"``.
     """
-    op = OperatingPoint.coerce(op)
+    op = model.resolve(OperatingPoint.coerce(op))
     bns = model.calibratable_bns()
     was_training = model.training
     model.eval()
@@ -38,7 +40,7 @@ def calibrate_bn(model: AdaptiveModel, batches: Iterable[Tensor], op: OperatingP
         # Sets the input size and, for SAN models, the weights generated at eps(resolution) (SAN Alg. 2).
         model.set_operating_point(op, bn_policy="nearest", scale_policy="exact")
         for bn in bns:
-            bn.begin_calibration(bn.calibration_key(op.resolution, op.width), across_ranks)
+            bn.begin_calibration(bn.calibration_key(op), across_ranks)
         for x in batches:
             if seen >= num_images:
                 break

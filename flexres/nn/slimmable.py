@@ -1,8 +1,13 @@
 """Width-slimmable layers (US-Net / MutualNet): a sub-network of width w runs on the first channels of every layer.
 
 Each layer holds the full-width weights. ``set_width(w)`` makes it use the first
-``slim_channels(C, w)`` output (and input) channels: C * w rounded to a multiple of ``divisor``, never
-above C. Producer and consumer of a tensor round the same base count, so their slices always agree.
+``slim_channels(C, w)`` output (and input) channels: C * w rounded as the official slimmable-networks
+code rounds it (``make_divisible``: a multiple of ``divisor``, never below ``divisor``, never more than
+10 % under C * w), never above C. A layer whose channels are ``ratio`` times a block's input (MobileNetV2's
+expanded channels) rounds the input's count and multiplies it back, as the official US-Net does. Producer
+and consumer of a tensor round the same base count, so their slices always agree. Layers built with
+``slim_out=False`` (``slim=False`` for BN) keep their full size at every width: MobileNetV2's last 1x1
+conv and every classifier stay full-size in the official US-Net / MutualNet models.
 BN statistics depend on the width and the resolution, so ``SlimmableBatchNorm2d`` normalises with
 batch statistics while training and, in evaluation, with post-statistics re-estimated for each
 (resolution, width) on training images (MutualNet Sec. 3.4), cached per operating point.
@@ -14,21 +19,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..operating_point import OperatingPoint
 from .switchable_bn import _MomentAccumulator
 
 
-def slim_channels(channels: int, width: float, divisor: int = 8) -> int:
-    """Channels a layer of ``channels`` uses at ``width``: a multiple of ``divisor`` near channels * width."""
+def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """Round a channel count to a multiple of ``divisor``, at least ``min_value`` (default ``divisor``),
+    and never more than 10 % down (the TF-slim / slimmable-networks rule)."""
+    min_value = divisor if min_value is None else min_value
+    new = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    if new < 0.9 * value:
+        new += divisor
+    return new
+
+
+def slim_channels(channels: int, width: float, divisor: int = 8, ratio: int = 1) -> int:
+    """Channels a layer of ``channels`` uses at ``width``: ``make_divisible(channels / ratio * width) * ratio``,
+    never above ``channels``."""
     if width >= 1.0:
         return channels
-    c = max(divisor, int(channels * width + divisor / 2) // divisor * divisor)
-    return min(channels, c)
+    if channels % ratio:
+        raise ValueError(f"{channels} channels are not a multiple of the channel ratio {ratio}")
+    return min(channels, make_divisible(channels // ratio * width, divisor) * ratio)
 
 
 class SlimmableConv2d(nn.Conv2d):
     """nn.Conv2d whose active input/output channels follow the width.
 
-    slim_in=False for the stem (3 RGB channels). A depthwise conv (groups == channels) slices its groups.
+    slim_in=False for the stem (3 RGB channels), slim_out=False for a full-size head. A depthwise conv
+    (groups == channels) slices its groups. ``ratio_in`` / ``ratio_out``: see ``slim_channels``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
@@ -38,11 +57,12 @@ class SlimmableConv2d(nn.Conv2d):
         if groups > 1 and not self.depthwise:
             raise ValueError("SlimmableConv2d supports dense (groups=1) and depthwise convolutions")
         self.slim_in, self.slim_out, self.divisor = slim_in, slim_out, divisor
+        self.ratio_in = self.ratio_out = 1
         self.active_in, self.active_out = in_channels, out_channels
 
     def set_width(self, width: float) -> None:
-        self.active_in = slim_channels(self.in_channels, width, self.divisor) if self.slim_in else self.in_channels
-        self.active_out = slim_channels(self.out_channels, width, self.divisor) if self.slim_out else self.out_channels
+        self.active_in = slim_channels(self.in_channels, width, self.divisor, self.ratio_in) if self.slim_in else self.in_channels
+        self.active_out = slim_channels(self.out_channels, width, self.divisor, self.ratio_out) if self.slim_out else self.out_channels
 
     def forward(self, x: Tensor) -> Tensor:
         if self.depthwise:
@@ -60,15 +80,16 @@ class SlimmableConv2d(nn.Conv2d):
 
 
 class SlimmableLinear(nn.Linear):
-    """nn.Linear on the first ``slim_channels(in_features, width)`` inputs; all outputs (the classes)."""
+    """nn.Linear on the first ``slim_channels(in_features, width)`` inputs (all of them with
+    ``slim_in=False``); all outputs (the classes)."""
 
-    def __init__(self, in_features: int, out_features: int, divisor: int = 8) -> None:
+    def __init__(self, in_features: int, out_features: int, divisor: int = 8, slim_in: bool = True) -> None:
         super().__init__(in_features, out_features)
-        self.divisor = divisor
+        self.divisor, self.slim_in = divisor, slim_in
         self.active_in = in_features
 
     def set_width(self, width: float) -> None:
-        self.active_in = slim_channels(self.in_features, width, self.divisor)
+        self.active_in = slim_channels(self.in_features, width, self.divisor) if self.slim_in else self.in_features
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight[:, : self.active_in], self.bias)
@@ -89,9 +110,10 @@ class SlimmableBatchNorm2d(nn.Module):
     are no running statistics worth using, since every width and resolution shares this one layer.
     """
 
-    def __init__(self, num_features: int, divisor: int = 8, eps: float = 1e-5) -> None:
+    def __init__(self, num_features: int, divisor: int = 8, eps: float = 1e-5, slim: bool = True) -> None:
         super().__init__()
-        self.num_features, self.divisor, self.eps = num_features, divisor, eps
+        self.num_features, self.divisor, self.eps, self.slim = num_features, divisor, eps, slim
+        self.ratio = 1
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.active = num_features
@@ -102,7 +124,7 @@ class SlimmableBatchNorm2d(nn.Module):
         self.placeholder_statistics = False
 
     def set_width(self, width: float) -> None:
-        self.active = slim_channels(self.num_features, width, self.divisor)
+        self.active = slim_channels(self.num_features, width, self.divisor, self.ratio) if self.slim else self.num_features
 
     def set_key(self, resolution: int, width: float) -> None:
         self.key = (int(resolution), float(width))
@@ -127,8 +149,8 @@ class SlimmableBatchNorm2d(nn.Module):
         return F.batch_norm(x, mean, var, w, b, False, 0.0, self.eps)
 
     @staticmethod
-    def calibration_key(resolution: int, width: float) -> tuple[int, float]:
-        return (int(resolution), float(width))
+    def calibration_key(op: OperatingPoint) -> tuple[int, float]:
+        return (int(op.resolution), float(op.width))
 
     @staticmethod
     def key_to_str(key: tuple[int, float]) -> str:
@@ -168,4 +190,24 @@ class SlimmableBatchNorm2d(nn.Module):
         return bn.to(self.weight.device).eval()
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, divisor={self.divisor}"
+        return f"{self.num_features}, divisor={self.divisor}" + ("" if self.slim else ", slim=False")
+
+
+def keep_full_width(module: nn.Module) -> None:
+    """Make every slimmable layer inside ``module`` keep its full output size at every width (a full-size
+    head, as the official US-Net / MutualNet models have); their inputs still follow the width."""
+    for m in module.modules():
+        if isinstance(m, SlimmableConv2d):
+            m.slim_out = False
+        elif isinstance(m, SlimmableBatchNorm2d):
+            m.slim = False
+
+
+def set_channel_ratio(convs_and_bns: list[nn.Module], ratio_in: list[int], ratio_out: list[int]) -> None:
+    """Set each slimmable layer's channel ratio (``slim_channels``); BNs take their ``ratio_out``.
+    Plain (non-slimmable) layers are skipped, so model code can call it unconditionally."""
+    for m, r_in, r_out in zip(convs_and_bns, ratio_in, ratio_out):
+        if isinstance(m, SlimmableConv2d):
+            m.ratio_in, m.ratio_out = r_in, r_out
+        elif isinstance(m, SlimmableBatchNorm2d):
+            m.ratio = r_out

@@ -17,6 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..operating_point import OperatingPoint
+
+# Calibrated statistics are stored per key: an input resolution, or (resolution, factors of stages 0..k) for a
+# scale-aware BN of a Resizable network's stage k.
+CalibrationKey = int | tuple[int, tuple[float, ...]]
 BN_POLICIES = ("nearest", "interpolate", "calibrate")
 
 
@@ -108,9 +113,10 @@ class SwitchableBatchNorm2d(nn.Module):
         self.bns = nn.ModuleList(nn.BatchNorm2d(num_features, eps=eps, momentum=momentum) for _ in self.resolutions)
         # Calibrated statistics live outside the state_dict: they belong to a run's evaluation,
         # are saved beside the checkpoint, and a model must load without them.
-        self.calibrated: dict[int, tuple[Tensor, Tensor]] = {}
+        self.calibrated: dict[CalibrationKey, tuple[Tensor, Tensor]] = {}
         self._choice = BNChoice("trained", 0)
         self._resolution = self.resolutions[0]
+        self._calibration_key: CalibrationKey = self._resolution
         self._accumulator: _MomentAccumulator | None = None
         # Resizable networks: the stage whose scaling factor (not the input resolution) keys this BN.
         self.scale_stage: int | None = None
@@ -119,9 +125,16 @@ class SwitchableBatchNorm2d(nn.Module):
     def eps(self) -> float:
         return self.bns[0].eps
 
-    def select(self, resolution: int, policy: str = "interpolate") -> BNChoice:
-        self._choice = plan_bn(resolution, self.resolutions, policy, frozenset(self.calibrated))
-        self._resolution = resolution
+    def select(self, resolution: int, policy: str = "interpolate", calibration_key: CalibrationKey | None = None) -> BNChoice:
+        """Serve ``resolution`` (a trained key: the input resolution, or a scale-aware BN's factor key) by
+        ``policy``. ``calibration_key`` names the calibrated statistics ``policy="calibrate"`` looks up
+        (default: ``resolution``; a scale-aware BN's depends on the whole configuration up to its stage)."""
+        key = resolution if calibration_key is None else calibration_key
+        if policy == "calibrate" and key in self.calibrated:
+            self._choice = BNChoice("calibrated", nearest_index(resolution, self.resolutions))
+        else:
+            self._choice = plan_bn(resolution, self.resolutions, policy)
+        self._resolution, self._calibration_key = resolution, key
         return self._choice
 
     def selected_parameters(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -131,7 +144,7 @@ class SwitchableBatchNorm2d(nn.Module):
         if c.kind == "trained":
             return bn.weight, bn.bias, bn.running_mean, bn.running_var
         if c.kind == "calibrated":
-            mean, var = self.calibrated[self._resolution]
+            mean, var = self.calibrated[self._calibration_key]
             return bn.weight, bn.bias, mean.to(bn.running_mean), var.to(bn.running_var)
         up = self.bns[c.upper]
         return (
@@ -159,20 +172,32 @@ class SwitchableBatchNorm2d(nn.Module):
         return F.batch_norm(x, mean, var, w, b, False, 0.0, self.eps)
 
     # --- calibration (driven by flexres.nn.calibrate_bn) ---
-    @staticmethod
-    def calibration_key(resolution: int, width: float) -> int:
-        return int(resolution)
+    def calibration_key(self, op: OperatingPoint) -> CalibrationKey:
+        """Under which key statistics calibrated at ``op`` (scales resolved) are stored: the resolution, or for a
+        scale-aware BN the resolution and the factors of every stage up to its own, which its input depends on."""
+        if self.scale_stage is None:
+            return int(op.resolution)
+        if op.scales is None:
+            raise ValueError(f"a scale-aware BN (stage {self.scale_stage}) needs the operating point's per-stage scales, got {op}")
+        return (int(op.resolution), tuple(float(f) for f in op.scales[: self.scale_stage + 1]))
 
     @staticmethod
-    def key_to_str(key: int) -> str:
+    def key_to_str(key: CalibrationKey) -> str:
+        if isinstance(key, tuple):
+            return f"{key[0]}@s" + "-".join(f"{f:g}" for f in key[1])
         return str(key)
 
     @staticmethod
-    def key_from_str(text: str) -> int:
+    def key_from_str(text: str) -> CalibrationKey:
+        if "@s" in text:
+            r, scales = text.split("@s")
+            return (int(r), tuple(float(f) for f in scales.split("-")))
         return int(text)
 
-    def begin_calibration(self, resolution: int, across_ranks: bool = False) -> None:
-        self._resolution = resolution
+    def begin_calibration(self, key: CalibrationKey, across_ranks: bool = False) -> None:
+        # The affine parameters while calibrating are those selected for the operating point (calibrate_bn
+        # selects it with bn_policy "nearest" first); only the key of the statistics is new.
+        self._calibration_key = key
         self._accumulator = _MomentAccumulator(across_ranks)
 
     def end_calibration(self) -> None:
@@ -180,7 +205,7 @@ class SwitchableBatchNorm2d(nn.Module):
             raise RuntimeError("end_calibration() without begin_calibration()")
         mean, var = self._accumulator.result()
         ref = self.bns[0].running_mean
-        self.calibrated[self._resolution] = (mean.to(ref), var.to(ref))
+        self.calibrated[self._calibration_key] = (mean.to(ref), var.to(ref))
         self._accumulator = None
 
     def abort_calibration(self) -> None:
