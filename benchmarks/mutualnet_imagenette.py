@@ -77,7 +77,8 @@ def main() -> None:
         return
     walls = {label: train_once(label, cfg, args.out / label, args.epochs) for label, cfg in configs.items()}
     tables = {label: build_table(str(args.out / label), str(args.data), parse_range(args.widths), configs[label]["method"]["resolutions"],
-                                 calibration_images=args.calibration_images, progress=False) for label in ("MutualNet", "US-Net")}
+                                 calibration_images=args.calibration_images, progress=False) for label in ("MutualNet", "US-Net")
+              if label in configs}
     inet_rows = []
     for w, r in INETS:
         label = f"I-w{w:g}-{r}"

@@ -1,7 +1,10 @@
-"""Resizable networks on the Imagenette protocol (resizable_resnet18 x0.25 at 112 px, L = (0.45, 0.65, 0.85, 1.0)).
+"""Resizable networks on the Imagenette protocol (resizable_resnet18 x0.25 at the config's resolution, 160 px,
+where every factor of L = (0.45, 0.65, 0.85, 1.0) gives a distinct map at every stage).
 
 (a) sub-networks of one fair-sampling run vs networks trained alone at the same configuration (Table 1);
-(b) fair vs random sampling over the evaluated configurations (all 256, or a seeded sample) (Table 11);
+(b) fair vs random sampling over the evaluated configurations (all 256, or a seeded sample) (Table 11): "random" draws
+    |L| configurations per step (equal compute per step), "random-single" is the paper's baseline (App. D.3), one
+    configuration per step for |L| times the epochs;
 (c) Resizable-Aug (fair sampling for 2/3 of the epochs, then all 1.0) vs plain training (Table 2);
 (d) Resizable-Adapt vs the best single configuration (NAS) at equal budgets (Fig. 3d).
 
@@ -67,6 +70,7 @@ def main() -> None:
     runs = {
         "fair": {"sampling": "fair"},
         "random": {"sampling": "random"},
+        "random-single": {"sampling": "random", "configs_per_step": 1},
         "aug": {"sampling": "fair", "target_scales": [1.0] * 4, "finetune_from": 2 / 3},
         **{fixed_label(sc): {"sampling": "fixed", "target_scales": list(sc)} for sc in FIXED},
     }
@@ -81,15 +85,18 @@ def main() -> None:
     for label, kwargs in ({} if args.score_only else runs).items():
         cfg = base_config(args.data, args.epochs, args.batch)
         cfg["method"]["kwargs"] = {**cfg["method"]["kwargs"], **kwargs}
-        walls[label] = train_once(label, cfg, args.out / label, args.epochs)
+        epochs = args.epochs * (len(FIXED) if label == "random-single" else 1)  # App. D.3: |L| times the epochs
+        cfg["train"]["epochs"] = epochs
+        walls[label] = train_once(label, cfg, args.out / label, epochs)
     if args.train_only:
         return
 
+    res = base_config(args.data, args.epochs, args.batch)["method"]["resolutions"][0]
     val = ImageFolderDataset(args.data / "val", cache="auto", progress=False)
     train_ds = ImageFolderDataset(args.data / "train", progress=False)
     pick = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(0))[: args.label_images].tolist()
     fair_model, _ = load_checkpoint(args.out / "fair")
-    random_model, _ = load_checkpoint(args.out / "random")
+    random_models = {k: load_checkpoint(args.out / k)[0] for k in ("random", "random-single") if k in runs}
     macs: dict[tuple[float, ...], int] = {}  # MACs follow the configuration, not the weights: counted once
 
     def candidates(spec: str) -> Candidates:
@@ -97,27 +104,29 @@ def main() -> None:
         scales += [sc for sc in FIXED if sc not in scales]  # (a) needs the four uniform configurations
         for sc in scales:
             if sc not in macs:
-                macs[sc] = count_macs(fair_model, OperatingPoint(112, scales=sc))
+                macs[sc] = count_macs(fair_model, OperatingPoint(res, scales=sc))
         return Candidates(scales, [macs[sc] for sc in scales])
 
     # Every configuration runs once per image and the results are kept: the query tables (b), the labels
     # and the validation scores of every Adapt budget (d) are all read from these matrices.
     cands, random_cands = candidates(args.configs), candidates(args.random_configs or args.configs)
-    fair_scores = score_all(fair_model, args.out / "fair", cands, val, args.out / "scores_fair_val.pt")
-    train_scores = score_all(fair_model, args.out / "fair", cands, _SubsetView(train_ds, pick), args.out / "scores_fair_train.pt")
-    random_scores = score_all(random_model, args.out / "random", random_cands, val, args.out / "scores_random_val.pt")
+    fair_scores = score_all(fair_model, args.out / "fair", cands, val, args.out / "scores_fair_val.pt", res)
+    train_scores = score_all(fair_model, args.out / "fair", cands, _SubsetView(train_ds, pick), args.out / "scores_fair_train.pt", res)
+    scored = {"fair": (cands, fair_scores)}
+    for k, model in random_models.items():
+        scored[k] = (random_cands, score_all(model, args.out / k, random_cands, val, args.out / f"scores_{k}_val.pt", res))
     if args.score_only:
         return
     tables = {k: [{"scales": list(sc), "top1": 100 * float(sv.correct[:, i].float().mean()), "macs": c.macs[i]}
                   for i, sc in enumerate(c.scales)]
-              for k, (c, sv) in {"fair": (cands, fair_scores), "random": (random_cands, random_scores)}.items()}
+              for k, (c, sv) in scored.items()}
     (args.out / "tables.json").write_text(json.dumps(tables, indent=1))
 
     per_fixed = {}  # each network trained alone, evaluated at its own configuration
     for sc in fixed:
         model, _ = load_checkpoint(args.out / fixed_label(sc))
-        per_fixed[sc] = evaluate(model, val, [112], scales=sc)[112]["top1"]
-    aug_top1 = evaluate(load_checkpoint(args.out / "aug")[0], val, [112], scales=(1.0,) * 4)[112]["top1"]
+        per_fixed[sc] = evaluate(model, val, [res], scales=sc)[res]["top1"]
+    aug_top1 = evaluate(load_checkpoint(args.out / "aug")[0], val, [res], scales=(1.0,) * 4)[res]["top1"]
 
     def at(table, sc, key="top1"):
         return next(r[key] for r in table if tuple(r["scales"]) == sc)
@@ -134,13 +143,13 @@ def main() -> None:
         accs = [r["top1"] for r in t]
         summary.append([k, str(len(accs)), f"{statistics.mean(accs):.2f}", f"{min(accs):.1f}", f"{max(accs):.1f}"])
     fair_at = {tuple(r["scales"]): r["top1"] for r in tables["fair"]}
-    both = [(fair_at[tuple(r["scales"])], r["top1"]) for r in tables["random"] if tuple(r["scales"]) in fair_at]
-    wins = sum(f > r for f, r in both)
-    fair_same = statistics.mean(f for f, _ in both)
     lines += ["(b) Fair vs random sampling, over the evaluated configurations:", "",
-              markdown_table(["sampling", "configurations", "mean top-1", "min", "max"], summary), "",
-              f"On the {len(both)} configurations both tables hold: fair above random at {wins}; mean top-1 fair {fair_same:.2f}, "
-              f"random {statistics.mean(r for _, r in both):.2f}.", "",
+              markdown_table(["sampling", "configurations", "mean top-1", "min", "max"], summary), ""]
+    for k in random_models:
+        both = [(fair_at[tuple(r["scales"])], r["top1"]) for r in tables[k] if tuple(r["scales"]) in fair_at]
+        lines += [f"On the {len(both)} configurations fair and {k} both hold: fair above {k} at {sum(f > r for f, r in both)}; "
+                  f"mean top-1 fair {statistics.mean(f for f, _ in both):.2f}, {k} {statistics.mean(r for _, r in both):.2f}.", ""]
+    lines += [
               f"(c) Resizable-Aug at all 1.0: {aug_top1:.1f}% vs plain training (fixed all 1.0): {per_fixed[(1.0,) * 4]:.1f}%.", ""]
 
     ordered = sorted(cands.macs)
@@ -159,15 +168,15 @@ def main() -> None:
     print("\n".join(lines))
 
 
-def score_all(model, run: Path, cands: Candidates, dataset, cache: Path) -> Scores:
-    """Every configuration of ``model`` (trained in ``run``) on ``dataset`` at 112 px, kept in ``cache``:
+def score_all(model, run: Path, cands: Candidates, dataset, cache: Path, resolution: int) -> Scores:
+    """Every configuration of ``model`` (trained in ``run``) on ``dataset`` at ``resolution``, kept in ``cache``:
     rendering the report again costs nothing."""
     configs = [list(sc) for sc in cands.scales]
     if cache.exists() and cache.stat().st_mtime > (run / "checkpoint.safetensors").stat().st_mtime:
         saved = torch.load(cache)
         if saved["configs"] == configs and len(saved["correct"]) == len(dataset):
             return Scores(saved["correct"], saved["prob"], saved["features"])
-    scores = score_candidates(model, dataset, 112, cands)
+    scores = score_candidates(model, dataset, resolution, cands)
     torch.save({"configs": configs, **vars(scores)}, cache)
     return scores
 

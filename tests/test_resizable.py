@@ -54,6 +54,27 @@ def test_random_sampling_does_not_balance_factors():
     assert unbalanced > 15
 
 
+def test_papers_random_baseline_trains_one_configuration_per_step():
+    """App. D.3: one random configuration per step (trained |L| times as long); the equal-compute control draws |L|."""
+    model = flexres.create_model("resizable_resnet18", num_classes=3, train_resolutions=[64], width_mult=0.25).train()
+    single = create_method("resizable", resolutions=[64], sampling="random", configs_per_step=1)
+    single.rng.manual_seed(0)
+    draws = [single.sample(model) for _ in range(64)]
+    assert all(len(d) == 1 for d in draws)
+    assert len({d[0] for d in draws}) > 30  # different configurations from step to step, every factor at every stage
+    assert all({d[0][s] for d in draws} == set(L) for s in range(4))
+    assert len(create_method("resizable", resolutions=[64], sampling="random").sample(model)) == len(L)
+    with pytest.raises(ValueError, match="applies to sampling 'random' only"):
+        create_method("resizable", resolutions=[64], sampling="fair", configs_per_step=1)
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([0, 2])
+    single.rng.manual_seed(0)
+    (scales,) = single.sample(model)
+    single.rng.manual_seed(0)
+    out = single(model, (x,), y)
+    model.set_operating_point(OperatingPoint(64, scales=scales))
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(model(x), y))
+
+
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "mobilenet_v1", "shufflenet_v2"])
 def test_all_factors_one_equals_the_plain_network(name):
     kw = {"dropout": 0.0} if "mobilenet" in name else {}

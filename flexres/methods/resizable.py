@@ -29,6 +29,9 @@ class Resizable(Method):
 
     sampling: "fair" (Alg. 1: every factor once per stage per step), "random" (iid factors), or
     "fixed" (only ``target_scales``: fine-tuning a Resizable-NAS pick).
+    configs_per_step: configurations a random step trains (default |L|, the equal-compute control). The
+    paper's own random baseline (App. D.3) is ``sampling="random", configs_per_step=1`` trained for |L| times
+    the epochs: the same number of configuration passes as fair sampling, one per optimiser step.
     Resizable-Aug: ``target_scales`` plus ``finetune_from=2/3``: fair sampling for the first 2/3 of
     training, then only the target configuration (default all 1.0, the plain network).
     """
@@ -36,7 +39,8 @@ class Resizable(Method):
     name = "resizable"
 
     def __init__(self, resolutions: list[int] | tuple[int, ...], sampling: str = "fair", target_scales: list[float] | None = None,
-                 finetune_from: float | None = None, label_smoothing: float = 0.0, reduction: str = "sum") -> None:
+                 finetune_from: float | None = None, label_smoothing: float = 0.0, reduction: str = "sum",
+                 configs_per_step: int | None = None) -> None:
         super().__init__(resolutions, label_smoothing, reduction)
         if len(self.resolutions) != 1:
             raise ValueError(f"method 'resizable' trains at one input resolution, got {list(self.resolutions)}")
@@ -44,7 +48,11 @@ class Resizable(Method):
             raise ValueError(f"sampling must be 'fair', 'random' or 'fixed', got {sampling!r}")
         if finetune_from is not None and not 0.0 <= finetune_from <= 1.0:
             raise ValueError(f"finetune_from is a fraction of training in [0, 1], got {finetune_from}")
+        if configs_per_step is not None and (sampling != "random" or configs_per_step < 1):
+            raise ValueError(f"configs_per_step (a positive int) applies to sampling 'random' only; got {configs_per_step} "
+                             f"with sampling {sampling!r}")
         self.sampling = sampling
+        self.configs_per_step = configs_per_step
         self.target_scales = tuple(float(f) for f in target_scales) if target_scales is not None else None
         self.finetune_from = finetune_from
 
@@ -57,7 +65,7 @@ class Resizable(Method):
         factors = model.scale_factors
         if self.sampling == "fair":
             return fair_configurations(factors, model.num_stages, self.rng)
-        return random_configurations(factors, model.num_stages, len(factors), self.rng)
+        return random_configurations(factors, model.num_stages, self.configs_per_step or len(factors), self.rng)
 
     def forward(self, model: AdaptiveModel, inputs: tuple[Tensor, ...], labels: Tensor) -> StepOutput:
         (x,) = inputs
