@@ -23,8 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from _common import train_once  # noqa: E402
 
+from flexres import api  # noqa: E402
 from flexres.analysis.table import pareto_front, select  # noqa: E402
-from flexres.cli import build_table, evaluate_runs  # noqa: E402
 from flexres.engine.config import load_config  # noqa: E402
 from flexres.engine.evaluate import markdown_table  # noqa: E402
 
@@ -76,15 +76,15 @@ def main() -> None:
             train_once(label, configs[label], args.out / label, args.epochs)
         return
     walls = {label: train_once(label, cfg, args.out / label, args.epochs) for label, cfg in configs.items()}
-    tables = {label: build_table(str(args.out / label), str(args.data), parse_range(args.widths), configs[label]["method"]["resolutions"],
-                                 calibration_images=args.calibration_images, progress=False) for label in ("MutualNet", "US-Net")
+    tables = {label: api.table(str(args.out / label), str(args.data), parse_range(args.widths), configs[label]["method"]["resolutions"],
+                                 calibration_images=args.calibration_images) for label in ("MutualNet", "US-Net")
               if label in configs}
     inet_rows = []
     for w, r in INETS:
         label = f"I-w{w:g}-{r}"
         if label in args.skip:
             continue
-        rep = evaluate_runs([str(args.out / label)], str(args.data), [r], "interpolate", progress=False)["runs"][label]
+        rep = api.evaluate([str(args.out / label)], str(args.data), [r], "interpolate")["runs"][label]
         inet_rows.append({"label": label, "width": w, "resolution": r, "top1": rep["results"][str(r)]["top1"],
                           "macs": rep["results"][str(r)]["macs"]})
     report = {"date": str(date.today()), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",

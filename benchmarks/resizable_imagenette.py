@@ -28,8 +28,8 @@ from _common import train_once
 
 from flexres.analysis import count_macs
 from flexres.analysis.adapt import Candidates, Scores, compare_adapt_nas, score_candidates
-from flexres.cli import _SubsetView, scale_configurations
-from flexres.data import ImageFolderDataset
+from flexres.analysis.table import scale_configurations
+from flexres.data import ImageFolderDataset, SubsetView
 from flexres.engine.checkpoint import load_checkpoint
 from flexres.engine.config import load_config
 from flexres.engine.evaluate import evaluate, markdown_table
@@ -100,7 +100,7 @@ def main() -> None:
     macs: dict[tuple[float, ...], int] = {}  # MACs follow the configuration, not the weights: counted once
 
     def candidates(spec: str) -> Candidates:
-        scales = scale_configurations(fair_model, spec)
+        scales = scale_configurations(fair_model.scale_factors, fair_model.num_stages, spec)
         scales += [sc for sc in FIXED if sc not in scales]  # (a) needs the four uniform configurations
         for sc in scales:
             if sc not in macs:
@@ -111,7 +111,7 @@ def main() -> None:
     # and the validation scores of every Adapt budget (d) are all read from these matrices.
     cands, random_cands = candidates(args.configs), candidates(args.random_configs or args.configs)
     fair_scores = score_all(fair_model, args.out / "fair", cands, val, args.out / "scores_fair_val.pt", res)
-    train_scores = score_all(fair_model, args.out / "fair", cands, _SubsetView(train_ds, pick), args.out / "scores_fair_train.pt", res)
+    train_scores = score_all(fair_model, args.out / "fair", cands, SubsetView(train_ds, pick), args.out / "scores_fair_train.pt", res)
     scored = {"fair": (cands, fair_scores)}
     for k, model in random_models.items():
         scored[k] = (random_cands, score_all(model, args.out / k, random_cands, val, args.out / f"scores_{k}_val.pt", res))

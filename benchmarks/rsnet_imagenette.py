@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from _common import evaluated_after, gap_row
 
-from flexres.cli import evaluate_runs
+from flexres import api
 from flexres.engine.checkpoint import SIDECAR
 from flexres.engine.config import load_config
 from flexres.engine.evaluate import markdown_table
@@ -96,7 +96,7 @@ def main() -> None:
                     per_seed["hit_miss_individual"] = prior[str(seed)]["hit_miss_individual"]
                 print(f"seed {seed}, bn_policy={policy}: evaluation taken from {args.reuse}", flush=True)
                 continue
-            rep = evaluate_runs(runs, str(args.data), args.test_resolutions, policy, calibration_images=2000, progress=False)
+            rep = api.evaluate(runs, str(args.data), args.test_resolutions, policy, calibration_images=2000)
             per_seed[policy] = rep["runs"]
             if "hit_miss_individual" in rep:
                 per_seed["hit_miss_individual"] = rep["hit_miss_individual"]

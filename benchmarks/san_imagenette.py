@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from _common import evaluated_after, gap_row
 
-from flexres.cli import evaluate_runs
+from flexres import api
 from flexres.engine.checkpoint import SIDECAR
 from flexres.engine.config import load_config
 from flexres.engine.evaluate import markdown_table
@@ -69,7 +69,7 @@ def main() -> None:
                 per_seed[mode] = done
                 print(f"SAN seed {seed}, {mode}: evaluation taken from {args.reuse}", flush=True)
                 continue
-            rep = evaluate_runs([str(out)], str(args.data), T, policies["bn_policy"], calibration_images=2000, progress=False,
+            rep = api.evaluate([str(out)], str(args.data), T, policies["bn_policy"], calibration_images=2000,
                                 scale_policy=policies["scale_policy"])
             per_seed[mode] = rep["runs"]["SAN"]
             print(f"evaluated SAN seed {seed}: {mode}", flush=True)
@@ -82,7 +82,7 @@ def main() -> None:
             baselines = [str(Path(args.rsnet_runs) / f"seed{seed}" / b) for b in BASELINES
                          if (Path(args.rsnet_runs) / f"seed{seed}" / b).is_dir()]
             if baselines:
-                per_seed["baselines"] = evaluate_runs(baselines, str(args.data), T, "interpolate", progress=False)["runs"]
+                per_seed["baselines"] = api.evaluate(baselines, str(args.data), T, "interpolate")["runs"]
         report["seeds"][str(seed)] = per_seed
         (Path(args.out) / "report.json").write_text(json.dumps(report, indent=2))
     md = render(report)

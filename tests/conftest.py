@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import flexres
-from flexres.cli import sample_data_dir
+from flexres.data import sample_data_dir
 
 
 @pytest.fixture(autouse=True)

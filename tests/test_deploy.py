@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import flexres
-from flexres.cli import main, sample_data_dir
-from flexres.data import normalize_batch
+from flexres.cli import main
+from flexres.data import normalize_batch, sample_data_dir
 from flexres.deploy import export, to_static
 from flexres.deploy.export import reference_images
 from tests.conftest import distinct_bn_statistics
@@ -77,10 +77,16 @@ def test_predict_classifies_real_images_and_reports_a_corrupt_one(run_dir, tmp_p
     assert [("error" in p) for p in preds] == [False, True, False, True, False]
     assert "broken.jpg" in preds[1]["error"] and "missing.png" in preds[3]["error"]
     classes = sorted(p.name for p in (data / "train").iterdir())
+    # Names from the data root's classes.tsv, stored in the run's sidecar at training time.
+    names = {row.split("\t")[1]: row.split("\t")[2] for row in (data / "classes.tsv").read_text().splitlines()[1:]}
     for p in (preds[0], preds[2], preds[4]):
-        assert len(p["top"]) == 3 and all(c in classes for c, _ in p["top"])
-        probs = [q for _, q in p["top"]]
+        assert len(p["top"]) == 3 and all(t["class"] == classes[t["label"]] for t in p["top"])
+        assert all(t["name"] == names[t["class"]] and t["name"] != t["class"] for t in p["top"])
+        probs = [t["probability"] for t in p["top"]]
         assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+    assert main(["predict", str(run), files[0], "--resolution", "56", "--topk", "2"]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith(files[0]) and preds[0]["top"][0]["name"] in line and "n0" not in line.split(":", 1)[1]
 
 
 def test_predict_picks_an_operating_point_within_the_macs_budget(run_dir, capsys):
@@ -108,8 +114,8 @@ def test_export_cli_then_predict_with_the_exported_model(run_dir, tmp_path, caps
     from_onnx = json.loads(capsys.readouterr().out)["predictions"][0]["top"]
     assert main(["predict", str(run), img, "--resolution", "56", "--json"]) == 0
     from_run = json.loads(capsys.readouterr().out)["predictions"][0]["top"]
-    assert [c for c, _ in from_onnx] == [c for c, _ in from_run]
-    assert all(abs(a - b) < 1e-3 for (_, a), (_, b) in zip(from_onnx, from_run))
+    assert [t["name"] for t in from_onnx] == [t["name"] for t in from_run]
+    assert all(abs(a["probability"] - b["probability"]) < 1e-3 for a, b in zip(from_onnx, from_run))
 
 
 def test_report_writes_its_figures_and_page(run_dir, tmp_path):

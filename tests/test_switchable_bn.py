@@ -54,15 +54,24 @@ def test_interpolate_matches_hand_computed_values():
     torch.testing.assert_close(bn(x), manual_bn(x, w, b, mean, var))
 
 
-def test_interpolate_outside_range_falls_back_to_nearest_with_a_warning():
+def test_interpolate_outside_range_falls_back_to_nearest_with_one_plain_note(caplog):
+    from flexres.notes import forget_notes
+
+    forget_notes()
     model = tiny_model(resolutions=(64, 48)).eval()
-    with pytest.warns(UserWarning, match="outside the trained range"):
-        model.set_operating_point(96, bn_policy="interpolate")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a note, not a Python warning
+        with caplog.at_level("WARNING", logger="flexres"):
+            model.set_operating_point(96, bn_policy="interpolate")
+            model.set_operating_point(96, bn_policy="interpolate")
+            model.set_operating_point(56, bn_policy="interpolate")  # inside the range: no note
+    for m in model.switchable_bns():
+        assert m._choice.kind == "trained" and m.resolutions[m._choice.index] == 56 or m._choice.kind == "interpolate"
+    assert [r.getMessage() for r in caplog.records] == [
+        "96 px is outside the trained range [48, 64]: bn_policy 'interpolate' serves it with the nearest trained BN"]
+    model.set_operating_point(96, bn_policy="interpolate")
     for m in model.switchable_bns():
         assert m._choice.kind == "trained" and m.resolutions[m._choice.index] == 64
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        model.set_operating_point(56, bn_policy="interpolate")  # inside: no warning
 
 
 def test_calibrate_policy_requires_statistics_and_uses_them():

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 
 from ..models import AdaptiveModel
+from ..models.static import to_static
 from ..operating_point import OperatingPoint
 
 
@@ -36,8 +37,6 @@ def measure_latency(model: AdaptiveModel, op: OperatingPoint | int, batch_size: 
     deployed=True times what ``flexres export`` ships for that point (plain layers, BN folded); False
     times the adaptive model itself.
     """
-    from ..deploy.export import to_static
-
     op = OperatingPoint.coerce(op)
     device = next(model.parameters()).device
     x = torch.randn(batch_size, 3, op.resolution, op.resolution, device=device)

@@ -11,6 +11,29 @@ from typing import Any
 TABLE = "table.json"
 
 
+def scale_configurations(factors: tuple[float, ...] | None, num_stages: int, spec: str | None,
+                         seed: int = 0) -> list[tuple[float, ...] | None]:
+    """Resizable-NAS: 'all' per-stage configurations of ``factors``, or a seeded sample of N; [None] when
+    ``spec`` is None (a model without per-stage scales)."""
+    import itertools
+
+    import torch
+
+    if spec is None:
+        return [None]
+    if factors is None:
+        raise ValueError("scaling configurations need a resizable model")
+    every = list(itertools.product(factors, repeat=num_stages))
+    if spec == "all":
+        return every
+    try:
+        n = int(spec)
+    except ValueError:
+        raise ValueError(f"scales must be 'all' or a number of configurations, got {spec!r}") from None
+    pick = torch.randperm(len(every), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    return [every[i] for i in sorted(pick)]
+
+
 def parse_range(text: str) -> list[float]:
     """'0.25:1.0:0.05' -> [0.25, 0.3, ..., 1.0] (both ends included); '0.5' -> [0.5]."""
     parts = [float(p) for p in text.split(":")]
@@ -54,11 +77,17 @@ def select(rows: list[dict[str, Any]], max_macs: float | None = None, max_latenc
     return max(fits, key=lambda r: (r["top1"], -r[cost]))
 
 
-def write_table(rows: list[dict[str, Any]], run_dir: str | Path, info: dict[str, Any]) -> list[Path]:
-    run_dir = Path(run_dir)
+def mark_pareto(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Set each row's ``pareto_macs``: whether it is on the accuracy-vs-MACs frontier. Returns ``rows``."""
     front = {id(r) for r in pareto_front(rows)}
     for r in rows:
         r["pareto_macs"] = id(r) in front
+    return rows
+
+
+def write_table(rows: list[dict[str, Any]], run_dir: str | Path, info: dict[str, Any]) -> list[Path]:
+    run_dir = Path(run_dir)
+    mark_pareto(rows)
     (run_dir / TABLE).write_text(json.dumps({**info, "rows": rows}, indent=2) + "\n")
     keys = ["width", "resolution", "scales", "top1", "top5", "macs", "params", "latency_ms", "pareto_macs"]
     with open(run_dir / "table.csv", "w", newline="") as f:

@@ -1,7 +1,16 @@
-from .dataset import ImageFolderDataset, UnreadableImageError, collate_skipping, load_rgb, split_dir
+from .dataset import (
+    ImageFolderDataset,
+    SubsetView,
+    UnreadableImageError,
+    collate_skipping,
+    load_rgb,
+    read_class_names,
+    sample_data_dir,
+    split_dir,
+)
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, MultiResolutionCrop, normalize_batch
 
 __all__ = [
-    "EvalTransform", "IMAGENET_MEAN", "IMAGENET_STD", "ImageFolderDataset", "MultiResolutionCrop",
-    "UnreadableImageError", "collate_skipping", "load_rgb", "normalize_batch", "split_dir",
+    "EvalTransform", "IMAGENET_MEAN", "IMAGENET_STD", "ImageFolderDataset", "MultiResolutionCrop", "SubsetView",
+    "UnreadableImageError", "collate_skipping", "load_rgb", "normalize_batch", "read_class_names", "sample_data_dir", "split_dir",
 ]

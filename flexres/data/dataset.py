@@ -108,4 +108,55 @@ def split_dir(root: str | os.PathLike, split: str) -> str:
     raise FileNotFoundError(f"{Path(root)} has no '{split}/' folder (expected {Path(root)}/{split}/<class>/<image>)")
 
 
+def sample_data_dir() -> Path:
+    """The tiny Imagenette sample bundled with the package (10 classes, 10 train / 10 val images each)."""
+    return Path(__file__).resolve().parent.parent / "sample_data" / "imagenette-tiny"
+
+
+def read_class_names(source: str | os.PathLike, folders: list[str]) -> list[str] | None:
+    """Human-readable class names for ``folders`` (the class folders, in label order) from a ``classes.tsv``:
+    ``source`` itself when it is a file, else the one at the data root ``source`` (or its parent, when
+    ``source`` is a split folder); None when there is no such file.
+
+    The file is tab-separated with a header naming at least ``wnid`` (the folder name) and ``name``, as in
+    the bundled sample and ../shared/data's sets. A folder the file does not name keeps its folder name.
+    """
+    root = Path(source)
+    candidates = (root,) if root.is_file() else (root / "classes.tsv", root.parent / "classes.tsv")
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        return None
+    lines = [ln.split("\t") for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    header = [h.strip() for h in lines[0]]
+    if "wnid" not in header or "name" not in header:
+        raise ValueError(f"{path}: needs a header with the columns 'wnid' and 'name' (tab-separated), got {header}")
+    w, n = header.index("wnid"), header.index("name")
+    names = {row[w].strip(): row[n].strip() for row in lines[1:] if len(row) > max(w, n)}
+    return [names.get(f, f) for f in folders]
+
+
+class SubsetView(Dataset):
+    """A subset of an ImageFolderDataset that still exposes (and forwards) ``transform``, which evaluation
+    and calibration set per resolution."""
+
+    def __init__(self, base: ImageFolderDataset, indices: list[int]) -> None:
+        self.base, self.indices = base, indices
+
+    @property
+    def transform(self):
+        return self.base.transform
+
+    @transform.setter
+    def transform(self, value) -> None:
+        self.base.transform = value
+
+    @property
+    def cached(self) -> bool:
+        return self.base.cached
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.base[self.indices[i]]
 

@@ -2,70 +2,27 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.fx.experimental.optimization import fuse
+from torch import Tensor
 
-from .. import __version__
 from ..analysis import count_macs, count_params
-from ..data import EvalTransform, ImageFolderDataset, load_rgb, normalize_batch
+from ..data import EvalTransform, ImageFolderDataset, load_rgb, normalize_batch, sample_data_dir
 from ..models import AdaptiveModel
-from ..nn.meta_conv import MetaConv2d
-from ..nn.slimmable import SlimmableBatchNorm2d, SlimmableConv2d, SlimmableLinear
-from ..nn.stage_resize import FixedResize, StageResize
-from ..nn.switchable_bn import SwitchableBatchNorm2d
+from ..models.static import StaticClassifier, to_static
 from ..operating_point import OperatingPoint
+from ..version import __version__
+
+__all__ = ["PARITY_TOLERANCE", "StaticClassifier", "export", "preprocessing", "reference_images", "to_static"]
 
 PARITY_TOLERANCE = 1e-4
 
 
-class StaticClassifier(nn.Module):
-    """A materialised network without operating-point state: ``head(features(x))``."""
-
-    def __init__(self, net: AdaptiveModel) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net.forward_head(self.net.forward_features(x))
-
-
-def _make_static(module: nn.Module) -> None:
-    """Swap every adaptive layer for the plain layer it currently computes."""
-    for name, child in module.named_children():
-        if isinstance(child, (SwitchableBatchNorm2d, SlimmableBatchNorm2d)):
-            setattr(module, name, child.to_batchnorm())
-        elif isinstance(child, (MetaConv2d, SlimmableConv2d)):
-            setattr(module, name, child.to_conv2d())
-        elif isinstance(child, SlimmableLinear):
-            setattr(module, name, child.to_linear())
-        elif isinstance(child, StageResize):
-            setattr(module, name, FixedResize(child.size) if child.size is not None else nn.Identity())
-        else:
-            _make_static(child)
-
-
-@torch.no_grad()
-def to_static(model: AdaptiveModel, op: OperatingPoint | int, bn_policy: str | None = None, scale_policy: str | None = None,
-              fold_bn: bool = True) -> nn.Module:
-    """The sub-network serving ``op`` as plain Conv2d / BatchNorm2d / Linear layers (SAN weights generated,
-    slimmable layers sliced, the selected BN); with ``fold_bn`` every BN is folded into its conv."""
-    net = copy.deepcopy(model).eval()
-    net.set_operating_point(op, bn_policy, scale_policy)
-    _make_static(net)
-    static = StaticClassifier(net).eval()
-    return fuse(static) if fold_bn else static
-
-
 def reference_images(resolution: int, data: str | Path | None, count: int = 8, crop_fraction: float = 0.875) -> Tensor:
     """``count`` real images at ``resolution`` (uint8): from ``data`` (an image folder) or the bundled sample."""
-    from ..cli import sample_data_dir
-
     root = Path(data) if data else sample_data_dir() / "val"
     if (root / "val").is_dir():
         root = root / "val"
@@ -119,6 +76,7 @@ def export(model: AdaptiveModel, meta: dict[str, Any], op: OperatingPoint | int,
         "format": fmt, "file": out.name, "operating_point": {"resolution": op.resolution, "width": op.width, "scales": op.scales},
         "bn_policy": model.bn_policy if bn_policy is None else bn_policy, "scale_policy": scale_policy, "bn_folded": fold_bn,
         "preprocessing": preprocessing(op.resolution, meta), "classes": meta.get("classes"),
+        "class_names": meta.get("class_names"),
         "macs": count_macs(model, op), "params": sum(p.numel() for p in static.parameters()) if not fold_bn else
         count_params(model, op),
         "parity_max_abs_diff": diff, "parity_images": int(images.shape[0]), "source_arch": model.arch,

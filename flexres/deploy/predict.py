@@ -34,7 +34,8 @@ class Predictor:
 
     run: Callable[[Tensor], Tensor]
     resolution: int
-    classes: list[str]
+    classes: list[str]  # the class folders (e.g. WordNet ids), in label order
+    names: list[str]  # what a person calls each class (classes.tsv), in label order; the folder when unknown
     mean: list[float]
     std: list[float]
     crop_fraction: float
@@ -99,7 +100,8 @@ def load_predictor(target: str, resolution: int | None = None, max_macs: float |
         else:
             module = torch.jit.load(str(path))
             run = lambda x: module(x)  # noqa: E731
-        return Predictor(run, r, info.get("classes") or [], pre["mean"], pre["std"], r / pre["resize_short_side"],
+        classes = info.get("classes") or []
+        return Predictor(run, r, classes, info.get("class_names") or classes, pre["mean"], pre["std"], r / pre["resize_short_side"],
                          f"{path.name} (static, {r} px)")
     model, meta = load_checkpoint(target)
     run_dir = resolve_checkpoint(target).parent
@@ -120,13 +122,14 @@ def load_predictor(target: str, resolution: int | None = None, max_macs: float |
                          f"or `flexres eval {run_dir} --data DIR --width {width:g} --resolutions {resolution}`")
     model.set_operating_point(op, bn_policy=bn_policy)
     norm = meta.get("normalization", {})
-    return Predictor(model, resolution, meta.get("classes") or [], norm.get("mean", [0.485, 0.456, 0.406]),
+    classes = meta.get("classes") or []
+    return Predictor(model, resolution, classes, meta.get("class_names") or classes, norm.get("mean", [0.485, 0.456, 0.406]),
                      norm.get("std", [0.229, 0.224, 0.225]), meta.get("crop_fraction", 0.875), f"{run_dir.name} at {how}")
 
 
 @torch.no_grad()
 def predict_files(predictor: Predictor, files: list[str], topk: int = 5) -> list[dict[str, Any]]:
-    """One entry per file: {"file", "top": [(class, probability), ...]} or {"file", "error"}."""
+    """One entry per file: {"file", "top": [{"label", "class" (folder), "name", "probability"}, ...]} or {"file", "error"}."""
     transform = EvalTransform(predictor.resolution, predictor.crop_fraction)
     out = []
     for f in files:
@@ -137,6 +140,10 @@ def predict_files(predictor: Predictor, files: list[str], topk: int = 5) -> list
             continue
         probs = torch.softmax(predictor.run(x).float(), dim=1)[0]
         p, idx = probs.topk(min(topk, probs.numel()))
-        names = predictor.classes
-        out.append({"file": f, "top": [(names[i] if i < len(names) else str(i), round(float(q), 4)) for q, i in zip(p, idx.tolist())]})
+        top = []
+        for q, i in zip(p.tolist(), idx.tolist()):
+            folder = predictor.classes[i] if i < len(predictor.classes) else str(i)
+            name = predictor.names[i] if i < len(predictor.names) else folder
+            top.append({"label": i, "class": folder, "name": name, "probability": round(q, 4)})
+        out.append({"file": f, "top": top})
     return out

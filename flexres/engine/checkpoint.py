@@ -4,12 +4,15 @@ A run directory holds ``checkpoint.safetensors`` (tensors: ``model.*``, ``method
 its metadata carries the sidecar, so the one file is self-describing and written in one atomic
 rename), ``checkpoint.json`` (the same sidecar, for people), and optionally
 ``bn_calibration.safetensors`` (calibrated BN statistics per resolution). No pickle is ever loaded.
+Loading refuses a checkpoint whose ``checkpoint.json`` says something else than its embedded copy
+(see ``check_sidecar``): the embedded copy is what gets loaded, so an edited sidecar would mislead.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -27,6 +30,9 @@ CHECKPOINT = "checkpoint.safetensors"
 SIDECAR = "checkpoint.json"
 CALIBRATION = "bn_calibration.safetensors"
 FORMAT_VERSION = 1
+# Metadata kept out of the sidecar: the optimiser's hyper-parameters and scalar state are for resuming,
+# not for people.
+EMBEDDED_ONLY = ("optimizer",)
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -64,6 +70,101 @@ def load_tensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # noqa: BLE001 - any parse failure means the file is not a checkpoint
         raise CheckpointMismatchError(f"{path} is not a readable safetensors checkpoint: {e}") from e
+    return tensors, meta
+
+
+_MISSING = object()
+
+
+def _same(a: Any, b: Any) -> bool:
+    # NaN (a diverged loss in "metrics") round-trips through JSON as NaN, which equals nothing.
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, bool) != isinstance(b, bool):  # true must not pass for the 1 it compares equal to
+        return False
+    return a == b
+
+
+def _differences(embedded: Any, sidecar: Any, path: str) -> list[tuple[str, Any, Any]]:
+    """(dotted path, embedded value, sidecar value) for every leaf where the two differ."""
+    if isinstance(embedded, dict) and isinstance(sidecar, dict):
+        out = []
+        for key in sorted(set(embedded) | set(sidecar), key=str):
+            out += _differences(embedded.get(key, _MISSING), sidecar.get(key, _MISSING), f"{path}.{key}")
+        return out
+    if isinstance(embedded, list) and isinstance(sidecar, list) and len(embedded) == len(sidecar):
+        return [d for i, (e, c) in enumerate(zip(embedded, sidecar)) for d in _differences(e, c, f"{path}[{i}]")]
+    if embedded is _MISSING or sidecar is _MISSING or not _same(embedded, sidecar):
+        return [(path, embedded, sidecar)]
+    return []
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    text = "(absent)" if value is _MISSING else json.dumps(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def sidecar_path(checkpoint: str | Path) -> Path | None:
+    """The JSON sidecar ``save_checkpoint`` writes next to ``checkpoint``; None for a file of another name,
+    whose neighbouring ``checkpoint.json`` (if any) describes a different file."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent / SIDECAR if checkpoint.name == CHECKPOINT else None
+
+
+def check_sidecar(checkpoint: str | Path, meta: dict[str, Any]) -> None:
+    """Raise CheckpointMismatchError if ``checkpoint``'s JSON sidecar disagrees with its embedded metadata ``meta``.
+
+    ``save_checkpoint`` writes the sidecar as the embedded metadata less ``EMBEDDED_ONLY`` (``optimizer``),
+    so the sidecar is a subset. The rule: every top-level key both carry must hold the same value. A
+    top-level key only one side has is ignored: the embedded ``optimizer`` by design, and a field dropped
+    from (or a note added to) the sidecar says nothing false about what loads, just as a missing sidecar
+    says nothing. Values are compared whole: inside them (``arch.kwargs``, ``config``, ...) a key present
+    on one side only is a difference, since e.g. ``arch.kwargs`` without ``width_mult`` means the default
+    width. Differences are named by dotted path (``arch.kwargs.width_mult``, ``metrics[0].top1``).
+    """
+    checkpoint = Path(checkpoint)
+    side = sidecar_path(checkpoint)
+    if side is None or not side.is_file():
+        return
+    try:
+        written = json.loads(side.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointMismatchError(f"{side} (the sidecar of {checkpoint}) is not readable JSON: {e}. Delete it to load "
+                                      f"{checkpoint} alone; its metadata is embedded") from e
+    if not isinstance(written, dict):
+        raise CheckpointMismatchError(f"{side} (the sidecar of {checkpoint}) holds a JSON {type(written).__name__}, "
+                                      "not an object. Delete it to load the checkpoint alone; its metadata is embedded")
+    diffs = [d for key in sorted(set(meta) & set(written)) for d in _differences(meta[key], written[key], key)]
+    if not diffs:
+        return
+    limit = 8
+    lines = [f"{p}: {checkpoint.name} has {_show(e)}, {side.name} has {_show(c)}" for p, e, c in diffs[:limit]]
+    if len(diffs) > limit:
+        lines.append(f"(and {len(diffs) - limit} more differences)")
+    raise CheckpointMismatchError(
+        f"{side} disagrees with the metadata embedded in {checkpoint} on {_describe({p for p, _, _ in diffs})}:\n  - "
+        + "\n  - ".join(lines)
+        + f"\nThe embedded copy is what would load: editing {side.name} changes nothing about the model. "
+          f"Restore {side.name} or delete it (the checkpoint loads without it); to change the model, train or convert one.")
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def read_checkpoint(checkpoint: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """``load_tensors`` of a checkpoint file, then ``check_sidecar``."""
+    before = _identity(checkpoint)
+    tensors, meta = load_tensors(checkpoint)
+    try:
+        check_sidecar(checkpoint, meta)
+    except CheckpointMismatchError:
+        # save_checkpoint replaced the checkpoint while it was read (a training run saving as it goes):
+        # the tensors and metadata read belong together, and the sidecar belongs to the newer file.
+        if checkpoint.exists() and _identity(checkpoint) != before:
+            return tensors, meta
+        raise
     return tensors, meta
 
 
@@ -137,12 +238,26 @@ def save_checkpoint(run_dir: str | Path, model: AdaptiveModel, sidecar: dict[str
         tensors.update(opt_tensors)
         meta["optimizer"] = opt_info
     path = run_dir / CHECKPOINT
-    save_tensors(path, tensors, meta)
+    # Until the new sidecar is written, the old one would contradict the new checkpoint and make it
+    # unloadable (check_sidecar) should the process die in between: move it out of the way, and back if
+    # writing the checkpoint fails, since the old checkpoint then stays.
+    side = run_dir / SIDECAR
+    previous_side = side.read_bytes() if side.is_file() else None
+    previous_ckpt = _identity(path) if path.is_file() else None
+    if previous_side is not None:
+        side.unlink()
+    try:
+        save_tensors(path, tensors, meta)
+    except BaseException:
+        kept = _identity(path) if path.is_file() else None
+        if previous_side is not None and kept == previous_ckpt and not side.exists():
+            _atomic_write(side, lambda tmp: Path(tmp).write_bytes(previous_side))
+        raise
     stale = run_dir / CALIBRATION
     if stale.exists():  # statistics calibrated for the previous weights
         stale.unlink()
-    human = {k: v for k, v in meta.items() if k != "optimizer"}
-    _atomic_write(run_dir / SIDECAR, lambda tmp: Path(tmp).write_text(json.dumps(human, indent=2) + "\n"))
+    human = {k: v for k, v in meta.items() if k not in EMBEDDED_ONLY}
+    _atomic_write(side, lambda tmp: Path(tmp).write_text(json.dumps(human, indent=2) + "\n"))
     return path
 
 
@@ -182,7 +297,7 @@ def load_model_state(model: AdaptiveModel, tensors: dict[str, Tensor], meta: dic
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[AdaptiveModel, dict[str, Any]]:
     """Rebuild the model a checkpoint (or run directory) describes and load its weights and BN calibration."""
     ckpt = resolve_checkpoint(path)
-    tensors, meta = load_tensors(ckpt)
+    tensors, meta = read_checkpoint(ckpt)
     if "arch" not in meta:
         raise CheckpointMismatchError(f"{ckpt} has no flexres metadata ('arch' missing); was it written by flexres?")
     model = create_model(meta["arch"]["name"], **meta["arch"]["kwargs"])
@@ -203,7 +318,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def load_into(model: AdaptiveModel, path: str | Path) -> dict[str, Any]:
     """Load a checkpoint's weights into an existing model (checked); returns the sidecar."""
     ckpt = resolve_checkpoint(path)
-    tensors, meta = load_tensors(ckpt)
+    tensors, meta = read_checkpoint(ckpt)
     load_model_state(model, tensors, meta, str(ckpt))
     return meta
 
@@ -211,7 +326,7 @@ def load_into(model: AdaptiveModel, path: str | Path) -> dict[str, Any]:
 def load_training_state(path: str | Path, model: AdaptiveModel, method: nn.Module,
                         optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     ckpt = resolve_checkpoint(path)
-    tensors, meta = load_tensors(ckpt)
+    tensors, meta = read_checkpoint(ckpt)
     load_model_state(model, tensors, meta, str(ckpt))
     method_state = {k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")}
     method.load_state_dict(method_state, strict=True)

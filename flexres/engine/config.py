@@ -8,12 +8,15 @@ from typing import Any
 
 import yaml
 
+from ..errors import ConfigError
+
 DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"name": "resnet18", "width_mult": 1.0, "num_classes": None, "kwargs": {}},
     "method": {"name": "rsnet", "resolutions": [224, 192, 160, 128, 96], "kwargs": {}},
     "data": {
         "root": None, "train_split": "train", "val_split": "val", "cache": False, "num_workers": 4,
         "skip_unreadable": False, "hflip": True, "scale": [0.08, 1.0], "ratio": [0.75, 1.3333333333333333], "crop_fraction": 0.875,
+        "class_names": None,
     },
     "train": {
         "epochs": 120, "batch_size": 256, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False,
@@ -25,8 +28,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-class ConfigError(ValueError):
-    pass
+__all__ = ["ConfigError", "DEFAULTS", "load_config", "make_config"]
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any], where: str) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -15,6 +15,7 @@ from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..models import AdaptiveModel
 from ..nn import calibrate_bn
 from ..operating_point import OperatingPoint
+from .memory import fit_batch_size
 
 
 def _batches(ds: Dataset, batch_size: int, device: torch.device, mean, std, workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
@@ -25,14 +26,35 @@ def _batches(ds: Dataset, batch_size: int, device: torch.device, mean, std, work
         yield normalize_batch(x.to(device), mean, std), y.to(device)
 
 
+def _batch_size_that_fits(model: AdaptiveModel, op: OperatingPoint, batch_size: int, device: torch.device, workers: int,
+                          note: Callable[[str], None] | None) -> int:
+    """``batch_size``, or less where a batch at ``op`` would not fit in ``device``'s memory.
+
+    The data side holds only what the batch needs: datasets cache decoded source images (uint8, at their
+    own size), never images transformed to ``op``'s resolution; each is resized as it is loaded. Of those,
+    the loader's uint8 batch (3 r^2 bytes per image) stays alive while the model runs on its normalised
+    copy, and on the CPU each worker also holds its prefetched batches in the same memory.
+    """
+    in_flight = 1 + (2 * workers if device.type == "cpu" else 0)  # DataLoader's default prefetch_factor is 2
+    fitted = fit_batch_size(model, op, batch_size, device, images_bytes_per_image=in_flight * 3 * op.resolution ** 2)
+    if fitted < batch_size and note is not None:
+        label = f"{op.resolution} px" if op == OperatingPoint(op.resolution) else str(op)
+        note(f"{label}: batch reduced from {batch_size} to {fitted} to fit memory")
+    return fitted
+
+
 @torch.no_grad()
 def evaluate(model: AdaptiveModel, dataset: ImageFolderDataset, resolutions: list[int], bn_policy: str = "interpolate",
              batch_size: int = 256, crop_fraction: float = 0.875, mean=None, std=None,
              progress: bool = False, scale_policy: str | None = None, workers: int = 0,
-             width: float = 1.0, scales: tuple[float, ...] | None = None) -> dict[int, dict[str, Any]]:
+             width: float = 1.0, scales: tuple[float, ...] | None = None,
+             note: Callable[[str], None] | None = None) -> dict[int, dict[str, Any]]:
     """Top-1/top-5 (%) of ``model`` on ``dataset`` at each resolution; also per-image correctness.
 
-    Returns {resolution: {"top1", "top5", "n", "correct" (bool tensor, dataset order), "bn"}}.
+    ``batch_size`` is an upper bound: at a resolution where that many images would not fit in the
+    device's memory the batch shrinks (``note``, if given, is told once per resolution); in eval mode
+    the batch size does not change the results. Raises ``ResolutionTooLargeError`` when not even one
+    image fits. Returns {resolution: {"top1", "top5", "n", "correct" (bool tensor, dataset order), "bn"}}.
     """
     mean, std = mean or IMAGENET_MEAN, std or IMAGENET_STD
     device = next(model.parameters()).device
@@ -42,9 +64,12 @@ def evaluate(model: AdaptiveModel, dataset: ImageFolderDataset, resolutions: lis
     try:
         for r in tqdm(resolutions, desc="eval", disable=not progress, leave=False):
             dataset.transform = EvalTransform(r, crop_fraction)
-            with model.at(OperatingPoint(r, width, scales), bn_policy=bn_policy, scale_policy=scale_policy):
+            op = OperatingPoint(r, width, scales)
+            loader_workers = 0 if dataset.cached else workers
+            batch = _batch_size_that_fits(model, op, batch_size, device, loader_workers, note)
+            with model.at(op, bn_policy=bn_policy, scale_policy=scale_policy):
                 correct1, correct5 = [], []
-                for x, y in _batches(dataset, batch_size, device, mean, std, 0 if dataset.cached else workers):
+                for x, y in _batches(dataset, batch, device, mean, std, loader_workers):
                     logits = model(x)
                     top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
                     hit = top5.eq(y[:, None])
@@ -70,9 +95,15 @@ def describe_bn(model: AdaptiveModel, resolution: int, bn_policy: str) -> str:
 
 def calibrate(model: AdaptiveModel, train_dataset: ImageFolderDataset, points: list[OperatingPoint | int], num_images: int,
               batch_size: int = 256, scale=(0.08, 1.0), ratio=(0.75, 4 / 3), mean=None, std=None, seed: int = 0,
-              workers: int = 0) -> list[OperatingPoint]:
+              workers: int = 0, note: Callable[[str], None] | None = None) -> list[OperatingPoint]:
     """Calibrate BN statistics at each operating point not yet calibrated, on a seeded random subset of
-    ``num_images`` training images with the training augmentation. Returns the points it calibrated."""
+    ``num_images`` training images with the training augmentation. Returns the points it calibrated.
+
+    ``batch_size`` is an upper bound, shrunk per point to what fits in memory (``note``, if given, is
+    told). The statistics are exact means over all images whatever the batch; a smaller batch changes
+    only the batch statistics the BNs normalise with while gathering, which at the resolutions where
+    memory runs short still span many pixels per channel. Raises ``ResolutionTooLargeError`` when not even
+    one image fits."""
     mean, std = mean or IMAGENET_MEAN, std or IMAGENET_STD
     device = next(model.parameters()).device
     done = []
@@ -86,10 +117,12 @@ def calibrate(model: AdaptiveModel, train_dataset: ImageFolderDataset, points: l
             # The augmentation is the training one, so calibrated statistics are comparable with
             # the statistics the trained BNs gathered.
             train_dataset.transform = MultiResolutionCrop([op.resolution], scale, ratio)
+            loader_workers = 0 if train_dataset.cached else workers
+            batch = _batch_size_that_fits(model, op, batch_size, device, loader_workers, note)
             rng_state = torch.get_rng_state()
             torch.manual_seed(seed + op.resolution)
             try:
-                batches = (x for x, _ in _batches(subset, batch_size, device, mean, std, 0 if train_dataset.cached else workers))
+                batches = (x for x, _ in _batches(subset, batch, device, mean, std, loader_workers))
                 calibrate_bn(model, batches, op, num_images)
             finally:
                 torch.set_rng_state(rng_state)

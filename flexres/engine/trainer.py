@@ -10,6 +10,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,18 +23,18 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from .. import __version__
-from ..data import ImageFolderDataset, MultiResolutionCrop, collate_skipping, normalize_batch, split_dir
+from ..data import ImageFolderDataset, MultiResolutionCrop, collate_skipping, normalize_batch, read_class_names, split_dir
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..errors import ConfigError
 from ..methods import Method, create_method
 from ..models import AdaptiveModel, create_model
+from ..version import __version__
 from .checkpoint import CHECKPOINT, load_into, load_training_state, save_checkpoint
-from .config import ConfigError
 from .evaluate import calibrate, evaluate
 
 # Keys that may change between a run and its resume without changing the result.
 _RESUME_FREE = {("train", "progress"), ("train", "eval_every"), ("train", "device"), ("data", "root"), ("data", "num_workers"),
-                ("data", "cache")}
+                ("data", "cache"), ("data", "class_names")}
 
 
 class TrainStep(nn.Module):
@@ -158,72 +159,124 @@ def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[
     return diffs
 
 
-def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_after_epochs: int | None = None,
-          log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train as ``cfg`` says into ``out_dir``; returns the last epoch's metrics.
+@dataclass
+class Processes:
+    """Where this process stands in a (possibly torchrun) job."""
 
-    stop_after_epochs: end this process after that many epochs (the run continues with ``resume``).
-    """
-    out_dir = Path(out_dir)
-    t, d = cfg["train"], cfg["data"]
-    if d["root"] is None:
-        raise ValueError("no data: set data.root in the config or pass --data DIR")
+    distributed: bool
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class StepPlan:
+    """How the epoch is cut into optimiser steps of train.batch_size images."""
+
+    accumulate: int
+    micro_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+@dataclass
+class Trainee:
+    """Everything a step touches."""
+
+    model: AdaptiveModel
+    method: Method
+    optimizer: torch.optim.Optimizer
+    step_module: nn.Module
+    scaler: torch.amp.GradScaler
+    use_amp: bool
+    channels_last: bool
+
+
+@dataclass
+class EpochTotals:
+    """Sums over one epoch's images (this process's, until reduced over ranks)."""
+
+    sums: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    correct: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    seen: int = 0
+    skipped: list[str] = field(default_factory=list)
+    lr: float = 0.0
+
+
+def start_processes(t: dict[str, Any]) -> Processes:
+    """Join the torchrun job when there is one and pick the device."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and not dist.is_initialized():
         # Long timeout: rank 0 evaluates and writes checkpoints while the others wait at a barrier.
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=2))
-    rank = dist.get_rank() if distributed else 0
-    world = dist.get_world_size() if distributed else 1
-    is_main = rank == 0
     device = resolve_device(t["device"])
     if device.type == "cuda":
         torch.cuda.set_device(device)
         # Exact resume on GPUs needs deterministic kernels; they cost some speed, so it is a choice.
         torch.backends.cudnn.benchmark = not t["deterministic"]
         torch.backends.cudnn.deterministic = t["deterministic"]
-    ckpt_path = out_dir / CHECKPOINT
-    if ckpt_path.exists() and not resume:
-        raise FileExistsError(f"{out_dir} already holds a run ({ckpt_path}); pass --resume to continue it or choose another --out")
-    if resume and not ckpt_path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+    return Processes(distributed, dist.get_rank() if distributed else 0, dist.get_world_size() if distributed else 1, device)
 
-    seed_everything(t["seed"])
+
+def load_datasets(d: dict[str, Any], t: dict[str, Any], procs: Processes,
+                  log: Callable[[str], None]) -> tuple[ImageFolderDataset, ImageFolderDataset | None]:
     train_ds = ImageFolderDataset(split_dir(d["root"], d["train_split"]), cache=d["cache"],
-                                  skip_unreadable=d["skip_unreadable"], progress=t["progress"] and is_main)
+                                  skip_unreadable=d["skip_unreadable"], progress=t["progress"] and procs.is_main)
     if train_ds.unreadable:
         log(f"skipping {len(train_ds.unreadable)} unreadable training images, e.g. {train_ds.unreadable[0]}")
     val_ds = None
     if t["eval_every"] and (Path(d["root"]) / d["val_split"]).is_dir():
         val_ds = ImageFolderDataset(split_dir(d["root"], d["val_split"]), cache=d["cache"],
                                     skip_unreadable=d["skip_unreadable"], progress=False)
-    num_classes = cfg["model"]["num_classes"] or len(train_ds.classes)
-    if num_classes != len(train_ds.classes):
-        raise ValueError(f"model.num_classes={num_classes} but {train_ds.root} has {len(train_ds.classes)} classes")
+    return train_ds, val_ds
+
+
+def class_names(d: dict[str, Any], folders: list[str]) -> list[str] | None:
+    """data.class_names (a list, or the path of a classes.tsv) or the classes.tsv at the data root, in label order."""
+    given = d.get("class_names")
+    if isinstance(given, list):
+        if len(given) != len(folders):
+            raise ConfigError(f"data.class_names names {len(given)} classes but {d['root']} has {len(folders)} class folders")
+        return [str(n) for n in given]
+    if given and not Path(given).is_file():
+        raise ConfigError(f"data.class_names: no such file {given}")
+    return read_class_names(given or d["root"], folders)
+
+
+def build_trainee(cfg: dict[str, Any], num_classes: int, procs: Processes, resume: bool, log: Callable[[str], None]) -> Trainee:
+    """Model, method, optimiser and the module a step calls (compiled, DDP-wrapped as configured)."""
+    t = cfg["train"]
     model, method = build_model_and_method(cfg, num_classes)
     if t["init_from"] and not resume:  # start from trained weights, e.g. to fine-tune a Resizable-NAS pick
         meta = load_into(model, t["init_from"])
         log(f"initialised the model from {t['init_from']} (epoch {meta.get('epoch')})")
-    train_ds.transform = MultiResolutionCrop(method.resolutions, d["scale"], d["ratio"], hflip=d["hflip"])
-    model.to(device)
-    method.to(device)
+    model.to(procs.device)
+    method.to(procs.device)
     # NHWC is faster on CPUs too (oneDNN): 1.3x for ResNet-18 x0.25, 1.4-1.6x for MobileNetV2 (BENCHMARKS.md).
-    channels_last = t["channels_last"]
-    if channels_last:
+    if t["channels_last"]:
         model.to(memory_format=torch.channels_last)
     if t["sync_bn"] and model.width_range is not None:
         raise ConfigError("train.sync_bn: slimmable models normalise with per-batch statistics of their own layer "
                           "(SlimmableBatchNorm2d) and cannot be synchronised; leave sync_bn off")
-    if distributed and t["sync_bn"]:
+    if procs.distributed and t["sync_bn"]:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # converts the BNs inside every SwitchableBatchNorm2d
     optimizer = build_optimizer(cfg, model, method)
     step_module: nn.Module = TrainStep(model, method)
     if t["compile"]:
         step_module = CompileOrFallback(step_module, log)
-    if distributed:
+    if procs.distributed:
+        device = procs.device
         step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
-    use_amp = t["amp"] and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    use_amp = t["amp"] and procs.device.type == "cuda"
+    return Trainee(model, method, optimizer, step_module, torch.amp.GradScaler("cuda", enabled=use_amp), use_amp, t["channels_last"])
 
+
+def plan_steps(t: dict[str, Any], num_images: int, world: int) -> StepPlan:
     # Data-parallel replicas: the processes times the micro-batches each accumulates. One optimiser step
     # sees train.batch_size images whatever the split, so a run on 1 device with accumulate_steps=8 takes
     # the same steps as one on 8 devices.
@@ -232,127 +285,211 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
     if t["batch_size"] % replicas:
         raise ValueError(f"train.batch_size={t['batch_size']} must divide by processes x accumulate_steps = {replicas}")
     micro_batch = t["batch_size"] // replicas
-    steps_per_epoch = (len(train_ds) // replicas) // micro_batch  # what each DistributedSampler(drop_last) yields
+    steps_per_epoch = (num_images // replicas) // micro_batch  # what each DistributedSampler(drop_last) yields
     if steps_per_epoch == 0:
-        raise ValueError(f"batch_size {t['batch_size']} is larger than the training set ({len(train_ds)} images)")
-    total_steps = steps_per_epoch * t["epochs"]
-    warmup_steps = int(round(t["warmup_epochs"] * steps_per_epoch))
+        raise ValueError(f"batch_size {t['batch_size']} is larger than the training set ({num_images} images)")
+    total = steps_per_epoch * t["epochs"]
+    return StepPlan(accumulate, micro_batch, steps_per_epoch, total, int(round(t["warmup_epochs"] * steps_per_epoch)))
 
-    start_epoch = 0
-    if resume:
-        meta = load_training_state(ckpt_path, model, method, optimizer)
-        diffs = _config_differences(meta.get("config", {}), cfg)
-        if diffs:
-            raise ValueError(f"--resume: the config differs from the run in {out_dir}: " + "; ".join(diffs))
-        start_epoch = int(meta["epoch"])
-        scaler.load_state_dict(meta.get("grad_scaler") or {})
-        log(f"resuming {out_dir} after epoch {start_epoch}")
+
+def restore(cfg: dict[str, Any], out_dir: Path, trainee: Trainee, log: Callable[[str], None]) -> int:
+    """Load the run's last checkpoint into ``trainee`` (weights, method, optimiser, scaler); returns its epoch."""
+    meta = load_training_state(out_dir / CHECKPOINT, trainee.model, trainee.method, trainee.optimizer)
+    diffs = _config_differences(meta.get("config", {}), cfg)
+    if diffs:
+        raise ValueError(f"--resume: the config differs from the run in {out_dir}: " + "; ".join(diffs))
+    trainee.scaler.load_state_dict(meta.get("grad_scaler") or {})
+    log(f"resuming {out_dir} after epoch {int(meta['epoch'])}")
+    return int(meta["epoch"])
+
+
+def prepare_run_dir(cfg: dict[str, Any], out_dir: Path, resume: bool, start_epoch: int) -> Path:
+    """Write config.yaml; keep only the metrics of epochs the checkpoint holds. Returns metrics.jsonl's path."""
     metrics_path = out_dir / "metrics.jsonl"
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-        if resume and metrics_path.exists():  # drop epochs the checkpoint does not contain
-            kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln).get("epoch", 0) <= start_epoch]
-            metrics_path.write_text("".join(k + "\n" for k in kept))
-        elif not resume and metrics_path.exists():
-            metrics_path.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    if resume and metrics_path.exists():  # drop epochs the checkpoint does not contain
+        kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln).get("epoch", 0) <= start_epoch]
+        metrics_path.write_text("".join(k + "\n" for k in kept))
+    elif not resume and metrics_path.exists():
+        metrics_path.unlink()
+    return metrics_path
+
+
+def run_epoch(epoch: int, cfg: dict[str, Any], train_ds: ImageFolderDataset, trainee: Trainee, plan: StepPlan,
+              procs: Processes) -> EpochTotals:
+    """One epoch of optimiser steps; everything random derives from (seed, epoch), so a resumed run replays it."""
+    t, d = cfg["train"], cfg["data"]
+    epoch_seed = t["seed"] * 100003 + epoch + procs.rank * 7919  # each DDP rank its own augmentation stream
+    seed_everything(epoch_seed)
+    gen = torch.Generator().manual_seed(epoch_seed)
+    loaders = epoch_loaders(train_ds, t["seed"], epoch, gen, procs.rank, procs.world, plan.accumulate, plan.micro_batch,
+                            d["num_workers"], procs.device.type == "cuda")
+    trainee.step_module.train()
+    totals = EpochTotals()
+    bar = tqdm(zip(*loaders), total=plan.steps_per_epoch, desc=f"epoch {epoch + 1}/{t['epochs']}",
+               disable=not (t["progress"] and procs.is_main), leave=False)
+    for i, micro_batches in enumerate(bar):
+        step = epoch * plan.steps_per_epoch + i
+        totals.lr = lr_at(step, plan.total_steps, plan.warmup_steps, t["lr"])
+        for g in trainee.optimizer.param_groups:
+            g["lr"] = totals.lr
+        trainee.optimizer.zero_grad(set_to_none=True)
+        loss = None
+        for k, batch in enumerate(micro_batches):
+            last_micro = k == len(micro_batches) - 1
+            loss = train_micro_batch(batch, step, i, epoch, last_micro, cfg, trainee, plan, procs, totals) or loss
+        trainee.scaler.step(trainee.optimizer)
+        trainee.scaler.update()
+        if loss is not None:
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{totals.lr:.4f}")
+    bar.close()
+    return totals
+
+
+def train_micro_batch(batch: dict[str, Any], step: int, i: int, epoch: int, last_micro: bool, cfg: dict[str, Any],
+                      trainee: Trainee, plan: StepPlan, procs: Processes, totals: EpochTotals) -> float | None:
+    """Forward and backward of one micro-batch (gradients accumulate); adds its loss terms to ``totals``."""
+    t, method, step_module = cfg["train"], trainee.method, trainee.step_module
+    totals.skipped += batch["skipped"]
+    sync = nullcontext() if not procs.distributed or last_micro else step_module.no_sync()
+    if batch["inputs"] is None:
+        # Every image of this micro-batch was unreadable: a zero loss over all parameters keeps
+        # DDP's gradient all-reduce in step with the other ranks.
+        with sync:
+            sum(p.reshape(-1)[0] * 0.0 for p in step_module.parameters()).backward()
+        return None
+    # Operating points a method samples come from this generator: the same on every rank and
+    # micro-batch of a step, so all replicas train the same sub-networks.
+    method.rng.manual_seed(t["seed"] * 1_000_003 + step)
+    method.progress = step / plan.total_steps
+    device = procs.device
+    labels = batch["labels"].to(device, non_blocking=True)
+    inputs = tuple(normalize_batch(x.to(device, non_blocking=True)) for x in batch["inputs"])
+    if trainee.channels_last:
+        inputs = tuple(x.contiguous(memory_format=torch.channels_last) for x in inputs)
+    with sync:
+        with torch.autocast("cuda", dtype=torch.float16) if trainee.use_amp else nullcontext():
+            loss, terms, logits = step_module(inputs, labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, step {i}: lower train.lr?")
+        trainee.scaler.scale(loss / plan.accumulate).backward()
+    n = labels.shape[0]
+    totals.seen += n
+    totals.sums["loss"] += loss.item() * n
+    for name, v in terms.items():
+        totals.sums[name] += v.item() * n
+    for r, z in logits.items():
+        totals.correct[r] += int((z.argmax(1) == labels).sum())
+    return loss.item()
+
+
+def reduce_over_ranks(totals: EpochTotals, procs: Processes) -> None:
+    """Epoch metrics over every rank's images (in place)."""
+    if not procs.distributed:
+        return
+    keys, res_keys = sorted(totals.sums), sorted(totals.correct)
+    packed = torch.tensor([totals.sums[k] for k in keys] + [totals.correct[r] for r in res_keys] + [totals.seen],
+                          dtype=torch.float64, device=procs.device)
+    dist.all_reduce(packed)
+    totals.sums = dict(zip(keys, packed[: len(keys)].tolist()))
+    totals.correct = {r: int(c) for r, c in zip(res_keys, packed[len(keys):-1].tolist())}
+    totals.seen = int(packed[-1])
+
+
+def epoch_metrics(epoch: int, totals: EpochTotals, elapsed: float, method: Method) -> dict[str, Any]:
+    seen = max(totals.seen, 1)
+    return {
+        "epoch": epoch + 1, "lr": totals.lr, "images": totals.seen, "seconds": round(elapsed, 2),
+        "images_per_s": round(totals.seen / max(elapsed, 1e-9), 1),
+        **{f"loss_{k}" if k != "loss" else "loss": round(v / seen, 5) for k, v in totals.sums.items()},
+        "train_top1": {str(r): round(100.0 * c / seen, 2) for r, c in sorted(totals.correct.items(), reverse=True)},
+        **method.log_values(),
+    }
+
+
+def validate(cfg: dict[str, Any], model: AdaptiveModel, method: Method, train_ds: ImageFolderDataset,
+             val_ds: ImageFolderDataset) -> dict[str, float]:
+    """Val top-1 at the trained resolutions (slimmable models: full width, post-statistics BN from the current weights)."""
+    t, d = cfg["train"], cfg["data"]
+    if model.width_range is not None:
+        model.clear_calibration()
+        calibrate(model, train_ds, list(method.resolutions), min(cfg["eval"]["calibration_images"], 1000),
+                  cfg["eval"]["batch_size"], d["scale"], d["ratio"], seed=t["seed"])
+    res = evaluate(model, val_ds, list(method.resolutions), crop_fraction=d["crop_fraction"], batch_size=cfg["eval"]["batch_size"])
+    model.clear_calibration()
+    return {str(r): round(v["top1"], 2) for r, v in res.items()}
+
+
+def epoch_line(m: dict[str, Any], total_epochs: int, seconds_left: float) -> str:
+    """The one line a person reads per epoch; metrics.jsonl keeps everything."""
+    terms = [f"{k[5:]} {v:.3f}" for k, v in m.items() if k.startswith("loss_")]
+    loss = f"loss {m['loss']:.3f}" + (f" ({', '.join(terms)})" if terms else "")
+    top1 = " ".join(f"{r}px {v:.1f}" for r, v in m["train_top1"].items())
+    val = "  val top-1 " + " ".join(f"{r}px {v:.1f}" for r, v in m["val_top1"].items()) if "val_top1" in m else ""
+    eta = f"{int(seconds_left // 60)}m{int(seconds_left % 60):02d}s" if seconds_left >= 60 else f"{seconds_left:.0f}s"
+    return (f"epoch {m['epoch']}/{total_epochs}  {loss}  train top-1 {top1}{val}  lr {m['lr']:.4g}  "
+            f"{m['images_per_s']:.0f} img/s  ETA {eta}")
+
+
+def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_after_epochs: int | None = None,
+          log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train as ``cfg`` says into ``out_dir``; returns the last epoch's metrics.
+
+    ``log`` gets one readable line per epoch (``epoch_line``) and the notes of the run; the full metrics go to
+    ``metrics.jsonl``. stop_after_epochs: end this process after that many epochs (continue with ``resume``).
+    """
+    out_dir = Path(out_dir)
+    t, d = cfg["train"], cfg["data"]
+    if d["root"] is None:
+        raise ValueError("no data: set data.root in the config or pass --data DIR")
+    ckpt_path = out_dir / CHECKPOINT
+    if ckpt_path.exists() and not resume:
+        raise FileExistsError(f"{out_dir} already holds a run ({ckpt_path}); pass --resume to continue it or choose another --out")
+    if resume and not ckpt_path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+    procs = start_processes(t)
+    seed_everything(t["seed"])
+    train_ds, val_ds = load_datasets(d, t, procs, log)
+    num_classes = cfg["model"]["num_classes"] or len(train_ds.classes)
+    if num_classes != len(train_ds.classes):
+        raise ValueError(f"model.num_classes={num_classes} but {train_ds.root} has {len(train_ds.classes)} classes")
+    trainee = build_trainee(cfg, num_classes, procs, resume, log)
+    model, method = trainee.model, trainee.method
+    train_ds.transform = MultiResolutionCrop(method.resolutions, d["scale"], d["ratio"], hflip=d["hflip"])
+    plan = plan_steps(t, len(train_ds), procs.world)
+    start_epoch = restore(cfg, out_dir, trainee, log) if resume else 0
+    metrics_path = prepare_run_dir(cfg, out_dir, resume, start_epoch) if procs.is_main else out_dir / "metrics.jsonl"
     sidecar_base = {
         "flexres_version": __version__, "method": {"name": method.name, "resolutions": list(method.resolutions),
                                                    **cfg["method"]["kwargs"]},
-        "classes": train_ds.classes, "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "classes": train_ds.classes, "class_names": class_names(d, train_ds.classes),
+        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         "crop_fraction": d["crop_fraction"], "config": cfg,
     }
-
     last: dict[str, Any] = {}
     end_epoch = t["epochs"] if stop_after_epochs is None else min(t["epochs"], start_epoch + stop_after_epochs)
+    started = time.time()
     for epoch in range(start_epoch, end_epoch):
-        # Everything random in an epoch derives from (seed, epoch): a resumed run replays it exactly.
-        epoch_seed = t["seed"] * 100003 + epoch + rank * 7919  # each DDP rank its own augmentation stream
-        seed_everything(epoch_seed)
-        gen = torch.Generator().manual_seed(epoch_seed)
-        loaders = epoch_loaders(train_ds, t["seed"], epoch, gen, rank, world, accumulate, micro_batch, d["num_workers"],
-                                device.type == "cuda")
-        step_module.train()
-        sums: dict[str, float] = defaultdict(float)
-        correct: dict[int, int] = defaultdict(int)
-        seen, skipped, t0 = 0, [], time.time()
-        bar = tqdm(zip(*loaders), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{t['epochs']}",
-                   disable=not (t["progress"] and is_main), leave=False)
-        for i, micro_batches in enumerate(bar):
-            step = epoch * steps_per_epoch + i
-            lr = lr_at(step, total_steps, warmup_steps, t["lr"])
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            for k, batch in enumerate(micro_batches):
-                skipped += batch["skipped"]
-                sync = nullcontext() if not distributed or k == len(micro_batches) - 1 else step_module.no_sync()
-                if batch["inputs"] is None:
-                    # Every image of this micro-batch was unreadable: a zero loss over all parameters keeps
-                    # DDP's gradient all-reduce in step with the other ranks.
-                    with sync:
-                        sum(p.reshape(-1)[0] * 0.0 for p in step_module.parameters()).backward()
-                    continue
-                # Operating points a method samples come from this generator: the same on every rank and
-                # micro-batch of a step, so all replicas train the same sub-networks.
-                method.rng.manual_seed(t["seed"] * 1_000_003 + step)
-                method.progress = step / total_steps
-                labels = batch["labels"].to(device, non_blocking=True)
-                inputs = tuple(normalize_batch(x.to(device, non_blocking=True)) for x in batch["inputs"])
-                if channels_last:
-                    inputs = tuple(x.contiguous(memory_format=torch.channels_last) for x in inputs)
-                with sync:
-                    with torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext():
-                        loss, terms, logits = step_module(inputs, labels)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, step {i}: lower train.lr?")
-                    scaler.scale(loss / accumulate).backward()
-                n = labels.shape[0]
-                seen += n
-                sums["loss"] += loss.item() * n
-                for name, v in terms.items():
-                    sums[name] += v.item() * n
-                for r, z in logits.items():
-                    correct[r] += int((z.argmax(1) == labels).sum())
-            scaler.step(optimizer)
-            scaler.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4f}")
-        bar.close()
+        t0 = time.time()
+        totals = run_epoch(epoch, cfg, train_ds, trainee, plan, procs)
         elapsed = time.time() - t0
-        if distributed:  # metrics over every rank
-            keys, res_keys = sorted(sums), sorted(correct)
-            packed = torch.tensor([sums[k] for k in keys] + [correct[r] for r in res_keys] + [seen], dtype=torch.float64,
-                                  device=device)
-            dist.all_reduce(packed)
-            sums = dict(zip(keys, packed[: len(keys)].tolist()))
-            correct = {r: int(c) for r, c in zip(res_keys, packed[len(keys):-1].tolist())}
-            seen = int(packed[-1])
-        last = {
-            "epoch": epoch + 1, "lr": lr, "images": seen, "seconds": round(elapsed, 2),
-            "images_per_s": round(seen / max(elapsed, 1e-9), 1),
-            **{f"loss_{k}" if k != "loss" else "loss": round(v / max(seen, 1), 5) for k, v in sums.items()},
-            "train_top1": {str(r): round(100.0 * c / max(seen, 1), 2) for r, c in sorted(correct.items(), reverse=True)},
-            **method.log_values(),
-        }
-        unreadable = sorted(set(skipped) | set(train_ds.unreadable))
+        reduce_over_ranks(totals, procs)
+        last = epoch_metrics(epoch, totals, elapsed, method)
+        unreadable = sorted(set(totals.skipped) | set(train_ds.unreadable))
         if unreadable:
             last["skipped_unreadable"] = len(unreadable)
             log(f"epoch {epoch + 1}: skipped {len(unreadable)} unreadable images, e.g. {unreadable[0]}")
-        if is_main and val_ds is not None and ((epoch + 1) % t["eval_every"] == 0 or epoch + 1 == t["epochs"]):
-            if model.width_range is not None:  # slimmable: post-statistics BN for the full width, from current weights
-                model.clear_calibration()
-                calibrate(model, train_ds, list(method.resolutions), min(cfg["eval"]["calibration_images"], 1000),
-                          cfg["eval"]["batch_size"], d["scale"], d["ratio"], seed=t["seed"])
-            res = evaluate(model, val_ds, list(method.resolutions), crop_fraction=d["crop_fraction"],
-                           batch_size=cfg["eval"]["batch_size"])
-            model.clear_calibration()
-            last["val_top1"] = {str(r): round(v["top1"], 2) for r, v in res.items()}
-        if is_main:
+        if procs.is_main and val_ds is not None and ((epoch + 1) % t["eval_every"] == 0 or epoch + 1 == t["epochs"]):
+            last["val_top1"] = validate(cfg, model, method, train_ds, val_ds)
+        if procs.is_main:
             save_checkpoint(out_dir, model, dict(sidecar_base, epoch=epoch + 1, metrics=last,
-                                                 grad_scaler=scaler.state_dict() if use_amp else None), method, optimizer)
+                                                 grad_scaler=trainee.scaler.state_dict() if trainee.use_amp else None),
+                            method, trainee.optimizer)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
-            log(json.dumps(last))
-        if distributed:
+            per_epoch = (time.time() - started) / (epoch + 1 - start_epoch)
+            log(epoch_line(last, t["epochs"], per_epoch * (t["epochs"] - epoch - 1)))
+        if procs.distributed:
             dist.barrier()
     return last

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..models.base import AdaptiveModel
 
 
@@ -84,14 +85,10 @@ def list_methods() -> list[str]:
 
 def create_method(name: str, **kwargs: Any) -> Method:
     if name not in _METHODS:
-        from ..engine.config import ConfigError
-
         raise ConfigError(f"unknown method {name!r}; available: {', '.join(list_methods())}")
     try:
         return _METHODS[name](**kwargs)
     except TypeError as e:
-        from ..engine.config import ConfigError
-
         raise ConfigError(f"bad options for method {name!r} (method.kwargs): {e}") from e
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -14,6 +13,7 @@ from ..nn.meta_conv import MetaConv2d
 from ..nn.slimmable import SlimmableBatchNorm2d, SlimmableConv2d, SlimmableLinear, make_divisible
 from ..nn.stage_resize import factor_key
 from ..nn.switchable_bn import BN_POLICIES, SwitchableBatchNorm2d, nearest_index
+from ..notes import note
 from ..operating_point import OperatingPoint
 
 __all__ = ["AdaptiveModel", "FeatureSequenceModel", "SAN_MODES", "load_single_bn_weights", "make_divisible"]
@@ -212,12 +212,8 @@ class AdaptiveModel(nn.Module):
         for resize, factor in zip(self.stage_resizers or [], scales):
             resize.set_target(op.resolution, factor)
         if fell_back:
-            warnings.warn(
-                f"resolution {op.resolution} is outside the trained range "
-                f"[{min(self.train_resolutions)}, {max(self.train_resolutions)}]: "
-                "bn_policy 'interpolate' falls back to 'nearest'",
-                stacklevel=2,
-            )
+            note(f"{op.resolution} px is outside the trained range [{min(self.train_resolutions)}, {max(self.train_resolutions)}]: "
+                 "bn_policy 'interpolate' serves it with the nearest trained BN")
         if self.width_range is not None:
             for m in self.slimmable_modules():
                 m.set_width(op.width)

@@ -1,4 +1,22 @@
-from .calibration import calibrate_bn
-from .switchable_bn import BN_POLICIES, BNChoice, SwitchableBatchNorm2d, plan_bn
+"""Layers: switchable BN (RS-Nets), meta convolutions (SAN), width-slimmable layers (US-Net / MutualNet),
+stage resizing (Resizable networks), and BN calibration per operating point."""
 
-__all__ = ["BN_POLICIES", "BNChoice", "SwitchableBatchNorm2d", "calibrate_bn", "plan_bn"]
+from .calibration import CalibratableModel, calibrate_bn
+from .meta_conv import MetaConv2d, scale_encoding
+from .slimmable import (
+    SlimmableBatchNorm2d,
+    SlimmableConv2d,
+    SlimmableLinear,
+    keep_full_width,
+    make_divisible,
+    set_channel_ratio,
+    slim_channels,
+)
+from .stage_resize import FixedResize, StageResize, factor_key, stage_size
+from .switchable_bn import BN_POLICIES, BNChoice, SwitchableBatchNorm2d, nearest_index, plan_bn
+
+__all__ = [
+    "BN_POLICIES", "BNChoice", "CalibratableModel", "FixedResize", "MetaConv2d", "SlimmableBatchNorm2d", "SlimmableConv2d",
+    "SlimmableLinear", "StageResize", "SwitchableBatchNorm2d", "calibrate_bn", "factor_key", "keep_full_width", "make_divisible",
+    "nearest_index", "plan_bn", "scale_encoding", "set_channel_ratio", "slim_channels", "stage_size",
+]

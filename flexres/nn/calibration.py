@@ -3,19 +3,32 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
-from torch import Tensor
-
-if TYPE_CHECKING:
-    from ..models.base import AdaptiveModel
+from torch import Tensor, nn
 
 from ..operating_point import OperatingPoint
 
 
+class CalibratableModel(Protocol):
+    """What calibration needs of a model (``flexres.AdaptiveModel`` has it): its BNs and its operating point."""
+
+    operating_point: OperatingPoint
+    bn_policy: str
+    scale_policy: str
+    training: bool
+
+    def calibratable_bns(self) -> list[nn.Module]: ...
+    def resolve(self, op: OperatingPoint) -> OperatingPoint: ...
+    def set_operating_point(self, op: OperatingPoint, bn_policy: str | None = None, scale_policy: str | None = None) -> Any: ...
+    def eval(self) -> Any: ...
+    def train(self, mode: bool = True) -> Any: ...
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+
 @torch.no_grad()
-def calibrate_bn(model: AdaptiveModel, batches: Iterable[Tensor], op: OperatingPoint | int, num_images: int,
+def calibrate_bn(model: CalibratableModel, batches: Iterable[Tensor], op: OperatingPoint | int, num_images: int,
                  across_ranks: bool = False) -> int:
     """Estimate every BN's statistics at the operating point ``op`` (a resolution, or for slimmable
     models a resolution and width) from ``num_images`` images.

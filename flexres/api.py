@@ -1,0 +1,354 @@
+"""The public workflow: one function per ``flexres`` command, each returning JSON-ready Python objects.
+
+The CLI only parses arguments, calls these and prints what they return, so a notebook gets exactly what
+the command line shows (``flexres eval --json`` writes ``evaluate(...)``'s dict). Heavy imports
+(matplotlib, onnxruntime) stay inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .analysis import count_macs, count_params, measure_latency, meta_weight_ratios
+from .analysis.table import mark_pareto, read_table, scale_configurations, write_table
+from .analysis.table import select as select_row
+from .data import ImageFolderDataset, SubsetView, sample_data_dir, split_dir
+from .engine.checkpoint import (
+    CALIBRATION,
+    CheckpointMismatchError,
+    clear_calibration,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_calibration,
+    save_tensors,
+)
+from .engine.config import load_config, make_config
+from .engine.evaluate import calibrate, format_table, hit_miss_matrix
+from .engine.evaluate import evaluate as evaluate_model
+from .engine.trainer import train as train_run
+from .models.base import SAN_MODES
+from .notes import note
+from .operating_point import OperatingPoint
+
+__all__ = ["adapt", "demo", "evaluate", "export", "format_eval_report", "format_selection", "predict", "report", "select", "table",
+           "train"]
+
+
+def train(config: str | Path | dict[str, Any], out: str | Path | None = None, *, data: str | None = None,
+          overrides: Sequence[str] = (), resume: bool = False, stop_after_epochs: int | None = None,
+          log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train a recipe (a YAML file or a config dict) into ``out`` (default ``runs/<config name>``); returns the
+    last epoch's metrics. ``overrides`` are ``key=value`` strings as ``--set`` takes them."""
+    if isinstance(config, dict):
+        cfg = make_config(config)
+        name = "run"
+    else:
+        cfg, name = load_config(config, list(overrides)), Path(config).stem
+    if data:
+        cfg["data"]["root"] = str(data)
+    out = Path(out) if out else Path("runs") / name
+    metrics = train_run(cfg, out, resume=resume, stop_after_epochs=stop_after_epochs, log=log)
+    return {"run": str(out), **metrics}
+
+
+def _ensure_calibrated(model, meta: dict[str, Any], ckpt: Path, train_ds, points: list, num_images: int, batch_size: int,
+                       cfg: dict[str, Any], data: str, workers: int = 0) -> None:
+    """Calibrate the points not yet in the run's cache and save the cache with the run."""
+    if meta.get("calibration", {}).get("num_images") not in (None, num_images):
+        clear_calibration(model)  # computed from another number of images: not what was asked for
+    new = calibrate(model, train_ds, points, num_images, batch_size, cfg["data"]["scale"], cfg["data"]["ratio"], workers=workers,
+                    note=note)
+    if new:
+        save_calibration(model, ckpt.parent / CALIBRATION, {"num_images": num_images, "data": data,
+                                                              "checkpoint_digest": meta["checkpoint_digest"]})
+        meta["calibration"] = {"num_images": num_images}
+
+
+def _json_matrix(m: dict[int, dict[int, float]]) -> dict[str, dict[str, float]]:
+    return {str(j): {str(i): round(p, 2) for i, p in row.items()} for j, row in m.items()}
+
+
+def _class_names(meta: dict[str, Any]) -> list[str]:
+    return meta.get("class_names") or meta.get("classes") or []
+
+
+def _per_class_top1(correct: torch.Tensor, labels: torch.Tensor, names: list[str]) -> dict[str, float]:
+    out = {}
+    for k, name in enumerate(names):
+        mask = labels == k
+        if mask.any():
+            out[name] = round(100.0 * float(correct[mask].float().mean()), 2)
+    return out
+
+
+def evaluate(runs: str | Path | Sequence[str | Path], data: str | Path, resolutions: Sequence[int] | None = None,
+             bn_policy: str = "interpolate", *, scale_policy: str | None = None, san_mode: str | None = None, width: float = 1.0,
+             calibration_images: int | None = None, batch_size: int = 256, split: str = "val", workers: int = 0,
+             latency: bool = False, save: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Evaluate each run at each resolution (default: the run's ``eval.resolutions``).
+
+    Returns ``{"data", "bn_policy", "scale_policy", "runs": {label: {"results": {resolution: {"top1", "top5",
+    "n", "bn", "macs", "latency_ms", "per_class_top1"}}, "hit_miss", ...}}}``, the JSON ``flexres eval --json``
+    writes. ``san_mode`` (proxy / ideal / data-free) sets both policies for SAN models. With ``save`` each
+    run keeps its evaluation (``eval_<policy>.json``), from which ``predict`` picks points under a budget.
+    """
+    if san_mode:
+        if scale_policy or bn_policy != "interpolate":
+            raise ValueError("san_mode sets bn_policy and scale_policy itself; give one or the other")
+        bn_policy, scale_policy = SAN_MODES[san_mode]["bn_policy"], SAN_MODES[san_mode]["scale_policy"]
+    runs = [runs] if isinstance(runs, (str, Path)) else list(runs)
+    val = ImageFolderDataset(split_dir(data, split), cache="auto", progress=progress)
+    labels = torch.tensor([y for _, y in val.samples])
+    train_ds = None
+    report: dict[str, Any] = {"data": str(data), "bn_policy": bn_policy, "scale_policy": scale_policy, "runs": {}}
+    own_resolution: dict[int, Any] = {}  # single-resolution runs (I-Nets): correctness at their own resolution
+    for run in runs:
+        model, meta = load_checkpoint(run)
+        classes = meta.get("classes")
+        if classes and classes != val.classes:
+            diff = next((f"{a!r} vs {b!r}" for a, b in zip(classes, val.classes) if a != b), "")
+            raise CheckpointMismatchError(f"{run} was trained on {len(classes)} classes but {val.root} has "
+                                          f"{len(val.classes)}{'; first difference: ' + diff if diff else ''}")
+        res_list = list(resolutions or meta.get("config", {}).get("eval", {}).get("resolutions") or model.train_resolutions)
+        cfg = meta.get("config") or make_config()
+        ckpt = resolve_checkpoint(run)
+        slimmable = model.width_range is not None
+        if bn_policy == "calibrate" or slimmable:  # slimmable models always need post-statistics BN
+            train_ds = train_ds or ImageFolderDataset(split_dir(data, cfg["data"]["train_split"]), progress=progress)
+            points = [OperatingPoint(r, width) for r in res_list if slimmable or r not in model.train_resolutions]
+            _ensure_calibrated(model, meta, ckpt, train_ds, points, calibration_images or cfg["eval"]["calibration_images"],
+                               batch_size, cfg, str(data), workers)
+        results = evaluate_model(model, val, res_list, bn_policy, batch_size, meta.get("crop_fraction", 0.875), progress=progress,
+                                 scale_policy=scale_policy, workers=workers, width=width, note=note)
+        label = Path(run).name if Path(run).is_dir() else Path(run).parent.name
+        if label in report["runs"]:  # two runs with one folder name: tell them apart by their parent
+            label = str(Path(ckpt.parent.parent.name) / ckpt.parent.name)
+        if len(model.train_resolutions) == 1 and model.train_resolutions[0] in results:
+            own_resolution[model.train_resolutions[0]] = results[model.train_resolutions[0]]["correct"]
+        names = _class_names(meta) or val.classes
+        report["runs"][label] = {
+            "checkpoint": str(ckpt), "train_resolutions": list(model.train_resolutions),
+            "method": meta.get("method", {}), "epoch": meta.get("epoch"), "params": count_params(model),
+            "results": {str(r): {"top1": round(v["top1"], 2), "top5": round(v["top5"], 2), "n": v["n"], "bn": v["bn"],
+                                 "macs": count_macs(model, OperatingPoint(r, width)),
+                                 "latency_ms": round(measure_latency(model, OperatingPoint(r, width)), 3) if latency else None,
+                                 "per_class_top1": _per_class_top1(v["correct"], labels, names)}
+                        for r, v in results.items()},
+            "hit_miss": _json_matrix(hit_miss_matrix({r: v["correct"] for r, v in results.items() if r in model.train_resolutions})),
+        }
+        ratios = meta_weight_ratios(model)
+        if ratios:  # SAN App. B
+            report["runs"][label]["meta_weight_ratio"] = {"mean": round(sum(ratios.values()) / len(ratios), 4),
+                                                          "per_layer": {k: round(v, 4) for k, v in ratios.items()}}
+        if save:  # kept with the run: `flexres predict --max-macs` picks the most accurate point from it
+            name = f"eval_{bn_policy}" + (f"_{scale_policy}" if scale_policy else "") + ".json"
+            (ckpt.parent / name).write_text(json.dumps({"data": str(data), "split": split, **report["runs"][label]}, indent=2) + "\n")
+    if len(own_resolution) > 1:  # RS-Nets Table 1, "individual" block: each I-Net at its own resolution
+        report["hit_miss_individual"] = _json_matrix(hit_miss_matrix(dict(sorted(own_resolution.items(), reverse=True))))
+    return report
+
+
+def _format_hit_miss(hm: dict[str, dict[str, float]], title: str) -> str:
+    res = list(hm)
+    return format_table(["wrong at \\ right at"] + res, [[j] + [("-" if i == j else f"{hm[j][i]:.1f}") for i in res] for j in res],
+                        title=title)
+
+
+def format_eval_report(report: dict[str, Any]) -> str:
+    """The text ``flexres eval`` prints for an ``evaluate`` report: top-1 matrix, costs, hit/miss matrices."""
+    runs = report["runs"]
+    all_res = sorted({int(r) for run in runs.values() for r in run["results"]}, reverse=True)
+    header = ["run"] + [str(r) for r in all_res] + ["mean over S"]
+    rows = []
+    for label, run in runs.items():
+        cells: list[Any] = []
+        for r in all_res:
+            v = run["results"].get(str(r))
+            mark = "*" if r in run["train_resolutions"] else ""
+            cells.append(f"{v['top1']:.1f}{mark}" if v else "")
+        s = [run["results"][str(r)]["top1"] for r in run["train_resolutions"] if str(r) in run["results"]]
+        cells.append(f"{sum(s) / len(s):.2f}" if s else "")
+        rows.append([label] + cells)
+    policy = f"bn_policy={report['bn_policy']}" + (f", scale_policy={report['scale_policy']}" if report.get("scale_policy") else "")
+    out = [format_table(header, rows, title=f"top-1 % (* trained resolution; unseen ones served by {policy})")]
+    first = next(iter(runs.values()))
+    out.append("")
+    out.append(format_table(["resolution"] + [str(r) for r in all_res],
+                            [["MMACs"] + [f"{first['results'][str(r)]['macs'] / 1e6:.1f}" if str(r) in first["results"] else ""
+                                          for r in all_res]],
+                            title=f"cost of {next(iter(runs))}: {first['params'] / 1e6:.3f} M params deployed"))
+    for label, run in runs.items():
+        if len(run["hit_miss"]) > 1:
+            out += ["", _format_hit_miss(run["hit_miss"], f"{label}: % of val images right at one resolution and wrong at another "
+                                                          "(RS-Nets Table 1)")]
+    for label, run in runs.items():
+        if "meta_weight_ratio" in run:
+            r = run["meta_weight_ratio"]["per_layer"]
+            out += ["", f"{label}: SAN meta weights, mean|A| / mean|B| per layer (App. B): mean {run['meta_weight_ratio']['mean']:.3f}, "
+                        f"min {min(r.values()):.3f} ({min(r, key=r.get)}), max {max(r.values()):.3f} ({max(r, key=r.get)})"]
+    if "hit_miss_individual" in report:
+        out += ["", _format_hit_miss(report["hit_miss_individual"], "single-resolution runs, each at its own resolution: "
+                                                                    "% right at one and wrong at another (RS-Nets Table 1)")]
+    return "\n".join(out)
+
+
+def table(run: str | Path, data: str | Path | None = None, widths: Sequence[float] = (1.0,), resolutions: Sequence[int] | None = None,
+          *, scales: str | None = None, bn_policy: str = "interpolate", latency: bool = False, calibration_images: int | None = None,
+          batch_size: int = 256, workers: int = 0, write: bool = True, progress: Callable[[str], None] | None = None
+          ) -> list[dict[str, Any]]:
+    """The query table (MutualNet Sec. 3.4, Resizable-NAS): accuracy, MACs, params (and latency) of every
+    (width, resolution[, scaling configuration]); slimmable models get post-statistics BN. With ``write``
+    the run keeps it (``table.json`` / ``.csv`` / ``.md``) for ``select`` and ``predict``. ``scales``:
+    'all' configurations of a Resizable network or N sampled (seeded). ``progress`` gets one line per row group.
+    """
+    model, meta = load_checkpoint(run)
+    cfg = meta.get("config") or make_config()
+    data = data or cfg["data"]["root"]
+    if not data:
+        raise ValueError("no data: pass data (an ImageFolder root)")
+    widths = list(widths)
+    if model.width_range is None and widths != [1.0]:
+        raise ValueError(f"{run} is not width-slimmable: use widths [1.0]")
+    res_list = list(resolutions or cfg["eval"]["resolutions"] or model.train_resolutions)
+    ckpt = resolve_checkpoint(run)
+    val = ImageFolderDataset(split_dir(data, cfg["data"]["val_split"]), cache="auto")
+    train_ds = ImageFolderDataset(split_dir(data, cfg["data"]["train_split"]))
+    n = calibration_images or cfg["eval"]["calibration_images"]
+    rows = []
+    for w, sc in itertools.product(widths, scale_configurations(model.scale_factors, model.num_stages, scales)):
+        # Post-statistics BN for slimmable models; with bn_policy calibrate, every untrained resolution and
+        # (Resizable) every scaling configuration gets its own statistics.
+        points = [OperatingPoint(r, w, sc) for r in res_list
+                  if model.width_range or (bn_policy == "calibrate" and (r not in model.train_resolutions or sc is not None))]
+        if points:
+            _ensure_calibrated(model, meta, ckpt, train_ds, points, n, batch_size, cfg, str(data), workers)
+        results = evaluate_model(model, val, res_list, bn_policy, batch_size, meta.get("crop_fraction", 0.875), workers=workers,
+                                 width=w, scales=sc, note=note)
+        for r, v in results.items():
+            op = OperatingPoint(r, w, sc)
+            rows.append({"width": w, "resolution": r, "scales": list(sc) if sc else None, "top1": round(v["top1"], 2),
+                         "top5": round(v["top5"], 2), "macs": count_macs(model, op), "params": count_params(model, op),
+                         "latency_ms": round(measure_latency(model, op), 3) if latency else None})
+        if progress:
+            tag = f"width {w:g}" + (f", scales {sc}" if sc else "")
+            progress(f"{tag}: " + ", ".join(f"{r}px {v['top1']:.1f}%" for r, v in results.items()))
+    mark_pareto(rows)
+    if write:
+        write_table(rows, ckpt.parent, {"data": str(data), "bn_policy": bn_policy, "latency_batch": 1})
+    return rows
+
+
+def select(run: str | Path, max_macs: float | None = None, max_latency_ms: float | None = None) -> dict[str, Any]:
+    """The most accurate operating point of the run's query table (built by ``table``) within the budget."""
+    return select_row(read_table(resolve_checkpoint(run).parent), max_macs, max_latency_ms)
+
+
+def format_selection(row: dict[str, Any]) -> str:
+    lat = f", {row['latency_ms']:.2f} ms" if row.get("latency_ms") is not None else ""
+    where = f"width {row['width']:g} at {row['resolution']} px" + (f", scales {row['scales']}" if row.get("scales") else "")
+    return (f"{where}: top-1 {row['top1']:.2f}% (top-5 {row['top5']:.2f}%), "
+            f"{row['macs'] / 1e6:.1f} MMACs, {row['params'] / 1e6:.3f} M params{lat}")
+
+
+def adapt(run: str | Path, max_macs: float, data: str | Path | None = None, configs: str = "all", label_images: int = 2000,
+          epochs: int = 30, resolution: int | None = None) -> dict[str, Any]:
+    """Resizable-Adapt: train a router that picks a scaling configuration per image under ``max_macs``, and
+    compare it with the best single configuration (NAS). The run keeps the router and ``adapt.json``."""
+    from .analysis.adapt import adapt_report
+
+    model, meta = load_checkpoint(run)
+    if model.scale_factors is None:
+        raise ValueError(f"{run} is not a resizable model: Resizable-Adapt routes between scaling configurations")
+    cfg = meta.get("config") or make_config()
+    data = data or cfg["data"]["root"]
+    candidates = [c for c in scale_configurations(model.scale_factors, model.num_stages, configs) if c is not None]
+    train_ds = ImageFolderDataset(split_dir(data, cfg["data"]["train_split"]))
+    pick = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(0))[:label_images].tolist()
+    val = ImageFolderDataset(split_dir(data, cfg["data"]["val_split"]), cache="auto")
+    rep = adapt_report(model, SubsetView(train_ds, pick), val, resolution or model.train_resolutions[0], candidates, max_macs, epochs)
+    run_dir = resolve_checkpoint(run).parent
+    router = rep.pop("router")
+    rep.pop("chosen_macs")
+    save_tensors(run_dir / "adapt_router.safetensors", router.state_dict(), dict(rep))
+    (run_dir / "adapt.json").write_text(json.dumps(rep, indent=2) + "\n")
+    return rep
+
+
+def export(run: str | Path, resolution: int, width: float = 1.0, scales: Sequence[float] | None = None, format: str = "onnx",
+           out: str | Path | None = None, *, bn_policy: str | None = None, scale_policy: str | None = None, fold_bn: bool = True,
+           data: str | Path | None = None) -> dict[str, Any]:
+    """Write one operating point as a static ONNX or TorchScript model (plus ``<file>.json``), checked against
+    the adaptive model on real images; returns that JSON with ``path`` added. Slimmable models get
+    post-statistics BN from ``data``'s training images first, when the run has none for the point."""
+    from .deploy import export as export_static
+
+    model, meta = load_checkpoint(run)
+    op = OperatingPoint(resolution, width, tuple(scales) if scales else None)
+    ckpt = resolve_checkpoint(run)
+    if model.width_range is not None and not model.is_calibrated(op):  # post-statistics BN for this point
+        cfg = meta.get("config") or make_config()
+        root = data or cfg["data"]["root"]
+        if not root or not Path(root).is_dir():
+            raise ValueError(f"{op} of this slimmable model needs post-statistics BN from training images: pass data (a folder)")
+        train_ds = ImageFolderDataset(split_dir(root, cfg["data"]["train_split"]))
+        _ensure_calibrated(model, meta, ckpt, train_ds, [op], cfg["eval"]["calibration_images"], 256, cfg, str(root))
+    ext = ".onnx" if format == "onnx" else ".pt"
+    tag = (f"{op.resolution}" + (f"_w{op.width:g}" if op.width != 1.0 else "")
+           + ("_s" + "-".join(f"{f:g}" for f in op.scales) if op.scales else ""))
+    path = Path(out) if out else ckpt.parent / "export" / f"{model.arch['name']}_{tag}{ext}"
+    info = export_static(model, meta, op, format, path, bn_policy, scale_policy, fold_bn, data)
+    return {"path": str(path), **info}
+
+
+def predict(model: str | Path, images: Sequence[str | Path], resolution: int | None = None, *, max_macs: float | None = None,
+            max_latency_ms: float | None = None, width: float = 1.0, bn_policy: str = "interpolate", topk: int = 5) -> dict[str, Any]:
+    """Classify image files with a run (at ``resolution``, or the best point under a budget) or an exported
+    model. Returns ``{"model", "resolution", "predictions": [{"file", "top": [{"label", "class", "name",
+    "probability"}, ...]} or {"file", "error"}]}``: one bad file does not stop the others."""
+    from .deploy.predict import load_predictor, predict_files
+
+    if width != 1.0 and resolution is None:
+        raise ValueError("width goes with resolution (a budget picks both)")
+    predictor = load_predictor(str(model), resolution, max_macs, max_latency_ms, bn_policy, width)
+    results = predict_files(predictor, [str(f) for f in images], topk)
+    return {"model": predictor.description, "resolution": predictor.resolution, "predictions": results}
+
+
+def report(runs: str | Path | Sequence[str | Path], data: str | Path, out: str | Path, resolutions: Sequence[int] | None = None,
+           bn_policy: str = "interpolate", latency: bool = False) -> Path:
+    """Plots (accuracy vs cost, train x test heatmap, BN statistics) and an HTML page in ``out``; returns its index.html."""
+    from .deploy.report import write_report
+
+    runs = [runs] if isinstance(runs, (str, Path)) else list(runs)
+    rep = evaluate(runs, data, resolutions, bn_policy, latency=latency)
+    models = {label: load_checkpoint(run)[0] for label, run in zip(rep["runs"], runs)}
+    return write_report(rep, models, out)
+
+
+def demo(out: str | Path = "runs/demo", epochs: int = 60, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train a small RS-Net (ResNet-18 x0.25, full MRED) on the bundled sample and evaluate it at trained,
+    between and outside resolutions; returns the ``evaluate`` report (an existing run in ``out`` is reused)."""
+    data = sample_data_dir()
+    out = Path(out)
+    cfg = make_config({
+        "model": {"name": "resnet18", "width_mult": 0.25},
+        "method": {"name": "rsnet", "resolutions": [96, 80, 64, 48], "kwargs": {"mred": "full"}},
+        "data": {"root": str(data), "cache": True, "num_workers": 0},
+        "train": {"epochs": epochs, "batch_size": 20, "lr": 0.02, "nesterov": True, "weight_decay": 5e-4,
+                  "warmup_epochs": 2, "eval_every": 0, "progress": False},
+    })
+    log(f"flexres demo: RS-Net (ResNet-18 x0.25, full MRED) on {data} (10 classes, 100 train / 100 val images)")
+    t0 = time.time()
+    if (out / "checkpoint.safetensors").exists():
+        log(f"{out} already holds a run: evaluating it (delete it to train again)")
+    else:
+        train_run(cfg, out, log=log)
+    log(f"trained in {time.time() - t0:.0f} s; evaluating at trained, between and outside resolutions")
+    return evaluate([str(out)], str(data), [112, 96, 88, 80, 72, 64, 56, 48, 40], "interpolate")
