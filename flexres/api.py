@@ -30,7 +30,7 @@ from .engine.checkpoint import (
     save_tensors,
 )
 from .engine.config import load_config, make_config
-from .engine.evaluate import calibrate, format_table, hit_miss_matrix
+from .engine.evaluate import calibrate, evaluate_configurations, format_table, hit_miss_matrix
 from .engine.evaluate import evaluate as evaluate_model
 from .engine.trainer import train as train_run
 from .models.base import SAN_MODES
@@ -201,12 +201,14 @@ def format_eval_report(report: dict[str, Any]) -> str:
 
 def table(run: str | Path, data: str | Path | None = None, widths: Sequence[float] = (1.0,), resolutions: Sequence[int] | None = None,
           *, scales: str | None = None, bn_policy: str = "interpolate", latency: bool = False, calibration_images: int | None = None,
-          batch_size: int = 256, workers: int = 0, write: bool = True, progress: Callable[[str], None] | None = None
-          ) -> list[dict[str, Any]]:
+          batch_size: int = 256, workers: int = 0, write: bool = True, progress: Callable[[str], None] | None = None,
+          tree: bool = True) -> list[dict[str, Any]]:
     """The query table (MutualNet Sec. 3.4, Resizable-NAS): accuracy, MACs, params (and latency) of every
     (width, resolution[, scaling configuration]); slimmable models get post-statistics BN. With ``write``
     the run keeps it (``table.json`` / ``.csv`` / ``.md``) for ``select`` and ``predict``. ``scales``:
-    'all' configurations of a Resizable network or N sampled (seeded). ``progress`` gets one line per row group.
+    'all' configurations of a Resizable network or N sampled (seeded), evaluated as a prefix tree (shared stages
+    once; ``tree=False`` runs each configuration on its own, same results, several times slower). ``progress``
+    gets one line per row group.
     """
     model, meta = load_checkpoint(run)
     cfg = meta.get("config") or make_config()
@@ -221,16 +223,10 @@ def table(run: str | Path, data: str | Path | None = None, widths: Sequence[floa
     val = ImageFolderDataset(split_dir(data, cfg["data"]["val_split"]), cache="auto")
     train_ds = ImageFolderDataset(split_dir(data, cfg["data"]["train_split"]))
     n = calibration_images or cfg["eval"]["calibration_images"]
+    configs = scale_configurations(model.scale_factors, model.num_stages, scales)
     rows = []
-    for w, sc in itertools.product(widths, scale_configurations(model.scale_factors, model.num_stages, scales)):
-        # Post-statistics BN for slimmable models; with bn_policy calibrate, every untrained resolution and
-        # (Resizable) every scaling configuration gets its own statistics.
-        points = [OperatingPoint(r, w, sc) for r in res_list
-                  if model.width_range or (bn_policy == "calibrate" and (r not in model.train_resolutions or sc is not None))]
-        if points:
-            _ensure_calibrated(model, meta, ckpt, train_ds, points, n, batch_size, cfg, str(data), workers)
-        results = evaluate_model(model, val, res_list, bn_policy, batch_size, meta.get("crop_fraction", 0.875), workers=workers,
-                                 width=w, scales=sc, note=note)
+
+    def add_rows(w: float, sc: tuple[float, ...] | None, results: dict[int, dict[str, Any]]) -> None:
         for r, v in results.items():
             op = OperatingPoint(r, w, sc)
             rows.append({"width": w, "resolution": r, "scales": list(sc) if sc else None, "top1": round(v["top1"], 2),
@@ -239,6 +235,23 @@ def table(run: str | Path, data: str | Path | None = None, widths: Sequence[floa
         if progress:
             tag = f"width {w:g}" + (f", scales {sc}" if sc else "")
             progress(f"{tag}: " + ", ".join(f"{r}px {v['top1']:.1f}%" for r, v in results.items()))
+
+    if tree and configs != [None] and bn_policy != "calibrate":
+        # Resizable: every configuration at once, shared stages computed once (flexres.models.config_tree).
+        per_res = {r: evaluate_configurations(model, val, r, configs, bn_policy, batch_size=min(batch_size, 64),
+                                              crop_fraction=meta.get("crop_fraction", 0.875), workers=workers) for r in res_list}
+        for sc in configs:
+            add_rows(1.0, sc, {r: per_res[r][sc] for r in res_list})
+    else:
+        for w, sc in itertools.product(widths, configs):
+            # Post-statistics BN for slimmable models; with bn_policy calibrate, every untrained resolution and
+            # (Resizable) every scaling configuration gets its own statistics.
+            points = [OperatingPoint(r, w, sc) for r in res_list
+                      if model.width_range or (bn_policy == "calibrate" and (r not in model.train_resolutions or sc is not None))]
+            if points:
+                _ensure_calibrated(model, meta, ckpt, train_ds, points, n, batch_size, cfg, str(data), workers)
+            add_rows(w, sc, evaluate_model(model, val, res_list, bn_policy, batch_size, meta.get("crop_fraction", 0.875),
+                                           workers=workers, width=w, scales=sc, note=note))
     mark_pareto(rows)
     if write:
         write_table(rows, ckpt.parent, {"data": str(data), "bn_policy": bn_policy, "latency_batch": 1})

@@ -72,7 +72,7 @@ def _table(args: argparse.Namespace) -> int:
 
     rows = api.table(args.run, args.data, parse_range(args.widths), args.resolutions, scales=args.scales, bn_policy=args.bn,
                      latency=args.latency, calibration_images=args.calibration_images, batch_size=args.batch_size,
-                     workers=args.workers, progress=print)
+                     workers=args.workers, progress=print, tree=not args.one_by_one)
     run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
     print((run_dir / "table.md").read_text())
     if args.json:
@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--latency", action="store_true", help="also measure batch-1 latency on this machine")
     tb.add_argument("--bn", choices=BN_POLICIES, default="interpolate", help="resolution-switchable models: BN policy")
     tb.add_argument("--scales", help="resizable models (Resizable-NAS): 'all' scaling configurations, or N sampled (seeded)")
+    tb.add_argument("--one-by-one", action="store_true", help="resizable models: run each configuration on its own instead of "
+                    "the prefix tree (same results, slower; for checking)")
     tb.add_argument("--calibration-images", type=int)
     tb.add_argument("--batch-size", type=int, default=256)
     tb.add_argument("--workers", type=int, default=0)

@@ -295,3 +295,37 @@ def test_calibrating_one_configuration_changes_exactly_the_bns_it_runs_through()
     for bn in m.switchable_bns():
         for key in bn.calibrated:
             assert bn.key_from_str(bn.key_to_str(key)) == key
+
+
+@pytest.mark.parametrize("name", ["resizable_resnet18", "resizable_mobilenet_v2", "resizable_shufflenet_v2"])
+def test_prefix_tree_gives_every_configuration_exactly_what_its_own_forward_gives(name):
+    """Evaluating configurations as a prefix tree (shared stages once, branches batched) changes no output."""
+    from flexres.models.config_tree import forward_configurations, stage_segments
+
+    from tests.conftest import distinct_bn_statistics
+
+    kw = {"dropout": 0.0} if "mobilenet" in name else {}
+    model = flexres.create_model(name, num_classes=5, train_resolutions=[96], width_mult=0.25, **kw)
+    distinct_bn_statistics(model)
+    assert len(stage_segments(model)) == model.num_stages + 1
+    g = torch.Generator().manual_seed(0)
+    configs = random_configurations(L, model.num_stages, 12, g) + [(0.55,) * model.num_stages]  # 0.55: interpolated BNs
+    x = torch.randn(3, 3, 96, 96)
+    before = model.operating_point
+    got = forward_configurations(model, x, 96, configs)
+    assert model.operating_point == before
+    for sc in configs:
+        with model.at(OperatingPoint(96, scales=sc)):
+            torch.testing.assert_close(got[tuple(sc)], model(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="calibrated per configuration"):
+        forward_configurations(model, x, 96, configs, bn_policy="calibrate")
+
+
+def test_table_as_a_tree_equals_the_table_one_by_one(tmp_path, small_data):
+    cfg = {"model": {"name": "resizable_resnet18", "width_mult": 0.25}, "method": {"name": "resizable", "resolutions": [64]},
+           "data": {"root": str(small_data), "cache": True, "num_workers": 0},
+           "train": {"epochs": 1, "batch_size": 6, "progress": False, "eval_every": 0}}
+    flexres.train(cfg, tmp_path / "run", log=lambda s: None)
+    tree = flexres.table(tmp_path / "run", small_data, scales="12", write=False)
+    flat = flexres.table(tmp_path / "run", small_data, scales="12", write=False, tree=False)
+    assert len(tree) == 12 and tree == flat

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from ..data import EvalTransform, ImageFolderDataset, normalize_batch
 from ..models import AdaptiveModel
+from ..models.config_tree import forward_configurations
 from ..operating_point import OperatingPoint
 from .flops import count_macs
 
@@ -77,26 +78,25 @@ class Scores:
 
 @torch.no_grad()
 def score_candidates(model: AdaptiveModel, dataset: ImageFolderDataset, resolution: int, cands: Candidates,
-                     batch_size: int = 256, crop_fraction: float = 0.875) -> Scores:
+                     batch_size: int = 64, crop_fraction: float = 0.875) -> Scores:
     """Every candidate on every image of ``dataset`` (with the probe candidate's features)."""
     model.eval()
     saved = dataset.transform
     dataset.transform = EvalTransform(resolution, crop_fraction)
     device = next(model.parameters()).device
     correct, prob, feats = [], [], []
+    probe = cands.scales[cands.probe]
     try:
         for x, y in DataLoader(dataset, batch_size=batch_size):
             x, y = normalize_batch(x.to(device)), y.to(device)
+            # Every candidate as one prefix tree (shared stages once); the probe's features for the router.
+            features = forward_configurations(model, x, resolution, cands.scales, bn_policy="interpolate", features=True)
             c_row, p_row = [], []
-            for k, sc in enumerate(cands.scales):
-                with model.at(OperatingPoint(resolution, scales=sc)):
-                    f = model.forward_features(x)
-                    logits = model.forward_head(f)
-                if k == cands.probe:
-                    feats.append(f.cpu())
-                p = logits.softmax(1)
-                c_row.append(logits.argmax(1) == y)
+            for sc in cands.scales:
+                p = model.forward_head(features[sc]).softmax(1)
+                c_row.append(p.argmax(1) == y)
                 p_row.append(p.gather(1, y[:, None])[:, 0])
+            feats.append(features[probe].cpu())
             correct.append(torch.stack(c_row, 1).cpu())
             prob.append(torch.stack(p_row, 1).cpu())
     finally:

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from ..data import EvalTransform, ImageFolderDataset, MultiResolutionCrop, normalize_batch
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..models import AdaptiveModel
+from ..models.config_tree import forward_configurations
 from ..nn import calibrate_bn
 from ..operating_point import OperatingPoint
 from .memory import fit_batch_size
@@ -82,6 +83,39 @@ def evaluate(model: AdaptiveModel, dataset: ImageFolderDataset, resolutions: lis
     finally:
         dataset.transform = saved_transform
     return results
+
+
+@torch.no_grad()
+def evaluate_configurations(model: AdaptiveModel, dataset: ImageFolderDataset, resolution: int, configs: list[tuple[float, ...]],
+                            bn_policy: str = "interpolate", batch_size: int = 64, crop_fraction: float = 0.875, workers: int = 0,
+                            progress: bool = False) -> dict[tuple[float, ...], dict[str, Any]]:
+    """Top-1/top-5 of every Resizable scaling configuration in ``configs`` at ``resolution``, computed as a
+    prefix tree (``flexres.models.config_tree``): shared stages run once per batch, the branches of a stage
+    as one batch. ``batch_size`` counts images; a tree pass holds up to ``len(configs)`` times as many
+    feature maps. Returns {configuration: {"top1", "top5", "n", "correct", "correct5"}} (per-image, dataset order)."""
+    device = next(model.parameters()).device
+    model.eval()
+    configs = [tuple(float(f) for f in c) for c in configs]
+    hits1: dict[tuple[float, ...], list[Tensor]] = {c: [] for c in configs}
+    hits5: dict[tuple[float, ...], list[Tensor]] = {c: [] for c in configs}
+    saved_transform = dataset.transform
+    try:
+        dataset.transform = EvalTransform(resolution, crop_fraction)
+        batches = _batches(dataset, batch_size, device, IMAGENET_MEAN, IMAGENET_STD, 0 if dataset.cached else workers)
+        for x, y in tqdm(batches, total=-(-len(dataset) // batch_size), desc=f"{len(configs)} configurations",
+                         disable=not progress, leave=False):
+            for c, logits in forward_configurations(model, x, resolution, configs, bn_policy).items():
+                hit = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(y[:, None])
+                hits1[c].append(hit[:, 0].cpu())
+                hits5[c].append(hit.any(1).cpu())
+    finally:
+        dataset.transform = saved_transform
+    out = {}
+    for c in configs:
+        c1, c5 = torch.cat(hits1[c]), torch.cat(hits5[c])
+        out[c] = {"top1": 100.0 * c1.float().mean().item(), "top5": 100.0 * c5.float().mean().item(), "n": int(c1.numel()),
+                  "correct": c1, "correct5": c5}
+    return out
 
 
 def describe_bn(model: AdaptiveModel, resolution: int, bn_policy: str) -> str:
@@ -168,4 +202,4 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["accuracy_matrix", "calibrate", "evaluate", "format_table", "hit_miss_matrix", "markdown_table"]
+__all__ = ["accuracy_matrix", "calibrate", "evaluate", "evaluate_configurations", "format_table", "hit_miss_matrix", "markdown_table"]

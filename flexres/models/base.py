@@ -274,8 +274,20 @@ class AdaptiveModel(nn.Module):
         return partial(SwitchableBatchNorm2d, resolutions=self.train_resolutions), conv_factory(meta_conv)
 
     # --- forward ---
-    def forward_features(self, x: Tensor) -> Tensor:
+    def feature_blocks(self) -> list[tuple[int | None, Callable[[Tensor], Tensor]]]:
+        """The body as a sequence of (stage whose StageResize runs before this block, or None; block).
+
+        ``forward_features`` runs them in order; the prefix-tree evaluation of Resizable configurations
+        (``flexres.models.config_tree``) cuts them at the resizes, so every configuration sharing a prefix
+        of factors shares that prefix's computation."""
         raise NotImplementedError
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        for stage, block in self.feature_blocks():
+            if stage is not None and self.stage_resizers is not None:
+                x = self.stage_resizers[stage](x)
+            x = block(x)
+        return x
 
     def forward_head(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -296,12 +308,8 @@ class FeatureSequenceModel(AdaptiveModel):
 
     resize_at: dict[int, int]
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        for b, layer in enumerate(self.features):
-            if self.stage_resizers is not None and b in self.resize_at:
-                x = self.stage_resizers[self.resize_at[b]](x)
-            x = layer(x)
-        return x
+    def feature_blocks(self) -> list[tuple[int | None, Callable[[Tensor], Tensor]]]:
+        return [(self.resize_at.get(b), layer) for b, layer in enumerate(self.features)]
 
     def forward_head(self, x: Tensor) -> Tensor:
         return self.classifier(nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))

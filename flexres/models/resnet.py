@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 from torch import Tensor, nn
@@ -114,14 +115,14 @@ class ResNet(AdaptiveModel):
                 for bn in getattr(last, "bns", [last] if last is not None else []):
                     nn.init.zeros_(bn.weight)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+    def stem(self, x: Tensor) -> Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def feature_blocks(self) -> list[tuple[int | None, Callable[[Tensor], Tensor]]]:
+        blocks: list[tuple[int | None, Callable[[Tensor], Tensor]]] = [(None, self.stem)]
         for i, layer in enumerate((self.layer1, self.layer2, self.layer3, self.layer4)):
-            for j, blk in enumerate(layer):
-                if self.stage_resizers is not None and j == self.resize_at[i]:
-                    x = self.stage_resizers[i](x)
-                x = blk(x)
-        return x
+            blocks += [(i if j == self.resize_at[i] else None, blk) for j, blk in enumerate(layer)]
+        return blocks
 
     def forward_head(self, x: Tensor) -> Tensor:
         return self.fc(self.avgpool(x).flatten(1))

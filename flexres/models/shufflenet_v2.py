@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -75,13 +76,12 @@ class ShuffleNetV2(AdaptiveModel):
         self.num_features = widths[-1]
         self.fc = nn.Linear(widths[-1], num_classes)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        x = self.maxpool(self.conv1(x))
-        for b, unit in enumerate((*self.stage2, *self.stage3, *self.stage4, self.conv5), start=1):
-            if self.stage_resizers is not None and b in self.resize_at:
-                x = self.stage_resizers[self.resize_at[b]](x)
-            x = unit(x)
-        return x
+    def stem(self, x: Tensor) -> Tensor:
+        return self.maxpool(self.conv1(x))
+
+    def feature_blocks(self) -> list[tuple[int | None, Callable[[Tensor], Tensor]]]:
+        units = (*self.stage2, *self.stage3, *self.stage4, self.conv5)
+        return [(None, self.stem)] + [(self.resize_at.get(b), unit) for b, unit in enumerate(units, start=1)]
 
     def forward_head(self, x: Tensor) -> Tensor:
         return self.fc(x.mean((2, 3)))
