@@ -15,7 +15,6 @@ import json
 import math
 import os
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..models import AdaptiveModel, create_model
+from ..notes import note
 
 CHECKPOINT = "checkpoint.safetensors"
 SIDECAR = "checkpoint.json"
@@ -310,7 +310,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             load_calibration(model, calib)
             meta["calibration"] = cal_meta
         else:
-            warnings.warn(f"ignoring {calib}: it was calibrated for other weights than {ckpt}", stacklevel=2)
+            note(f"ignoring {calib}: it was calibrated for other weights than {ckpt}; it will be recalibrated where needed")
     model.set_operating_point(model.train_resolutions[0])
     return model.to(map_location).eval(), meta
 
