@@ -29,7 +29,7 @@ from .engine.checkpoint import (
     save_calibration,
     save_tensors,
 )
-from .engine.config import load_config, make_config
+from .engine.config import apply_overrides, load_config, make_config
 from .engine.evaluate import calibrate, evaluate_configurations, format_table, hit_miss_matrix
 from .engine.evaluate import evaluate as evaluate_model
 from .engine.trainer import train as train_run
@@ -47,7 +47,7 @@ def train(config: str | Path | dict[str, Any], out: str | Path | None = None, *,
     """Train a recipe (a YAML file or a config dict) into ``out`` (default ``runs/<config name>``); returns the
     last epoch's metrics. ``overrides`` are ``key=value`` strings as ``--set`` takes them."""
     if isinstance(config, dict):
-        cfg = make_config(config)
+        cfg = apply_overrides(make_config(config), list(overrides))
         name = "run"
     else:
         cfg, name = load_config(config, list(overrides)), Path(config).stem
@@ -236,7 +236,7 @@ def table(run: str | Path, data: str | Path | None = None, widths: Sequence[floa
             tag = f"width {w:g}" + (f", scales {sc}" if sc else "")
             progress(f"{tag}: " + ", ".join(f"{r}px {v['top1']:.1f}%" for r, v in results.items()))
 
-    if tree and configs != [None] and bn_policy != "calibrate":
+    if tree and configs != [None] and bn_policy != "calibrate" and model.width_range is None:
         # Resizable: every configuration at once, shared stages computed once (flexres.models.config_tree).
         per_res = {r: evaluate_configurations(model, val, r, configs, bn_policy, batch_size=min(batch_size, 64),
                                               crop_fraction=meta.get("crop_fraction", 0.875), workers=workers) for r in res_list}

@@ -262,7 +262,6 @@ def _plain_notes() -> None:
     logger = logging.getLogger("flexres")
     if not any(isinstance(h, _StderrLines) for h in logger.handlers):
         logger.addHandler(_StderrLines())
-        logger.propagate = False
 
 
 class _StderrLines(logging.Handler):

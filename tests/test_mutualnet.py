@@ -47,7 +47,7 @@ def test_slimmable_mobilenets_keep_the_head_at_full_size():
     head_conv, head_bn = m.features[-1][0], m.features[-1][1]
     assert (head_conv.active_in, head_conv.active_out, head_bn.active) == (24, 1280, 1280)  # input: 80 x 0.25 -> 24
     assert m.classifier[1].active_in == 1280
-    block = m.features[4]  # 16 -> 16 channels at base 0.25, expand ratio 6
+    block = m.features[4]  # 8 -> 8 channels at base 0.25, expand ratio 6 (48 expanded)
     assert [block.conv[0][0].active_out, block.conv[1][0].active_out, block.conv[2].active_out] == [48, 48, 8]
     assert m(torch.randn(2, 3, 64, 64)).shape == (2, 10)
     old = flexres.create_model("us_mobilenet_v2", num_classes=10, train_resolutions=[64], width_mult=0.25, slim_head=True)
@@ -249,3 +249,26 @@ def test_inplace_distillation_detaches_the_teacher():
     kl_divergence(teacher, model(x)).backward()
     full_only = model.fc.weight.grad[:, model.fc.active_in:]
     assert full_only.abs().sum() == 0 and model.fc.weight.grad[:, : model.fc.active_in].abs().sum() > 0
+
+
+def test_legacy_rounding_rebuilds_runs_trained_before_the_official_rule(tmp_path, caplog):
+    """channel_rounding='legacy' is flexres's rule before 2026-12 (nearest multiple, no 10 % rule, no expand ratio);
+    new models record their rounding and head in model.arch, and a checkpoint without them loads with today's
+    defaults and a note that says so."""
+    from flexres.engine.checkpoint import save_checkpoint
+    from flexres.notes import forget_notes
+
+    assert slim_channels(64, 0.3, rule="legacy") == 16 and slim_channels(64, 0.3) == 24
+    old = flexres.create_model("us_mobilenet_v2", num_classes=10, train_resolutions=[64], width_mult=0.25,
+                               channel_rounding="legacy", slim_head=True)
+    old.set_operating_point(OperatingPoint(64, 0.25))
+    assert old.features[4].conv[0][0].active_out == 16  # 48 x 0.25 = 12, rounded on its own (official: 8 x 6 = 48)
+    new = flexres.create_model("us_mobilenet_v2", num_classes=10, train_resolutions=[64], width_mult=0.25)
+    assert new.arch["kwargs"]["channel_rounding"] == "official" and new.arch["kwargs"]["slim_head"] is False
+    new.arch = {"name": "us_mobilenet_v2", "kwargs": {"num_classes": 10, "train_resolutions": [64], "width_mult": 0.25}}
+    save_checkpoint(tmp_path, new, {"epoch": 1})
+    forget_notes()
+    with caplog.at_level("WARNING", logger="flexres"):
+        loaded, _ = flexres.load_checkpoint(tmp_path)
+    assert loaded.arch["kwargs"]["channel_rounding"] == "official"
+    assert any("records no channel_rounding, slim_head" in r.getMessage() for r in caplog.records)

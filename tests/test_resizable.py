@@ -301,7 +301,6 @@ def test_calibrating_one_configuration_changes_exactly_the_bns_it_runs_through()
 def test_prefix_tree_gives_every_configuration_exactly_what_its_own_forward_gives(name):
     """Evaluating configurations as a prefix tree (shared stages once, branches batched) changes no output."""
     from flexres.models.config_tree import forward_configurations, stage_segments
-
     from tests.conftest import distinct_bn_statistics
 
     kw = {"dropout": 0.0} if "mobilenet" in name else {}
@@ -329,3 +328,27 @@ def test_table_as_a_tree_equals_the_table_one_by_one(tmp_path, small_data):
     tree = flexres.table(tmp_path / "run", small_data, scales="12", write=False)
     flat = flexres.table(tmp_path / "run", small_data, scales="12", write=False, tree=False)
     assert len(tree) == 12 and tree == flat
+
+
+def test_prefix_tree_batch_counts_every_branch_against_memory(monkeypatch):
+    import importlib
+
+    ev = importlib.import_module("flexres.engine.evaluate")  # the module (flexres.engine.evaluate is also a function's name)
+
+    model = flexres.create_model("resizable_resnet18", num_classes=5, train_resolutions=[64], width_mult=0.25).eval()
+    configs = [tuple(c) for c in random_configurations(L, 4, 40, torch.Generator().manual_seed(0))]
+    branches = max(sum(c[-1] == f for c in configs) for f in L)
+    asked = {}
+
+    def fit(model, op, requested, device, **kw):
+        asked["requested"] = requested
+        return 3 * branches + 1  # room for three trees of images, not four
+
+    monkeypatch.setattr(ev, "fit_batch_size", fit)
+    assert ev.tree_batch_size(model, 64, configs, 64, torch.device("cpu")) == 3
+    assert asked["requested"] == 64 * branches
+    model.train()
+    with pytest.raises(ValueError, match="eval mode"):
+        from flexres.models.config_tree import forward_configurations
+
+        forward_configurations(model, torch.randn(1, 3, 64, 64), 64, configs)

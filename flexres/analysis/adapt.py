@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ..data import EvalTransform, ImageFolderDataset, normalize_batch
+from ..engine.evaluate import tree_batch_size
 from ..models import AdaptiveModel
 from ..models.config_tree import forward_configurations
 from ..operating_point import OperatingPoint
@@ -86,6 +87,7 @@ def score_candidates(model: AdaptiveModel, dataset: ImageFolderDataset, resoluti
     device = next(model.parameters()).device
     correct, prob, feats = [], [], []
     probe = cands.scales[cands.probe]
+    batch_size = tree_batch_size(model, resolution, cands.scales, batch_size, device)
     try:
         for x, y in DataLoader(dataset, batch_size=batch_size):
             x, y = normalize_batch(x.to(device)), y.to(device)

@@ -115,19 +115,16 @@ def sample_data_dir() -> Path:
 
 def read_class_names(source: str | os.PathLike, folders: list[str]) -> list[str] | None:
     """Human-readable class names for ``folders`` (the class folders, in label order) from a ``classes.tsv``:
-    ``source`` itself when it is a file, else the one at the data root ``source`` (or its parent, when
-    ``source`` is a split folder); None when there is no such file.
+    ``source`` itself when it is a file, else the one at the data root ``source``; None when there is none.
 
     The file is tab-separated with a header naming at least ``wnid`` (the folder name) and ``name``, as in
     the bundled sample and ../shared/data's sets. A folder the file does not name keeps its folder name.
     """
-    root = Path(source)
-    candidates = (root,) if root.is_file() else (root / "classes.tsv", root.parent / "classes.tsv")
-    path = next((p for p in candidates if p.is_file()), None)
-    if path is None:
+    path = Path(source) if Path(source).is_file() else Path(source) / "classes.tsv"
+    if not path.is_file():
         return None
     lines = [ln.split("\t") for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    header = [h.strip() for h in lines[0]]
+    header = [h.strip() for h in lines[0]] if lines else []
     if "wnid" not in header or "name" not in header:
         raise ValueError(f"{path}: needs a header with the columns 'wnid' and 'name' (tab-separated), got {header}")
     w, n = header.index("wnid"), header.index("name")

@@ -301,6 +301,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if "arch" not in meta:
         raise CheckpointMismatchError(f"{ckpt} has no flexres metadata ('arch' missing); was it written by flexres?")
     model = create_model(meta["arch"]["name"], **meta["arch"]["kwargs"])
+    unrecorded = {k: v for k, v in getattr(model, "arch_defaults", {}).items() if k not in meta["arch"]["kwargs"]}
+    if unrecorded:  # written before these options existed: today's defaults apply, which may not be what it trained
+        note(f"{ckpt} records no {', '.join(unrecorded)}: built with today's defaults "
+             f"({', '.join(f'{k}={v!r}' for k, v in unrecorded.items())}); a width-slimmable run trained before 2026-12 needs "
+             "model.kwargs channel_rounding: legacy, slim_head: true (MobileNets)")
     load_model_state(model, tensors, meta, str(ckpt))
     meta["checkpoint_digest"] = file_digest(ckpt)
     calib = ckpt.parent / CALIBRATION
@@ -369,8 +374,17 @@ def load_calibration(model: AdaptiveModel, path: str | Path) -> dict[str, Any]:
         if module is None or not hasattr(module, "calibrated"):
             raise CheckpointMismatchError(f"{path}: calibration key {key} names no calibratable BN of the model")
         pending.setdefault((name, module.key_from_str(point)), {})[stat] = value
+    stale = 0
     for (name, point), stats in pending.items():
         if set(stats) != {"running_mean", "running_var"}:
             raise CheckpointMismatchError(f"{path}: {name} at {point} lacks running_mean or running_var")
-        modules[name].calibrated[point] = (stats["running_mean"], stats["running_var"])
+        module = modules[name]
+        expected = module.channels_at(point[1]) if hasattr(module, "channels_at") else module.num_features
+        if stats["running_mean"].numel() != expected:  # computed for other channel counts (e.g. another rounding rule)
+            stale += 1
+            continue
+        module.calibrated[point] = (stats["running_mean"], stats["running_var"])
+    if stale:
+        note(f"ignoring {stale} calibrated statistics in {path} whose channel counts do not fit the model; "
+             "they are recalibrated where needed")
     return meta

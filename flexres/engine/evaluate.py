@@ -85,6 +85,15 @@ def evaluate(model: AdaptiveModel, dataset: ImageFolderDataset, resolutions: lis
     return results
 
 
+def tree_batch_size(model: AdaptiveModel, resolution: int, configs: list[tuple[float, ...]], batch_size: int,
+                    device: torch.device) -> int:
+    """Images per prefix-tree pass that fit in memory: the widest pass (the last stage) holds the maps of every
+    configuration that shares its last factor, so ``batch_size`` images count that many times over."""
+    branches = max(sum(1 for c in configs if c[-1] == f) for f in {c[-1] for c in configs})
+    largest = OperatingPoint(resolution, scales=max(configs, key=sum))
+    return max(1, min(batch_size, fit_batch_size(model, largest, batch_size * branches, device) // branches))
+
+
 @torch.no_grad()
 def evaluate_configurations(model: AdaptiveModel, dataset: ImageFolderDataset, resolution: int, configs: list[tuple[float, ...]],
                             bn_policy: str = "interpolate", batch_size: int = 64, crop_fraction: float = 0.875, workers: int = 0,
@@ -96,6 +105,7 @@ def evaluate_configurations(model: AdaptiveModel, dataset: ImageFolderDataset, r
     device = next(model.parameters()).device
     model.eval()
     configs = [tuple(float(f) for f in c) for c in configs]
+    batch_size = tree_batch_size(model, resolution, configs, batch_size, device)
     hits1: dict[tuple[float, ...], list[Tensor]] = {c: [] for c in configs}
     hits5: dict[tuple[float, ...], list[Tensor]] = {c: [] for c in configs}
     saved_transform = dataset.transform
@@ -202,4 +212,5 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["accuracy_matrix", "calibrate", "evaluate", "evaluate_configurations", "format_table", "hit_miss_matrix", "markdown_table"]
+__all__ = ["accuracy_matrix", "calibrate", "evaluate", "evaluate_configurations", "format_table", "hit_miss_matrix", "markdown_table",
+           "tree_batch_size"]

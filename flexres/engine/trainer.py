@@ -338,7 +338,8 @@ def run_epoch(epoch: int, cfg: dict[str, Any], train_ds: ImageFolderDataset, tra
         loss = None
         for k, batch in enumerate(micro_batches):
             last_micro = k == len(micro_batches) - 1
-            loss = train_micro_batch(batch, step, i, epoch, last_micro, cfg, trainee, plan, procs, totals) or loss
+            micro_loss = train_micro_batch(batch, step, i, epoch, last_micro, cfg, trainee, plan, procs, totals)
+            loss = micro_loss if micro_loss is not None else loss
         trainee.scaler.step(trainee.optimizer)
         trainee.scaler.update()
         if loss is not None:
@@ -424,7 +425,7 @@ def validate(cfg: dict[str, Any], model: AdaptiveModel, method: Method, train_ds
 def epoch_line(m: dict[str, Any], total_epochs: int, seconds_left: float) -> str:
     """The one line a person reads per epoch; metrics.jsonl keeps everything."""
     terms = [f"{k[5:]} {v:.3f}" for k, v in m.items() if k.startswith("loss_")]
-    loss = f"loss {m['loss']:.3f}" + (f" ({', '.join(terms)})" if terms else "")
+    loss = (f"loss {m['loss']:.3f}" if "loss" in m else "no readable images") + (f" ({', '.join(terms)})" if terms else "")
     top1 = " ".join(f"{r}px {v:.1f}" for r, v in m["train_top1"].items())
     val = "  val top-1 " + " ".join(f"{r}px {v:.1f}" for r, v in m["val_top1"].items()) if "val_top1" in m else ""
     eta = f"{int(seconds_left // 60)}m{int(seconds_left % 60):02d}s" if seconds_left >= 60 else f"{seconds_left:.0f}s"
@@ -458,12 +459,13 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
     model, method = trainee.model, trainee.method
     train_ds.transform = MultiResolutionCrop(method.resolutions, d["scale"], d["ratio"], hflip=d["hflip"])
     plan = plan_steps(t, len(train_ds), procs.world)
+    names = class_names(d, train_ds.classes)  # checked before anything is written
     start_epoch = restore(cfg, out_dir, trainee, log) if resume else 0
     metrics_path = prepare_run_dir(cfg, out_dir, resume, start_epoch) if procs.is_main else out_dir / "metrics.jsonl"
     sidecar_base = {
         "flexres_version": __version__, "method": {"name": method.name, "resolutions": list(method.resolutions),
                                                    **cfg["method"]["kwargs"]},
-        "classes": train_ds.classes, "class_names": class_names(d, train_ds.classes),
+        "classes": train_ds.classes, "class_names": names,
         "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         "crop_fraction": d["crop_fraction"], "config": cfg,
     }

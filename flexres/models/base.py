@@ -10,7 +10,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..nn.meta_conv import MetaConv2d
-from ..nn.slimmable import SlimmableBatchNorm2d, SlimmableConv2d, SlimmableLinear, make_divisible
+from ..nn.slimmable import SlimmableBatchNorm2d, SlimmableConv2d, SlimmableLinear, make_divisible, set_rounding
 from ..nn.stage_resize import factor_key
 from ..nn.switchable_bn import BN_POLICIES, SwitchableBatchNorm2d, nearest_index
 from ..notes import note
@@ -266,6 +266,12 @@ class AdaptiveModel(nn.Module):
             yield self
         finally:
             self.set_operating_point(*previous)
+
+    def use_channel_rounding(self, rule: str, **arch: Any) -> None:
+        """Width-slimmable families: every layer rounds channels by ``rule``; ``arch`` (with the rule) is recorded
+        in ``model.arch`` by the registry, so a checkpoint rebuilds exactly this network even when defaults change."""
+        set_rounding(self, rule)
+        self.arch_defaults = {"channel_rounding": rule, **arch}
 
     def layer_factories(self, meta_conv: bool = False, slimmable: bool = False, slim_divisor: int = 8) -> tuple[Callable, ConvFactory]:
         """(norm, conv) factories: a BN per trained resolution with plain or SAN convs, or width-slimmable layers."""

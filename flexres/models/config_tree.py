@@ -50,6 +50,9 @@ def forward_configurations(model: AdaptiveModel, x: Tensor, resolution: int, con
     ``x`` (already at ``resolution``). Leaves the model at the operating point it had."""
     if model.scale_factors is None or model.stage_resizers is None:
         raise ValueError(f"{type(model).__name__} has no per-stage scales: nothing to evaluate as a tree")
+    if model.training:
+        raise ValueError("prefix-tree evaluation needs eval mode (model.eval()): in training mode BN would normalise the "
+                         "batched branches together")
     if bn_policy == "calibrate":
         raise ValueError("prefix-tree evaluation serves trained or interpolated BNs; statistics calibrated per configuration "
                          "depend on the whole prefix: evaluate those configurations one by one")

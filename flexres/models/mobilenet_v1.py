@@ -27,7 +27,7 @@ class DepthwiseSeparable(nn.Sequential):
 class MobileNetV1(FeatureSequenceModel):
     def __init__(self, num_classes: int = 1000, train_resolutions: list[int] | tuple[int, ...] = (224,), width_mult: float = 1.0,
                  dropout: float = 0.0, slimmable: bool = False, width_range: tuple[float, float] = (0.25, 1.0),
-                 slim_divisor: int = 8, slim_head: bool = False, resizable: bool = False,
+                 slim_divisor: int = 8, slim_head: bool = False, channel_rounding: str = "official", resizable: bool = False,
                  scale_factors: tuple[float, ...] = (0.45, 0.65, 0.85, 1.0)) -> None:
         super().__init__(train_resolutions, None, width_range if slimmable else None, scale_factors if resizable else None)
         norm, conv = self.layer_factories(slimmable=slimmable, slim_divisor=slim_divisor)
@@ -54,6 +54,8 @@ class MobileNetV1(FeatureSequenceModel):
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
+        if slimmable:
+            self.use_channel_rounding(channel_rounding, slim_head=slim_head)
 
 
 

@@ -39,9 +39,11 @@ class InvertedResidual(nn.Module):
         # Width-slimmable: the expanded channels are expand_ratio x the (rounded) input channels at every
         # width, as in the official US-Net, not hidden * width rounded on its own.
         t = expand_ratio
-        expand = [layers[0][0], layers[0][1]] if expand_ratio != 1 else []
         dw, project = layers[-3], layers[-2:]
-        set_channel_ratio(expand + [dw[0], dw[1]] + project, [1, t, t, t, t, 1], [t, t, t, t, 1, 1])
+        modules, ratio_in, ratio_out = [dw[0], dw[1], *project], [t, t, t, 1], [t, t, 1, 1]
+        if expand_ratio != 1:
+            modules, ratio_in, ratio_out = [layers[0][0], layers[0][1], *modules], [1, t, *ratio_in], [t, t, *ratio_out]
+        set_channel_ratio(modules, ratio_in, ratio_out)
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.conv(x) if self.use_res_connect else self.conv(x)
@@ -59,6 +61,7 @@ class MobileNetV2(FeatureSequenceModel):
         slimmable: bool = False,
         width_range: tuple[float, float] = (0.25, 1.0),
         slim_divisor: int = 8,
+        channel_rounding: str = "official",
         slim_head: bool = False,
         resizable: bool = False,
         scale_factors: tuple[float, ...] = (0.45, 0.65, 0.85, 1.0),
@@ -97,6 +100,8 @@ class MobileNetV2(FeatureSequenceModel):
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
+        if slimmable:
+            self.use_channel_rounding(channel_rounding, slim_head=slim_head)
 
 
 

@@ -28,5 +28,6 @@ def create_model(name: str, **kwargs: Any) -> AdaptiveModel:
     if name not in _MODELS:
         raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     model = _MODELS[name](**kwargs)
-    model.arch = {"name": name, "kwargs": dict(kwargs)}
+    model.arch = {"name": name, "kwargs": {**kwargs, **getattr(model, "arch_defaults", {})}}
     return model
+

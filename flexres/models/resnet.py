@@ -73,6 +73,7 @@ class ResNet(AdaptiveModel):
         slimmable: bool = False,
         width_range: tuple[float, float] = (0.25, 1.0),
         slim_divisor: int = 8,
+        channel_rounding: str = "official",
         resizable: bool = False,
         scale_factors: tuple[float, ...] = (0.45, 0.65, 0.85, 1.0),
     ) -> None:
@@ -102,6 +103,8 @@ class ResNet(AdaptiveModel):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.num_features = cin
         self.fc = SlimmableLinear(cin, num_classes, slim_divisor) if slimmable else nn.Linear(cin, num_classes)
+        if slimmable:
+            self.use_channel_rounding(channel_rounding)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

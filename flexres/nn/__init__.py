@@ -4,12 +4,14 @@ stage resizing (Resizable networks), and BN calibration per operating point."""
 from .calibration import CalibratableModel, calibrate_bn
 from .meta_conv import MetaConv2d, scale_encoding
 from .slimmable import (
+    ROUNDING_RULES,
     SlimmableBatchNorm2d,
     SlimmableConv2d,
     SlimmableLinear,
     keep_full_width,
     make_divisible,
     set_channel_ratio,
+    set_rounding,
     slim_channels,
 )
 from .stage_resize import FixedResize, StageResize, factor_key, stage_size
@@ -18,5 +20,5 @@ from .switchable_bn import BN_POLICIES, BNChoice, SwitchableBatchNorm2d, nearest
 __all__ = [
     "BN_POLICIES", "BNChoice", "CalibratableModel", "FixedResize", "MetaConv2d", "SlimmableBatchNorm2d", "SlimmableConv2d",
     "SlimmableLinear", "StageResize", "SwitchableBatchNorm2d", "calibrate_bn", "factor_key", "keep_full_width", "make_divisible",
-    "nearest_index", "plan_bn", "scale_encoding", "set_channel_ratio", "slim_channels", "stage_size",
+    "nearest_index", "plan_bn", "ROUNDING_RULES", "scale_encoding", "set_channel_ratio", "set_rounding", "slim_channels", "stage_size",
 ]

@@ -33,11 +33,19 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     return new
 
 
-def slim_channels(channels: int, width: float, divisor: int = 8, ratio: int = 1) -> int:
+ROUNDING_RULES = ("official", "legacy")
+
+
+def slim_channels(channels: int, width: float, divisor: int = 8, ratio: int = 1, rule: str = "official") -> int:
     """Channels a layer of ``channels`` uses at ``width``: ``make_divisible(channels / ratio * width) * ratio``,
-    never above ``channels``."""
+    never above ``channels``. ``rule="legacy"`` is flexres's rounding before 2026-12 (nearest multiple of
+    ``divisor``, at least ``divisor``, no 10 % rule, no ratio), kept so runs trained with it load unchanged."""
     if width >= 1.0:
         return channels
+    if rule == "legacy":
+        return min(channels, max(divisor, int(channels * width + divisor / 2) // divisor * divisor))
+    if rule != "official":
+        raise ValueError(f"unknown channel rounding {rule!r}; choose one of {', '.join(ROUNDING_RULES)}")
     if channels % ratio:
         raise ValueError(f"{channels} channels are not a multiple of the channel ratio {ratio}")
     return min(channels, make_divisible(channels // ratio * width, divisor) * ratio)
@@ -58,11 +66,13 @@ class SlimmableConv2d(nn.Conv2d):
             raise ValueError("SlimmableConv2d supports dense (groups=1) and depthwise convolutions")
         self.slim_in, self.slim_out, self.divisor = slim_in, slim_out, divisor
         self.ratio_in = self.ratio_out = 1
+        self.rounding = "official"
         self.active_in, self.active_out = in_channels, out_channels
 
     def set_width(self, width: float) -> None:
-        self.active_in = slim_channels(self.in_channels, width, self.divisor, self.ratio_in) if self.slim_in else self.in_channels
-        self.active_out = slim_channels(self.out_channels, width, self.divisor, self.ratio_out) if self.slim_out else self.out_channels
+        r = self.rounding
+        self.active_in = slim_channels(self.in_channels, width, self.divisor, self.ratio_in, r) if self.slim_in else self.in_channels
+        self.active_out = slim_channels(self.out_channels, width, self.divisor, self.ratio_out, r) if self.slim_out else self.out_channels
 
     def forward(self, x: Tensor) -> Tensor:
         if self.depthwise:
@@ -86,10 +96,11 @@ class SlimmableLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, divisor: int = 8, slim_in: bool = True) -> None:
         super().__init__(in_features, out_features)
         self.divisor, self.slim_in = divisor, slim_in
+        self.rounding = "official"
         self.active_in = in_features
 
     def set_width(self, width: float) -> None:
-        self.active_in = slim_channels(self.in_features, width, self.divisor) if self.slim_in else self.in_features
+        self.active_in = slim_channels(self.in_features, width, self.divisor, 1, self.rounding) if self.slim_in else self.in_features
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight[:, : self.active_in], self.bias)
@@ -114,6 +125,7 @@ class SlimmableBatchNorm2d(nn.Module):
         super().__init__()
         self.num_features, self.divisor, self.eps, self.slim = num_features, divisor, eps, slim
         self.ratio = 1
+        self.rounding = "official"
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.active = num_features
@@ -124,7 +136,10 @@ class SlimmableBatchNorm2d(nn.Module):
         self.placeholder_statistics = False
 
     def set_width(self, width: float) -> None:
-        self.active = slim_channels(self.num_features, width, self.divisor, self.ratio) if self.slim else self.num_features
+        self.active = self.channels_at(width)
+
+    def channels_at(self, width: float) -> int:
+        return slim_channels(self.num_features, width, self.divisor, self.ratio, self.rounding) if self.slim else self.num_features
 
     def set_key(self, resolution: int, width: float) -> None:
         self.key = (int(resolution), float(width))
@@ -211,3 +226,12 @@ def set_channel_ratio(convs_and_bns: list[nn.Module], ratio_in: list[int], ratio
             m.ratio_in, m.ratio_out = r_in, r_out
         elif isinstance(m, SlimmableBatchNorm2d):
             m.ratio = r_out
+
+
+def set_rounding(module: nn.Module, rule: str) -> None:
+    """Set the channel rounding rule (``slim_channels``) of every slimmable layer inside ``module``."""
+    if rule not in ROUNDING_RULES:
+        raise ValueError(f"unknown channel rounding {rule!r}; choose one of {', '.join(ROUNDING_RULES)}")
+    for m in module.modules():
+        if isinstance(m, (SlimmableConv2d, SlimmableLinear, SlimmableBatchNorm2d)):
+            m.rounding = rule

@@ -184,7 +184,7 @@ class SwitchableBatchNorm2d(nn.Module):
     @staticmethod
     def key_to_str(key: CalibrationKey) -> str:
         if isinstance(key, tuple):
-            return f"{key[0]}@s" + "-".join(f"{f:g}" for f in key[1])
+            return f"{key[0]}@s" + "-".join(repr(f) for f in key[1])  # repr: exact floats survive the round trip
         return str(key)
 
     @staticmethod
