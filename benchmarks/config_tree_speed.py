@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from flexres import api
+from flexres.data import ImageFolderDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,14 +47,14 @@ def main() -> None:
     by_scales = {tuple(r["scales"]): r for r in tree}
     same = all(by_scales[tuple(r["scales"])]["top1"] == r["top1"] and by_scales[tuple(r["scales"])]["top5"] == r["top5"]
                for r in flat)
-    images = 3000 if "imagenette-224" in args.data else None
+    images = len(ImageFolderDataset(Path(args.data) / "val"))
     report = {
         "date": str(date.today()), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "run": args.run, "resolution": res[0], "val_images": images,
         "tree": {"configurations": len(tree), "seconds": round(tree_s, 1),
-                 "image_configurations_per_s": round(len(tree) * images / tree_s) if images else None},
+                 "image_configurations_per_s": round(len(tree) * images / tree_s)},
         "one_by_one": {"configurations": len(flat), "seconds": round(flat_s, 1),
-                       "image_configurations_per_s": round(len(flat) * images / flat_s) if images else None,
+                       "image_configurations_per_s": round(len(flat) * images / flat_s),
                        "projected_seconds_for_all": round(flat_s / len(flat) * len(tree))},
         "identical_accuracies": same,
         "top1_range": [min(r["top1"] for r in tree), max(r["top1"] for r in tree)],
