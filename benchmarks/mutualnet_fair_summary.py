@@ -58,6 +58,25 @@ def main() -> None:
     print("Each I-Net against the best point of each adaptive network costing no more (top-1 %, then the gap):\n")
     print(markdown_table(["schedule", "I-Net", "MMACs", "I-Net top-1", "MutualNet", "US-Net"], rows))
 
+    best_rows = []  # each at its best lr of the sweep (PROTOCOL.md, "Fair comparisons")
+    for epochs in sorted({e for e, _ in reports}):
+        sweep = {lr: rep for (e, lr), rep in reports.items() if e == epochs}
+        for label in sorted({i["label"] for rep in sweep.values() for i in rep["inets"]}):
+            inets = {lr: i for lr, rep in sweep.items() for i in rep["inets"] if i["label"] == label}
+            lr_i, inet = max(inets.items(), key=lambda kv: kv[1]["top1"])
+            picks = {}
+            for lr, rep in sweep.items():
+                try:
+                    picks[lr] = select(rep["tables"]["MutualNet"], max_macs=inet["macs"])
+                except ValueError:
+                    pass
+            lr_m, best = max(picks.items(), key=lambda kv: kv[1]["top1"])
+            best_rows.append([str(epochs), label, f"{inet['top1']:.1f} (lr {lr_i:g}; sweep: "
+                              + ", ".join(f"{lr:g}: {i['top1']:.1f}" for lr, i in sorted(inets.items())) + ")",
+                              f"{point(best)} (lr {lr_m:g})", f"{best['top1'] - inet['top1']:+.1f}"])
+    print("\nEach at its best lr of the sweep {0.1, 0.05} (only the lrs each was trained at):\n")
+    print(markdown_table(["epochs", "I-Net", "I-Net top-1", "MutualNet within its MACs", "gap"], best_rows))
+
     for (epochs, lr), rep in sorted(reports.items()):
         print(f"\nMutualNet's accuracy-vs-MACs frontier, {epochs} epochs at lr {lr:g} (of {len(rep['tables']['MutualNet'])} points):\n")
         front = pareto_front(rep["tables"]["MutualNet"])

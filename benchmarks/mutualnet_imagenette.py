@@ -41,6 +41,7 @@ def main() -> None:
     p.add_argument("--widths", default="0.25:1.0:0.05")
     p.add_argument("--calibration-images", type=int, default=2000)
     p.add_argument("--lr", type=float, help="peak lr of every run, method and control (a point of an lr sweep); default the configs' 0.1")
+    p.add_argument("--seed", type=int, default=0, help="train.seed of every run")
     p.add_argument("--inet-lr", type=float, help="train the I-Nets at this lr instead of the sandwich configs' lr")
     p.add_argument("--batch", type=int, help="override the batch size (e.g. for a smoke test on a tiny set)")
     p.add_argument("--skip", nargs="+", default=[], metavar="LABEL",
@@ -55,6 +56,7 @@ def main() -> None:
     sets = [f"epochs={args.epochs}", "progress=false", f"eval.calibration_images={args.calibration_images}"]
     sets += [f"batch_size={args.batch}"] if args.batch else []
     sets += [f"lr={args.lr}"] if args.lr else []
+    sets += [f"seed={args.seed}"] if args.seed else []
     configs = {"MutualNet": load_config(ROOT / "configs" / "imagenette_mutualnet_mbv2.yaml", sets),
                "US-Net": load_config(ROOT / "configs" / "imagenette_usnet_mbv2.yaml", sets)}
     base_width = configs["MutualNet"]["model"]["width_mult"]
