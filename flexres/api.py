@@ -221,8 +221,6 @@ def table(run: str | Path, data: str | Path | None = None, widths: Sequence[floa
     res_list = list(resolutions or cfg["eval"]["resolutions"] or model.train_resolutions)
     ckpt = resolve_checkpoint(run)
     val = ImageFolderDataset(split_dir(data, cfg["data"]["val_split"]), cache="auto")
-    train_ds = ImageFolderDataset(split_dir(data, cfg["data"]["train_split"]))
-    n = calibration_images or cfg["eval"]["calibration_images"]
     configs = scale_configurations(model.scale_factors, model.num_stages, scales)
     rows = []
 
@@ -243,13 +241,15 @@ def table(run: str | Path, data: str | Path | None = None, widths: Sequence[floa
         for sc in configs:
             add_rows(1.0, sc, {r: per_res[r][sc] for r in res_list})
     else:
+        # Post-statistics BN for slimmable models; with bn_policy calibrate, every untrained resolution and
+        # (Resizable) every scaling configuration gets its own statistics. All calibrated (and saved) at once.
+        points = [OperatingPoint(r, w, sc) for w, sc in itertools.product(widths, configs) for r in res_list
+                  if model.width_range or (bn_policy == "calibrate" and (r not in model.train_resolutions or sc is not None))]
+        if points:
+            train_ds = ImageFolderDataset(split_dir(data, cfg["data"]["train_split"]))
+            _ensure_calibrated(model, meta, ckpt, train_ds, points, calibration_images or cfg["eval"]["calibration_images"],
+                               batch_size, cfg, str(data), workers)
         for w, sc in itertools.product(widths, configs):
-            # Post-statistics BN for slimmable models; with bn_policy calibrate, every untrained resolution and
-            # (Resizable) every scaling configuration gets its own statistics.
-            points = [OperatingPoint(r, w, sc) for r in res_list
-                      if model.width_range or (bn_policy == "calibrate" and (r not in model.train_resolutions or sc is not None))]
-            if points:
-                _ensure_calibrated(model, meta, ckpt, train_ds, points, n, batch_size, cfg, str(data), workers)
             add_rows(w, sc, evaluate_model(model, val, res_list, bn_policy, batch_size, meta.get("crop_fraction", 0.875),
                                            workers=workers, width=w, scales=sc, note=note))
     mark_pareto(rows)

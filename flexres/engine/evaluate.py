@@ -44,6 +44,19 @@ def _batch_size_that_fits(model: AdaptiveModel, op: OperatingPoint, batch_size: 
     return fitted
 
 
+def _hits(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per image: right at top-1, right within the top-5 (on the CPU)."""
+    hit = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:, None])
+    return hit[:, 0].cpu(), hit.any(1).cpu()
+
+
+def _accuracy(hits: list[tuple[Tensor, Tensor]]) -> dict[str, Any]:
+    """top-1 / top-5 (%), image count and per-image correctness (dataset order) from the batches' ``_hits``."""
+    c1, c5 = torch.cat([h[0] for h in hits]), torch.cat([h[1] for h in hits])
+    return {"top1": 100.0 * c1.float().mean().item(), "top5": 100.0 * c5.float().mean().item(), "n": int(c1.numel()),
+            "correct": c1, "correct5": c5}
+
+
 @torch.no_grad()
 def evaluate(model: AdaptiveModel, dataset: ImageFolderDataset, resolutions: list[int], bn_policy: str = "interpolate",
              batch_size: int = 256, crop_fraction: float = 0.875, mean=None, std=None,
@@ -55,7 +68,7 @@ def evaluate(model: AdaptiveModel, dataset: ImageFolderDataset, resolutions: lis
     ``batch_size`` is an upper bound: at a resolution where that many images would not fit in the
     device's memory the batch shrinks (``note``, if given, is told once per resolution); in eval mode
     the batch size does not change the results. Raises ``ResolutionTooLargeError`` when not even one
-    image fits. Returns {resolution: {"top1", "top5", "n", "correct" (bool tensor, dataset order), "bn"}}.
+    image fits. Returns {resolution: {"top1", "top5", "n", "correct", "correct5" (bool tensors, dataset order), "bn"}}.
     """
     mean, std = mean or IMAGENET_MEAN, std or IMAGENET_STD
     device = next(model.parameters()).device
@@ -69,17 +82,8 @@ def evaluate(model: AdaptiveModel, dataset: ImageFolderDataset, resolutions: lis
             loader_workers = 0 if dataset.cached else workers
             batch = _batch_size_that_fits(model, op, batch_size, device, loader_workers, note)
             with model.at(op, bn_policy=bn_policy, scale_policy=scale_policy):
-                correct1, correct5 = [], []
-                for x, y in _batches(dataset, batch, device, mean, std, loader_workers):
-                    logits = model(x)
-                    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-                    hit = top5.eq(y[:, None])
-                    correct1.append(hit[:, 0].cpu())
-                    correct5.append(hit.any(1).cpu())
-            c1, c5 = torch.cat(correct1), torch.cat(correct5)
-            results[r] = {"top1": 100.0 * c1.float().mean().item(), "top5": 100.0 * c5.float().mean().item(),
-                          "n": int(c1.numel()), "correct": c1,
-                          "bn": "post-statistics" if model.width_range else describe_bn(model, r, bn_policy)}
+                hits = [_hits(model(x), y) for x, y in _batches(dataset, batch, device, mean, std, loader_workers)]
+            results[r] = {**_accuracy(hits), "bn": "post-statistics" if model.width_range else describe_bn(model, r, bn_policy)}
     finally:
         dataset.transform = saved_transform
     return results
@@ -106,8 +110,7 @@ def evaluate_configurations(model: AdaptiveModel, dataset: ImageFolderDataset, r
     model.eval()
     configs = [tuple(float(f) for f in c) for c in configs]
     batch_size = tree_batch_size(model, resolution, configs, batch_size, device)
-    hits1: dict[tuple[float, ...], list[Tensor]] = {c: [] for c in configs}
-    hits5: dict[tuple[float, ...], list[Tensor]] = {c: [] for c in configs}
+    hits: dict[tuple[float, ...], list[tuple[Tensor, Tensor]]] = {c: [] for c in configs}
     saved_transform = dataset.transform
     try:
         dataset.transform = EvalTransform(resolution, crop_fraction)
@@ -115,17 +118,10 @@ def evaluate_configurations(model: AdaptiveModel, dataset: ImageFolderDataset, r
         for x, y in tqdm(batches, total=-(-len(dataset) // batch_size), desc=f"{len(configs)} configurations",
                          disable=not progress, leave=False):
             for c, logits in forward_configurations(model, x, resolution, configs, bn_policy).items():
-                hit = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(y[:, None])
-                hits1[c].append(hit[:, 0].cpu())
-                hits5[c].append(hit.any(1).cpu())
+                hits[c].append(_hits(logits, y))
     finally:
         dataset.transform = saved_transform
-    out = {}
-    for c in configs:
-        c1, c5 = torch.cat(hits1[c]), torch.cat(hits5[c])
-        out[c] = {"top1": 100.0 * c1.float().mean().item(), "top5": 100.0 * c5.float().mean().item(), "n": int(c1.numel()),
-                  "correct": c1, "correct5": c5}
-    return out
+    return {c: _accuracy(hits[c]) for c in configs}
 
 
 def describe_bn(model: AdaptiveModel, resolution: int, bn_policy: str) -> str:
