@@ -37,8 +37,8 @@ from .models.base import SAN_MODES
 from .notes import note
 from .operating_point import OperatingPoint
 
-__all__ = ["adapt", "demo", "evaluate", "export", "format_eval_report", "format_selection", "predict", "report", "select", "table",
-           "train"]
+__all__ = ["adapt", "demo", "evaluate", "export", "format_eval_report", "format_selection", "predict", "report", "select", "serve",
+           "table", "train"]
 
 
 def train(config: str | Path | dict[str, Any], out: str | Path | None = None, *, data: str | None = None,
@@ -332,6 +332,31 @@ def predict(model: str | Path, images: Sequence[str | Path], resolution: int | N
     predictor = load_predictor(str(model), resolution, max_macs, max_latency_ms, bn_policy, width)
     results = predict_files(predictor, [str(f) for f in images], topk)
     return {"model": predictor.description, "resolution": predictor.resolution, "predictions": results}
+
+
+def serve(targets: str | Path | Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000, *,
+          target_p95_ms: float | None = None, resolution: int | None = None, max_batch: int = 8, max_wait_ms: float = 2.0,
+          max_queue: int = 256, max_upload_mb: float = 20.0, max_pixels: float = 40e6, bn_policy: str | None = None,
+          log: Callable[[str], None] = print) -> None:
+    """Serve a run (its query table's Pareto points, else its evaluated or trained resolutions) or exported models
+    over HTTP until interrupted: ``POST /predict``, ``POST /predict/all``, ``GET /health``, ``/points``, ``/metrics``
+    and a page at ``/``. With ``target_p95_ms`` the server lowers the operating point as its queue grows and raises
+    it as the queue drains; without, requests get ``resolution`` (default: the most accurate point) unless they ask."""
+    import uvicorn
+
+    from .serving import ServeOptions, ServingEngine, load_points
+    from .serving.app import create_app
+
+    options = ServeOptions(target_p95_ms, resolution, max_batch, max_wait_ms, max_queue)
+    engine = ServingEngine(load_points(targets, bn_policy), options)
+    app = create_app(engine=engine, max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=int(max_pixels))
+    info = engine.describe()
+    log(f"serving {info['model']} on http://{host}:{port} ({info['mode']}"
+        + (f", p95 target {target_p95_ms:g} ms" if target_p95_ms else "") + f"); {len(info['points'])} operating points:")
+    for pt in info["points"]:
+        acc = f"top-1 {pt['expected_top1']:.1f}%" if pt["expected_top1"] is not None else "accuracy not measured"
+        log(f"  {pt['name']:>20}  {pt['macs'] / 1e6:7.1f} MMACs  {pt['latency_ms_batch1']:6.2f} ms  {acc}")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 def report(runs: str | Path | Sequence[str | Path], data: str | Path, out: str | Path, resolutions: Sequence[int] | None = None,

@@ -133,6 +133,13 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    api.serve(args.targets, args.host, args.port, target_p95_ms=args.target_p95_ms, resolution=args.resolution,
+              max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_upload_mb=args.max_upload_mb,
+              max_pixels=args.max_pixels, bn_policy=args.bn)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     report = api.demo(args.out, args.epochs)
     print(api.format_eval_report(report))
@@ -238,6 +245,20 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--bn", choices=BN_POLICIES, default="interpolate")
     rp.add_argument("--latency", action="store_true", help="also plot accuracy vs measured latency")
     rp.set_defaults(func=_report)
+
+    sv = sub.add_parser("serve", help="an HTTP server that picks the operating point per request and under load")
+    sv.add_argument("targets", nargs="+", help="a run directory or checkpoint, or exported .onnx / .pt files")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--target-p95-ms", type=float, help="adaptive mode: keep p95 latency under this by lowering the point")
+    sv.add_argument("--resolution", type=resolution, help="fixed mode: the resolution for requests that name none")
+    sv.add_argument("--max-batch", type=int, default=8, help="largest dynamic batch")
+    sv.add_argument("--max-wait-ms", type=float, default=2.0, help="longest wait for a batch to fill")
+    sv.add_argument("--max-queue", type=int, default=256, help="queued requests beyond this get 503")
+    sv.add_argument("--max-upload-mb", type=float, default=20.0)
+    sv.add_argument("--max-pixels", type=float, default=40e6)
+    sv.add_argument("--bn", choices=BN_POLICIES, help="BN policy (default: the query table's, else interpolate)")
+    sv.set_defaults(func=_serve)
 
     d = sub.add_parser("demo", help="train and evaluate a small RS-Net on the bundled sample images (CPU, minutes)")
     d.add_argument("--out", default="runs/demo")

@@ -23,7 +23,7 @@ PACKAGE = ROOT / "flexres"
 # Lower layers never import higher ones: nn <- models <- methods <- engine <- analysis <- deploy <- api <- cli.
 # Modules of one rank are independent of each other. flexres/__init__.py is the facade, above everything.
 RANKS = {"version": 0, "errors": 0, "operating_point": 0, "notes": 0, "data": 1, "nn": 1, "models": 2, "methods": 3, "engine": 4,
-         "analysis": 5, "deploy": 6, "api": 7, "cli": 8}
+         "analysis": 5, "deploy": 6, "serving": 7, "api": 8, "cli": 9}
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_flexres_nn_exports_every_layer():
 
 
 def test_every_cli_command_is_a_public_function():
-    for name in ("train", "evaluate", "table", "select", "adapt", "export", "predict", "report", "demo"):
+    for name in ("train", "evaluate", "table", "select", "adapt", "export", "predict", "report", "serve", "demo"):
         fn = getattr(flexres, name)
         assert callable(fn) and fn.__doc__, name
 

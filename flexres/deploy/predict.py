@@ -139,11 +139,16 @@ def predict_files(predictor: Predictor, files: list[str], topk: int = 5) -> list
             out.append({"file": f, "error": str(e) if Path(f).exists() else f"no such file: {f}"})
             continue
         probs = torch.softmax(predictor.run(x).float(), dim=1)[0]
-        p, idx = probs.topk(min(topk, probs.numel()))
-        top = []
-        for q, i in zip(p.tolist(), idx.tolist()):
-            folder = predictor.classes[i] if i < len(predictor.classes) else str(i)
-            name = predictor.names[i] if i < len(predictor.names) else folder
-            top.append({"label": i, "class": folder, "name": name, "probability": round(q, 4)})
-        out.append({"file": f, "top": top})
+        out.append({"file": f, "top": top_classes(probs, predictor.classes, predictor.names, topk)})
     return out
+
+
+def top_classes(probs: Tensor, classes: list[str], names: list[str], topk: int = 5) -> list[dict[str, Any]]:
+    """The ``topk`` most probable classes of one image's probabilities: [{"label", "class", "name", "probability"}]."""
+    p, idx = probs.topk(min(topk, probs.numel()))
+    top = []
+    for q, i in zip(p.tolist(), idx.tolist()):
+        folder = classes[i] if i < len(classes) else str(i)
+        name = names[i] if i < len(names) else folder
+        top.append({"label": i, "class": folder, "name": name, "probability": round(q, 4)})
+    return top

@@ -1,0 +1,168 @@
+"""The HTTP face of the serving engine (FastAPI on uvicorn): /predict, /predict/all, /health, /points, /metrics, /."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Sequence
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torchvision.transforms.functional import pil_to_tensor
+
+from ..data import sample_data_dir
+from ..deploy.predict import parse_count
+from .engine import Overloaded, RequestError, ServeOptions, ServingEngine
+from .points import load_points
+
+MAX_UPLOAD_BYTES = 20 * 2**20
+MAX_PIXELS = 40_000_000
+DRAFT_ABOVE_PIXELS = 4_000_000
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, shortest: int | None = None) -> Tensor:
+    """Bytes of any image Pillow reads -> uint8 3 x H x W RGB, refusing what is not an image or is too large.
+
+    ``shortest`` lets the JPEG decoder scale down while decoding (Pillow's draft mode) images over
+    ``DRAFT_ABOVE_PIXELS``: a 12-MP photo served at 224 px need not be decoded at full size first. It keeps at least
+    twice ``shortest`` on the short side, and smaller images decode exactly, as `flexres predict` decodes them.
+    """
+    if not data:
+        raise RequestError(400, "empty body: send an image as the multipart field 'file' or as the raw request body")
+    try:
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise RequestError(415, f"not an image Pillow can read ({len(data)} bytes; starts with {data[:8]!r})") from None
+    w, h = im.size
+    if w * h > max_pixels:
+        raise RequestError(413, f"image of {w} x {h} = {w * h / 1e6:.1f} MP is over the limit of {max_pixels / 1e6:.1f} MP")
+    if shortest and im.format == "JPEG" and w * h > DRAFT_ABOVE_PIXELS:
+        im.draft("RGB", (2 * shortest, 2 * shortest))
+    try:
+        return pil_to_tensor(im.convert("RGB"))
+    except (OSError, ValueError) as e:
+        raise RequestError(415, f"cannot decode the image: {e}") from None
+
+
+async def read_image_bytes(request: Request, limit: int) -> bytes:
+    """The multipart field ``file``, or the raw body; 413 past ``limit`` bytes without reading the rest."""
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit + 2**16:  # multipart framing adds a few hundred bytes
+        raise RequestError(413, f"request body of {int(length)} bytes is over the limit of {limit} bytes")
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        form = await request.form(max_files=1, max_fields=4)
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise RequestError(400, "multipart body without a file field named 'file'")
+        data = await upload.read(limit + 1)
+    else:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, f"request body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+        data = b"".join(chunks)
+    if len(data) > limit:
+        raise RequestError(413, f"image of {len(data)} bytes is over the limit of {limit} bytes")
+    return data
+
+
+def _example_image() -> Path | None:
+    val = sample_data_dir() / "val"
+    return next(iter(sorted(val.rglob("*.JPEG"))), None) if val.is_dir() else None
+
+
+def create_app(targets: str | Path | Sequence[str | Path] | None = None, options: ServeOptions | None = None, *,
+               engine: ServingEngine | None = None, bn_policy: str | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
+               max_pixels: int = MAX_PIXELS) -> FastAPI:
+    """An ASGI app serving ``targets`` (a run, or exported model files), or a ready ``engine``."""
+    if engine is None:
+        engine = ServingEngine(load_points(targets, bn_policy), options)
+    metrics = engine.metrics
+    decode_short_side = max(round(p.resolution / p.crop_fraction) for p in engine.points.points)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await engine.start()
+        yield
+        await engine.stop()
+
+    app = FastAPI(title="flexres serve", summary=engine.points.description, lifespan=lifespan)
+    app.state.engine = engine
+
+    def error(endpoint: str, status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        metrics.requests.labels(endpoint, str(status)).inc()
+        return JSONResponse({"detail": message}, status_code=status, headers=headers)
+
+    def number(request: Request, key: str, parse) -> float | None:
+        raw = request.query_params.get(key)
+        if raw is None or raw == "":
+            return None
+        try:
+            return parse(raw)
+        except ValueError:
+            raise RequestError(422, f"{key}={raw!r} is not a number") from None
+
+    async def image_from(request: Request) -> Tensor:
+        data = await read_image_bytes(request, max_upload_bytes)
+        return await run_in_threadpool(decode_image, data, max_pixels, decode_short_side)
+
+    @app.post("/predict")
+    async def predict(request: Request):
+        """Top-k of one image at the operating point chosen for it. Query: resolution, max_macs (e.g. 20M),
+        max_latency_ms, topk. Body: the multipart field 'file' or the raw image bytes."""
+        start = time.perf_counter()
+        try:
+            res = number(request, "resolution", int)
+            topk = int(number(request, "topk", int) or engine.options.topk)
+            constraint = engine.constrain(res, number(request, "max_macs", parse_count), number(request, "max_latency_ms", float))
+            image = await image_from(request)
+            out = await engine.submit(image, constraint, max(1, topk))
+        except RequestError as e:
+            return error("predict", e.status, str(e))
+        except Overloaded as e:
+            return error("predict", 503, str(e), {"Retry-After": str(e.retry_after)})
+        metrics.requests.labels("predict", "200").inc()
+        metrics.latency.observe(time.perf_counter() - start)
+        return out
+
+    @app.post("/predict/all")
+    async def predict_all(request: Request):
+        """The image at every served point, most accurate first (what the page at / shows side by side)."""
+        try:
+            image = await image_from(request)
+        except RequestError as e:
+            return error("predict_all", e.status, str(e))
+        metrics.requests.labels("predict_all", "200").inc()
+        return {"model": engine.points.description, "results": await engine.run_every_point(image)}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "mode": engine.mode, "queue": len(engine.queue), "points": len(engine.points.points),
+                "model": engine.points.description}
+
+    @app.get("/points")
+    async def points():
+        return engine.describe()
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.get("/example.jpg")
+    async def example():
+        path = _example_image()
+        return FileResponse(path, media_type="image/jpeg") if path else error("example", 404, "no sample image in this install")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return resources.files("flexres.serving").joinpath("page.html").read_text(encoding="utf-8")
+
+    return app

@@ -1,0 +1,112 @@
+"""Which operating point serves the next batch: a latency model per point and a controller that keeps a latency
+target by lowering the point when the queue grows, and raising it again when the queue drains.
+
+Pure Python (no torch, no clock of its own), so its decisions can be tested with a synthetic latency model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass
+class LatencyModel:
+    """Service time of a batch at a point: ``fixed_ms + per_image_ms * batch`` (measured at start-up), times one
+    ``correction`` shared by all points, learned from the batches actually served: when something else loads the
+    machine every point slows down together, and a slowdown seen at one point is a prediction for all."""
+
+    fixed_ms: dict[str, float]
+    per_image_ms: dict[str, float]
+    correction: float = 1.0
+    smoothing: float = 0.2  # weight of the newest observation in the moving average of observed / predicted
+    learn: bool = True
+
+    def batch_ms(self, point: str, batch: int) -> float:
+        return self.correction * (self.fixed_ms[point] + self.per_image_ms[point] * max(batch, 1))
+
+    def drain_ms(self, point: str, queued: int, max_batch: int) -> float:
+        """Time to serve ``queued`` requests in full batches of ``max_batch`` (and one partial) at ``point``."""
+        full, rest = divmod(max(queued, 1), max_batch)
+        return full * self.batch_ms(point, max_batch) + (self.batch_ms(point, rest) if rest else 0.0)
+
+    def observe(self, point: str, batch: int, ms: float) -> None:
+        if not self.learn:
+            return
+        base = self.fixed_ms[point] + self.per_image_ms[point] * max(batch, 1)
+        ratio = min(max(ms / base, 0.1), 20.0)  # one outlier (a GC pause) must not swing every decision
+        self.correction = (1 - self.smoothing) * self.correction + self.smoothing * ratio
+
+    @classmethod
+    def measure(cls, points: Sequence[str], time_batch: Callable[[str, int], float], max_batch: int) -> LatencyModel:
+        """Fit fixed and per-image cost of every point from two timed batch sizes (1 and ``max_batch``)."""
+        fixed, per = {}, {}
+        for p in points:
+            one = time_batch(p, 1)
+            many = time_batch(p, max_batch) if max_batch > 1 else one
+            slope = max((many - one) / (max_batch - 1), 0.0) if max_batch > 1 else one
+            per[p] = slope if max_batch > 1 else one
+            fixed[p] = max(one - per[p], 0.0)
+        return cls(fixed, per)
+
+
+@dataclass
+class Decision:
+    point: str
+    predicted_ms: float  # predicted latency of the slowest request of the queue if it all runs at ``point``
+    reason: str
+
+
+@dataclass
+class AdaptiveController:
+    """Picks the most accurate point whose predicted latency keeps ``target_ms`` (times ``headroom``: the
+    estimate ignores the requests that arrive meanwhile) for the requests already queued.
+
+    For a queue of ``n`` requests whose oldest has waited ``w`` ms, serving everything at point p makes the
+    oldest wait ``w + batch(p)`` and the newest ``drain(p, n)``; the controller takes the first point, in order of
+    preference, where both fit. A longer queue makes drain(p, n) larger, so it moves down; when the queue drains it
+    moves back up by the same rule, with no state to unwind.
+    """
+
+    preference: list[str]  # most accurate first
+    latency: LatencyModel
+    target_ms: float
+    max_batch: int
+    headroom: float = 0.8
+
+    def predicted_ms(self, point: str, queued: int, oldest_wait_ms: float) -> float:
+        first = self.latency.batch_ms(point, min(max(queued, 1), self.max_batch))
+        return max(oldest_wait_ms + first, self.latency.drain_ms(point, queued, self.max_batch))
+
+    def choose(self, queued: int, oldest_wait_ms: float = 0.0, allowed: Sequence[str] | None = None,
+               target_ms: float | None = None) -> Decision:
+        target = (self.target_ms if target_ms is None else target_ms) * self.headroom
+        options = [p for p in self.preference if allowed is None or p in allowed]
+        if not options:
+            raise ValueError("no allowed operating point")
+        for p in options:
+            ms = self.predicted_ms(p, queued, oldest_wait_ms)
+            if ms <= target:
+                decision = Decision(p, ms, "fits the target")
+                break
+        else:  # even the cheapest misses: serve the fastest and let admission control shed the excess
+            fastest = min(options, key=lambda q: self.predicted_ms(q, queued, oldest_wait_ms))
+            decision = Decision(fastest, self.predicted_ms(fastest, queued, oldest_wait_ms), "over target at every point")
+        return decision
+
+    def admits(self, ahead: int, busy_ms: float, allowed: Sequence[str] | None = None, target_ms: float | None = None
+               ) -> tuple[bool, float]:
+        """Whether a new request can meet the target behind ``ahead`` queued requests and ``busy_ms`` of work in
+        flight, if those run at the fastest point and it at its own fastest allowed one; and that predicted latency
+        (for a Retry-After)."""
+        fastest = min(self.preference, key=lambda p: self.latency.batch_ms(p, self.max_batch))
+        queue_ms = self.latency.drain_ms(fastest, ahead, self.max_batch) if ahead else 0.0
+        own_ms = min(self.latency.batch_ms(p, 1) for p in self.preference if allowed is None or p in allowed)
+        ms = busy_ms + queue_ms + own_ms
+        return ms <= (self.target_ms if target_ms is None else target_ms), ms
+
+
+def retry_after_s(predicted_ms: float) -> int:
+    """Seconds a rejected client should wait: the time the current queue needs, at least one."""
+    return max(1, math.ceil(predicted_ms / 1000.0))

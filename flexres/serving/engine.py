@@ -1,0 +1,277 @@
+"""The serving engine: admits requests, batches the ones that can share an operating point, picks that point
+(fixed, per-request budget, or adaptive to a latency target) and runs the batch on one inference thread."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..analysis.latency import time_call
+from ..data import EvalTransform, normalize_batch
+from ..deploy.predict import top_classes
+from .controller import AdaptiveController, LatencyModel, retry_after_s
+from .metrics import ServeMetrics
+from .points import PointSet, ServingPoint
+
+
+class RequestError(ValueError):
+    """A request the server cannot serve as asked: answered with ``status`` (4xx) and the message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Overloaded(RuntimeError):
+    """The server cannot take the request without breaking its latency target or queue bound (HTTP 503)."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class ServeOptions:
+    target_p95_ms: float | None = None  # adaptive mode when set
+    resolution: int | None = None  # fixed mode: the point used when a request names none (default: the best)
+    max_batch: int = 8
+    max_wait_ms: float = 2.0  # how long the oldest request may wait for a batch to fill
+    max_queue: int = 256
+    headroom: float = 0.8
+    topk: int = 5
+
+
+@dataclass
+class Constraint:
+    """What one request allows: a subset of the points (None: any) and its own latency budget, if any."""
+
+    allowed: list[str] | None = None
+    target_ms: float | None = None
+
+
+@dataclass
+class Pending:
+    image: Tensor
+    constraint: Constraint
+    topk: int
+    arrival_ms: float
+    future: asyncio.Future = field(repr=False)
+
+
+def _now_ms() -> float:
+    return time.perf_counter() * 1000.0
+
+
+class ServingEngine:
+    def __init__(self, points: PointSet, options: ServeOptions | None = None, latency: LatencyModel | None = None,
+                 metrics: ServeMetrics | None = None, clock: Callable[[], float] = _now_ms) -> None:
+        self.points = points
+        self.options = options or ServeOptions()
+        o = self.options
+        if o.max_batch < 1 or o.max_queue < 1 or o.max_wait_ms < 0:
+            raise ValueError(f"max_batch and max_queue must be >= 1 and max_wait_ms >= 0, "
+                             f"got {o.max_batch}, {o.max_queue}, {o.max_wait_ms}")
+        if o.target_p95_ms is not None and o.target_p95_ms <= 0:
+            raise ValueError(f"target_p95_ms must be positive, got {o.target_p95_ms}")
+        if o.resolution is not None and o.resolution not in points.resolutions:
+            raise ValueError(f"resolution {o.resolution} is not among the served points ({self._served()})")
+        self.by_name = {p.name: p for p in points.points}
+        self.metrics = metrics or ServeMetrics()
+        self.clock = clock
+        self.latency = latency or LatencyModel.measure(list(self.by_name), self._time_batch, o.max_batch)
+        self.controller = AdaptiveController([p.name for p in points.by_preference()], self.latency,
+                                             o.target_p95_ms if o.target_p95_ms is not None else math.inf, o.max_batch, o.headroom)
+        self.queue: deque[Pending] = deque()
+        self._busy_until_ms = 0.0
+        self._arrived: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="flexres-infer")  # one model, one forward at a time
+
+    # --- set-up ---
+    def _served(self) -> str:
+        return ", ".join(str(r) for r in self.points.resolutions)
+
+    def _time_batch(self, name: str, batch: int) -> float:
+        p = self.by_name[name]
+        x = torch.randn(batch, 3, p.resolution, p.resolution)
+        return time_call(lambda: p.run(x), warmup=2, repeats=5)
+
+    @property
+    def mode(self) -> str:
+        return "adaptive" if self.options.target_p95_ms is not None else "fixed"
+
+    def describe(self) -> dict[str, Any]:
+        o = self.options
+        return {"model": self.points.description, "source": self.points.source, "mode": self.mode, "target_p95_ms": o.target_p95_ms,
+                "default_resolution": o.resolution, "max_batch": o.max_batch, "max_wait_ms": o.max_wait_ms, "max_queue": o.max_queue,
+                "points": [{**p.describe(), "latency_ms_batch1": round(self.latency.batch_ms(p.name, 1), 3)}
+                           for p in self.points.by_preference()]}
+
+    # --- requests ---
+    def constrain(self, resolution: int | None = None, max_macs: float | None = None, max_latency_ms: float | None = None) -> Constraint:
+        """The points a request may use, or a RequestError (422) naming why none can serve it."""
+        pts = self.points.points
+        if resolution is not None:
+            pts = [p for p in pts if p.resolution == resolution]
+            if not pts:
+                raise RequestError(422, f"resolution {resolution} is not served; served resolutions: {self._served()}")
+        elif self.options.resolution is not None and max_macs is None and max_latency_ms is None:
+            pts = [p for p in pts if p.resolution == self.options.resolution]
+        if max_macs is not None:
+            fits = [p for p in pts if p.macs <= max_macs]
+            if not fits:
+                cheapest = min(pts, key=lambda p: p.macs)
+                raise RequestError(422, f"no operating point within {max_macs / 1e6:.1f} MMACs: the cheapest, {cheapest.name}, "
+                                        f"costs {cheapest.macs / 1e6:.1f} MMACs")
+            pts = fits
+        if max_latency_ms is not None:
+            if max_latency_ms <= 0:
+                raise RequestError(422, f"max_latency_ms must be positive, got {max_latency_ms:g}")
+            fastest = min(pts, key=lambda p: self.latency.batch_ms(p.name, 1))
+            if self.latency.batch_ms(fastest.name, 1) > max_latency_ms:
+                raise RequestError(422, f"no operating point answers within {max_latency_ms:g} ms: the fastest, {fastest.name}, "
+                                        f"takes {self.latency.batch_ms(fastest.name, 1):.2f} ms on an idle server")
+        allowed = None if len(pts) == len(self.points.points) else [p.name for p in pts]
+        target = max_latency_ms if max_latency_ms is not None else self.options.target_p95_ms
+        return Constraint(allowed, target)
+
+    async def submit(self, image: Tensor, constraint: Constraint, topk: int | None = None) -> dict[str, Any]:
+        """Queue one decoded image (uint8 3 x H x W); returns its prediction once its batch has run."""
+        now = self.clock()
+        o = self.options
+        busy = max(self._busy_until_ms - now, 0.0)
+        if len(self.queue) >= o.max_queue:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise Overloaded(f"the queue is full ({o.max_queue} requests)",
+                             retry_after_s(busy + self.latency.drain_ms(self.controller.preference[-1], len(self.queue), o.max_batch)))
+        if constraint.target_ms is not None:
+            ok, predicted = self.controller.admits(len(self.queue), busy, constraint.allowed, constraint.target_ms)
+            if not ok:
+                self.metrics.rejected.labels("over_target").inc()
+                raise Overloaded(f"the load is above what the server can answer within {constraint.target_ms:g} ms even at its "
+                                 f"cheapest point (predicted {predicted:.0f} ms)", retry_after_s(predicted))
+        future = asyncio.get_running_loop().create_future()
+        self.queue.append(Pending(image, constraint, topk or o.topk, now, future))
+        self.metrics.queue.set(len(self.queue))
+        self._wake()
+        return await future
+
+    def _wake(self) -> None:
+        if self._arrived is not None:
+            self._arrived.set()
+
+    # --- batching ---
+    def plan_batch(self, now_ms: float) -> tuple[ServingPoint, list[Pending], str]:
+        """Take the next batch off the queue: the oldest request decides the point (within what it allows, by its
+        latency budget and the whole queue's length), then every queued request that allows that point joins, in
+        arrival order, up to max_batch."""
+        while self.queue and self.queue[0].future.done():  # the client went away
+            self.queue.popleft()
+        head = self.queue[0]
+        c = head.constraint
+        decision = self.controller.choose(len(self.queue), now_ms - head.arrival_ms, c.allowed,
+                                          c.target_ms if c.target_ms is not None else math.inf)
+        batch, keep = [], deque()
+        while self.queue:
+            r = self.queue.popleft()
+            if r.future.done():
+                continue
+            if len(batch) < self.options.max_batch and (r.constraint.allowed is None or decision.point in r.constraint.allowed):
+                batch.append(r)
+            else:
+                keep.append(r)
+        self.queue = keep
+        self.metrics.queue.set(len(self.queue))
+        return self.by_name[decision.point], batch, decision.reason
+
+    def infer(self, point: ServingPoint, images: list[Tensor], topk: list[int]) -> list[list[dict[str, Any]]]:
+        """Preprocess (resize and crop to the point's resolution), run and rank one batch."""
+        tf = EvalTransform(point.resolution, point.crop_fraction)
+        x = normalize_batch(torch.stack([tf(im) for im in images]), point.mean, point.std)
+        probs = torch.softmax(point.run(x).float(), dim=1)
+        return [top_classes(pr, self.points.classes, self.points.names, k) for pr, k in zip(probs, topk)]
+
+    async def _fill(self) -> None:
+        """Dynamic batching: wait until max_batch requests are queued or the oldest has waited max_wait_ms."""
+        head = self.queue[0]
+        while len(self.queue) < self.options.max_batch:
+            left = head.arrival_ms + self.options.max_wait_ms - self.clock()
+            if left <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), left / 1000.0)
+            except asyncio.TimeoutError:  # noqa: UP041 - a different class on Python 3.10
+                return
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self.queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+            await self._fill()
+            if not any(not r.future.done() for r in self.queue):
+                self.queue.clear()
+                continue
+            point, batch, _ = self.plan_batch(self.clock())
+            start = self.clock()
+            self._busy_until_ms = start + self.latency.batch_ms(point.name, len(batch))
+            try:
+                results = await loop.run_in_executor(self._executor, self.infer, point, [r.image for r in batch], [r.topk for r in batch])
+            except Exception as e:  # noqa: BLE001 - a failed batch answers its requests and the server goes on
+                for r in batch:
+                    if not r.future.done():
+                        r.future.set_exception(e)
+                continue
+            finally:
+                self._busy_until_ms = 0.0
+            ms = self.clock() - start
+            self.latency.observe(point.name, len(batch), ms)
+            self.metrics.inference.observe(ms / 1000.0)
+            self.metrics.batch.observe(len(batch))
+            self.metrics.point.labels(point.name).inc(len(batch))
+            self.metrics.correction.set(self.latency.correction)
+            done = self.clock()
+            for r, top in zip(batch, results):
+                if not r.future.done():
+                    r.future.set_result({"top": top, "operating_point": point.describe(), "latency_ms": round(done - r.arrival_ms, 3),
+                                         "queue_ms": round(start - r.arrival_ms, 3), "inference_ms": round(ms, 3),
+                                         "batch_size": len(batch)})
+
+    async def run_every_point(self, image: Tensor, topk: int = 5) -> list[dict[str, Any]]:
+        """The image at every point, most accurate first (the page's side-by-side view); bypasses the queue."""
+        loop = asyncio.get_running_loop()
+        out = []
+        for p in self.points.by_preference():
+            start = self.clock()
+            top = (await loop.run_in_executor(self._executor, self.infer, p, [image], [topk]))[0]
+            out.append({"operating_point": p.describe(), "top": top, "inference_ms": round(self.clock() - start, 3)})
+        return out
+
+    # --- lifecycle ---
+    async def start(self) -> None:
+        self._arrived = asyncio.Event()
+        self._worker = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+        for r in self.queue:
+            if not r.future.done():
+                r.future.set_exception(Overloaded("the server is shutting down", 1))
+        self.queue.clear()
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,282 @@
+"""flexres serve: the adaptive controller against a synthetic latency model, dynamic batching, and every endpoint and
+bad input through real HTTP (the ASGI test client) on a run trained on the bundled sample."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import shutil
+import time
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+import flexres
+from flexres.operating_point import OperatingPoint
+from flexres.serving import AdaptiveController, LatencyModel, PointSet, ServeOptions, ServingEngine, ServingPoint
+from flexres.serving.app import create_app
+from flexres.serving.engine import Overloaded
+
+# Three points, most accurate first: (fixed ms, ms per image).
+SYNTHETIC = {"big": (10.0, 5.0), "mid": (4.0, 2.0), "small": (1.0, 0.5)}
+
+
+def synthetic_latency(names=("big", "mid", "small")) -> LatencyModel:
+    costs = dict(zip(names, SYNTHETIC.values()))
+    return LatencyModel({k: f for k, (f, _) in costs.items()}, {k: s for k, (_, s) in costs.items()}, learn=False)
+
+
+def test_controller_lowers_the_point_as_the_queue_grows_and_raises_it_as_it_drains():
+    c = AdaptiveController(["big", "mid", "small"], synthetic_latency(), target_ms=50, max_batch=8)  # headroom 0.8: 40 ms
+    # 1 queued: big takes 10 + 5 = 15 ms. 8 queued: big 10 + 40 = 50 > 40, mid 4 + 16 = 20. 40 queued: five batches,
+    # mid 5 x 20 = 100, small 5 x (1 + 4) = 25. 400 queued: small needs 50 x 5 = 250, over at every point: the fastest.
+    seq = [c.choose(q) for q in (1, 8, 40, 400, 40, 8, 1)]
+    assert [d.point for d in seq] == ["big", "mid", "small", "small", "small", "mid", "big"]
+    assert [round(d.predicted_ms, 6) for d in seq[:4]] == [15.0, 20.0, 25.0, 250.0]
+    assert seq[3].reason == "over target at every point"
+    # The oldest request's wait counts: after 30 ms in the queue, big (30 + 15 = 45 ms) no longer fits.
+    assert c.choose(1, oldest_wait_ms=30).point == "mid"
+    # A request's own budget and allowed points.
+    assert c.choose(1, target_ms=5).point == "small"  # 4 ms allowed: mid takes 6, small 1.5
+    assert c.choose(1, allowed=["mid", "small"]).point == "mid"
+
+
+def test_admission_refuses_what_even_the_cheapest_point_cannot_answer_in_time():
+    c = AdaptiveController(["big", "mid", "small"], synthetic_latency(), target_ms=50, max_batch=8)
+    ok, ms = c.admits(ahead=8, busy_ms=0)  # one batch of 8 at small (1 + 4), then this one alone at small (1.5)
+    assert ok and ms == pytest.approx(5 + 1.5)
+    ok, ms = c.admits(ahead=8, busy_ms=0, allowed=["big"])  # pinned to big: its own batch takes 15
+    assert ok and ms == pytest.approx(5 + 15)
+    ok, ms = c.admits(ahead=80, busy_ms=10)  # 10 batches of small (5 ms each) behind 10 ms in flight
+    assert not ok and ms == pytest.approx(10 + 50 + 1.5)
+
+
+def test_latency_model_fits_two_batch_sizes_and_learns_a_slowdown():
+    fitted = LatencyModel.measure(["big", "small"], lambda p, b: SYNTHETIC[p][0] + SYNTHETIC[p][1] * b, max_batch=8)
+    for p in ("big", "small"):
+        assert fitted.fixed_ms[p] == pytest.approx(SYNTHETIC[p][0]) and fitted.per_image_ms[p] == pytest.approx(SYNTHETIC[p][1])
+    before = fitted.batch_ms("small", 4)
+    for _ in range(40):  # the machine got twice as slow: observed at "big", predicted for every point
+        fitted.observe("big", 2, 2 * (10 + 5 * 2))
+    assert fitted.correction == pytest.approx(2.0, rel=1e-3)
+    assert fitted.batch_ms("small", 4) == pytest.approx(2 * before, rel=1e-3)
+    fitted.observe("big", 1, 1e6)  # one outlier moves the average by at most smoothing x 20
+    assert fitted.correction < 2.0 * 0.8 + 0.2 * 20 + 1e-9
+
+
+POINT_NAMES = ("64px", "48px", "32px")
+
+
+def synthetic_points(sleep: bool = False) -> PointSet:
+    """Points whose forward sleeps what the synthetic latency model says (when ``sleep``) and returns class = index."""
+    points = []
+    for i, (name, res) in enumerate([("big", 64), ("mid", 48), ("small", 32)]):
+        fixed, per = SYNTHETIC[name]
+
+        def run(x, fixed=fixed, per=per, i=i):
+            if sleep:
+                time.sleep((fixed + per * x.shape[0]) / 1000)
+            logits = torch.zeros(x.shape[0], 3)
+            logits[:, i] = 5.0
+            return logits
+        points.append(ServingPoint(OperatingPoint(res), macs=[30, 10, 3][i] * 10**6, top1=[80.0, 70.0, 60.0][i], run=run))
+    return PointSet(points, ["a", "b", "c"], ["A", "B", "C"], "synthetic", "table")
+
+
+def test_dynamic_batches_follow_the_queue_and_each_request_keeps_its_own_constraint():
+    engine = ServingEngine(synthetic_points(sleep=True), ServeOptions(target_p95_ms=50, max_batch=8, max_wait_ms=5),
+                           latency=synthetic_latency(POINT_NAMES))
+    image = torch.zeros(3, 40, 40, dtype=torch.uint8)
+
+    async def burst():
+        await engine.start()
+        try:
+            pinned = engine.constrain(resolution=64)  # must run at "big" whatever the load
+            adaptive = engine.constrain()
+            jobs = [engine.submit(image, pinned if i % 10 == 0 else adaptive) for i in range(30)]
+            results = await asyncio.gather(*jobs)
+            after = await engine.submit(image, adaptive)  # the queue has drained: back to the best point
+            return results, after
+        finally:
+            await engine.stop()
+
+    results, after = asyncio.run(burst())
+    points = [r["operating_point"]["name"] for r in results]
+    assert all(points[i] == "64px" for i in range(0, 30, 10))
+    assert "32px" in points  # 30 queued at once: only the smallest point drains them in time
+    assert max(r["batch_size"] for r in results) == 8 and min(r["batch_size"] for r in results) >= 1
+    tops = {r["operating_point"]["name"]: r["top"][0]["class"] for r in results}
+    assert tops["32px"] == "c" and tops["64px"] == "a"  # each batch really ran at its point
+    assert after["operating_point"]["name"] == "64px" and after["batch_size"] == 1
+
+
+def test_over_target_requests_get_overloaded_with_a_retry_time():
+    slow = LatencyModel(dict(zip(POINT_NAMES, (5000.0, 3000.0, 2000.0))), dict.fromkeys(POINT_NAMES, 1.0), learn=False)
+    engine = ServingEngine(synthetic_points(), ServeOptions(target_p95_ms=100), latency=slow)
+
+    async def one():
+        await engine.start()
+        try:
+            await engine.submit(torch.zeros(3, 8, 8, dtype=torch.uint8), engine.constrain())
+        finally:
+            await engine.stop()
+
+    with pytest.raises(Overloaded) as e:
+        asyncio.run(one())
+    assert e.value.retry_after == 3  # ceil(2001 ms): the fastest point, alone
+
+
+# --- HTTP, on a real run ---
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    data = root / "data"
+    shutil.copytree(flexres.sample_data_dir(), data)
+    flexres.train({"model": {"name": "resnet18", "width_mult": 0.25}, "method": {"name": "rsnet", "resolutions": [64, 48]},
+                   "data": {"root": str(data), "cache": True, "num_workers": 0},
+                   "train": {"epochs": 1, "batch_size": 25, "lr": 0.02, "progress": False, "eval_every": 0}}, root / "run",
+                  log=lambda s: None)
+    flexres.table(root / "run", data, resolutions=[64, 56, 48])
+    return root / "run", data
+
+
+def jpeg(size=(90, 70), color=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def client(run_dir):
+    app = create_app(run_dir[0], ServeOptions(max_wait_ms=1))
+    with TestClient(app) as c:
+        yield c
+
+
+def test_points_are_the_query_tables_pareto_frontier(client, run_dir):
+    info = client.get("/points").json()
+    rows = flexres.analysis.table.read_table(run_dir[0])
+    frontier = {r["resolution"] for r in rows if r["pareto_macs"]}
+    assert {p["resolution"] for p in info["points"]} == frontier and info["source"] == "table" and info["mode"] == "fixed"
+    for p in info["points"]:
+        row = next(r for r in rows if r["resolution"] == p["resolution"])
+        assert p["macs"] == row["macs"] and p["expected_top1"] == row["top1"]
+
+
+def test_predict_equals_flexres_predict_for_multipart_and_raw_bodies(client, run_dir):
+    run, data = run_dir
+    image = sorted((data / "val").rglob("*.JPEG"))[0]
+    expected = flexres.predict(run, [image], resolution=48)["predictions"][0]["top"]
+    for kwargs in ({"files": {"file": ("x.jpg", image.read_bytes(), "image/jpeg")}},
+                   {"content": image.read_bytes(), "headers": {"content-type": "image/jpeg"}}):
+        r = client.post("/predict?resolution=48", **kwargs)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["operating_point"]["resolution"] == 48 and body["operating_point"]["macs"] > 0
+        assert [t["label"] for t in body["top"]] == [t["label"] for t in expected]
+        for got, want in zip(body["top"], expected):
+            assert got["probability"] == pytest.approx(want["probability"], abs=2e-4)
+        assert body["latency_ms"] >= body["inference_ms"] > 0 and body["batch_size"] == 1
+
+
+def test_budgets_pick_the_best_point_that_fits(client):
+    points = client.get("/points").json()["points"]
+    cheapest = min(points, key=lambda p: p["macs"])
+    r = client.post(f"/predict?max_macs={cheapest['macs']}", content=jpeg())
+    assert r.status_code == 200 and r.json()["operating_point"]["name"] == cheapest["name"]
+    best = client.post("/predict", content=jpeg()).json()["operating_point"]  # fixed mode, no resolution: the best point
+    assert best["expected_top1"] == max(p["expected_top1"] for p in points)
+    r = client.post("/predict?max_latency_ms=10000&topk=2", content=jpeg())
+    assert r.status_code == 200 and len(r.json()["top"]) == 2
+
+
+@pytest.mark.parametrize("query, body, status, message", [
+    ("", b"", 400, "empty body"),
+    ("", b"this is not an image", 415, "not an image"),
+    ("?resolution=100", None, 422, "resolution 100 is not served; served resolutions:"),
+    ("?resolution=abc", None, 422, "resolution='abc' is not a number"),
+    ("?max_macs=1K", None, 422, "no operating point within 0.0 MMACs: the cheapest"),
+    ("?max_latency_ms=0.000001", None, 422, "no operating point answers within 1e-06 ms"),
+])
+def test_bad_requests_get_a_clear_4xx_and_leave_the_server_healthy(client, query, body, status, message):
+    r = client.post("/predict" + query, content=jpeg() if body is None else body)
+    assert r.status_code == status and message in r.json()["detail"], r.text
+    assert client.get("/health").json()["status"] == "ok"
+    assert client.post("/predict", content=jpeg()).status_code == 200
+
+
+def test_oversized_uploads_and_images_get_413(run_dir):
+    app = create_app(run_dir[0], max_upload_bytes=2000, max_pixels=100 * 100)
+    with TestClient(app) as c:
+        r = c.post("/predict", content=b"\xff" * 5000)
+        assert r.status_code == 413 and "over the limit of 2000 bytes" in r.json()["detail"]
+        r = c.post("/predict", files={"file": ("x.jpg", b"\xff" * 5000, "image/jpeg")})
+        assert r.status_code == 413
+        buf = io.BytesIO()
+        Image.new("RGB", (300, 300)).save(buf, "PNG")  # a flat image compresses to under 2000 bytes
+        small_file_many_pixels = buf.getvalue()
+        assert len(small_file_many_pixels) < 2000
+        r = c.post("/predict", content=small_file_many_pixels)
+        assert r.status_code == 413 and "300 x 300" in r.json()["detail"]
+        assert c.get("/health").status_code == 200
+
+
+def test_an_overloaded_server_answers_503_with_retry_after(run_dir):
+    points = flexres.serving.load_points(run_dir[0])
+    names = [p.name for p in points.points]
+    slow = LatencyModel({n: 5000.0 for n in names}, {n: 1.0 for n in names}, learn=False)
+    app = create_app(engine=ServingEngine(points, ServeOptions(target_p95_ms=200), latency=slow))
+    with TestClient(app) as c:
+        r = c.post("/predict", content=jpeg())
+        assert r.status_code == 503 and r.headers["retry-after"] == "6" and "cheapest point" in r.json()["detail"]
+        assert c.get("/health").json()["status"] == "ok"
+        assert 'flexres_rejected_total{reason="over_target"} 1.0' in c.get("/metrics").text
+
+
+def test_metrics_count_requests_points_and_batches(run_dir):
+    with TestClient(create_app(run_dir[0])) as c:
+        for _ in range(3):
+            assert c.post("/predict?resolution=48", content=jpeg()).status_code == 200
+        assert c.post("/predict", content=b"").status_code == 400
+        text = c.get("/metrics").text
+    assert 'flexres_requests_total{endpoint="predict",status="200"} 3.0' in text
+    assert 'flexres_requests_total{endpoint="predict",status="400"} 1.0' in text
+    assert 'flexres_operating_point_total{point="48px"} 3.0' in text
+    assert "flexres_request_latency_seconds_count 3.0" in text and "flexres_batch_size_count 3.0" in text
+    assert "flexres_queue_length 0.0" in text
+
+
+def test_page_and_side_by_side_endpoint(client):
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="drop"' in page.text and "/predict/all" in page.text
+    example = client.get("/example.jpg")
+    assert example.status_code == 200 and example.headers["content-type"] == "image/jpeg"
+    body = client.post("/predict/all", files={"file": ("e.jpg", example.content, "image/jpeg")}).json()
+    points = client.get("/points").json()["points"]
+    assert [r["operating_point"]["name"] for r in body["results"]] == [p["name"] for p in points]
+    for r in body["results"]:  # top-5 of 10 classes, most probable first
+        probs = [t["probability"] for t in r["top"]]
+        assert len(probs) == 5 and probs == sorted(probs, reverse=True) and 0.5 <= sum(probs) <= 1.0 + 1e-3
+
+
+def test_serving_exported_models_gives_the_exported_points(run_dir, tmp_path):
+    run, data = run_dir
+    files = [flexres.export(run, r, out=tmp_path / f"m{r}.onnx", data=data)["path"] for r in (64, 48)]
+    with TestClient(create_app(files)) as c:
+        info = c.get("/points").json()
+        assert {p["resolution"] for p in info["points"]} == {64, 48} and info["source"] == "exported"
+        image = sorted((data / "val").rglob("*.JPEG"))[3]
+        got = c.post("/predict?resolution=64", content=image.read_bytes()).json()["top"]
+        want = flexres.predict(run, [image], resolution=64)["predictions"][0]["top"]
+        assert [t["label"] for t in got] == [t["label"] for t in want]
+        assert c.post("/predict?resolution=56", content=image.read_bytes()).status_code == 422
+
+
+def test_engine_options_are_checked():
+    with pytest.raises(ValueError, match="resolution 100 is not among the served points"):
+        ServingEngine(synthetic_points(), ServeOptions(resolution=100), latency=synthetic_latency(POINT_NAMES))
+    with pytest.raises(ValueError, match="max_batch"):
+        ServingEngine(synthetic_points(), ServeOptions(max_batch=0), latency=synthetic_latency(POINT_NAMES))
