@@ -43,6 +43,21 @@ def test_controller_lowers_the_point_as_the_queue_grows_and_raises_it_as_it_drai
     assert c.choose(1, allowed=["mid", "small"]).point == "mid"
 
 
+def test_feedback_from_observed_latency_tightens_and_then_relaxes_the_plan():
+    c = AdaptiveController(["big", "mid", "small"], synthetic_latency(), target_ms=50, max_batch=8)
+    assert c.choose(1).point == "big"  # 15 ms planned against 40
+    for _ in range(4):  # clients saw 80 ms: something outside the model costs time; 40 x 0.85^4 = 20.9 ms
+        c.feedback(80.0)
+    assert c.scale == pytest.approx(0.85**4) and c.choose(1).point == "big"
+    c.feedback(80.0)  # 17.7 ms: big (15) still fits one request, not two (20)
+    assert c.choose(2).point == "mid"
+    c.feedback(40.0)  # between 70 % and 100 % of the target: hold
+    assert c.scale == pytest.approx(0.85**5)
+    for _ in range(20):
+        c.feedback(10.0)
+    assert c.scale == 1.0 and c.choose(2).point == "big"
+
+
 def test_admission_refuses_what_even_the_cheapest_point_cannot_answer_in_time():
     c = AdaptiveController(["big", "mid", "small"], synthetic_latency(), target_ms=50, max_batch=8)
     ok, ms = c.admits(ahead=8, busy_ms=0)  # one batch of 8 at small (1 + 4), then this one alone at small (1.5)
@@ -51,6 +66,8 @@ def test_admission_refuses_what_even_the_cheapest_point_cannot_answer_in_time():
     assert ok and ms == pytest.approx(5 + 15)
     ok, ms = c.admits(ahead=80, busy_ms=10)  # 10 batches of small (5 ms each) behind 10 ms in flight
     assert not ok and ms == pytest.approx(10 + 50 + 1.5)
+    ok, ms = c.admits(ahead=8, busy_ms=0, overhead_ms=6)  # decoding costs 6 ms a request, this one included
+    assert not ok and ms == pytest.approx(5 + 1.5 + 6 * 9)
 
 
 def test_latency_model_fits_two_batch_sizes_and_learns_a_slowdown():

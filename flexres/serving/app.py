@@ -123,12 +123,22 @@ def create_app(targets: str | Path | Sequence[str | Path] | None = None, options
             res = number(request, "resolution", int)
             topk = int(number(request, "topk", int) or engine.options.topk)
             constraint = engine.constrain(res, number(request, "max_macs", parse_count), number(request, "max_latency_ms", float))
-            image = await image_from(request)
-            out = await engine.submit(image, constraint, max(1, topk))
+            arrival = engine.admit(constraint)
         except RequestError as e:
             return error("predict", e.status, str(e))
         except Overloaded as e:
             return error("predict", 503, str(e), {"Retry-After": str(e.retry_after)})
+        answered = False
+        try:
+            image = await image_from(request)
+            out = await engine.submit(image, constraint, max(1, topk), arrival)
+            answered = True
+        except RequestError as e:
+            return error("predict", e.status, str(e))
+        except Overloaded as e:
+            return error("predict", 503, str(e), {"Retry-After": str(e.retry_after)})
+        finally:
+            engine.finish(arrival, answered)
         metrics.requests.labels("predict", "200").inc()
         metrics.latency.observe(time.perf_counter() - start)
         return out
@@ -145,7 +155,8 @@ def create_app(targets: str | Path | Sequence[str | Path] | None = None, options
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "mode": engine.mode, "queue": len(engine.queue), "points": len(engine.points.points),
+        return {"status": "ok", "mode": engine.mode, "queue": len(engine.queue), "in_flight": engine.inflight,
+                "points": len(engine.points.points),
                 "model": engine.points.description}
 
     @app.get("/points")

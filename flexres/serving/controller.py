@@ -66,7 +66,11 @@ class AdaptiveController:
     For a queue of ``n`` requests whose oldest has waited ``w`` ms, serving everything at point p makes the
     oldest wait ``w + batch(p)`` and the newest ``drain(p, n)``; the controller takes the first point, in order of
     preference, where both fit. A longer queue makes drain(p, n) larger, so it moves down; when the queue drains it
-    moves back up by the same rule, with no state to unwind.
+    moves back up by the same rule.
+
+    What the model does not see (HTTP parsing, JPEG decoding, other processes) is corrected by feedback: when the
+    p95 of the latencies clients actually got is over the target, ``scale`` shrinks the budget the model plans with
+    (x0.85 per report); when it is well under (below 70 %), the budget grows back (x1.05, up to the full budget).
     """
 
     preference: list[str]  # most accurate first
@@ -74,6 +78,14 @@ class AdaptiveController:
     target_ms: float
     max_batch: int
     headroom: float = 0.8
+    scale: float = 1.0  # feedback from observed latency, in [min_scale, 1]
+    min_scale: float = 0.1
+
+    def feedback(self, observed_p95_ms: float) -> None:
+        if observed_p95_ms > self.target_ms:
+            self.scale = max(self.min_scale, self.scale * 0.85)
+        elif observed_p95_ms < 0.7 * self.target_ms:
+            self.scale = min(1.0, self.scale * 1.05)
 
     def predicted_ms(self, point: str, queued: int, oldest_wait_ms: float) -> float:
         first = self.latency.batch_ms(point, min(max(queued, 1), self.max_batch))
@@ -81,7 +93,7 @@ class AdaptiveController:
 
     def choose(self, queued: int, oldest_wait_ms: float = 0.0, allowed: Sequence[str] | None = None,
                target_ms: float | None = None) -> Decision:
-        target = (self.target_ms if target_ms is None else target_ms) * self.headroom
+        target = (self.target_ms if target_ms is None else target_ms) * self.headroom * self.scale
         options = [p for p in self.preference if allowed is None or p in allowed]
         if not options:
             raise ValueError("no allowed operating point")
@@ -95,15 +107,16 @@ class AdaptiveController:
             decision = Decision(fastest, self.predicted_ms(fastest, queued, oldest_wait_ms), "over target at every point")
         return decision
 
-    def admits(self, ahead: int, busy_ms: float, allowed: Sequence[str] | None = None, target_ms: float | None = None
-               ) -> tuple[bool, float]:
-        """Whether a new request can meet the target behind ``ahead`` queued requests and ``busy_ms`` of work in
-        flight, if those run at the fastest point and it at its own fastest allowed one; and that predicted latency
-        (for a Retry-After)."""
+    def admits(self, ahead: int, busy_ms: float, allowed: Sequence[str] | None = None, target_ms: float | None = None,
+               overhead_ms: float = 0.0) -> tuple[bool, float]:
+        """Whether a new request can meet the target behind ``ahead`` requests (accepted, not yet answered) and
+        ``busy_ms`` of work in flight, if those run at the fastest point and it at its own fastest allowed one, each
+        also costing ``overhead_ms`` outside the model (reading, decoding); and that predicted latency (for a
+        Retry-After)."""
         fastest = min(self.preference, key=lambda p: self.latency.batch_ms(p, self.max_batch))
         queue_ms = self.latency.drain_ms(fastest, ahead, self.max_batch) if ahead else 0.0
         own_ms = min(self.latency.batch_ms(p, 1) for p in self.preference if allowed is None or p in allowed)
-        ms = busy_ms + queue_ms + own_ms
+        ms = busy_ms + queue_ms + own_ms + overhead_ms * (ahead + 1)
         return ms <= (self.target_ms if target_ms is None else target_ms), ms
 
 

@@ -91,6 +91,9 @@ class ServingEngine:
         self.controller = AdaptiveController([p.name for p in points.by_preference()], self.latency,
                                              o.target_p95_ms if o.target_p95_ms is not None else math.inf, o.max_batch, o.headroom)
         self.queue: deque[Pending] = deque()
+        self.inflight = 0  # admitted and not yet answered: reading, decoding, queued or running
+        self.overhead_ms = 0.0  # moving average of the time from arrival to queue (reading and decoding)
+        self.recent_ms: deque[float] = deque(maxlen=64)  # latencies of the last answered requests, for feedback
         self._busy_until_ms = 0.0
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
@@ -144,23 +147,49 @@ class ServingEngine:
         target = max_latency_ms if max_latency_ms is not None else self.options.target_p95_ms
         return Constraint(allowed, target)
 
-    async def submit(self, image: Tensor, constraint: Constraint, topk: int | None = None) -> dict[str, Any]:
-        """Queue one decoded image (uint8 3 x H x W); returns its prediction once its batch has run."""
+    def admit(self, constraint: Constraint) -> float:
+        """Accept a request (before its body is read and decoded, so refusing it costs almost nothing) or raise
+        Overloaded; returns its arrival time. Every admitted request must be closed with ``finish``."""
         now = self.clock()
         o = self.options
         busy = max(self._busy_until_ms - now, 0.0)
-        if len(self.queue) >= o.max_queue:
+        if self.inflight >= o.max_queue:
             self.metrics.rejected.labels("queue_full").inc()
             raise Overloaded(f"the queue is full ({o.max_queue} requests)",
-                             retry_after_s(busy + self.latency.drain_ms(self.controller.preference[-1], len(self.queue), o.max_batch)))
+                             retry_after_s(busy + self.latency.drain_ms(self.controller.preference[-1], self.inflight, o.max_batch)))
         if constraint.target_ms is not None:
-            ok, predicted = self.controller.admits(len(self.queue), busy, constraint.allowed, constraint.target_ms)
+            ok, predicted = self.controller.admits(self.inflight, busy, constraint.allowed, constraint.target_ms, self.overhead_ms)
             if not ok:
                 self.metrics.rejected.labels("over_target").inc()
                 raise Overloaded(f"the load is above what the server can answer within {constraint.target_ms:g} ms even at its "
                                  f"cheapest point (predicted {predicted:.0f} ms)", retry_after_s(predicted))
+        self.inflight += 1
+        self.metrics.inflight.set(self.inflight)
+        return now
+
+    def finish(self, arrival_ms: float, answered: bool) -> None:
+        self.inflight -= 1
+        self.metrics.inflight.set(self.inflight)
+        if answered:
+            self.recent_ms.append(self.clock() - arrival_ms)
+
+    async def submit(self, image: Tensor, constraint: Constraint, topk: int | None = None, arrival_ms: float | None = None
+                     ) -> dict[str, Any]:
+        """Queue one decoded image (uint8 3 x H x W); returns its prediction once its batch has run. ``arrival_ms``
+        is what ``admit`` returned; without it the request is admitted here."""
+        if arrival_ms is None:
+            arrival = self.admit(constraint)
+            answered = False
+            try:
+                out = await self.submit(image, constraint, topk, arrival)
+                answered = True
+                return out
+            finally:
+                self.finish(arrival, answered)
+        # Reading and decoding happened between arrival and now: the cost outside the model, per request.
+        self.overhead_ms = 0.9 * self.overhead_ms + 0.1 * (self.clock() - arrival_ms)
         future = asyncio.get_running_loop().create_future()
-        self.queue.append(Pending(image, constraint, topk or o.topk, now, future))
+        self.queue.append(Pending(image, constraint, topk or self.options.topk, arrival_ms, future))
         self.metrics.queue.set(len(self.queue))
         self._wake()
         return await future
@@ -241,6 +270,8 @@ class ServingEngine:
             self.metrics.batch.observe(len(batch))
             self.metrics.point.labels(point.name).inc(len(batch))
             self.metrics.correction.set(self.latency.correction)
+            if len(self.recent_ms) >= 8:
+                self.controller.feedback(sorted(self.recent_ms)[int(0.95 * (len(self.recent_ms) - 1))])
             done = self.clock()
             for r, top in zip(batch, results):
                 if not r.future.done():

@@ -20,6 +20,8 @@ class ServeMetrics:
                                    buckets=LATENCY_BUCKETS, registry=r)
         self.point = Counter("flexres_operating_point", "requests served at each operating point", ["point"], registry=r)
         self.queue = Gauge("flexres_queue_length", "requests waiting for a batch", registry=r)
+        self.inflight = Gauge("flexres_in_flight", "requests admitted and not yet answered (reading, decoding, queued, running)",
+                              registry=r)
         self.batch = Histogram("flexres_batch_size", "requests per batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.rejected = Counter("flexres_rejected", "requests refused before inference, by reason", ["reason"], registry=r)
         self.correction = Gauge("flexres_latency_correction", "observed / predicted batch time (moving average)", registry=r)
