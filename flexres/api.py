@@ -71,6 +71,12 @@ def _ensure_calibrated(model, meta: dict[str, Any], ckpt: Path, train_ds, points
         meta["calibration"] = {"num_images": num_images}
 
 
+def _normalization(meta: dict[str, Any]) -> dict[str, Any]:
+    """The mean and std the run was trained with (a pretrained timm / torchvision model's own), for evaluation."""
+    norm = meta.get("normalization") or {}
+    return {"mean": norm.get("mean"), "std": norm.get("std")}
+
+
 def _json_matrix(m: dict[int, dict[int, float]]) -> dict[str, dict[str, float]]:
     return {str(j): {str(i): round(p, 2) for i, p in row.items()} for j, row in m.items()}
 
@@ -126,7 +132,7 @@ def evaluate(runs: str | Path | Sequence[str | Path], data: str | Path, resoluti
             _ensure_calibrated(model, meta, ckpt, train_ds, points, calibration_images or cfg["eval"]["calibration_images"],
                                batch_size, cfg, str(data), workers)
         results = evaluate_model(model, val, res_list, bn_policy, batch_size, meta.get("crop_fraction", 0.875), progress=progress,
-                                 scale_policy=scale_policy, workers=workers, width=width, note=note)
+                                 scale_policy=scale_policy, workers=workers, width=width, note=note, **_normalization(meta))
         label = Path(run).name if Path(run).is_dir() else Path(run).parent.name
         if label in report["runs"]:  # two runs with one folder name: tell them apart by their parent
             label = str(Path(ckpt.parent.parent.name) / ckpt.parent.name)
@@ -251,7 +257,7 @@ def table(run: str | Path, data: str | Path | None = None, widths: Sequence[floa
                                batch_size, cfg, str(data), workers)
         for w, sc in itertools.product(widths, configs):
             add_rows(w, sc, evaluate_model(model, val, res_list, bn_policy, batch_size, meta.get("crop_fraction", 0.875),
-                                           workers=workers, width=w, scales=sc, note=note))
+                                           workers=workers, width=w, scales=sc, note=note, **_normalization(meta)))
     mark_pareto(rows)
     if write:
         write_table(rows, ckpt.parent, {"data": str(data), "bn_policy": bn_policy, "latency_batch": 1})

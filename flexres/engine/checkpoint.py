@@ -321,9 +321,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def load_into(model: AdaptiveModel, path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint's weights into an existing model (checked); returns the sidecar."""
+    """Load a checkpoint's weights into an existing model (checked); returns the sidecar.
+
+    A network trained at one resolution loads into the same architecture switchable over several: every
+    resolution's BN starts from its one BN (``train.init_from`` an I-Net to fine-tune it into an RS-Net)."""
     ckpt = resolve_checkpoint(path)
     tensors, meta = read_checkpoint(ckpt)
+    saved_res = meta.get("train_resolutions") or []
+    if len(saved_res) == 1 and len(model.train_resolutions) > 1:
+        n = len(model.train_resolutions)
+        tensors = {k: v for k, v in tensors.items() if ".bns.0." not in k} | {
+            k.replace(".bns.0.", f".bns.{i}."): v for k, v in tensors.items() if ".bns.0." in k for i in range(n)}
+        meta = {**meta, "train_resolutions": list(model.train_resolutions)}
+        note(f"{ckpt} was trained at {saved_res[0]} px only: each of the {n} resolutions' BNs starts from its BN")
     load_model_state(model, tensors, meta, str(ckpt))
     return meta
 

@@ -11,11 +11,13 @@ import yaml
 from ..errors import ConfigError
 
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "model": {"name": "resnet18", "width_mult": 1.0, "num_classes": None, "kwargs": {}},
+    # pretrained (timm:<name> / torchvision:<name> models): true for the library's download, or a local .safetensors
+    "model": {"name": "resnet18", "width_mult": 1.0, "num_classes": None, "pretrained": None, "kwargs": {}},
     "method": {"name": "rsnet", "resolutions": [224, 192, 160, 128, 96], "kwargs": {}},
     "data": {
         "root": None, "train_split": "train", "val_split": "val", "cache": False, "num_workers": 4,
-        "skip_unreadable": False, "hflip": True, "scale": [0.08, 1.0], "ratio": [0.75, 1.3333333333333333], "crop_fraction": 0.875,
+        "skip_unreadable": False, "hflip": True, "scale": [0.08, 1.0], "ratio": [0.75, 1.3333333333333333],
+        "crop_fraction": None,  # eval centre crop; None: the model's pretrained config (timm, torchvision), else 0.875
         "class_names": None,
     },
     "train": {

@@ -71,7 +71,14 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return 0.5 * peak * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_model_and_method(cfg: dict[str, Any], num_classes: int) -> tuple[AdaptiveModel, Method]:
+def model_preprocessing(model: AdaptiveModel) -> dict[str, Any]:
+    """Mean, std and eval crop fraction: the source's (a timm / torchvision model's pretrained config), else ImageNet's."""
+    pre = getattr(model, "preprocessing", None) or {}
+    return {"mean": list(pre.get("mean", IMAGENET_MEAN)), "std": list(pre.get("std", IMAGENET_STD)),
+            "crop_fraction": float(pre.get("crop_fraction", 0.875))}
+
+
+def build_model_and_method(cfg: dict[str, Any], num_classes: int, pretrained: bool = True) -> tuple[AdaptiveModel, Method]:
     mcfg, meth = cfg["model"], cfg["method"]
     method = create_method(meth["name"], resolutions=meth["resolutions"], label_smoothing=cfg["train"]["label_smoothing"],
                            **meth["kwargs"])
@@ -79,7 +86,7 @@ def build_model_and_method(cfg: dict[str, Any], num_classes: int) -> tuple[Adapt
     if hasattr(method, "width_range"):  # slimmable recipes: the model serves the widths the method trains
         kwargs.setdefault("width_range", list(method.width_range))
     model = create_model(mcfg["name"], num_classes=num_classes, train_resolutions=list(method.resolutions),
-                         width_mult=mcfg["width_mult"], **kwargs)
+                         width_mult=mcfg["width_mult"], pretrained=mcfg["pretrained"] if pretrained else None, **kwargs)
     return model, method
 
 
@@ -195,6 +202,8 @@ class Trainee:
     scaler: torch.amp.GradScaler
     use_amp: bool
     channels_last: bool
+    mean: list[float]
+    std: list[float]
 
 
 @dataclass
@@ -251,7 +260,7 @@ def class_names(d: dict[str, Any], folders: list[str]) -> list[str] | None:
 def build_trainee(cfg: dict[str, Any], num_classes: int, procs: Processes, resume: bool, log: Callable[[str], None]) -> Trainee:
     """Model, method, optimiser and the module a step calls (compiled, DDP-wrapped as configured)."""
     t = cfg["train"]
-    model, method = build_model_and_method(cfg, num_classes)
+    model, method = build_model_and_method(cfg, num_classes, pretrained=not resume)  # a resumed run has its own weights
     if t["init_from"] and not resume:  # start from trained weights, e.g. to fine-tune a Resizable-NAS pick
         meta = load_into(model, t["init_from"])
         log(f"initialised the model from {t['init_from']} (epoch {meta.get('epoch')})")
@@ -273,7 +282,9 @@ def build_trainee(cfg: dict[str, Any], num_classes: int, procs: Processes, resum
         device = procs.device
         step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
     use_amp = t["amp"] and procs.device.type == "cuda"
-    return Trainee(model, method, optimizer, step_module, torch.amp.GradScaler("cuda", enabled=use_amp), use_amp, t["channels_last"])
+    pre = model_preprocessing(model)
+    return Trainee(model, method, optimizer, step_module, torch.amp.GradScaler("cuda", enabled=use_amp), use_amp, t["channels_last"],
+                   pre["mean"], pre["std"])
 
 
 def plan_steps(t: dict[str, Any], num_images: int, world: int) -> StepPlan:
@@ -366,7 +377,7 @@ def train_micro_batch(batch: dict[str, Any], step: int, i: int, epoch: int, last
     method.progress = step / plan.total_steps
     device = procs.device
     labels = batch["labels"].to(device, non_blocking=True)
-    inputs = tuple(normalize_batch(x.to(device, non_blocking=True)) for x in batch["inputs"])
+    inputs = tuple(normalize_batch(x.to(device, non_blocking=True), trainee.mean, trainee.std) for x in batch["inputs"])
     if trainee.channels_last:
         inputs = tuple(x.contiguous(memory_format=torch.channels_last) for x in inputs)
     with sync:
@@ -417,7 +428,9 @@ def validate(cfg: dict[str, Any], model: AdaptiveModel, method: Method, train_ds
         model.clear_calibration()
         calibrate(model, train_ds, list(method.resolutions), min(cfg["eval"]["calibration_images"], 1000),
                   cfg["eval"]["batch_size"], d["scale"], d["ratio"], seed=t["seed"])
-    res = evaluate(model, val_ds, list(method.resolutions), crop_fraction=d["crop_fraction"], batch_size=cfg["eval"]["batch_size"])
+    pre = model_preprocessing(model)
+    res = evaluate(model, val_ds, list(method.resolutions), crop_fraction=d["crop_fraction"], batch_size=cfg["eval"]["batch_size"],
+                   mean=pre["mean"], std=pre["std"])
     model.clear_calibration()
     return {str(r): round(v["top1"], 2) for r, v in res.items()}
 
@@ -457,6 +470,8 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
         raise ValueError(f"model.num_classes={num_classes} but {train_ds.root} has {len(train_ds.classes)} classes")
     trainee = build_trainee(cfg, num_classes, procs, resume, log)
     model, method = trainee.model, trainee.method
+    if d["crop_fraction"] is None:  # resolved here, so the run's config.yaml and sidecar say what was used
+        d["crop_fraction"] = model_preprocessing(model)["crop_fraction"]
     train_ds.transform = MultiResolutionCrop(method.resolutions, d["scale"], d["ratio"], hflip=d["hflip"])
     plan = plan_steps(t, len(train_ds), procs.world)
     names = class_names(d, train_ds.classes)  # checked before anything is written
@@ -466,7 +481,7 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
         "flexres_version": __version__, "method": {"name": method.name, "resolutions": list(method.resolutions),
                                                    **cfg["method"]["kwargs"]},
         "classes": train_ds.classes, "class_names": names,
-        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "normalization": {"mean": trainee.mean, "std": trainee.std},
         "crop_fraction": d["crop_fraction"], "config": cfg,
     }
     last: dict[str, Any] = {}

@@ -23,11 +23,21 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern))
 
 
-def create_model(name: str, **kwargs: Any) -> AdaptiveModel:
-    """Build a registered model; its name and kwargs are recorded on ``model.arch`` for checkpoints."""
-    if name not in _MODELS:
-        raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    model = _MODELS[name](**kwargs)
+def create_model(name: str, pretrained: bool | str | None = None, **kwargs: Any) -> AdaptiveModel:
+    """Build a registered model, or ``timm:<name>`` / ``torchvision:<name>`` made switchable (``pretrained``: True for
+    the library's download, or a local .safetensors file). The name and kwargs are recorded on ``model.arch`` so a
+    checkpoint rebuilds the model (the pretrained weights are not needed again: the checkpoint holds the weights)."""
+    if ":" in name:
+        from .converted import create_converted
+
+        model = create_converted(name, pretrained=pretrained, **kwargs)
+    elif name not in _MODELS:
+        raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}, or timm:<name> / torchvision:<name>")
+    elif pretrained:
+        raise ValueError(f"{name}: 'pretrained' loads timm or torchvision weights into timm:<name> / torchvision:<name> models; "
+                         "to start a flexres model from a run, use train.init_from")
+    else:
+        model = _MODELS[name](**kwargs)
     model.arch = {"name": name, "kwargs": {**kwargs, **getattr(model, "arch_defaults", {})}}
     return model
 
