@@ -1,0 +1,149 @@
+"""LQ-Nets learned quantizers (Zhang et al., ECCV 2018), as layers: the quantized RS-Nets of RS-Nets section 4 / Table 3.
+
+A K-bit quantizer has a basis v in R^K; its 2^K levels are all the combinations v^T b, with b in {-1, +1}^K for
+weights and b in {0, 1}^K for (non-negative) activations. A value is quantized to its nearest level. The basis is
+learned by quantization-error minimisation (QEM): with the encodings B of the current values fixed, the best basis
+is the least-squares solution v* = argmin ||B v - x||^2, and the running basis follows it by a moving average,
+v <- m v + (1 - m) v* (m = 0.9, as LQ-Nets). Gradients pass straight through (STE); activations are clipped at the
+top level, so no gradient flows above it. Weights get one basis per output channel, activations one per layer (or one
+per trained resolution: ``num_bases``, selected like a switchable BN).
+
+32 bits means no quantization: the layer is the identity, so a 32/32 model equals the plain one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+FULL_PRECISION = 32
+
+
+def encodings(bits: int, signed: bool) -> Tensor:
+    """The 2^K x K matrix of codes: row i holds bit k of i as -1/+1 (signed) or 0/1."""
+    i = torch.arange(2**bits).unsqueeze(1)
+    b = ((i >> torch.arange(bits)) & 1).float()
+    return 2 * b - 1 if signed else b
+
+
+def quantization_levels(basis: Tensor, signed: bool) -> Tensor:
+    """All 2^K levels of ``basis`` (..., K) -> (..., 2^K), level i = encodings[i] . basis."""
+    return basis @ encodings(basis.shape[-1], signed).to(basis).T
+
+
+def nearest_codes(x: Tensor, basis: Tensor, signed: bool) -> Tensor:
+    """Index of the nearest level of every value of ``x`` (G x N, one basis row per group G) -> G x N int64."""
+    levels = quantization_levels(basis, signed)  # G x L
+    order = levels.argsort(dim=1)
+    sorted_levels = levels.gather(1, order)
+    thresholds = (sorted_levels[:, 1:] + sorted_levels[:, :-1]) / 2  # G x (L - 1)
+    rank = torch.searchsorted(thresholds.contiguous(), x.contiguous())  # position among the sorted levels
+    return order.gather(1, rank)
+
+
+def quantize_with(x: Tensor, basis: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+    """(quantized values, codes) of ``x`` (G x N) under ``basis`` (G x K)."""
+    codes = nearest_codes(x, basis, signed)
+    return quantization_levels(basis, signed).gather(1, codes), codes
+
+
+def quantization_error(x: Tensor, basis: Tensor, signed: bool) -> Tensor:
+    """Sum of squared differences between ``x`` (G x N) and its nearest levels."""
+    return (quantize_with(x, basis, signed)[0] - x).pow(2).sum()
+
+
+def least_squares_basis(x: Tensor, codes: Tensor, basis: Tensor, signed: bool, ridge: float = 1e-6) -> Tensor:
+    """QEM: per group, v* = argmin ||B v - x||^2 for the encodings B of ``codes``; B^T B and B^T x are summed per code,
+    so the cost is one pass over x. A tiny ridge towards the current ``basis`` keeps a direction no value constrains
+    (a bit that is the same for every value) where it was instead of letting it jump."""
+    g, n_levels = basis.shape[0], 2 ** basis.shape[1]
+    enc = encodings(basis.shape[1], signed).to(x)  # L x K
+    counts = torch.zeros(g, n_levels, dtype=x.dtype, device=x.device).scatter_add_(1, codes, torch.ones_like(x))
+    sums = torch.zeros(g, n_levels, dtype=x.dtype, device=x.device).scatter_add_(1, codes, x)
+    btb = torch.einsum("gl,lk,lj->gkj", counts, enc, enc)  # G x K x K
+    btx = sums @ enc  # G x K
+    lam = ridge * btb.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1.0)[:, None, None]
+    eye = torch.eye(basis.shape[1], dtype=x.dtype, device=x.device)
+    return torch.linalg.solve(btb + lam * eye, (btx + lam[:, :, 0] * basis).unsqueeze(-1)).squeeze(-1)
+
+
+class LQQuantizer(nn.Module):
+    """K-bit LQ-Nets quantizer of a tensor whose values split into ``groups`` (dim 0 of the grouped view).
+
+    ``signed`` (weights): levels symmetric around 0, pure STE. Unsigned (activations): levels >= 0, input clipped to
+    [0, top level] for the gradient. ``num_bases`` > 1 keeps a private basis per index chosen by ``select`` (one per
+    trained resolution); the bases are buffers, updated only in training, by QEM and a moving average ``momentum``.
+    """
+
+    def __init__(self, bits: int, signed: bool, groups: int = 1, num_bases: int = 1, momentum: float = 0.9) -> None:
+        super().__init__()
+        if not (1 <= bits <= 8 or bits == FULL_PRECISION):
+            raise ValueError(f"bits must be 1-8 or {FULL_PRECISION} (full precision), got {bits}")
+        self.bits, self.signed, self.groups, self.momentum = bits, signed, groups, momentum
+        k = bits if bits != FULL_PRECISION else 1
+        self.register_buffer("basis", torch.zeros(num_bases, groups, k))
+        self.register_buffer("initialized", torch.zeros(num_bases, dtype=torch.bool))
+        self.index = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits != FULL_PRECISION
+
+    def select(self, index: int) -> None:
+        if not 0 <= index < self.basis.shape[0]:
+            raise IndexError(f"basis {index} of {self.basis.shape[0]}")
+        self.index = index
+
+    @torch.no_grad()
+    def _initial_basis(self, x: Tensor) -> Tensor:
+        """Powers of two scaled to the data: uniform levels spanning about +-2 std (weights) or [0, max(mean + 3 std)]."""
+        powers = 2.0 ** torch.arange(self.bits, dtype=x.dtype, device=x.device)
+        if self.signed:
+            scale = 2 * x.std(dim=1, keepdim=True).clamp_min(1e-8) / (2**self.bits - 1)
+        else:
+            top = (x.mean() + 3 * x.std()).clamp_min(1e-3)
+            scale = (top / (2**self.bits - 1)).expand(x.shape[0], 1)
+        return scale * powers
+
+    def grouped(self, x: Tensor) -> Tensor:
+        return x.reshape(self.groups, -1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        flat = self.grouped(x.detach().float())
+        i = self.index
+        if self.training or not bool(self.initialized[i]):
+            with torch.no_grad():
+                if not bool(self.initialized[i]):
+                    self.basis[i] = self._initial_basis(flat)
+                    self.initialized[i] = True
+        basis = self.basis[i]
+        q, codes = quantize_with(flat, basis, self.signed)
+        if self.training:
+            with torch.no_grad():
+                best = least_squares_basis(flat, codes, basis, self.signed)
+                self.basis[i] = self.momentum * basis + (1 - self.momentum) * best
+        q = q.reshape(x.shape).to(x.dtype)
+        if self.signed:
+            return x + (q - x).detach()
+        top = quantization_levels(basis, False).max()
+        clipped = x.clamp(0.0, float(top))
+        return clipped + (q - clipped).detach()
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, signed={self.signed}, groups={self.groups}, bases={self.basis.shape[0]}"
+
+
+class QuantConv2d(nn.Conv2d):
+    """A Conv2d whose input is quantized to ``a_bits`` (non-negative activations, one basis per layer or per trained
+    resolution) and whose weight is quantized to ``w_bits`` (one basis per output channel), as LQ-Nets."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0, groups: int = 1,
+                 bias: bool = False, w_bits: int = 2, a_bits: int = FULL_PRECISION, activation_bases: int = 1) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=bias)
+        self.weight_quantizer = LQQuantizer(w_bits, signed=True, groups=out_channels)
+        self.input_quantizer = LQQuantizer(a_bits, signed=False, num_bases=activation_bases)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)

@@ -1,0 +1,126 @@
+"""LQ-Nets quantizers against their equations: levels are the 2^K combinations of the basis, values go to the nearest
+level, one QEM update never increases the quantization error, gradients pass straight through inside the clip range
+and are zero outside, and 32 bits is the identity."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from flexres.nn.quantize import (
+    LQQuantizer,
+    QuantConv2d,
+    encodings,
+    least_squares_basis,
+    nearest_codes,
+    quantization_error,
+    quantization_levels,
+    quantize_with,
+)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("bits", [1, 2, 3])
+def test_levels_are_every_combination_of_the_basis(bits, signed):
+    basis = torch.tensor([[0.3, 0.7, 1.9][:bits]])
+    values = {-1.0, 1.0} if signed else {0.0, 1.0}
+    expected = sorted(sum(b * v for b, v in zip(combo, basis[0].tolist())) for combo in itertools.product(sorted(values), repeat=bits))
+    assert sorted(quantization_levels(basis, signed)[0].tolist()) == pytest.approx(expected)
+    assert encodings(bits, signed).shape == (2**bits, bits)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_every_value_goes_to_its_nearest_level(signed):
+    torch.manual_seed(0)
+    basis = torch.tensor([[0.4, 1.1], [0.2, 0.5], [1.0, 0.3]])  # three groups, K = 2 (not sorted, not powers of two)
+    x = torch.randn(3, 500) * 1.5
+    q, codes = quantize_with(x, basis, signed)
+    levels = quantization_levels(basis, signed)
+    brute = (x[:, :, None] - levels[:, None, :]).abs().argmin(-1)  # nearest level by exhaustive search
+    assert torch.equal(levels.gather(1, brute), q)
+    assert torch.equal(codes, nearest_codes(x, basis, signed))
+    assert all(v in set(levels[g].tolist()) for g in range(3) for v in q[g].tolist())
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_least_squares_basis_is_the_normal_equations_solution(signed):
+    torch.manual_seed(1)
+    x = torch.randn(2, 400).abs() if not signed else torch.randn(2, 400)
+    basis = torch.tensor([[0.5, 1.0], [0.3, 0.6]])
+    codes = nearest_codes(x, basis, signed)
+    best = least_squares_basis(x, codes, basis, signed, ridge=0.0)
+    enc = encodings(2, signed)
+    for g in range(2):
+        b = enc[codes[g]]  # N x K encoding matrix
+        expected = torch.linalg.lstsq(b, x[g].unsqueeze(1)).solution.squeeze(1)
+        assert torch.allclose(best[g], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("signed, bits", [(True, 2), (True, 3), (False, 2), (False, 4)])
+def test_one_basis_update_never_increases_the_quantization_error(signed, bits):
+    torch.manual_seed(2)
+    for trial in range(5):
+        q = LQQuantizer(bits, signed=signed, groups=4 if signed else 1).train()
+        x = torch.randn(4, 64, 3, 3) if signed else torch.relu(torch.randn(8, 4, 6, 6)) * (1 + trial)
+        before_basis = None
+        errors = []
+        for _ in range(4):  # the first call initialises, every call then folds one QEM solution in
+            q(x)
+            flat = q.grouped(x)
+            if before_basis is not None:
+                errors.append((quantization_error(flat, before_basis, signed), quantization_error(flat, q.basis[0], signed)))
+            before_basis = q.basis[0].clone()
+        assert all(after <= before * (1 + 1e-6) for before, after in errors), errors
+        assert errors[-1][1] < errors[0][0]
+
+
+def test_straight_through_gradient_inside_the_clip_range_and_zero_outside():
+    q = LQQuantizer(2, signed=False).eval()
+    q.basis[0] = torch.tensor([[0.5, 1.0]])  # levels 0, 0.5, 1, 1.5
+    q.initialized[0] = True
+    x = torch.tensor([-0.3, 0.2, 0.7, 1.4, 1.6, 3.0], requires_grad=True)
+    y = q(x)
+    assert y.tolist() == pytest.approx([0.0, 0.0, 0.5, 1.5, 1.5, 1.5])
+    y.sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0, 0.0]  # clipped below 0 and above the top level 1.5
+    w = LQQuantizer(2, signed=True, groups=1).eval()
+    w.basis[0] = torch.tensor([[0.5, 1.0]])
+    w.initialized[0] = True
+    v = torch.tensor([-5.0, -0.1, 0.2, 4.0], requires_grad=True)
+    out = w(v)
+    assert out.tolist() == pytest.approx([-1.5, -0.5, 0.5, 1.5])
+    out.sum().backward()
+    assert v.grad.tolist() == [1.0, 1.0, 1.0, 1.0]  # weights: straight through everywhere
+
+
+def test_32_bits_is_the_plain_layer():
+    torch.manual_seed(3)
+    plain = nn.Conv2d(4, 6, 3, padding=1, bias=False)
+    quant = QuantConv2d(4, 6, 3, padding=1, w_bits=32, a_bits=32)
+    quant.weight.data.copy_(plain.weight.data)
+    x = torch.randn(2, 4, 8, 8)
+    for mode in (True, False):
+        quant.train(mode)
+        assert torch.equal(quant(x), plain(x))
+
+
+def test_quantized_conv_uses_few_weight_values_per_channel_and_private_activation_bases():
+    torch.manual_seed(4)
+    conv = QuantConv2d(8, 5, 3, padding=1, w_bits=2, a_bits=2, activation_bases=2).train()
+    x0, x1 = torch.relu(torch.randn(4, 8, 6, 6)), 3 * torch.relu(torch.randn(4, 8, 6, 6))
+    conv.input_quantizer.select(0)
+    conv(x0)
+    conv.input_quantizer.select(1)
+    conv(x1)
+    a = conv.input_quantizer.basis
+    assert not torch.allclose(a[0], a[1])  # each resolution's activations fitted their own levels
+    wq = conv.weight_quantizer(conv.weight)
+    assert all(len(set(wq[c].flatten().tolist())) <= 4 for c in range(5))  # 2 bits: at most 4 values per output channel
+    conv.eval()
+    with pytest.raises(IndexError):
+        conv.input_quantizer.select(2)
+    with pytest.raises(ValueError, match="bits must be"):
+        LQQuantizer(16, signed=True)
