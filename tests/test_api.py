@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from torch import nn
 
 import flexres
@@ -182,3 +183,19 @@ def test_readme_python_section_runs(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile("\n".join(blocks), "README.md (Python section)", "exec"), namespace)  # noqa: S102
     assert (tmp_path / "runs" / "notebook" / "table.json").is_file()
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_config_loads_and_builds_its_model(config):
+    from flexres.engine.config import load_config
+    from flexres.engine.trainer import build_model_and_method
+
+    cfg = load_config(ROOT / "configs" / config)
+    model, method = build_model_and_method(cfg, num_classes=10, pretrained=False)  # no download: the weights are not the point
+    assert tuple(model.train_resolutions) == tuple(sorted(method.resolutions, reverse=True))
+    r = min(method.resolutions)
+    model.set_operating_point(r)
+    # Slimmable models serve eval mode from post-statistics BN only: run them on a batch's own statistics.
+    model.train(model.width_range is not None)
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, r, r)).shape == (2, 10)

@@ -124,3 +124,54 @@ def test_quantized_conv_uses_few_weight_values_per_channel_and_private_activatio
         conv.input_quantizer.select(2)
     with pytest.raises(ValueError, match="bits must be"):
         LQQuantizer(16, signed=True)
+
+
+# --- quantized ResNets with the resolution recipes ---
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    import shutil
+
+    import flexres
+
+    root = tmp_path_factory.mktemp("lq") / "data"
+    shutil.copytree(flexres.sample_data_dir(), root)
+    return root
+
+
+@pytest.mark.parametrize("method, bases", [("individual", "shared"), ("parallel", "shared"), ("rsnet", "shared"), ("rsnet", "private")])
+def test_quantized_resnet_trains_with_every_resolution_recipe(method, bases, sample, tmp_path):
+    import flexres
+
+    res = [48] if method == "individual" else [48, 32]
+    cfg = {"model": {"name": "resnet18", "width_mult": 0.25, "kwargs": {"w_bits": 2, "a_bits": 2, "activation_bases": bases}},
+           "method": {"name": method, "resolutions": res}, "data": {"root": str(sample), "cache": True, "num_workers": 0},
+           "train": {"epochs": 1, "batch_size": 50, "lr": 0.02, "progress": False, "eval_every": 0, "lr_milestones": [0.5]}}
+    metrics = flexres.train(cfg, tmp_path / "run", log=lambda s: None)
+    assert torch.isfinite(torch.tensor(metrics["loss"])) and metrics["lr"] == pytest.approx(0.002)  # after the milestone: /10
+    model, _ = flexres.load_checkpoint(tmp_path / "run")
+    convs = [m for m in model.modules() if isinstance(m, QuantConv2d)]
+    assert isinstance(model.conv1, nn.Conv2d) and not isinstance(model.conv1, QuantConv2d)  # the stem stays full precision
+    assert len(convs) == 19 and all(bool(c.weight_quantizer.initialized[0]) for c in convs)
+    for c in convs:  # the saved weights, quantized, use at most 4 values per output channel
+        w = c.weight_quantizer.eval()(c.weight)
+        assert max(len(set(w[o].flatten().tolist())) for o in range(w.shape[0])) <= 4
+    if bases == "private":
+        model.set_operating_point(32)
+        assert {q.index for q in model.activation_quantizers()} == {1}
+        trained = [q for q in model.activation_quantizers() if bool(q.initialized.all())]
+        assert trained and all(not torch.allclose(q.basis[0], q.basis[1]) for q in trained)
+    x = torch.randn(2, 3, res[0], res[0])  # the checkpoint holds the bases: a reload computes the same outputs
+    again, _ = flexres.load_checkpoint(tmp_path / "run")
+    model.set_operating_point(res[0])
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+
+
+def test_quantization_options_are_checked():
+    import flexres
+
+    with pytest.raises(ValueError, match="activation_bases must be 'shared'"):
+        flexres.create_model("resnet18", train_resolutions=[48], w_bits=2, activation_bases="per-layer")
+    with pytest.raises(ValueError, match="not SAN, slimmable or resizable"):
+        flexres.create_model("san_resnet18", train_resolutions=[48], w_bits=2)

@@ -22,7 +22,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "train": {
         "epochs": 120, "batch_size": 256, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False,
-        "weight_decay": 1e-4, "warmup_epochs": 0.0, "label_smoothing": 0.0, "seed": 0, "amp": True,
+        "weight_decay": 1e-4, "warmup_epochs": 0.0, "lr_milestones": None, "label_smoothing": 0.0, "seed": 0, "amp": True,
         "channels_last": True, "deterministic": False, "device": "auto", "accumulate_steps": 1,
         "sync_bn": False, "compile": False, "init_from": None, "eval_every": 1, "progress": True,
     },

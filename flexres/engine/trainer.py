@@ -63,10 +63,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
-    """Linear warm-up to ``peak`` over ``warmup`` steps, then cosine decay to zero at ``total``."""
+def lr_at(step: int, total: int, warmup: int, peak: float, milestones: list[int] | None = None) -> float:
+    """Linear warm-up to ``peak`` over ``warmup`` steps, then cosine decay to zero at ``total``; with ``milestones``
+    (steps), a step schedule instead: divided by 10 at each (LQ-Nets: epochs 30, 60, 85, 95, 105 of 120)."""
     if step < warmup:
         return peak * (step + 1) / warmup
+    if milestones:
+        return peak * 0.1 ** sum(step >= m for m in milestones)
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * peak * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
@@ -342,7 +345,8 @@ def run_epoch(epoch: int, cfg: dict[str, Any], train_ds: ImageFolderDataset, tra
                disable=not (t["progress"] and procs.is_main), leave=False)
     for i, micro_batches in enumerate(bar):
         step = epoch * plan.steps_per_epoch + i
-        totals.lr = lr_at(step, plan.total_steps, plan.warmup_steps, t["lr"])
+        totals.lr = lr_at(step, plan.total_steps, plan.warmup_steps, t["lr"],
+                          [int(e * plan.steps_per_epoch) for e in t["lr_milestones"]] if t["lr_milestones"] else None)
         for g in trainee.optimizer.param_groups:
             g["lr"] = totals.lr
         trainee.optimizer.zero_grad(set_to_none=True)

@@ -10,6 +10,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..nn.meta_conv import MetaConv2d
+from ..nn.quantize import FULL_PRECISION, LQQuantizer, QuantConv2d
 from ..nn.slimmable import SlimmableBatchNorm2d, SlimmableConv2d, SlimmableLinear, make_divisible, set_rounding
 from ..nn.stage_resize import factor_key
 from ..nn.switchable_bn import BN_POLICIES, SwitchableBatchNorm2d, nearest_index
@@ -44,6 +45,15 @@ def conv_factory(meta: bool = False, slimmable_divisor: int | None = None) -> Co
 
         return slim
     return _meta_conv if meta else _plain_conv
+
+
+def quantized_conv_factory(w_bits: int, a_bits: int, activation_bases: int) -> ConvFactory:
+    """LQ-Nets convolutions: ``w_bits`` weights (a basis per output channel), ``a_bits`` inputs (``activation_bases``
+    bases: 1 shared by every resolution, or one per trained resolution)."""
+    def quant(cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0, groups: int = 1) -> QuantConv2d:
+        return QuantConv2d(cin, cout, kernel, stride, padding, groups, w_bits=w_bits, a_bits=a_bits, activation_bases=activation_bases)
+
+    return quant
 
 
 def scale_aware_norm(factors: tuple[float, ...], stage: int, train_resolutions: tuple[int, ...]) -> Callable[[int], nn.Module]:
@@ -140,6 +150,23 @@ class AdaptiveModel(nn.Module):
             self._slimmable = [m for m in self.modules() if isinstance(m, kinds)]
         return self._slimmable
 
+    def activation_quantizers(self) -> list[LQQuantizer]:
+        """LQ-Nets activation quantizers with one basis per trained resolution (none in a full-precision model)."""
+        if getattr(self, "_act_quant", None) is None:
+            self._act_quant = [m for m in self.modules() if isinstance(m, LQQuantizer) and not m.signed and m.basis.shape[0] > 1]
+        return self._act_quant
+
+    def use_quantization(self, w_bits: int, a_bits: int, activation_bases: str) -> ConvFactory | None:
+        """The body's conv factory for LQ-Nets ``w_bits`` / ``a_bits`` (None: full precision). The first conv and the
+        classifier stay full precision, as in LQ-Nets."""
+        if activation_bases not in ("shared", "private"):
+            raise ValueError(f"activation_bases must be 'shared' (the authors' code) or 'private' (one per resolution), "
+                             f"got {activation_bases!r}")
+        if w_bits == FULL_PRECISION and a_bits == FULL_PRECISION:
+            return None
+        n = len(self.train_resolutions) if activation_bases == "private" else 1
+        return quantized_conv_factory(w_bits, a_bits, n)
+
     def calibratable_bns(self) -> list[nn.Module]:
         """Every BN whose statistics can be re-estimated per operating point."""
         return [m for m in self.modules() if isinstance(m, (SwitchableBatchNorm2d, SlimmableBatchNorm2d))]
@@ -219,6 +246,8 @@ class AdaptiveModel(nn.Module):
                 m.set_width(op.width)
                 if isinstance(m, SlimmableBatchNorm2d):
                     m.set_key(op.resolution, op.width)
+        for q in self.activation_quantizers():  # private activation bases switch with the resolution, as BNs do
+            q.select(nearest_index(op.resolution, self.train_resolutions))
         if self.scale_divisor is not None:
             eps = self.scale_resolution(op.resolution, scale) / self.scale_divisor
             for conv in self.meta_convs():

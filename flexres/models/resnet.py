@@ -76,12 +76,21 @@ class ResNet(AdaptiveModel):
         channel_rounding: str = "official",
         resizable: bool = False,
         scale_factors: tuple[float, ...] = (0.45, 0.65, 0.85, 1.0),
+        w_bits: int = 32,
+        a_bits: int = 32,
+        activation_bases: str = "shared",
     ) -> None:
         super().__init__(train_resolutions, scale_divisor if meta_conv else None, width_range if slimmable else None,
                          scale_factors if resizable else None)
         norm, conv = self.layer_factories(meta_conv, slimmable, slim_divisor)
         widths = [make_divisible(c * width_mult, 8) for c in (64, 128, 256, 512)]
         self.conv1 = conv(3, widths[0], 7, 2, 3)
+        # LQ-Nets (quantized RS-Nets, RS-Nets Table 3): every conv after the stem quantized; stem and fc full precision.
+        quantized = self.use_quantization(w_bits, a_bits, activation_bases)
+        if quantized is not None:
+            if meta_conv or slimmable or resizable:
+                raise ValueError("quantized ResNets (w_bits / a_bits < 32) are plain RS-Net ResNets: not SAN, slimmable or resizable")
+            conv = quantized
         self.bn1 = norm(widths[0])
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)

@@ -125,11 +125,9 @@ class LQQuantizer(nn.Module):
                 best = least_squares_basis(flat, codes, basis, self.signed)
                 self.basis[i] = self.momentum * basis + (1 - self.momentum) * best
         q = q.reshape(x.shape).to(x.dtype)
-        if self.signed:
-            return x + (q - x).detach()
-        top = quantization_levels(basis, False).max()
-        clipped = x.clamp(0.0, float(top))
-        return clipped + (q - clipped).detach()
+        # Straight-through: the value is exactly q (u - u.detach() is exactly 0), the gradient that of u.
+        u = x if self.signed else x.clamp(0.0, float(quantization_levels(basis, False).max()))
+        return q + (u - u.detach())
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={self.signed}, groups={self.groups}, bases={self.basis.shape[0]}"
