@@ -304,10 +304,16 @@ def export(run: str | Path, resolution: int, width: float = 1.0, scales: Sequenc
            out: str | Path | None = None, *, bn_policy: str | None = None, scale_policy: str | None = None, fold_bn: bool = True,
            data: str | Path | None = None) -> dict[str, Any]:
     """Write one operating point as a static ONNX or TorchScript model (plus ``<file>.json``), checked against
-    the adaptive model on real images; returns that JSON with ``path`` added. Slimmable models get
+    the adaptive model on real images; returns that JSON with ``path`` added. ``format="packed"`` writes the whole
+    quantized model (every resolution) with its LQ-Nets weights as bit-packed codes, loadable by every command. Slimmable models get
     post-statistics BN from ``data``'s training images first, when the run has none for the point."""
     from .deploy import export as export_static
 
+    if format == "packed":
+        from .deploy.export import export_packed
+
+        path = Path(out) if out else resolve_checkpoint(run).parent / "export" / "packed.safetensors"
+        return {"path": str(path), **export_packed(run, path, data)}
     model, meta = load_checkpoint(run)
     op = OperatingPoint(resolution, width, tuple(scales) if scales else None)
     ckpt = resolve_checkpoint(run)

@@ -104,6 +104,14 @@ def _adapt(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.format == "packed":
+        info = api.export(args.run, 0, format="packed", out=args.out, data=args.data)
+        print(f"wrote {info['path']}: {info['bytes'] / 1e6:.3f} MB ({info['quantized_weights']:,} weights at {info['bits']} bits, "
+              f"fp32 tensors {info['fp32_tensor_bytes'] / 1e6:.3f} MB), resolutions {info['resolutions']}; max |difference| to "
+              f"the trained model {info['parity_max_abs_diff']:.1e}")
+        return 0
+    if args.resolution is None:
+        raise ValueError("--resolution is required for onnx and torchscript exports (one operating point)")
     info = api.export(args.run, args.resolution, args.width, args.scales, args.format, args.out, bn_policy=args.bn,
                       scale_policy=args.scale, fold_bn=not args.no_fold_bn, data=args.data)
     out = info["path"]
@@ -211,12 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--resolution", type=resolution)
     ad.set_defaults(func=_adapt)
 
-    x = sub.add_parser("export", help="export one operating point as a static ONNX or TorchScript model")
+    x = sub.add_parser("export", help="export one operating point as a static ONNX or TorchScript model, or a quantized "
+                                      "model bit-packed (--format packed, every resolution)")
     x.add_argument("run", help="run directory or checkpoint")
-    x.add_argument("--resolution", type=resolution, required=True)
+    x.add_argument("--resolution", type=resolution, help="the operating point (onnx, torchscript)")
     x.add_argument("--width", type=float, default=1.0)
     x.add_argument("--scales", type=float, nargs="+")
-    x.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    x.add_argument("--format", choices=["onnx", "torchscript", "packed"], default="onnx")
     x.add_argument("--out", help="output file (default RUN/export/<arch>_<res>.onnx|.pt)")
     x.add_argument("--bn", choices=BN_POLICIES, help="BN policy when the resolution was not trained (default interpolate)")
     x.add_argument("--scale", choices=SCALE_POLICIES, help="SAN models: eps(T) ('exact') or the nearest trained eps")

@@ -6,17 +6,19 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..analysis import count_macs, count_params
 from ..data import EvalTransform, ImageFolderDataset, load_rgb, normalize_batch, sample_data_dir
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..models import AdaptiveModel
 from ..models.static import StaticClassifier, to_static
 from ..operating_point import OperatingPoint
 from ..version import __version__
 
-__all__ = ["PARITY_TOLERANCE", "StaticClassifier", "export", "preprocessing", "reference_images", "to_static"]
+__all__ = ["PARITY_TOLERANCE", "StaticClassifier", "export", "export_packed", "preprocessing", "reference_images", "to_static"]
 
 PARITY_TOLERANCE = 1e-4
 
@@ -84,3 +86,34 @@ def export(model: AdaptiveModel, meta: dict[str, Any], op: OperatingPoint | int,
     }
     Path(str(out) + ".json").write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+@torch.no_grad()
+def export_packed(run: str | Path, out: str | Path, data: str | Path | None = None) -> dict[str, Any]:
+    """The quantized model of ``run`` with every LQ-Nets weight bit-packed (flexres.engine.packed), checked: the file
+    loads back to the same outputs as the training-time (fake-quantized) model at every trained resolution, on real
+    images (max |diff| < PARITY_TOLERANCE), or nothing is written."""
+    from ..engine.checkpoint import load_checkpoint, save_tensors
+    from ..engine.packed import PACKED, pack_state, storage_bytes
+
+    model, meta = load_checkpoint(run)
+    tensors, layout = pack_state(model)
+    keep = ("arch", "train_resolutions", "method", "classes", "class_names", "normalization", "crop_fraction", "epoch", "flexres_version")
+    out = Path(out)
+    save_tensors(out, tensors, {**{k: meta[k] for k in keep if k in meta}, "format": PACKED, "packed": layout})
+    packed_model, _ = load_checkpoint(out)
+    diff = 0.0
+    for r in model.train_resolutions:
+        x = normalize_batch(reference_images(r, data, crop_fraction=meta.get("crop_fraction", 0.875)),
+                            *(meta.get("normalization", {}).get(k, d) for k, d in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD))))
+        model.set_operating_point(r)
+        packed_model.set_operating_point(r)
+        diff = max(diff, float((packed_model(x) - model(x)).abs().max()))
+    if diff >= PARITY_TOLERANCE:
+        out.unlink()
+        raise RuntimeError(f"the packed model differs from the trained one by {diff:.2e} (>= {PARITY_TOLERANCE}); nothing was written")
+    weights = sum(int(np.prod(v["shape"])) for v in layout.values())
+    full = {f"model.{k}": v for k, v in model.state_dict().items()}
+    return {"format": "packed", "bytes": out.stat().st_size, "tensor_bytes": storage_bytes(tensors),
+            "fp32_tensor_bytes": storage_bytes(full), "quantized_weights": weights, "bits": sorted({v["bits"] for v in layout.values()}),
+            "resolutions": list(model.train_resolutions), "parity_max_abs_diff": diff}

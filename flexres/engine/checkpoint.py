@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..models import AdaptiveModel, create_model
 from ..notes import note
+from .packed import PACKED, unpack_state
 
 CHECKPOINT = "checkpoint.safetensors"
 SIDECAR = "checkpoint.json"
@@ -298,6 +299,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Rebuild the model a checkpoint (or run directory) describes and load its weights and BN calibration."""
     ckpt = resolve_checkpoint(path)
     tensors, meta = read_checkpoint(ckpt)
+    if meta.get("format") == PACKED:  # `flexres export --format packed`: LQ-Nets codes, unpacked to their levels
+        tensors = unpack_state(tensors, meta["packed"])
     if "arch" not in meta:
         raise CheckpointMismatchError(f"{ckpt} has no flexres metadata ('arch' missing); was it written by flexres?")
     model = create_model(meta["arch"]["name"], **meta["arch"]["kwargs"])

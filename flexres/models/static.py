@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.fx.experimental.optimization import fuse
 
 from ..nn.meta_conv import MetaConv2d
+from ..nn.quantize import QuantConv2d
 from ..nn.slimmable import SlimmableBatchNorm2d, SlimmableConv2d, SlimmableLinear
 from ..nn.stage_resize import FixedResize, StageResize
 from ..nn.switchable_bn import SwitchableBatchNorm2d
@@ -32,6 +33,8 @@ def _make_static(module: nn.Module) -> None:
     for name, child in module.named_children():
         if isinstance(child, (SwitchableBatchNorm2d, SlimmableBatchNorm2d)):
             setattr(module, name, child.to_batchnorm())
+        elif isinstance(child, QuantConv2d):  # LQ-Nets: quantized weights materialised, activations through fixed levels
+            setattr(module, name, child.to_static())
         elif isinstance(child, (MetaConv2d, SlimmableConv2d)):
             setattr(module, name, child.to_conv2d())
         elif isinstance(child, SlimmableLinear):

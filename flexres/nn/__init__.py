@@ -5,6 +5,7 @@ from .calibration import CalibratableModel, calibrate_bn
 from .meta_conv import MetaConv2d, scale_encoding
 from .quantize import (
     FULL_PRECISION,
+    FixedLevels,
     LQQuantizer,
     QuantConv2d,
     encodings,
@@ -29,8 +30,8 @@ from .stage_resize import FixedResize, StageResize, factor_key, stage_size
 from .switchable_bn import BN_POLICIES, BNChoice, SwitchableBatchNorm2d, nearest_index, plan_bn
 
 __all__ = [
-    "FULL_PRECISION", "LQQuantizer", "QuantConv2d", "encodings", "least_squares_basis", "nearest_codes", "quantization_error",
-    "quantization_levels", "quantize_with",
+    "FULL_PRECISION", "FixedLevels", "LQQuantizer", "QuantConv2d", "encodings", "least_squares_basis", "nearest_codes",
+    "quantization_error", "quantization_levels", "quantize_with",
     "BN_POLICIES", "BNChoice", "CalibratableModel", "FixedResize", "MetaConv2d", "SlimmableBatchNorm2d", "SlimmableConv2d",
     "SlimmableLinear", "StageResize", "SwitchableBatchNorm2d", "calibrate_bn", "factor_key", "keep_full_width", "make_divisible",
     "nearest_index", "plan_bn", "ROUNDING_RULES", "scale_encoding", "set_channel_ratio", "set_rounding", "slim_channels", "stage_size",

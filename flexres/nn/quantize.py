@@ -133,6 +133,26 @@ class LQQuantizer(nn.Module):
         return f"bits={self.bits}, signed={self.signed}, groups={self.groups}, bases={self.basis.shape[0]}"
 
 
+class FixedLevels(nn.Module):
+    """A frozen activation quantizer for export: the nearest of fixed ascending ``levels``, written as a sum of steps
+    (level 0 + each step whose threshold x exceeds) so that it traces and exports to ONNX as plain comparisons."""
+
+    def __init__(self, levels: list[float]) -> None:
+        super().__init__()
+        self.levels = sorted(levels)
+        self.thresholds = [(a + b) / 2 for a, b in zip(self.levels, self.levels[1:])]
+        self.steps = [b - a for a, b in zip(self.levels, self.levels[1:])]
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.full_like(x, self.levels[0])
+        for t, step in zip(self.thresholds, self.steps):
+            out = out + (x > t).to(x.dtype) * step
+        return out
+
+    def extra_repr(self) -> str:
+        return "levels=[" + ", ".join(f"{v:.4g}" for v in self.levels) + "]"
+
+
 class QuantConv2d(nn.Conv2d):
     """A Conv2d whose input is quantized to ``a_bits`` (non-negative activations, one basis per layer or per trained
     resolution) and whose weight is quantized to ``w_bits`` (one basis per output channel), as LQ-Nets."""
@@ -145,3 +165,21 @@ class QuantConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+
+    @torch.no_grad()
+    def to_static(self) -> nn.Module:
+        """The plain layers this conv computes now: a Conv2d holding the quantized weights, after a ``FixedLevels``
+        of the selected activation basis when the input is quantized."""
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
+                         self.groups, self.bias is not None).to(self.weight)
+        wq = self.weight_quantizer
+        if wq.enabled:
+            conv.weight.copy_(quantize_with(wq.grouped(self.weight.float()), wq.basis[0], True)[0].reshape(self.weight.shape))
+        else:
+            conv.weight.copy_(self.weight)
+        if self.bias is not None:
+            conv.bias.copy_(self.bias)
+        aq = self.input_quantizer
+        if not aq.enabled:
+            return conv
+        return nn.Sequential(FixedLevels(quantization_levels(aq.basis[aq.index], False)[0].tolist()), conv)
