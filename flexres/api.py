@@ -110,6 +110,8 @@ def evaluate(runs: str | Path | Sequence[str | Path], data: str | Path, resoluti
             raise ValueError("san_mode sets bn_policy and scale_policy itself; give one or the other")
         bn_policy, scale_policy = SAN_MODES[san_mode]["bn_policy"], SAN_MODES[san_mode]["scale_policy"]
     runs = [runs] if isinstance(runs, (str, Path)) else list(runs)
+    if runs and load_checkpoint(runs[0])[1].get("task") == "segmentation":
+        return _evaluate_segmentation(runs, data, resolutions, bn_policy, split, save, progress)
     val = ImageFolderDataset(split_dir(data, split), cache="auto", progress=progress)
     labels = torch.tensor([y for _, y in val.samples])
     train_ds = None
@@ -161,6 +163,59 @@ def evaluate(runs: str | Path | Sequence[str | Path], data: str | Path, resoluti
     return report
 
 
+def _evaluate_segmentation(runs: list, data: str | Path, resolutions: Sequence[int] | None, bn_policy: str, split: str, save: bool,
+                           progress: bool) -> dict[str, Any]:
+    """``evaluate`` for segmentation runs: pixel accuracy, mean class accuracy, mIoU and per-class IoU (RS-Nets
+    Table 7) at each resolution (the short side), with the MACs of an image of the split's aspect."""
+    from .data.segmentation import SegmentationDataset
+    from .engine.evaluate import evaluate_segmentation
+
+    if bn_policy == "calibrate":
+        raise ValueError("bn_policy 'calibrate' is not implemented for segmentation yet: use interpolate or nearest")
+    val = SegmentationDataset(split_dir(data, split), cache=True)
+    h, w = val[0][0].shape[-2:]
+    aspect = max(h, w) / min(h, w)
+    report: dict[str, Any] = {"data": str(data), "bn_policy": bn_policy, "scale_policy": None, "task": "segmentation", "runs": {}}
+    for run in runs:
+        model, meta = load_checkpoint(run)
+        if meta.get("task") != "segmentation":
+            raise ValueError(f"{run} is a classifier: evaluate segmentation and classification runs separately")
+        if meta.get("classes") and meta["classes"] != val.classes:
+            raise CheckpointMismatchError(f"{run} was trained on classes {meta['classes']} but {val.root.parent} has {val.classes}")
+        res_list = list(resolutions or meta.get("config", {}).get("eval", {}).get("resolutions") or model.train_resolutions)
+        results = evaluate_segmentation(model, val, res_list, bn_policy, progress=progress, **_normalization(meta))
+        ckpt = resolve_checkpoint(run)
+        label = Path(run).name if Path(run).is_dir() else Path(run).parent.name
+        if label in report["runs"]:
+            label = str(Path(ckpt.parent.parent.name) / ckpt.parent.name)
+        report["runs"][label] = {
+            "checkpoint": str(ckpt), "train_resolutions": list(model.train_resolutions), "method": meta.get("method", {}),
+            "epoch": meta.get("epoch"), "params": count_params(model),
+            "results": {str(r): {**{k: round(v[k], 2) for k in ("pixel_acc", "mean_acc", "miou")}, "per_class_iou": v["per_class_iou"],
+                                 "n": v["n"], "bn": v["bn"], "macs": count_macs(model, r, aspect)} for r, v in results.items()}}
+        if save:
+            name = f"eval_{bn_policy}.json"
+            (ckpt.parent / name).write_text(json.dumps({"data": str(data), "split": split, **report["runs"][label]}, indent=2) + "\n")
+    return report
+
+
+def _format_segmentation_report(report: dict[str, Any]) -> str:
+    runs = report["runs"]
+    all_res = sorted({int(r) for run in runs.values() for r in run["results"]}, reverse=True)
+    out = []
+    for key, title in (("miou", "mean IoU %"), ("pixel_acc", "pixel accuracy %"), ("mean_acc", "mean class accuracy %")):
+        rows = [[label] + [f"{run['results'][str(r)][key]:.1f}{'*' if r in run['train_resolutions'] else ''}"
+                           if str(r) in run["results"] else "" for r in all_res] for label, run in runs.items()]
+        note_ = f"* trained resolution, the short side; unseen ones served by bn_policy={report['bn_policy']}"
+        out += [format_table(["run"] + [str(r) for r in all_res], rows, title=f"{title} ({note_})"), ""]
+    first = next(iter(runs.values()))
+    out.append(format_table(["resolution"] + [str(r) for r in all_res],
+                            [["MMACs"] + [f"{first['results'][str(r)]['macs'] / 1e6:.1f}" if str(r) in first["results"] else ""
+                                          for r in all_res]],
+                            title=f"cost of {next(iter(runs))} per image: {first['params'] / 1e6:.3f} M params deployed"))
+    return "\n".join(out)
+
+
 def _format_hit_miss(hm: dict[str, dict[str, float]], title: str) -> str:
     res = list(hm)
     return format_table(["wrong at \\ right at"] + res, [[j] + [("-" if i == j else f"{hm[j][i]:.1f}") for i in res] for j in res],
@@ -168,7 +223,10 @@ def _format_hit_miss(hm: dict[str, dict[str, float]], title: str) -> str:
 
 
 def format_eval_report(report: dict[str, Any]) -> str:
-    """The text ``flexres eval`` prints for an ``evaluate`` report: top-1 matrix, costs, hit/miss matrices."""
+    """The text ``flexres eval`` prints for an ``evaluate`` report: top-1 matrix, costs, hit/miss matrices (for
+    segmentation: mIoU, pixel accuracy and mean class accuracy matrices and costs)."""
+    if report.get("task") == "segmentation":
+        return _format_segmentation_report(report)
     runs = report["runs"]
     all_res = sorted({int(r) for run in runs.values() for r in run["results"]}, reverse=True)
     header = ["run"] + [str(r) for r in all_res] + ["mean over S"]

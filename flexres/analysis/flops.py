@@ -13,15 +13,17 @@ from ..operating_point import OperatingPoint
 
 
 @torch.no_grad()
-def count_macs(model: AdaptiveModel, op: OperatingPoint | int) -> int:
+def count_macs(model: AdaptiveModel, op: OperatingPoint | int, aspect: float = 1.0) -> int:
     """Multiply-accumulates of one forward pass of one image (convolutions and linear layers).
 
-    The papers' "FLOPs" are MACs; PyTorch counts a multiply-add as 2 FLOPs, hence the halving.
+    The papers' "FLOPs" are MACs; PyTorch counts a multiply-add as 2 FLOPs, hence the halving. ``aspect`` (width /
+    height, >= 1) counts a non-square input whose short side is the resolution (segmentation: CamVid is 4/3).
     """
     op = OperatingPoint.coerce(op)
     device = next(model.parameters()).device
+    size = (op.resolution, int(round(op.resolution * aspect)))
     with model.measuring_cost(), model.at(op, bn_policy="nearest"), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, 3, op.resolution, op.resolution, device=device))
+        model(torch.zeros(1, 3, *size, device=device))
     return counter.get_total_flops() // 2
 
 

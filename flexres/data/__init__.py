@@ -6,11 +6,13 @@ from .dataset import (
     load_rgb,
     read_class_names,
     sample_data_dir,
+    sample_segmentation_dir,
     split_dir,
 )
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, MultiResolutionCrop, normalize_batch
 
 __all__ = [
     "EvalTransform", "IMAGENET_MEAN", "IMAGENET_STD", "ImageFolderDataset", "MultiResolutionCrop", "SubsetView",
-    "UnreadableImageError", "collate_skipping", "load_rgb", "normalize_batch", "read_class_names", "sample_data_dir", "split_dir",
+    "UnreadableImageError", "collate_skipping", "load_rgb", "normalize_batch", "read_class_names", "sample_data_dir",
+    "sample_segmentation_dir", "split_dir",
 ]

@@ -113,6 +113,11 @@ def sample_data_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "sample_data" / "imagenette-tiny"
 
 
+def sample_segmentation_dir() -> Path:
+    """The tiny CamVid sample bundled with the package (4 train / 2 val street scenes, 11 classes + void)."""
+    return Path(__file__).resolve().parent.parent / "sample_data" / "camvid-tiny"
+
+
 def read_class_names(source: str | os.PathLike, folders: list[str]) -> list[str] | None:
     """Human-readable class names for ``folders`` (the class folders, in label order) from a ``classes.tsv``:
     ``source`` itself when it is a file, else the one at the data root ``source``; None when there is none.

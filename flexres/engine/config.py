@@ -19,6 +19,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "skip_unreadable": False, "hflip": True, "scale": [0.08, 1.0], "ratio": [0.75, 1.3333333333333333],
         "crop_fraction": None,  # eval centre crop; None: the model's pretrained config (timm, torchvision), else 0.875
         "class_names": None,
+        # segmentation: root/<split>/images + labels and root/classes.tsv (flexres.data.segmentation); square training
+        # crops of seg_scale x the short side, so a random zoom, resized to every training resolution
+        "task": "classification", "seg_scale": [0.5, 1.0],
     },
     "train": {
         "epochs": 120, "batch_size": 256, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False,

@@ -89,6 +89,53 @@ def evaluate(model: AdaptiveModel, dataset: ImageFolderDataset, resolutions: lis
     return results
 
 
+def confusion_matrix(pred: Tensor, labels: Tensor, num_classes: int, ignore_index: int | None) -> Tensor:
+    """num_classes x num_classes counts (row: true class, column: predicted), void pixels left out."""
+    valid = labels != ignore_index if ignore_index is not None else torch.ones_like(labels, dtype=torch.bool)
+    idx = labels[valid].long() * num_classes + pred[valid].long()
+    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def segmentation_scores(conf: Tensor, names: list[str]) -> dict[str, Any]:
+    """RS-Nets Table 7's metrics from a confusion matrix: pixel accuracy, mean class accuracy, mean IoU (%), and the
+    IoU of each class; a class absent from both labels and predictions is left out of the means."""
+    conf = conf.double()
+    tp, true, pred = conf.diag(), conf.sum(1), conf.sum(0)
+    union = true + pred - tp
+    present = union > 0
+    iou = torch.where(present, tp / union.clamp_min(1), torch.zeros_like(tp))
+    acc = torch.where(true > 0, tp / true.clamp_min(1), torch.zeros_like(tp))
+    return {"pixel_acc": 100 * float(tp.sum() / conf.sum().clamp_min(1)), "mean_acc": 100 * float(acc[true > 0].mean()),
+            "miou": 100 * float(iou[present].mean()), "per_class_iou": {n: round(100 * float(v), 2) for n, v, ok in
+                                                                        zip(names, iou, present) if ok}, "pixels": int(conf.sum())}
+
+
+@torch.no_grad()
+def evaluate_segmentation(model: AdaptiveModel, dataset: Dataset, resolutions: list[int], bn_policy: str = "interpolate",
+                          batch_size: int = 8, mean=None, std=None, progress: bool = False) -> dict[int, dict[str, Any]]:
+    """Pixel accuracy, mean class accuracy, mean IoU and per-class IoU at each resolution (the image's short side):
+    each image resized so, its logits resized back to the label's own size (bilinear) before the argmax."""
+    from ..data.segmentation import SegmentationEvalTransform
+
+    mean, std = mean or IMAGENET_MEAN, std or IMAGENET_STD
+    device = next(model.parameters()).device
+    info = dataset.info
+    model.eval()
+    out = {}
+    for r in resolutions:
+        model.set_operating_point(r, bn_policy=bn_policy)
+        dataset.transform = SegmentationEvalTransform(r)
+        conf = torch.zeros(len(info.names), len(info.names), dtype=torch.long)
+        loader = DataLoader(dataset, batch_size=batch_size)  # one size per batch: all images of a split share it here
+        for x, y in tqdm(loader, desc=f"{r}px", disable=not progress, leave=False):
+            logits = model(normalize_batch(x.to(device), mean, std))
+            logits = torch.nn.functional.interpolate(logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
+            conf += confusion_matrix(logits.argmax(1).cpu(), y, len(info.names), info.ignore_index)
+        out[r] = {**segmentation_scores(conf, info.names), "n": len(dataset), "bn": describe_bn(model, r, bn_policy)}
+    dataset.transform = None
+    return out
+
+
 def tree_batch_size(model: AdaptiveModel, resolution: int, configs: list[tuple[float, ...]], batch_size: int,
                     device: torch.device) -> int:
     """Images per prefix-tree pass that fit in memory: the widest pass (the last stage) holds the maps of every

@@ -30,7 +30,7 @@ from ..methods import Method, create_method
 from ..models import AdaptiveModel, create_model
 from ..version import __version__
 from .checkpoint import CHECKPOINT, load_into, load_training_state, save_checkpoint
-from .evaluate import calibrate, evaluate
+from .evaluate import calibrate, evaluate, evaluate_segmentation
 
 # Keys that may change between a run and its resume without changing the result.
 _RESUME_FREE = {("train", "progress"), ("train", "eval_every"), ("train", "device"), ("data", "root"), ("data", "num_workers"),
@@ -237,6 +237,16 @@ def start_processes(t: dict[str, Any]) -> Processes:
 
 def load_datasets(d: dict[str, Any], t: dict[str, Any], procs: Processes,
                   log: Callable[[str], None]) -> tuple[ImageFolderDataset, ImageFolderDataset | None]:
+    if d["task"] == "segmentation":
+        from ..data.segmentation import SegmentationDataset
+
+        train_ds = SegmentationDataset(split_dir(d["root"], d["train_split"]), cache=d["cache"])
+        train_ds.unreadable = []
+        val_dir = Path(d["root"]) / d["val_split"]
+        val_ds = SegmentationDataset(val_dir, cache=d["cache"]) if t["eval_every"] and val_dir.is_dir() else None
+        return train_ds, val_ds
+    if d["task"] != "classification":
+        raise ConfigError(f"data.task must be 'classification' or 'segmentation', got {d['task']!r}")
     train_ds = ImageFolderDataset(split_dir(d["root"], d["train_split"]), cache=d["cache"],
                                   skip_unreadable=d["skip_unreadable"], progress=t["progress"] and procs.is_main)
     if train_ds.unreadable:
@@ -396,7 +406,11 @@ def train_micro_batch(batch: dict[str, Any], step: int, i: int, epoch: int, last
     for name, v in terms.items():
         totals.sums[name] += v.item() * n
     for r, z in logits.items():
-        totals.correct[r] += int((z.argmax(1) == labels).sum())
+        if labels.dim() == 3:  # segmentation: pixel accuracy over the valid pixels, weighted by images like top-1
+            valid = labels != method.ignore_index
+            totals.correct[r] += float(((z.argmax(1) == labels) & valid).sum() / valid.sum().clamp_min(1)) * n
+        else:
+            totals.correct[r] += int((z.argmax(1) == labels).sum())
     return loss.item()
 
 
@@ -428,6 +442,10 @@ def validate(cfg: dict[str, Any], model: AdaptiveModel, method: Method, train_ds
              val_ds: ImageFolderDataset) -> dict[str, float]:
     """Val top-1 at the trained resolutions (slimmable models: full width, post-statistics BN from the current weights)."""
     t, d = cfg["train"], cfg["data"]
+    if d["task"] == "segmentation":  # val mIoU
+        pre = model_preprocessing(model)
+        res = evaluate_segmentation(model, val_ds, list(method.resolutions), mean=pre["mean"], std=pre["std"])
+        return {str(r): round(v["miou"], 2) for r, v in res.items()}
     if model.width_range is not None:
         model.clear_calibration()
         calibrate(model, train_ds, list(method.resolutions), min(cfg["eval"]["calibration_images"], 1000),
@@ -443,10 +461,11 @@ def epoch_line(m: dict[str, Any], total_epochs: int, seconds_left: float) -> str
     """The one line a person reads per epoch; metrics.jsonl keeps everything."""
     terms = [f"{k[5:]} {v:.3f}" for k, v in m.items() if k.startswith("loss_")]
     loss = (f"loss {m['loss']:.3f}" if "loss" in m else "no readable images") + (f" ({', '.join(terms)})" if terms else "")
+    seg = m.get("task") == "segmentation"  # train_top1 is pixel accuracy, val_top1 mIoU
     top1 = " ".join(f"{r}px {v:.1f}" for r, v in m["train_top1"].items())
-    val = "  val top-1 " + " ".join(f"{r}px {v:.1f}" for r, v in m["val_top1"].items()) if "val_top1" in m else ""
+    val = f"  val {'mIoU' if seg else 'top-1'} " + " ".join(f"{r}px {v:.1f}" for r, v in m["val_top1"].items()) if "val_top1" in m else ""
     eta = f"{int(seconds_left // 60)}m{int(seconds_left % 60):02d}s" if seconds_left >= 60 else f"{seconds_left:.0f}s"
-    return (f"epoch {m['epoch']}/{total_epochs}  {loss}  train top-1 {top1}{val}  lr {m['lr']:.4g}  "
+    return (f"epoch {m['epoch']}/{total_epochs}  {loss}  train {'pixel acc' if seg else 'top-1'} {top1}{val}  lr {m['lr']:.4g}  "
             f"{m['images_per_s']:.0f} img/s  ETA {eta}")
 
 
@@ -476,9 +495,21 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
     model, method = trainee.model, trainee.method
     if d["crop_fraction"] is None:  # resolved here, so the run's config.yaml and sidecar say what was used
         d["crop_fraction"] = model_preprocessing(model)["crop_fraction"]
-    train_ds.transform = MultiResolutionCrop(method.resolutions, d["scale"], d["ratio"], hflip=d["hflip"])
+    segmentation = d["task"] == "segmentation"
+    if segmentation:
+        from ..data.segmentation import JointMultiResolutionCrop
+
+        if method.name not in ("individual", "parallel", "rsnet"):
+            raise ConfigError(f"method {method.name!r} trains classifiers; segmentation has individual, parallel and rsnet")
+        if getattr(model, "task", "classification") != "segmentation":
+            raise ConfigError(f"data.task is segmentation but {cfg['model']['name']} is a classifier (use seg_resnet18, ...)")
+        method.ignore_index = train_ds.info.ignore_index
+        train_ds.transform = JointMultiResolutionCrop(method.resolutions, d["seg_scale"], hflip=d["hflip"])
+        names = train_ds.classes
+    else:
+        train_ds.transform = MultiResolutionCrop(method.resolutions, d["scale"], d["ratio"], hflip=d["hflip"])
+        names = class_names(d, train_ds.classes)  # checked before anything is written
     plan = plan_steps(t, len(train_ds), procs.world)
-    names = class_names(d, train_ds.classes)  # checked before anything is written
     start_epoch = restore(cfg, out_dir, trainee, log) if resume else 0
     metrics_path = prepare_run_dir(cfg, out_dir, resume, start_epoch) if procs.is_main else out_dir / "metrics.jsonl"
     sidecar_base = {
@@ -486,7 +517,8 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
                                                    **cfg["method"]["kwargs"]},
         "classes": train_ds.classes, "class_names": names,
         "normalization": {"mean": trainee.mean, "std": trainee.std},
-        "crop_fraction": d["crop_fraction"], "config": cfg,
+        "crop_fraction": d["crop_fraction"], "config": cfg, "task": d["task"],
+        **({"class_colors": [list(c) for c in train_ds.info.colors], "ignore_index": train_ds.info.ignore_index} if segmentation else {}),
     }
     last: dict[str, Any] = {}
     end_epoch = t["epochs"] if stop_after_epochs is None else min(t["epochs"], start_epoch + stop_after_epochs)
@@ -497,6 +529,8 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
         elapsed = time.time() - t0
         reduce_over_ranks(totals, procs)
         last = epoch_metrics(epoch, totals, elapsed, method)
+        if segmentation:  # train_top1: pixel accuracy; val_top1: mIoU (metrics keep their names across tasks)
+            last["task"] = "segmentation"
         unreadable = sorted(set(totals.skipped) | set(train_ds.unreadable))
         if unreadable:
             last["skipped_unreadable"] = len(unreadable)

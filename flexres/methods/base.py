@@ -48,8 +48,34 @@ class Method(nn.Module):
         # Fraction of training done before this step (set by the engine): for schedules such as Resizable-Aug.
         self.progress = 0.0
 
+    # Dense prediction (segmentation): the label this many pixels carry is scored by no loss (void). The engine sets
+    # it from the dataset; None for classification.
+    ignore_index: int | None = None
+
     def cross_entropy(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        """Cross-entropy, averaged over images (classification) or over the valid pixels (segmentation)."""
+        return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing,
+                               ignore_index=self.ignore_index if self.ignore_index is not None else -100)
+
+    def kl(self, teacher_logits: Tensor, student_logits: Tensor, labels: Tensor) -> Tensor:
+        """KL(p_teacher || p_student), the teacher detached: the batch mean, or for dense logits the mean over the
+        valid pixels of the per-pixel KL (summed over classes)."""
+        if student_logits.dim() == 2:
+            return F.kl_div(F.log_softmax(student_logits.float(), dim=1), F.log_softmax(teacher_logits.detach().float(), dim=1),
+                            reduction="batchmean", log_target=True)
+        log_t = F.log_softmax(teacher_logits.detach().float(), dim=1)
+        per_pixel = (log_t.exp() * (log_t - F.log_softmax(student_logits.float(), dim=1))).sum(1)
+        valid = labels != self.ignore_index if self.ignore_index is not None else torch.ones_like(labels, dtype=torch.bool)
+        return (per_pixel * valid).sum() / valid.sum().clamp_min(1)
+
+    @staticmethod
+    def align(logits: list[Tensor], labels: Tensor) -> list[Tensor]:
+        """Dense logits resized (bilinear) to the label map, which is at the largest training resolution: every
+        resolution's loss and the ensemble are computed there (RS-Nets App. B, Fig. 7). Classification: unchanged."""
+        if labels.dim() != 3:
+            return logits
+        size = labels.shape[-2:]
+        return [z if z.shape[-2:] == size else F.interpolate(z, size=size, mode="bilinear", align_corners=False) for z in logits]
 
     def reduce(self, loss: Tensor, terms: int | None = None) -> Tensor:
         """``loss`` summed over ``terms`` forward passes (default: one per resolution), reduced as configured."""

@@ -32,7 +32,7 @@ class Individual(Method):
             raise ValueError(f"method 'individual' trains at exactly one resolution, got {list(self.resolutions)}")
 
     def forward(self, model: AdaptiveModel, inputs: tuple[Tensor, ...], labels: Tensor) -> StepOutput:
-        (logits,) = self.run_all(model, inputs)
+        (logits,) = self.align(self.run_all(model, inputs), labels)
         loss = self.cross_entropy(logits, labels)
         return StepOutput(loss, {"cls": loss.detach()}, {self.resolutions[0]: logits.detach()})
 
@@ -47,7 +47,7 @@ class Parallel(Method):
         super().__init__(resolutions, label_smoothing, reduction)
 
     def forward(self, model: AdaptiveModel, inputs: tuple[Tensor, ...], labels: Tensor) -> StepOutput:
-        logits = self.run_all(model, inputs)
+        logits = self.align(self.run_all(model, inputs), labels)
         loss = sum(self.cross_entropy(z, labels) for z in logits)
         return StepOutput(self.reduce(loss), {"cls": loss.detach()}, {r: z.detach() for r, z in zip(self.resolutions, logits)})
 
@@ -83,19 +83,19 @@ class RSNet(Method):
     def mred_losses(self, logits: list[Tensor], labels: Tensor) -> dict[str, Tensor]:
         """L_cls, L_ens and L_dis from the per-resolution logits (largest resolution first)."""
         l_cls = sum(self.cross_entropy(z, labels) for z in logits)
-        stacked = torch.stack([z.detach().float() for z in logits])  # S x N x C
-        z0 = torch.einsum("s,snc->nc", self.alpha, stacked)
-        l_ens = F.cross_entropy(z0, labels)
+        stacked = torch.stack([z.detach().float() for z in logits])  # S x N x C (x H x W for dense logits)
+        z0 = torch.einsum("s,s...->...", self.alpha, stacked)
+        l_ens = F.cross_entropy(z0, labels, ignore_index=self.ignore_index if self.ignore_index is not None else -100)
         if self.mred == "vanilla":
-            l_dis = sum(kl_divergence(z0, z) for z in logits)
+            l_dis = sum(self.kl(z0, z, labels) for z in logits)
         else:
             chain = [z0, *logits]
             S = len(logits)
-            l_dis = 2.0 / (S + 1) * sum(kl_divergence(chain[t], chain[s]) for t in range(S) for s in range(t + 1, S + 1))
+            l_dis = 2.0 / (S + 1) * sum(self.kl(chain[t], chain[s], labels) for t in range(S) for s in range(t + 1, S + 1))
         return {"cls": l_cls, "ens": l_ens, "dis": l_dis}
 
     def forward(self, model: AdaptiveModel, inputs: tuple[Tensor, ...], labels: Tensor) -> StepOutput:
-        logits = self.run_all(model, inputs)
+        logits = self.align(self.run_all(model, inputs), labels)
         terms = self.mred_losses(logits, labels)
         # L_ens reaches only alpha, so the reduction (a step size for the shared weights) leaves it alone.
         loss = self.reduce(terms["cls"] + terms["dis"]) + terms["ens"]
