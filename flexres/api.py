@@ -64,6 +64,7 @@ def _ensure_calibrated(model, meta: dict[str, Any], ckpt: Path, train_ds, points
     if meta.get("calibration", {}).get("num_images") not in (None, num_images):
         clear_calibration(model)  # computed from another number of images: not what was asked for
     new = calibrate(model, train_ds, points, num_images, batch_size, cfg["data"]["scale"], cfg["data"]["ratio"], workers=workers,
+                    **_normalization(meta),
                     note=note)
     if new:
         save_calibration(model, ckpt.parent / CALIBRATION, {"num_images": num_images, "data": data,

@@ -153,6 +153,7 @@ def test_pretrained_weights_from_a_local_safetensors_file(arch, data, tmp_path):
         return lib(name, num_classes=n)
     torch.manual_seed(1)
     imagenet = build(1000).state_dict()
+    imagenet["bn1.running_var"] = torch.rand_like(imagenet["bn1.running_var"]) + 0.5  # unlike a fresh BN's ones
     save_file({k: v.contiguous() for k, v in imagenet.items()}, str(tmp_path / "in1k.safetensors"))
     model = create_model(arch, num_classes=10, train_resolutions=RESOLUTIONS, pretrained=str(tmp_path / "in1k.safetensors"))
     state = model.net.state_dict()

@@ -66,8 +66,8 @@ def test_admission_refuses_what_even_the_cheapest_point_cannot_answer_in_time():
     assert ok and ms == pytest.approx(5 + 15)
     ok, ms = c.admits(ahead=80, busy_ms=10)  # 10 batches of small (5 ms each) behind 10 ms in flight
     assert not ok and ms == pytest.approx(10 + 50 + 1.5)
-    ok, ms = c.admits(ahead=8, busy_ms=0, overhead_ms=6)  # decoding costs 6 ms a request, this one included
-    assert not ok and ms == pytest.approx(5 + 1.5 + 6 * 9)
+    ok, ms = c.admits(ahead=8, busy_ms=0, overhead_ms=45)  # its own decoding, 45 ms, makes it miss (others decode meanwhile)
+    assert not ok and ms == pytest.approx(5 + 1.5 + 45)
 
 
 def test_latency_model_fits_two_batch_sizes_and_learns_a_slowdown():
@@ -114,6 +114,7 @@ def test_dynamic_batches_follow_the_queue_and_each_request_keeps_its_own_constra
             adaptive = engine.constrain()
             jobs = [engine.submit(image, pinned if i % 10 == 0 else adaptive) for i in range(30)]
             results = await asyncio.gather(*jobs)
+            engine.controller.scale = 1.0  # whatever the sleeps' overshoot taught the feedback on this busy machine
             after = await engine.submit(image, adaptive)  # the queue has drained: back to the best point
             return results, after
         finally:
@@ -217,6 +218,8 @@ def test_budgets_pick_the_best_point_that_fits(client):
     ("?resolution=abc", None, 422, "resolution='abc' is not a number"),
     ("?max_macs=1K", None, 422, "no operating point within 0.0 MMACs: the cheapest"),
     ("?max_latency_ms=0.000001", None, 422, "no operating point answers within 1e-06 ms"),
+    ("?max_latency_ms=nan", None, 422, "max_latency_ms='nan' must be a positive, finite number"),
+    ("?topk=0", None, 422, "topk='0' must be a positive, finite number"),
 ])
 def test_bad_requests_get_a_clear_4xx_and_leave_the_server_healthy(client, query, body, status, message):
     r = client.post("/predict" + query, content=jpeg() if body is None else body)
@@ -297,3 +300,37 @@ def test_engine_options_are_checked():
         ServingEngine(synthetic_points(), ServeOptions(resolution=100), latency=synthetic_latency(POINT_NAMES))
     with pytest.raises(ValueError, match="max_batch"):
         ServingEngine(synthetic_points(), ServeOptions(max_batch=0), latency=synthetic_latency(POINT_NAMES))
+
+
+def test_a_decompression_bomb_is_413_not_500(run_dir, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow refuses images over twice this
+    with TestClient(create_app(run_dir[0])) as c:
+        r = c.post("/predict", content=jpeg((100, 100)))
+        assert r.status_code == 413 and "image too large" in r.json()["detail"]
+
+
+def test_stop_and_failing_batches_answer_every_waiting_request():
+    def failing(x):
+        raise RuntimeError("the model broke")
+
+    points = synthetic_points(sleep=True)
+    engine = ServingEngine(points, ServeOptions(max_wait_ms=0), latency=synthetic_latency(POINT_NAMES))
+    image = torch.zeros(3, 40, 40, dtype=torch.uint8)
+
+    async def scenario():
+        await engine.start()
+        big = engine.by_name["64px"]
+        original, big.run = big.run, failing
+        with pytest.raises(RuntimeError, match="the model broke"):
+            await asyncio.wait_for(engine.submit(image, engine.constrain(resolution=64)), 5)
+        big.run = original
+        ok = await asyncio.wait_for(engine.submit(image, engine.constrain(resolution=64)), 5)  # the server goes on
+        slow = asyncio.ensure_future(engine.submit(image, engine.constrain(resolution=64)))
+        await asyncio.sleep(0.005)  # the batch is running (it sleeps 15 ms)
+        await engine.stop()
+        with pytest.raises(Overloaded, match="shutting down"):
+            await asyncio.wait_for(slow, 5)
+        return ok
+
+    assert asyncio.run(scenario())["operating_point"]["name"] == "64px"
+    assert engine.inflight == 0

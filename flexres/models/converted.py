@@ -209,7 +209,11 @@ def build_foreign(source: str, name: str, num_classes: int, pretrained: bool | s
             skipped = _load_matching(net, _read_weights(pretrained), str(pretrained))
             if skipped:
                 note(f"torchvision:{name}: {', '.join(skipped)} left at random initialisation ({num_classes} classes, not the file's)")
-        return net, {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_fraction": 0.875}
+        try:  # the weights' eval transform is metadata (nothing is downloaded), so a resumed run gets the same one
+            t = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+            return net, {"mean": list(t.mean), "std": list(t.std), "crop_fraction": t.crop_size[0] / t.resize_size[0]}
+        except (ValueError, KeyError, AttributeError):
+            return net, {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_fraction": 0.875}
     raise ValueError(f"unknown model source {source!r}; known: {', '.join(SOURCES)}")
 
 

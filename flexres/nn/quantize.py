@@ -111,14 +111,15 @@ class LQQuantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return x
-        flat = self.grouped(x.detach().float())
         i = self.index
-        if self.training or not bool(self.initialized[i]):
+        if not bool(self.initialized[i]):
+            if not self.training:  # never trained (e.g. MACs counted on zeros): a basis fitted here would stick
+                return x
             with torch.no_grad():
-                if not bool(self.initialized[i]):
-                    self.basis[i] = self._initial_basis(flat)
-                    self.initialized[i] = True
-        basis = self.basis[i]
+                self.basis[i] = self._initial_basis(self.grouped(x.detach().float()))
+                self.initialized[i] = True
+        flat = self.grouped(x.detach().float())
+        basis = self.basis[i].clone()  # the QEM update below writes self.basis in place: quantize and clip with one basis
         q, codes = quantize_with(flat, basis, self.signed)
         if self.training:
             with torch.no_grad():

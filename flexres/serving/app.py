@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import time
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
@@ -39,6 +40,8 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, shortest: int | None
         im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise RequestError(415, f"not an image Pillow can read ({len(data)} bytes; starts with {data[:8]!r})") from None
+    except Image.DecompressionBombError as e:  # Pillow's own guard, far above any sane limit
+        raise RequestError(413, f"image too large: {e}") from None
     w, h = im.size
     if w * h > max_pixels:
         raise RequestError(413, f"image of {w} x {h} = {w * h / 1e6:.1f} MP is over the limit of {max_pixels / 1e6:.1f} MP")
@@ -56,6 +59,8 @@ async def read_image_bytes(request: Request, limit: int) -> bytes:
     if length and length.isdigit() and int(length) > limit + 2**16:  # multipart framing adds a few hundred bytes
         raise RequestError(413, f"request body of {int(length)} bytes is over the limit of {limit} bytes")
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        if not length:  # the form parser would store the whole upload before its size could be checked
+            raise RequestError(411, "a multipart upload needs a Content-Length header (or send the raw image bytes)")
         form = await request.form(max_files=1, max_fields=4)
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
@@ -102,17 +107,24 @@ def create_app(targets: str | Path | Sequence[str | Path] | None = None, options
         return JSONResponse({"detail": message}, status_code=status, headers=headers)
 
     def number(request: Request, key: str, parse) -> float | None:
+        """A positive, finite number from the query string, or None when absent; 422 naming the parameter otherwise."""
         raw = request.query_params.get(key)
         if raw is None or raw == "":
             return None
         try:
-            return parse(raw)
+            value = parse(raw)
         except ValueError:
             raise RequestError(422, f"{key}={raw!r} is not a number") from None
+        if not math.isfinite(value) or value <= 0:
+            raise RequestError(422, f"{key}={raw!r} must be a positive, finite number")
+        return value
 
     async def image_from(request: Request) -> Tensor:
         data = await read_image_bytes(request, max_upload_bytes)
-        return await run_in_threadpool(decode_image, data, max_pixels, decode_short_side)
+        start = time.perf_counter()
+        image = await run_in_threadpool(decode_image, data, max_pixels, decode_short_side)
+        engine.observe_decode((time.perf_counter() - start) * 1000)
+        return image
 
     @app.post("/predict")
     async def predict(request: Request):
@@ -131,7 +143,7 @@ def create_app(targets: str | Path | Sequence[str | Path] | None = None, options
         answered = False
         try:
             image = await image_from(request)
-            out = await engine.submit(image, constraint, max(1, topk), arrival)
+            out = await engine.submit(image, constraint, topk, arrival)
             answered = True
         except RequestError as e:
             return error("predict", e.status, str(e))
@@ -145,13 +157,21 @@ def create_app(targets: str | Path | Sequence[str | Path] | None = None, options
 
     @app.post("/predict/all")
     async def predict_all(request: Request):
-        """The image at every served point, most accurate first (what the page at / shows side by side)."""
+        """The image at every served point, most accurate first (what the page at / shows side by side); admitted
+        like /predict, since it takes the inference thread once per point."""
+        try:
+            arrival = engine.admit(engine.constrain())
+        except Overloaded as e:
+            return error("predict_all", 503, str(e), {"Retry-After": str(e.retry_after)})
         try:
             image = await image_from(request)
+            results = await engine.run_every_point(image)
         except RequestError as e:
             return error("predict_all", e.status, str(e))
+        finally:
+            engine.finish(arrival, False)
         metrics.requests.labels("predict_all", "200").inc()
-        return {"model": engine.points.description, "results": await engine.run_every_point(image)}
+        return {"model": engine.points.description, "results": results}
 
     @app.get("/health")
     async def health():

@@ -109,14 +109,14 @@ class AdaptiveController:
 
     def admits(self, ahead: int, busy_ms: float, allowed: Sequence[str] | None = None, target_ms: float | None = None,
                overhead_ms: float = 0.0) -> tuple[bool, float]:
-        """Whether a new request can meet the target behind ``ahead`` requests (accepted, not yet answered) and
-        ``busy_ms`` of work in flight, if those run at the fastest point and it at its own fastest allowed one, each
-        also costing ``overhead_ms`` outside the model (reading, decoding); and that predicted latency (for a
-        Retry-After)."""
+        """Whether a new request can meet the target behind ``ahead`` requests (accepted, not yet answered or running)
+        and ``busy_ms`` of work in flight, if those run at the fastest point and it at its own fastest allowed one, plus
+        its own ``overhead_ms`` outside the model (decoding; other requests decode meanwhile, on other threads); and
+        that predicted latency (for a Retry-After)."""
         fastest = min(self.preference, key=lambda p: self.latency.batch_ms(p, self.max_batch))
         queue_ms = self.latency.drain_ms(fastest, ahead, self.max_batch) if ahead else 0.0
         own_ms = min(self.latency.batch_ms(p, 1) for p in self.preference if allowed is None or p in allowed)
-        ms = busy_ms + queue_ms + own_ms + overhead_ms * (ahead + 1)
+        ms = busy_ms + queue_ms + own_ms + overhead_ms
         return ms <= (self.target_ms if target_ms is None else target_ms), ms
 
 

@@ -95,6 +95,8 @@ class ServingEngine:
         self.overhead_ms = 0.0  # moving average of the time from arrival to queue (reading and decoding)
         self.recent_ms: deque[float] = deque(maxlen=64)  # latencies of the last answered requests, for feedback
         self._busy_until_ms = 0.0
+        self._running = 0  # requests in the batch now running
+        self._current: list[Pending] = []
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="flexres-infer")  # one model, one forward at a time
@@ -158,7 +160,8 @@ class ServingEngine:
             raise Overloaded(f"the queue is full ({o.max_queue} requests)",
                              retry_after_s(busy + self.latency.drain_ms(self.controller.preference[-1], self.inflight, o.max_batch)))
         if constraint.target_ms is not None:
-            ok, predicted = self.controller.admits(self.inflight, busy, constraint.allowed, constraint.target_ms, self.overhead_ms)
+            ahead = max(self.inflight - self._running, 0)  # the running batch is in busy
+            ok, predicted = self.controller.admits(ahead, busy, constraint.allowed, constraint.target_ms, self.overhead_ms)
             if not ok:
                 self.metrics.rejected.labels("over_target").inc()
                 raise Overloaded(f"the load is above what the server can answer within {constraint.target_ms:g} ms even at its "
@@ -166,6 +169,12 @@ class ServingEngine:
         self.inflight += 1
         self.metrics.inflight.set(self.inflight)
         return now
+
+    def observe_decode(self, ms: float) -> None:
+        """Decoding time of one request (measured by the app): the cost outside the model, as a moving average capped
+        at the target, so one huge upload cannot make admission refuse everything after it."""
+        cap = self.options.target_p95_ms if self.options.target_p95_ms is not None else ms
+        self.overhead_ms = 0.9 * self.overhead_ms + 0.1 * min(ms, cap)
 
     def finish(self, arrival_ms: float, answered: bool) -> None:
         self.inflight -= 1
@@ -186,8 +195,6 @@ class ServingEngine:
                 return out
             finally:
                 self.finish(arrival, answered)
-        # Reading and decoding happened between arrival and now: the cost outside the model, per request.
-        self.overhead_ms = 0.9 * self.overhead_ms + 0.1 * (self.clock() - arrival_ms)
         future = asyncio.get_running_loop().create_future()
         self.queue.append(Pending(image, constraint, topk or self.options.topk, arrival_ms, future))
         self.metrics.queue.set(len(self.queue))
@@ -222,12 +229,14 @@ class ServingEngine:
         self.metrics.queue.set(len(self.queue))
         return self.by_name[decision.point], batch, decision.reason
 
-    def infer(self, point: ServingPoint, images: list[Tensor], topk: list[int]) -> list[list[dict[str, Any]]]:
-        """Preprocess (resize and crop to the point's resolution), run and rank one batch."""
+    def infer(self, point: ServingPoint, images: list[Tensor], topk: list[int]) -> tuple[list[list[dict[str, Any]]], float]:
+        """Preprocess (resize and crop to the point's resolution), run and rank one batch; and its time in ms, measured
+        here, so time spent waiting for the inference thread never counts as the model's."""
+        start = self.clock()
         tf = EvalTransform(point.resolution, point.crop_fraction)
         x = normalize_batch(torch.stack([tf(im) for im in images]), point.mean, point.std)
         probs = torch.softmax(point.run(x).float(), dim=1)
-        return [top_classes(pr, self.points.classes, self.points.names, k) for pr, k in zip(probs, topk)]
+        return [top_classes(pr, self.points.classes, self.points.names, k) for pr, k in zip(probs, topk)], self.clock() - start
 
     async def _fill(self) -> None:
         """Dynamic batching: wait until max_batch requests are queued or the oldest has waited max_wait_ms."""
@@ -255,16 +264,18 @@ class ServingEngine:
             point, batch, _ = self.plan_batch(self.clock())
             start = self.clock()
             self._busy_until_ms = start + self.latency.batch_ms(point.name, len(batch))
+            self._current, self._running = batch, len(batch)
             try:
-                results = await loop.run_in_executor(self._executor, self.infer, point, [r.image for r in batch], [r.topk for r in batch])
+                results, ms = await loop.run_in_executor(self._executor, self.infer, point, [r.image for r in batch],
+                                                         [r.topk for r in batch])
+            except asyncio.CancelledError:  # shutting down: nobody may wait forever for this batch
+                self._fail(batch, Overloaded("the server is shutting down", 1))
+                raise
             except Exception as e:  # noqa: BLE001 - a failed batch answers its requests and the server goes on
-                for r in batch:
-                    if not r.future.done():
-                        r.future.set_exception(e)
+                self._fail(batch, e)
                 continue
             finally:
-                self._busy_until_ms = 0.0
-            ms = self.clock() - start
+                self._busy_until_ms, self._current, self._running = 0.0, [], 0
             self.latency.observe(point.name, len(batch), ms)
             self.metrics.inference.observe(ms / 1000.0)
             self.metrics.batch.observe(len(batch))
@@ -279,20 +290,35 @@ class ServingEngine:
                                          "queue_ms": round(start - r.arrival_ms, 3), "inference_ms": round(ms, 3),
                                          "batch_size": len(batch)})
 
+    @staticmethod
+    def _fail(requests: list[Pending], error: BaseException) -> None:
+        for r in requests:
+            if not r.future.done():
+                r.future.set_exception(error)
+
+    def _worker_ended(self, task: asyncio.Task) -> None:
+        """If the worker ever dies, answer everyone waiting instead of letting them hang."""
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            self._fail(list(self.queue) + self._current, RuntimeError(f"the inference worker stopped: {error!r}"))
+            self.queue.clear()
+
     async def run_every_point(self, image: Tensor, topk: int = 5) -> list[dict[str, Any]]:
         """The image at every point, most accurate first (the page's side-by-side view); bypasses the queue."""
         loop = asyncio.get_running_loop()
         out = []
         for p in self.points.by_preference():
-            start = self.clock()
-            top = (await loop.run_in_executor(self._executor, self.infer, p, [image], [topk]))[0]
-            out.append({"operating_point": p.describe(), "top": top, "inference_ms": round(self.clock() - start, 3)})
+            (top,), ms = await loop.run_in_executor(self._executor, self.infer, p, [image], [topk])
+            out.append({"operating_point": p.describe(), "top": top, "inference_ms": round(ms, 3)})
         return out
 
     # --- lifecycle ---
     async def start(self) -> None:
         self._arrived = asyncio.Event()
         self._worker = asyncio.create_task(self._run())
+        self._worker.add_done_callback(self._worker_ended)
 
     async def stop(self) -> None:
         if self._worker is not None:
@@ -301,8 +327,6 @@ class ServingEngine:
                 await self._worker
             except asyncio.CancelledError:
                 pass
-        for r in self.queue:
-            if not r.future.done():
-                r.future.set_exception(Overloaded("the server is shutting down", 1))
+        self._fail(list(self.queue) + self._current, Overloaded("the server is shutting down", 1))
         self.queue.clear()
-        self._executor.shutdown(wait=True)
+        self._executor.shutdown(wait=False)  # a forward still running finishes on its thread; nobody waits for it
