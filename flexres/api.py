@@ -392,12 +392,22 @@ def export(run: str | Path, resolution: int, width: float = 1.0, scales: Sequenc
 
 
 def predict(model: str | Path, images: Sequence[str | Path], resolution: int | None = None, *, max_macs: float | None = None,
-            max_latency_ms: float | None = None, width: float = 1.0, bn_policy: str = "interpolate", topk: int = 5) -> dict[str, Any]:
+            max_latency_ms: float | None = None, width: float = 1.0, bn_policy: str = "interpolate", topk: int = 5,
+            out: str | Path | None = None) -> dict[str, Any]:
     """Classify image files with a run (at ``resolution``, or the best point under a budget) or an exported
     model. Returns ``{"model", "resolution", "predictions": [{"file", "top": [{"label", "class", "name",
-    "probability"}, ...]} or {"file", "error"}]}``: one bad file does not stop the others."""
-    from .deploy.predict import load_predictor, predict_files
+    "probability"}, ...]} or {"file", "error"}]}``: one bad file does not stop the others. A segmentation run writes
+    a colour mask and an overlay PNG per image into ``out`` (default ./segmentation) instead: predictions are then
+    ``{"file", "mask", "overlay", "classes": {name: % of the image}}``."""
+    from .deploy.predict import load_predictor, predict_files, segment_files
 
+    if Path(model).suffix not in (".onnx", ".pt", ".ts"):
+        net, meta = load_checkpoint(model)
+        if meta.get("task") == "segmentation":
+            r = resolution or net.train_resolutions[0]
+            out = Path(out or "segmentation")
+            return {"model": f"{Path(model).name} at {r} px (short side)", "resolution": r,
+                    "predictions": segment_files(net, meta, [str(f) for f in images], r, out, bn_policy)}
     if width != 1.0 and resolution is None:
         raise ValueError("width goes with resolution (a budget picks both)")
     predictor = load_predictor(str(model), resolution, max_macs, max_latency_ms, bn_policy, width)

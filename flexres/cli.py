@@ -122,7 +122,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     result = api.predict(args.model, args.images, args.resolution, max_macs=parse_count(args.max_macs) if args.max_macs else None,
-                         max_latency_ms=args.max_latency_ms, width=args.width, bn_policy=args.bn, topk=args.topk)
+                         max_latency_ms=args.max_latency_ms, width=args.width, bn_policy=args.bn, topk=args.topk, out=args.out)
     if args.json:
         _print_json(result)
     else:
@@ -130,6 +130,9 @@ def _predict(args: argparse.Namespace) -> int:
         for r in result["predictions"]:
             if "error" in r:
                 print(f"{r['file']}: error: {r['error']}", file=sys.stderr)
+            elif "mask" in r:
+                shares = ", ".join(f"{k} {v:.1f}%" for k, v in sorted(r["classes"].items(), key=lambda kv: -kv[1])[:5])
+                print(f"{r['file']}: wrote {r['mask']} and {r['overlay']} ({shares})")
             else:
                 print(f"{r['file']}: " + ", ".join(f"{t['name']} {t['probability']:.3f}" for t in r["top"]))
     return 1 if any("error" in r for r in result["predictions"]) else 0
@@ -244,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--bn", choices=BN_POLICIES, default="interpolate")
     pr.add_argument("--topk", type=int, default=5)
     pr.add_argument("--json", action="store_true", help="print JSON instead of text")
+    pr.add_argument("--out", help="segmentation runs: folder for the mask and overlay PNGs (default ./segmentation)")
     pr.set_defaults(func=_predict)
 
     rp = sub.add_parser("report", help="plots (accuracy vs cost, train x test heatmap, BN statistics) and an HTML page")

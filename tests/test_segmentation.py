@@ -151,3 +151,25 @@ def test_colorize_uses_the_class_colours(train_split):
     info = train_split.info
     mask = colorize(torch.tensor([[0, 3], [VOID, 8]]), info.colors, info.ignore_index)
     assert mask[:, 0, 1].tolist() == [128, 64, 128] and mask[:, 1, 0].tolist() == [0, 0, 0] and mask[:, 1, 1].tolist() == [64, 0, 128]
+
+
+def test_predict_writes_mask_and_overlay_and_export_matches(tmp_path):
+    from PIL import Image
+
+    data = sample_segmentation_dir()
+    cfg = {"model": {"name": "seg_resnet18", "width_mult": 0.25}, "method": {"name": "individual", "resolutions": [48]},
+           "data": {"root": str(data), "task": "segmentation", "cache": True, "num_workers": 0},
+           "train": {"epochs": 1, "batch_size": 4, "lr": 0.05, "progress": False, "eval_every": 0}}
+    flexres.train(cfg, tmp_path / "run", log=lambda s: None)
+    image = sorted((data / "val" / "images").iterdir())[0]
+    out = flexres.predict(tmp_path / "run", [image, tmp_path / "missing.jpg"], resolution=48, out=tmp_path / "pred")
+    first, missing = out["predictions"]
+    assert "no such file" in missing["error"]
+    mask = Image.open(first["mask"])
+    assert mask.size == Image.open(image).size == Image.open(first["overlay"]).size  # back at the image's own size
+    model, meta = flexres.load_checkpoint(tmp_path / "run")
+    palette = {tuple(c) for c in meta["class_colors"]}
+    assert {tuple(c) for _, c in mask.convert("RGB").getcolors(100_000)} <= palette
+    assert sum(first["classes"].values()) == pytest.approx(100, abs=0.1)
+    info = flexres.export(tmp_path / "run", 48, out=tmp_path / "seg48.onnx", data=data / "val")
+    assert info["parity_max_abs_diff"] < 1e-4
