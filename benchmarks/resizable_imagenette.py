@@ -126,7 +126,7 @@ def main() -> None:
     for sc in fixed:
         model, _ = load_checkpoint(args.out / fixed_label(sc))
         per_fixed[sc] = evaluate(model, val, [res], scales=sc)[res]["top1"]
-    aug_top1 = evaluate(load_checkpoint(args.out / "aug")[0], val, [res], scales=(1.0,) * 4)[res]["top1"]
+    aug_top1 = evaluate(load_checkpoint(args.out / "aug")[0], val, [res], scales=(1.0,) * 4)[res]["top1"] if "aug" in runs else None
 
     def at(table, sc, key="top1"):
         return next(r[key] for r in table if tuple(r["scales"]) == sc)
@@ -149,8 +149,8 @@ def main() -> None:
         both = [(fair_at[tuple(r["scales"])], r["top1"]) for r in tables[k] if tuple(r["scales"]) in fair_at]
         lines += [f"On the {len(both)} configurations fair and {k} both hold: fair above {k} at {sum(f > r for f, r in both)}; "
                   f"mean top-1 fair {statistics.mean(f for f, _ in both):.2f}, {k} {statistics.mean(r for _, r in both):.2f}.", ""]
-    lines += [
-              f"(c) Resizable-Aug at all 1.0: {aug_top1:.1f}% vs plain training (fixed all 1.0): {per_fixed[(1.0,) * 4]:.1f}%.", ""]
+    if aug_top1 is not None:
+        lines += [f"(c) Resizable-Aug at all 1.0: {aug_top1:.1f}% vs plain training (fixed all 1.0): {per_fixed[(1.0,) * 4]:.1f}%.", ""]
 
     ordered = sorted(cands.macs)
     adapt_rows = []
@@ -165,6 +165,13 @@ def main() -> None:
               "", markdown_table(["budget (MMACs)", "candidates", "Adapt top-1", "Adapt mean MMACs", "+ probe pass", "NAS top-1",
                                   "NAS MMACs", "oracle"], adapt_rows)]
     (args.out / "report.md").write_text("\n".join(lines) + "\n")
+    summary = {"date": str(date.today()), "epochs": args.epochs, "resolution": res, "walls": walls,
+               "trained_alone": {fixed_label(sc): per_fixed[sc] for sc in fixed},
+               "fair_at_uniform": {fixed_label(sc): at(tables["fair"], sc) for sc in fixed},
+               "sampling": {k: {"configurations": len(t), "mean_top1": statistics.mean(r["top1"] for r in t)} for k, t in tables.items()},
+               "aug_top1": aug_top1, "adapt": [dict(zip(["budget_mmacs", "candidates", "adapt_top1", "adapt_mmacs", "with_probe_mmacs",
+                                                          "nas_top1", "nas_mmacs", "oracle_top1"], row)) for row in adapt_rows]}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print("\n".join(lines))
 
 
