@@ -447,8 +447,18 @@ def report(runs: str | Path | Sequence[str | Path], data: str | Path, out: str |
 
     runs = [runs] if isinstance(runs, (str, Path)) else list(runs)
     rep = evaluate(runs, data, resolutions, bn_policy, latency=latency)
-    models = {label: load_checkpoint(run)[0] for label, run in zip(rep["runs"], runs)}
-    return write_report(rep, models, out)
+    loaded = {label: load_checkpoint(run) for label, run in zip(rep["runs"], runs)}
+    extra = []
+    if rep.get("task") == "segmentation":  # one validation image segmented at every evaluated resolution, per run
+        from .deploy.report import plot_segmentation_examples
+
+        image = sorted((Path(data) / "val" / "images").iterdir())[0]
+        Path(out).mkdir(parents=True, exist_ok=True)
+        for label, (model, meta) in loaded.items():
+            res = sorted((int(r) for r in rep["runs"][label]["results"]), reverse=True)
+            figure = plot_segmentation_examples(model, meta, image, res, label, Path(out))
+            extra.append((f"Segmentation at every resolution: {label}", figure))
+    return write_report(rep, {label: m for label, (m, _) in loaded.items()}, out, extra)
 
 
 def demo(out: str | Path = "runs/demo", epochs: int = 60, log: Callable[[str], None] = print) -> dict[str, Any]:

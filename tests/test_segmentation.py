@@ -173,3 +173,14 @@ def test_predict_writes_mask_and_overlay_and_export_matches(tmp_path):
     assert sum(first["classes"].values()) == pytest.approx(100, abs=0.1)
     info = flexres.export(tmp_path / "run", 48, out=tmp_path / "seg48.onnx", data=data / "val")
     assert info["parity_max_abs_diff"] < 1e-4
+
+
+def test_report_shows_miou_and_the_example_at_every_resolution(tmp_path):
+    data = sample_segmentation_dir()
+    cfg = {"model": {"name": "seg_resnet18", "width_mult": 0.25}, "method": {"name": "parallel", "resolutions": [48, 32]},
+           "data": {"root": str(data), "task": "segmentation", "cache": True, "num_workers": 0},
+           "train": {"epochs": 1, "batch_size": 4, "lr": 0.05, "progress": False, "eval_every": 0}}
+    flexres.train(cfg, tmp_path / "run", log=lambda s: None)
+    index = flexres.report(tmp_path / "run", data, tmp_path / "report", [48, 40, 32])
+    page = index.read_text()
+    assert "mean IoU (%)" in page and "segmentation_run.png" in page and (tmp_path / "report" / "segmentation_run.png").stat().st_size > 0

@@ -14,10 +14,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ..models import AdaptiveModel  # noqa: E402
 
 
+def metric_of(report: dict[str, Any]) -> tuple[str, str]:
+    """The report's headline metric: top-1 for classifiers, mean IoU for segmenters."""
+    return ("miou", "mean IoU (%)") if report.get("task") == "segmentation" else ("top1", "top-1 accuracy (%)")
+
+
 def plot_accuracy_vs_cost(report: dict[str, Any], out: Path, key: str = "macs") -> Path:
+    metric, axis_label = metric_of(report)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, run in report["runs"].items():
-        pts = sorted((v[key], v["top1"], int(r)) for r, v in run["results"].items() if v.get(key) is not None)
+        pts = sorted((v[key], v[metric], int(r)) for r, v in run["results"].items() if v.get(key) is not None)
         if not pts:
             continue
         xs = [p[0] / 1e6 if key == "macs" else p[0] for p in pts]
@@ -26,7 +32,7 @@ def plot_accuracy_vs_cost(report: dict[str, Any], out: Path, key: str = "macs") 
         if trained:
             ax.scatter(*zip(*trained), s=80, facecolors="none", edgecolors="black", zorder=3)
     ax.set_xlabel("MMACs per image" if key == "macs" else "latency (ms, batch 1, this machine)")
-    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylabel(axis_label)
     ax.set_title(f"accuracy vs {'MACs' if key == 'macs' else 'latency'} (circled: trained resolutions; BN {report['bn_policy']})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -40,7 +46,8 @@ def plot_accuracy_vs_cost(report: dict[str, Any], out: Path, key: str = "macs") 
 def plot_heatmap(report: dict[str, Any], out: Path) -> Path:
     labels = list(report["runs"])
     res = sorted({int(r) for run in report["runs"].values() for r in run["results"]}, reverse=True)
-    grid = [[report["runs"][lb]["results"].get(str(r), {}).get("top1", float("nan")) for r in res] for lb in labels]
+    metric, axis_label = metric_of(report)
+    grid = [[report["runs"][lb]["results"].get(str(r), {}).get(metric, float("nan")) for r in res] for lb in labels]
     fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(res), 1.2 + 0.5 * len(labels)))
     im = ax.imshow(grid, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(res)), [str(r) for r in res])
@@ -52,8 +59,8 @@ def plot_heatmap(report: dict[str, Any], out: Path) -> Path:
             bold = res[j] in report["runs"][labels[i]]["train_resolutions"]
             ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=8, color="white" if v < mean else "black",
                     fontweight="bold" if bold else "normal")
-    fig.colorbar(im, ax=ax, label="top-1 %")
-    ax.set_title("train x test top-1 (bold: trained resolution)")
+    fig.colorbar(im, ax=ax, label=axis_label)
+    ax.set_title(f"train x test {metric} (bold: trained resolution)")
     fig.tight_layout()
     path = out / "train_test_heatmap.png"
     fig.savefig(path, dpi=110)
@@ -92,13 +99,41 @@ def plot_bn_statistics(model: AdaptiveModel, label: str, out: Path) -> Path:
     return path
 
 
-def write_report(report: dict[str, Any], models: dict[str, AdaptiveModel], out: str | Path) -> Path:
+def plot_segmentation_examples(model: AdaptiveModel, meta: dict[str, Any], image: str | Path, resolutions: list[int], label: str,
+                               out: Path) -> Path:
+    """One image segmented at every resolution, side by side with the image (masks at the image's own size)."""
+    import tempfile
+
+    from PIL import Image
+
+    from .predict import segment_files
+
+    with tempfile.TemporaryDirectory() as tmp:
+        masks = [(r, segment_files(model, meta, [str(image)], r, Path(tmp) / str(r))[0]) for r in resolutions]
+        panels = [("image", Image.open(image).convert("RGB"))] + [(f"{r} px", Image.open(m["mask"]).convert("RGB")) for r, m in masks]
+        fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.4))
+        for ax, (title, im) in zip(axes, panels):
+            ax.imshow(im)
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+    fig.suptitle(f"{label}: {Path(image).name} at every resolution (short side)", fontsize=10)
+    fig.tight_layout()
+    path = out / f"segmentation_{label}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(report: dict[str, Any], models: dict[str, AdaptiveModel], out: str | Path,
+                 extra_figures: list[tuple[str, Path]] | None = None) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    figures = [("Accuracy vs MACs", plot_accuracy_vs_cost(report, out, "macs"))]
+    metric, axis_label = metric_of(report)
+    figures = [(f"{axis_label.split(' (')[0].capitalize()} vs MACs", plot_accuracy_vs_cost(report, out, "macs"))]
     if all(v.get("latency_ms") is not None for run in report["runs"].values() for v in run["results"].values()):
         figures.append(("Accuracy vs latency", plot_accuracy_vs_cost(report, out, "latency_ms")))
     figures.append(("Train x test accuracy", plot_heatmap(report, out)))
+    figures += extra_figures or []
     for label, model in models.items():
         if len(model.train_resolutions) > 1 and model.width_range is None:
             figures.append((f"BN statistics: {label}", plot_bn_statistics(model, label, out)))
@@ -106,7 +141,7 @@ def write_report(report: dict[str, Any], models: dict[str, AdaptiveModel], out: 
 
     def cell(run: dict[str, Any], r: int) -> str:
         v = run["results"].get(str(r))
-        return f"<td>{v['top1']:.1f}</td>" if v else "<td></td>"
+        return f"<td>{v[metric]:.1f}</td>" if v else "<td></td>"
 
     rows = "".join(
         f"<tr><td>{html.escape(lb)}</td><td>{', '.join(map(str, run['train_resolutions']))}</td>"
@@ -116,7 +151,7 @@ def write_report(report: dict[str, Any], models: dict[str, AdaptiveModel], out: 
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}} img{{max-width:100%;border:1px solid #ddd}}
 table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}</style></head><body>
 <h1>flexres report</h1><p>data: {html.escape(str(report['data']))}; BN policy for unseen resolutions: {html.escape(report['bn_policy'])}</p>
-<h2>Top-1 (%)</h2><table><tr><th>run</th><th>trained at</th>{''.join(f'<th>{r}</th>' for r in res)}</tr>{rows}</table>
+<h2>{html.escape(axis_label)}</h2><table><tr><th>run</th><th>trained at</th>{''.join(f'<th>{r}</th>' for r in res)}</tr>{rows}</table>
 {''.join(f'<h2>{html.escape(t)}</h2><img src="{p.name}" alt="{html.escape(t)}">' for t, p in figures)}
 </body></html>"""
     index = out / "index.html"
@@ -124,4 +159,4 @@ table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px;t
     return index
 
 
-__all__ = ["bn_statistics", "write_report"]
+__all__ = ["bn_statistics", "plot_segmentation_examples", "write_report"]
