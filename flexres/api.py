@@ -171,8 +171,6 @@ def _evaluate_segmentation(runs: list, data: str | Path, resolutions: Sequence[i
     from .data.segmentation import SegmentationDataset
     from .engine.evaluate import evaluate_segmentation
 
-    if bn_policy == "calibrate":
-        raise ValueError("bn_policy 'calibrate' is not implemented for segmentation yet: use interpolate or nearest")
     val = SegmentationDataset(split_dir(data, split), cache=True)
     h, w = val[0][0].shape[-2:]
     aspect = max(h, w) / min(h, w)
@@ -184,8 +182,14 @@ def _evaluate_segmentation(runs: list, data: str | Path, resolutions: Sequence[i
         if meta.get("classes") and meta["classes"] != val.classes:
             raise CheckpointMismatchError(f"{run} was trained on classes {meta['classes']} but {val.root.parent} has {val.classes}")
         res_list = list(resolutions or meta.get("config", {}).get("eval", {}).get("resolutions") or model.train_resolutions)
-        results = evaluate_segmentation(model, val, res_list, bn_policy, progress=progress, **_normalization(meta))
         ckpt = resolve_checkpoint(run)
+        if bn_policy == "calibrate":  # statistics at each untrained resolution from training crops, as for classifiers
+            cfg = meta.get("config") or make_config()
+            train_ds = SegmentationDataset(split_dir(data, cfg["data"]["train_split"]), cache=True)
+            points = [OperatingPoint(r) for r in res_list if r not in model.train_resolutions]
+            _ensure_calibrated(model, meta, ckpt, train_ds, points, cfg["eval"]["calibration_images"], 16,
+                               {**cfg, "data": {**cfg["data"], "scale": cfg["data"]["seg_scale"]}}, str(data), 0)
+        results = evaluate_segmentation(model, val, res_list, bn_policy, progress=progress, **_normalization(meta))
         label = Path(run).name if Path(run).is_dir() else Path(run).parent.name
         if label in report["runs"]:
             label = str(Path(ckpt.parent.parent.name) / ckpt.parent.name)

@@ -141,6 +141,8 @@ def test_train_evaluate_and_reload_a_segmentation_rsnet(tmp_path):
     assert set(res) == {"64", "56", "48"} and res["48"]["macs"] < res["64"]["macs"]
     assert res["64"]["miou"] == metrics["val_top1"]["64"]  # the trainer's validation is this evaluation
     assert "mean IoU %" in flexres.format_eval_report(rep)
+    cal = flexres.evaluate(tmp_path / "run", data, [56], "calibrate")["runs"]["run"]["results"]["56"]
+    assert "calibrat" in cal["bn"] and (tmp_path / "run" / "bn_calibration.safetensors").is_file()
     model, meta = flexres.load_checkpoint(tmp_path / "run")
     assert meta["task"] == "segmentation" and meta["ignore_index"] == VOID and len(meta["class_colors"]) == 11
     with pytest.raises(flexres.engine.config.ConfigError, match="segmentation has individual, parallel and rsnet"):

@@ -203,7 +203,12 @@ def calibrate(model: AdaptiveModel, train_dataset: ImageFolderDataset, points: l
                 continue
             # The augmentation is the training one, so calibrated statistics are comparable with
             # the statistics the trained BNs gathered.
-            train_dataset.transform = MultiResolutionCrop([op.resolution], scale, ratio)
+            if getattr(train_dataset, "info", None) is not None:  # segmentation: the joint square crop of training
+                from ..data.segmentation import JointMultiResolutionCrop
+
+                train_dataset.transform = JointMultiResolutionCrop([op.resolution], scale)
+            else:
+                train_dataset.transform = MultiResolutionCrop([op.resolution], scale, ratio)
             loader_workers = 0 if train_dataset.cached else workers
             batch = _batch_size_that_fits(model, op, batch_size, device, loader_workers, note)
             rng_state = torch.get_rng_state()
