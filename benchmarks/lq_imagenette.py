@@ -1,0 +1,86 @@
+"""Quantized RS-Nets on the Imagenette protocol (RS-Nets Table 3, issue 13): LQ-Nets 2/32 and 2/2, I-Nets at each
+resolution of S against the RS-Net, plus the storage table (five packed I-Nets vs one packed RS-Net vs fp32) and the
+packed file's accuracy against the training-time model's.
+
+    python benchmarks/lq_imagenette.py --out runs/bench_lq --train-only 2/32          # 6 runs (5 I-Nets + RS-Net)
+    python benchmarks/lq_imagenette.py --out runs/bench_lq --train-only 2/2
+    python benchmarks/lq_imagenette.py --out runs/bench_lq --json benchmarks/results/lq_imagenette.json   # evaluate
+
+Model: configs/imagenette_lq_rsnet_r18.yaml (ResNet-18 x0.5; --width 0.25 for the narrower one), seed with --seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from datetime import date
+from pathlib import Path
+
+import torch
+from _common import train_once
+
+from flexres import api
+from flexres.engine.config import load_config
+from flexres.engine.evaluate import markdown_table
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenette-224"
+S = [112, 96, 80, 64, 48]
+BITS = {"2/32": (2, 32), "2/2": (2, 2)}
+
+
+def runs(out: Path, setting: str, seed: int) -> dict[str, tuple[Path, list[str]]]:
+    w, a = BITS[setting]
+    tag = setting.replace("/", "-")
+    base = [f"model.kwargs={{w_bits: {w}, a_bits: {a}, activation_bases: shared}}", f"seed={seed}", "progress=false"]
+    specs = {f"I-{r}": (out / tag / f"seed{seed}" / f"I-{r}", base + ["method.name=individual", f"method.resolutions=[{r}]",
+                                                                     "method.kwargs={}"]) for r in S}
+    specs["RS-Net"] = (out / tag / f"seed{seed}" / "RS-Net", base)
+    return specs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--out", type=Path, default=Path("runs/bench_lq"))
+    p.add_argument("--width", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-only", nargs="+", choices=list(BITS))
+    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "lq_imagenette.json")
+    args = p.parse_args()
+    if args.train_only:
+        for setting in args.train_only:
+            for label, (out, sets) in runs(args.out, setting, args.seed).items():
+                cfg = load_config(ROOT / "configs" / "imagenette_lq_rsnet_r18.yaml", sets + [f"model.width_mult={args.width}"])
+                cfg["data"]["root"] = str(args.data)
+                train_once(f"{setting} {label}", cfg, out, cfg["train"]["epochs"])
+        return
+    result = {"date": str(date.today()), "machine": platform.machine(), "torch": torch.__version__, "seed": args.seed, "settings": {}}
+    lines = []
+    for setting in BITS:
+        specs = {k: v for k, v in runs(args.out, setting, args.seed).items() if (v[0] / "checkpoint.safetensors").exists()}
+        if len(specs) < len(S) + 1:
+            continue
+        rep = api.evaluate([str(d) for d, _ in specs.values()], args.data, S)
+        top1 = {label: {r: rep["runs"][key]["results"][str(r)]["top1"] for r in S} for label, key in zip(specs, rep["runs"])}
+        packed = {label: api.export(d, 0, format="packed", out=d / "packed.safetensors", data=args.data) for label, (d, _) in specs.items()}
+        packed_rs = api.evaluate(str(specs["RS-Net"][0] / "packed.safetensors"), args.data, S)["runs"]
+        packed_top1 = {r: next(iter(packed_rs.values()))["results"][str(r)]["top1"] for r in S}
+        result["settings"][setting] = {"top1": top1, "packed_rsnet_top1": packed_top1,
+                                       "bytes": {k: v["bytes"] for k, v in packed.items()},
+                                       "fp32_tensor_bytes": packed["RS-Net"]["fp32_tensor_bytes"]}
+        rows = [[str(r), f"{top1[f'I-{r}'][r]:.1f}", f"{top1['RS-Net'][r]:.1f}", f"{top1['RS-Net'][r] - top1[f'I-{r}'][r]:+.1f}",
+                 f"{packed_top1[r]:.1f}"] for r in S]
+        lines += [f"W/A {setting}:", "", markdown_table(["resolution", "I-Net", "RS-Net", "gain", "RS-Net packed file"], rows), ""]
+        inets = sum(packed[f"I-{r}"]["bytes"] for r in S)
+        storage = [["five packed I-Nets", f"{inets:,}"], ["one packed RS-Net", f"{packed['RS-Net']['bytes']:,}"],
+                   ["fp32 tensors of the RS-Net", f"{packed['RS-Net']['fp32_tensor_bytes']:,}"]]
+        lines += [markdown_table(["what", "bytes"], storage), ""]
+    print("\n".join(lines))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
