@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "camvid_rsnet_seg_r18.yaml"
 
 
-def specs(out: Path, seed: int) -> dict[str, tuple[Path, list[str]]]:
+def specs(out: Path, seed: int, extra: list[str]) -> dict[str, tuple[Path, list[str]]]:
     cfg = load_config(CONFIG)
-    base = [f"seed={seed}", "progress=false"]
+    base = [f"seed={seed}", "progress=false", *extra]
     inet = ["method.name=individual", "method.kwargs={}"]
     s = {f"I-{r}": (out / f"seed{seed}" / f"I-{r}", base + inet + [f"method.resolutions=[{r}]"]) for r in cfg["method"]["resolutions"]}
     s["RS-Net"] = (out / f"seed{seed}" / "RS-Net", base)
@@ -39,11 +39,15 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("runs/bench_camvid"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-only", action="store_true")
+    p.add_argument("--only", nargs="+", metavar="LABEL", help="train only these runs (I-192, RS-Net, ...): to spread them over processes")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for every run (e.g. train.amp=false)")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "camvid_seg.json")
     args = p.parse_args()
-    runs = specs(args.out, args.seed)
+    runs = specs(args.out, args.seed, args.set)
     if args.train_only:
         for label, (out, sets) in runs.items():
+            if args.only and label not in args.only:
+                continue
             cfg = load_config(CONFIG, sets)
             cfg["data"]["root"] = str(args.data)
             train_once(label, cfg, out, cfg["train"]["epochs"])

@@ -30,10 +30,10 @@ S = [112, 96, 80, 64, 48]
 BITS = {"2/32": (2, 32), "2/2": (2, 2)}
 
 
-def runs(out: Path, setting: str, seed: int) -> dict[str, tuple[Path, list[str]]]:
+def runs(out: Path, setting: str, seed: int, extra: list[str] = ()) -> dict[str, tuple[Path, list[str]]]:
     w, a = BITS[setting]
     tag = setting.replace("/", "-")
-    base = [f"model.kwargs={{w_bits: {w}, a_bits: {a}, activation_bases: shared}}", f"seed={seed}", "progress=false"]
+    base = [f"model.kwargs={{w_bits: {w}, a_bits: {a}, activation_bases: shared}}", f"seed={seed}", "progress=false", *extra]
     specs = {f"I-{r}": (out / tag / f"seed{seed}" / f"I-{r}", base + ["method.name=individual", f"method.resolutions=[{r}]",
                                                                      "method.kwargs={}"]) for r in S}
     specs["RS-Net"] = (out / tag / f"seed{seed}" / "RS-Net", base)
@@ -47,18 +47,23 @@ def main() -> None:
     p.add_argument("--width", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-only", nargs="+", choices=list(BITS))
+    p.add_argument("--only", nargs="+", metavar="LABEL", help="train only these runs (I-112, RS-Net, ...): to spread them over processes")
+    p.add_argument("--settings", nargs="+", choices=list(BITS), default=list(BITS), help="settings to evaluate")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for every run (e.g. train.amp=false)")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "lq_imagenette.json")
     args = p.parse_args()
     if args.train_only:
         for setting in args.train_only:
-            for label, (out, sets) in runs(args.out, setting, args.seed).items():
+            for label, (out, sets) in runs(args.out, setting, args.seed, args.set).items():
+                if args.only and label not in args.only:
+                    continue
                 cfg = load_config(ROOT / "configs" / "imagenette_lq_rsnet_r18.yaml", sets + [f"model.width_mult={args.width}"])
                 cfg["data"]["root"] = str(args.data)
                 train_once(f"{setting} {label}", cfg, out, cfg["train"]["epochs"])
         return
     result = {"date": str(date.today()), "machine": platform.machine(), "torch": torch.__version__, "seed": args.seed, "settings": {}}
     lines = []
-    for setting in BITS:
+    for setting in args.settings:
         specs = {k: v for k, v in runs(args.out, setting, args.seed).items() if (v[0] / "checkpoint.safetensors").exists()}
         if len(specs) < len(S) + 1:
             continue

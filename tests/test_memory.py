@@ -102,3 +102,15 @@ def test_calibration_shrinks_its_batch_too(monkeypatch, sample_data):
     with_memory(monkeypatch, 1000)
     with pytest.raises(ResolutionTooLargeError, match="40 px"):
         calibrate(model, train, [40], num_images=8)
+
+
+def test_auto_device_names_the_current_cuda_index(monkeypatch):
+    """torch.cuda.mem_get_info and set_device reject a bare "cuda" device on some releases (seen with torch 2.11 on an
+    H200): "auto" must resolve to an indexed device, the one CUDA is set to."""
+    from flexres.engine.trainer import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert resolve_device("auto") == torch.device("cuda", 3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")

@@ -53,7 +53,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if dist.is_available() and dist.is_initialized() and torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return torch.device(name)
 
 
