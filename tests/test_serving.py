@@ -334,3 +334,27 @@ def test_stop_and_failing_batches_answer_every_waiting_request():
 
     assert asyncio.run(scenario())["operating_point"]["name"] == "64px"
     assert engine.inflight == 0
+
+
+def test_an_idle_server_admits_again_after_an_overload_taught_it_a_slowdown():
+    """A slowdown learned under overload (correction 20x) predicts every point over target. Busy, the server refuses;
+    idle, it admits, serves, and the served batch brings the learned slowdown back down."""
+    learned = synthetic_latency(POINT_NAMES)
+    learned.learn, learned.correction = True, 20.0
+    engine = ServingEngine(synthetic_points(), ServeOptions(target_p95_ms=20), latency=learned)
+    assert not engine.controller.admits(0, 0.0, None, 20.0)[0]  # even alone, predicted over target
+    engine.inflight = 1
+    with pytest.raises(Overloaded):
+        engine.admit(engine.constrain())
+    engine.inflight = 0
+
+    async def one():
+        await engine.start()
+        try:
+            return await engine.submit(torch.zeros(3, 8, 8, dtype=torch.uint8), engine.constrain())
+        finally:
+            await engine.stop()
+
+    result = asyncio.run(one())
+    assert result["top"][0]["class"] in "abc"
+    assert learned.correction < 20.0

@@ -129,7 +129,8 @@ def write_report(report: dict[str, Any], models: dict[str, AdaptiveModel], out: 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     metric, axis_label = metric_of(report)
-    figures = [(f"{axis_label.split(' (')[0].capitalize()} vs MACs", plot_accuracy_vs_cost(report, out, "macs"))]
+    name = axis_label.split(" (")[0]  # "mean IoU", "top-1": capitalise the first letter only, keep "IoU"
+    figures = [(f"{name[:1].upper()}{name[1:]} vs MACs", plot_accuracy_vs_cost(report, out, "macs"))]
     if all(v.get("latency_ms") is not None for run in report["runs"].values() for v in run["results"].values()):
         figures.append(("Accuracy vs latency", plot_accuracy_vs_cost(report, out, "latency_ms")))
     figures.append(("Train x test accuracy", plot_heatmap(report, out)))

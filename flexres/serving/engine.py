@@ -162,7 +162,10 @@ class ServingEngine:
         if constraint.target_ms is not None:
             ahead = max(self.inflight - self._running, 0)  # the running batch is in busy
             ok, predicted = self.controller.admits(ahead, busy, constraint.allowed, constraint.target_ms, self.overhead_ms)
-            if not ok:
+            # An idle server whose learned slowdown says "over target" admits anyway: refusing cannot lower anyone's
+            # latency, and only a served batch can correct a slowdown learned during an overload that has passed
+            # (otherwise the server would refuse everything for ever once the load fell).
+            if not ok and (self.inflight > 0 or not self.latency.learn):
                 self.metrics.rejected.labels("over_target").inc()
                 raise Overloaded(f"the load is above what the server can answer within {constraint.target_ms:g} ms even at its "
                                  f"cheapest point (predicted {predicted:.0f} ms)", retry_after_s(predicted))

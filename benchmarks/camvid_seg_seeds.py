@@ -1,0 +1,45 @@
+"""CamVid I-Nets vs RS-Net over seeds (issue 14): mean ± std of mIoU, pixel and mean-class accuracy at every
+resolution, from the JSON files ``camvid_seg.py --seed N --json ...`` wrote.
+
+    python benchmarks/camvid_seg_seeds.py benchmarks/results/camvid_seg_seed{0,1,2}.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from flexres.engine.evaluate import markdown_table
+
+
+def cell(values: list[float]) -> str:
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", nargs="+", type=Path)
+    args = p.parse_args()
+    seeds = [json.loads(f.read_text()) for f in args.results]
+    for policy in seeds[0]["policies"]:
+        runs = seeds[0]["policies"][policy]
+        resolutions = list(next(iter(runs.values())))
+        macs = [f"{next(iter(runs.values()))[r]['macs'] / 1e9:.2f}" for r in resolutions]
+        print(f"BN {policy}, {len(seeds)} seeds (GMACs per image: {', '.join(f'{r}: {m}' for r, m in zip(resolutions, macs))}):\n")
+        for metric in ("miou", "pixel_acc", "mean_acc"):
+            rows = [[label] + [cell([s["policies"][policy][label][r][metric] for s in seeds]) for r in resolutions] for label in runs]
+            print(f"{metric}:\n\n{markdown_table(['run', *resolutions], rows)}\n")
+        trained = [label for label in runs if label.startswith("I-")]
+        rows = []
+        for label in trained:
+            r = label[2:]
+            gaps = [s["policies"][policy]["RS-Net"][r]["miou"] - s["policies"][policy][label][r]["miou"] for s in seeds]
+            rows.append([r, *(f"{g:+.1f}" for g in gaps), cell(gaps)])
+        header = ["resolution", *(f"seed {s['seed']}" for s in seeds), "mean ± std"]
+        print(f"RS-Net minus the I-Net at its own resolution (mIoU):\n\n{markdown_table(header, rows)}\n")
+
+
+if __name__ == "__main__":
+    main()
