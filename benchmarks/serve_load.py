@@ -129,6 +129,7 @@ def plot(result: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     for mode, steps in result["modes"].items():
@@ -139,6 +140,9 @@ def plot(result: dict, path: Path) -> None:
     a.axhline(result["target_p95_ms"], color="grey", linestyle="--", label="p95 target")
     a.set(xscale="log", yscale="log", xlabel="offered load (requests/s)", ylabel="p95 latency (ms)", title="p95 latency")
     b.set(xscale="log", xlabel="offered load (requests/s)", ylabel="top-1 % of answered requests", title="accuracy served")
+    for ax in (a, b):  # label the offered rates themselves; log-axis minor labels overlap
+        ax.set_xticks(result["rates"], [f"{r:g}" for r in result["rates"]])
+        ax.xaxis.set_minor_formatter(NullFormatter())
     a.legend(fontsize=8)
     b.legend(fontsize=7)
     fig.suptitle(f"flexres serve, {result['run']}: load ramp on {result['machine']}", fontsize=10)
