@@ -358,3 +358,29 @@ def test_an_idle_server_admits_again_after_an_overload_taught_it_a_slowdown():
     result = asyncio.run(one())
     assert result["top"][0]["class"] in "abc"
     assert learned.correction < 20.0
+
+
+def test_admission_counts_the_event_loop_lag_that_requests_wait_before_it():
+    """Requests queued in the HTTP layer wait for the event loop before admission sees them: a loop late by more
+    than the target refuses even an idle engine, and the lag is measured from the loop itself."""
+    learned = synthetic_latency(POINT_NAMES)
+    learned.learn = True
+    engine = ServingEngine(synthetic_points(), ServeOptions(target_p95_ms=50), latency=learned)
+    engine.loop_lag_ms = 100.0
+    with pytest.raises(Overloaded):
+        engine.admit(engine.constrain())
+    engine.loop_lag_ms = 0.0
+    engine.admit(engine.constrain())
+    assert engine.inflight == 1
+
+    async def blocked_loop():
+        await engine.start()
+        try:
+            await asyncio.sleep(0.03)
+            time.sleep(0.15)  # a handler hogging the loop, as request parsing does under overload
+            await asyncio.sleep(0.03)
+            return engine.loop_lag_ms
+        finally:
+            await engine.stop()
+
+    assert asyncio.run(blocked_loop()) >= 100.0

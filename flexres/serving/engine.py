@@ -99,6 +99,10 @@ class ServingEngine:
         self._current: list[Pending] = []
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
+        self._lag_watch: asyncio.Task | None = None
+        # How late the event loop runs what is due (a decaying maximum): when HTTP work saturates the loop, requests
+        # wait there before admission sees them, and only this tells admission about that wait.
+        self.loop_lag_ms = 0.0
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="flexres-infer")  # one model, one forward at a time
 
     # --- set-up ---
@@ -161,11 +165,13 @@ class ServingEngine:
                              retry_after_s(busy + self.latency.drain_ms(self.controller.preference[-1], self.inflight, o.max_batch)))
         if constraint.target_ms is not None:
             ahead = max(self.inflight - self._running, 0)  # the running batch is in busy
-            ok, predicted = self.controller.admits(ahead, busy, constraint.allowed, constraint.target_ms, self.overhead_ms)
-            # An idle server whose learned slowdown says "over target" admits anyway: refusing cannot lower anyone's
-            # latency, and only a served batch can correct a slowdown learned during an overload that has passed
-            # (otherwise the server would refuse everything for ever once the load fell).
-            if not ok and (self.inflight > 0 or not self.latency.learn):
+            ok, predicted = self.controller.admits(ahead, busy, constraint.allowed, constraint.target_ms,
+                                                   self.overhead_ms + self.loop_lag_ms)
+            # An idle engine whose learned slowdown says "over target" admits anyway, unless the event loop itself is
+            # late by more than the target: the learned slowdown only changes when a batch is served (refusing on it
+            # alone would refuse for ever once the load fell), while the loop's lag is measured all the time.
+            idle_and_loop_on_time = self.inflight == 0 and self.latency.learn and self.loop_lag_ms < constraint.target_ms
+            if not ok and not idle_and_loop_on_time:
                 self.metrics.rejected.labels("over_target").inc()
                 raise Overloaded(f"the load is above what the server can answer within {constraint.target_ms:g} ms even at its "
                                  f"cheapest point (predicted {predicted:.0f} ms)", retry_after_s(predicted))
@@ -322,8 +328,18 @@ class ServingEngine:
         self._arrived = asyncio.Event()
         self._worker = asyncio.create_task(self._run())
         self._worker.add_done_callback(self._worker_ended)
+        self._lag_watch = asyncio.create_task(self._watch_loop_lag())
+
+    async def _watch_loop_lag(self, period_ms: float = 10.0) -> None:
+        while True:
+            t0 = time.perf_counter()
+            await asyncio.sleep(period_ms / 1000)
+            lag = max((time.perf_counter() - t0) * 1000 - period_ms, 0.0)
+            self.loop_lag_ms = max(lag, 0.9 * self.loop_lag_ms)
 
     async def stop(self) -> None:
+        if self._lag_watch is not None:
+            self._lag_watch.cancel()
         if self._worker is not None:
             self._worker.cancel()
             try:
