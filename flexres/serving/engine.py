@@ -167,11 +167,10 @@ class ServingEngine:
             ahead = max(self.inflight - self._running, 0)  # the running batch is in busy
             ok, predicted = self.controller.admits(ahead, busy, constraint.allowed, constraint.target_ms,
                                                    self.overhead_ms + self.loop_lag_ms)
-            # An idle engine whose learned slowdown says "over target" admits anyway, unless the event loop itself is
-            # late by more than the target: the learned slowdown only changes when a batch is served (refusing on it
-            # alone would refuse for ever once the load fell), while the loop's lag is measured all the time.
-            idle_and_loop_on_time = self.inflight == 0 and self.latency.learn and self.loop_lag_ms < constraint.target_ms
-            if not ok and not idle_and_loop_on_time:
+            # An idle engine admits anyway: refusing cannot lower anyone's latency, a learned slowdown only changes
+            # when a batch is served (refusing on it would refuse for ever once the load fell), and under a flood of
+            # retries the loop's lag stays high however much is refused, so refusing on it would serve nothing.
+            if not ok and (self.inflight > 0 or not self.latency.learn):
                 self.metrics.rejected.labels("over_target").inc()
                 raise Overloaded(f"the load is above what the server can answer within {constraint.target_ms:g} ms even at its "
                                  f"cheapest point (predicted {predicted:.0f} ms)", retry_after_s(predicted))
