@@ -11,6 +11,12 @@ from flexres.engine.checkpoint import SIDECAR
 from flexres.engine.trainer import train
 
 
+def add_run_options(p) -> None:
+    """``--only`` and ``--set``, for scripts whose trainings are spread over processes (one label each)."""
+    p.add_argument("--only", nargs="+", metavar="LABEL", help="train only these runs (I-112, RS-Net, ...): to spread them over processes")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for every run (e.g. train.amp=false)")
+
+
 def train_once(label: str, cfg: dict, out: Path, epochs: int) -> float:
     """Wall seconds of training ``label`` into ``out`` (from its record when it had already finished)."""
     out = Path(out)

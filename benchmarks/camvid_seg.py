@@ -14,7 +14,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from _common import train_once
+from _common import add_run_options, train_once
 
 from flexres import api
 from flexres.engine.config import load_config
@@ -39,8 +39,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("runs/bench_camvid"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-only", action="store_true")
-    p.add_argument("--only", nargs="+", metavar="LABEL", help="train only these runs (I-192, RS-Net, ...): to spread them over processes")
-    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for every run (e.g. train.amp=false)")
+    add_run_options(p)
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "camvid_seg.json")
     args = p.parse_args()
     runs = specs(args.out, args.seed, args.set)

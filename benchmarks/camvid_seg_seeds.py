@@ -25,15 +25,15 @@ def main() -> None:
     seeds = [json.loads(f.read_text()) for f in args.results]
     for policy in seeds[0]["policies"]:
         runs = seeds[0]["policies"][policy]
-        resolutions = list(next(iter(runs.values())))
-        macs = [f"{next(iter(runs.values()))[r]['macs'] / 1e9:.2f}" for r in resolutions]
+        first = next(iter(runs.values()))
+        resolutions = list(first)
+        macs = [f"{first[r]['macs'] / 1e9:.2f}" for r in resolutions]
         print(f"BN {policy}, {len(seeds)} seeds (GMACs per image: {', '.join(f'{r}: {m}' for r, m in zip(resolutions, macs))}):\n")
         for metric in ("miou", "pixel_acc", "mean_acc"):
             rows = [[label] + [cell([s["policies"][policy][label][r][metric] for s in seeds]) for r in resolutions] for label in runs]
             print(f"{metric}:\n\n{markdown_table(['run', *resolutions], rows)}\n")
-        trained = [label for label in runs if label.startswith("I-")]
         rows = []
-        for label in trained:
+        for label in (label for label in runs if label.startswith("I-")):  # each I-Net at its own resolution
             r = label[2:]
             gaps = [s["policies"][policy]["RS-Net"][r]["miou"] - s["policies"][policy][label][r]["miou"] for s in seeds]
             rows.append([r, *(f"{g:+.1f}" for g in gaps), cell(gaps)])

@@ -14,10 +14,8 @@ CAMVID_EPOCHS=${CAMVID_EPOCHS:-60}
 export OMP_NUM_THREADS=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 mkdir -p "$WORK/logs"
 
-camvid_done() {  # all twelve CamVid runs finished their 60 epochs
-  local n
-  n=$(grep -l "\"epoch\": $CAMVID_EPOCHS" "$WORK"/camvid/seed*/*/checkpoint.json 2>/dev/null | wc -l)
-  [ "$n" -ge 12 ]
+camvid_finished() {  # how many CamVid runs have trained all CAMVID_EPOCHS epochs
+  grep -l "\"epoch\": $CAMVID_EPOCHS" "$WORK"/camvid/seed*/*/checkpoint.json 2>/dev/null | wc -l
 }
 
 case "${1:-}" in
@@ -46,7 +44,7 @@ lq)
     done
   done
   (  # CamVid: evaluate each seed as soon as all its runs are trained
-    while ! camvid_done; do sleep 5; done
+    while [ "$(camvid_finished)" -lt 12 ]; do sleep 5; done
     for seed in 0 1 2; do
       OMP_NUM_THREADS=2 $PY benchmarks/camvid_seg.py --data "$DATA/camvid" --out "$WORK/camvid" --seed $seed \
           --json "$OUT/camvid_seg_seed$seed.json" > "$WORK/logs/camvid_eval_s$seed.log" 2>&1 &
@@ -56,7 +54,7 @@ lq)
   ) &
   camvid_pid=$!
   while sleep "${POLL:-30}"; do
-    echo "$(date +%T) lq: $(grep -h 'epoch ' "$WORK"/logs/lq_*.log 2>/dev/null | wc -l) epochs logged; camvid: $(grep -l "\"epoch\": $CAMVID_EPOCHS" "$WORK"/camvid/seed*/*/checkpoint.json 2>/dev/null | wc -l)/12 done"
+    echo "$(date +%T) lq: $(grep -h 'epoch ' "$WORK"/logs/lq_*.log 2>/dev/null | wc -l) epochs logged; camvid: $(camvid_finished)/12 done"
     alive=0; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=$((alive + 1)); done
     [ "$alive" -gt 0 ] || break
   done

@@ -18,7 +18,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from _common import train_once
+from _common import add_run_options, train_once
 
 from flexres import api
 from flexres.engine.config import load_config
@@ -47,9 +47,8 @@ def main() -> None:
     p.add_argument("--width", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-only", nargs="+", choices=list(BITS))
-    p.add_argument("--only", nargs="+", metavar="LABEL", help="train only these runs (I-112, RS-Net, ...): to spread them over processes")
+    add_run_options(p)
     p.add_argument("--settings", nargs="+", choices=list(BITS), default=list(BITS), help="settings to evaluate")
-    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for every run (e.g. train.amp=false)")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "lq_imagenette.json")
     args = p.parse_args()
     if args.train_only:
