@@ -57,6 +57,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("runs/bench_resizable"))
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch", type=int)
+    p.add_argument("--seed", type=int, default=0, help="train.seed of every run (a seed repeat of the protocol)")
     p.add_argument("--configs", default="all", help="configurations in the tables: 'all' (256) or N sampled")
     p.add_argument("--random-configs", help="configurations for the random-sampling run's table (default: as --configs)")
     p.add_argument("--label-images", type=int, default=2000)
@@ -87,6 +88,7 @@ def main() -> None:
         cfg["method"]["kwargs"] = {**cfg["method"]["kwargs"], **kwargs}
         epochs = args.epochs * (len(FIXED) if label == "random-single" else 1)  # App. D.3: |L| times the epochs
         cfg["train"]["epochs"] = epochs
+        cfg["train"]["seed"] = args.seed
         walls[label] = train_once(label, cfg, args.out / label, epochs)
     if args.train_only:
         return

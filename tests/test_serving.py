@@ -12,12 +12,15 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
 
 import flexres
 from flexres.operating_point import OperatingPoint
 from flexres.serving import AdaptiveController, LatencyModel, PointSet, ServeOptions, ServingEngine, ServingPoint
 from flexres.serving.app import create_app
 from flexres.serving.engine import Overloaded
+from flexres.serving.inference import run_batch
+from flexres.serving.points import load_points
 
 # Three points, most accurate first: (fixed ms, ms per image).
 SYNTHETIC = {"big": (10.0, 5.0), "mid": (4.0, 2.0), "small": (1.0, 0.5)}
@@ -361,19 +364,24 @@ def test_an_idle_server_admits_again_after_an_overload_taught_it_a_slowdown():
 
 
 def test_admission_counts_the_event_loop_lag_that_requests_wait_before_it():
-    """Requests queued in the HTTP layer wait for the event loop before admission sees them: with work in flight, a
-    loop late by more than the target refuses; an idle engine still admits (it must keep serving under a flood of
-    retries); the lag is measured from the loop itself."""
+    """Requests queued in the HTTP layer wait for the event loop before admission sees them: a loop late by more than
+    the target refuses once a full batch is in flight, and admits up to that batch (under a flood of retries the lag
+    comes from the refusals themselves, so refusing on it alone would leave the model idle); the lag is measured from
+    the loop itself."""
     learned = synthetic_latency(POINT_NAMES)
     learned.learn = True
-    engine = ServingEngine(synthetic_points(), ServeOptions(target_p95_ms=50), latency=learned)
-    engine.admit(engine.constrain())  # on time: admitted, now one in flight
+    engine = ServingEngine(synthetic_points(), ServeOptions(target_p95_ms=50, max_batch=4), latency=learned)
+    ok, predicted = engine.controller.admits(3, 0.0, None, 50.0)
+    assert ok and predicted + 100.0 > 50.0  # the model alone keeps the target for a batch; the lag would break it
     engine.loop_lag_ms = 100.0
-    with pytest.raises(Overloaded):
+    for _ in range(4):
+        engine.admit(engine.constrain())  # late loop, but less than a batch in flight: admitted
+    assert engine.inflight == 4
+    with pytest.raises(Overloaded, match="predicted"):
         engine.admit(engine.constrain())
-    engine.inflight = 0
-    engine.admit(engine.constrain())
-    assert engine.inflight == 1
+    engine.loop_lag_ms = 0.0
+    engine.admit(engine.constrain())  # on time again: the model-side prediction alone decides
+    assert engine.inflight == 5
 
     async def blocked_loop():
         await engine.start()
@@ -386,3 +394,34 @@ def test_admission_counts_the_event_loop_lag_that_requests_wait_before_it():
             await engine.stop()
 
     assert asyncio.run(blocked_loop()) >= 100.0
+
+
+def test_a_child_process_serves_the_same_predictions_as_the_inference_thread(run_dir):
+    """`flexres serve` runs batches in a child process by default (a flood of refusals holds the server's GIL): the
+    child loads the same run, and every point's top-k and the latency model's measurements come back from it."""
+    from flexres.serving.inference import ProcessInference
+
+    points = load_points(run_dir[0])
+    images = [pil_to_tensor(Image.open(io.BytesIO(jpeg((90, 70), c))).convert("RGB")) for c in ((200, 30, 30), (20, 160, 90))]
+    child = ProcessInference(run_dir[0], threads=1)
+    engine = ServingEngine(points, ServeOptions(max_wait_ms=0), inference=child)
+    assert all(engine.latency.batch_ms(p.name, 1) > 0 for p in points.points)  # measured in the child
+
+    async def both():
+        await engine.start()
+        try:
+            here, there = {}, {}
+            for p in points.points:
+                here[p.name] = run_batch(points, p.name, images, [3, 3])[0]
+                there[p.name] = (await child.run(p.name, images, [3, 3]))[0]
+            served = await engine.submit(images[0], engine.constrain(resolution=points.points[0].resolution), topk=3)
+            return here, there, served
+        finally:
+            await engine.stop()
+
+    here, there, served = asyncio.run(both())
+    for name in here:
+        for a, b in zip(here[name], there[name]):
+            assert [c["class"] for c in a] == [c["class"] for c in b]
+            assert [c["probability"] for c in a] == pytest.approx([c["probability"] for c in b], abs=2e-4)
+    assert [c["class"] for c in served["top"]] == [c["class"] for c in here[points.points[0].name][0]]

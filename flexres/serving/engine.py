@@ -1,5 +1,6 @@
 """The serving engine: admits requests, batches the ones that can share an operating point, picks that point
-(fixed, per-request budget, or adaptive to a latency target) and runs the batch on one inference thread."""
+(fixed, per-request budget, or adaptive to a latency target) and runs the batch on one inference thread or in a child
+process (`inference.py`)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,13 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from ..analysis.latency import time_call
-from ..data import EvalTransform, normalize_batch
-from ..deploy.predict import top_classes
 from .controller import AdaptiveController, LatencyModel, retry_after_s
+from .inference import ProcessInference, ThreadInference
 from .metrics import ServeMetrics
 from .points import PointSet, ServingPoint
 
@@ -73,7 +70,8 @@ def _now_ms() -> float:
 
 class ServingEngine:
     def __init__(self, points: PointSet, options: ServeOptions | None = None, latency: LatencyModel | None = None,
-                 metrics: ServeMetrics | None = None, clock: Callable[[], float] = _now_ms) -> None:
+                 metrics: ServeMetrics | None = None, clock: Callable[[], float] = _now_ms,
+                 inference: ThreadInference | ProcessInference | None = None) -> None:
         self.points = points
         self.options = options or ServeOptions()
         o = self.options
@@ -87,7 +85,8 @@ class ServingEngine:
         self.by_name = {p.name: p for p in points.points}
         self.metrics = metrics or ServeMetrics()
         self.clock = clock
-        self.latency = latency or LatencyModel.measure(list(self.by_name), self._time_batch, o.max_batch)
+        self.inference = inference or ThreadInference(points)
+        self.latency = latency or LatencyModel.measure(list(self.by_name), self.inference.time_batch, o.max_batch)
         self.controller = AdaptiveController([p.name for p in points.by_preference()], self.latency,
                                              o.target_p95_ms if o.target_p95_ms is not None else math.inf, o.max_batch, o.headroom)
         self.queue: deque[Pending] = deque()
@@ -103,16 +102,10 @@ class ServingEngine:
         # How late the event loop runs what is due (a decaying maximum): when HTTP work saturates the loop, requests
         # wait there before admission sees them, and only this tells admission about that wait.
         self.loop_lag_ms = 0.0
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="flexres-infer")  # one model, one forward at a time
 
     # --- set-up ---
     def _served(self) -> str:
         return ", ".join(str(r) for r in self.points.resolutions)
-
-    def _time_batch(self, name: str, batch: int) -> float:
-        p = self.by_name[name]
-        x = torch.randn(batch, 3, p.resolution, p.resolution)
-        return time_call(lambda: p.run(x), warmup=2, repeats=5)
 
     @property
     def mode(self) -> str:
@@ -165,15 +158,19 @@ class ServingEngine:
                              retry_after_s(busy + self.latency.drain_ms(self.controller.preference[-1], self.inflight, o.max_batch)))
         if constraint.target_ms is not None:
             ahead = max(self.inflight - self._running, 0)  # the running batch is in busy
-            ok, predicted = self.controller.admits(ahead, busy, constraint.allowed, constraint.target_ms,
-                                                   self.overhead_ms + self.loop_lag_ms)
-            # An idle engine admits anyway: refusing cannot lower anyone's latency, a learned slowdown only changes
-            # when a batch is served (refusing on it would refuse for ever once the load fell), and under a flood of
-            # retries the loop's lag stays high however much is refused, so refusing on it would serve nothing.
-            if not ok and (self.inflight > 0 or not self.latency.learn):
+            ok, predicted = self.controller.admits(ahead, busy, constraint.allowed, constraint.target_ms, self.overhead_ms)
+            lagged = predicted + self.loop_lag_ms
+            # An idle engine admits anyway: refusing cannot lower anyone's latency, and a learned slowdown only changes
+            # when a batch is served (refusing on it would refuse for ever once the load fell).
+            # The loop's lag refuses only past one full batch in flight: under a flood of retries the lag comes from
+            # answering the refusals and stays high however much is refused, so refusing on it alone would starve the
+            # model; a full batch keeps it busy while everything beyond is still shed.
+            over_model = not ok and (self.inflight > 0 or not self.latency.learn)
+            over_lag = lagged > constraint.target_ms and self.inflight >= o.max_batch
+            if over_model or over_lag:
                 self.metrics.rejected.labels("over_target").inc()
                 raise Overloaded(f"the load is above what the server can answer within {constraint.target_ms:g} ms even at its "
-                                 f"cheapest point (predicted {predicted:.0f} ms)", retry_after_s(predicted))
+                                 f"cheapest point (predicted {lagged:.0f} ms)", retry_after_s(lagged))
         self.inflight += 1
         self.metrics.inflight.set(self.inflight)
         return now
@@ -237,15 +234,6 @@ class ServingEngine:
         self.metrics.queue.set(len(self.queue))
         return self.by_name[decision.point], batch, decision.reason
 
-    def infer(self, point: ServingPoint, images: list[Tensor], topk: list[int]) -> tuple[list[list[dict[str, Any]]], float]:
-        """Preprocess (resize and crop to the point's resolution), run and rank one batch; and its time in ms, measured
-        here, so time spent waiting for the inference thread never counts as the model's."""
-        start = self.clock()
-        tf = EvalTransform(point.resolution, point.crop_fraction)
-        x = normalize_batch(torch.stack([tf(im) for im in images]), point.mean, point.std)
-        probs = torch.softmax(point.run(x).float(), dim=1)
-        return [top_classes(pr, self.points.classes, self.points.names, k) for pr, k in zip(probs, topk)], self.clock() - start
-
     async def _fill(self) -> None:
         """Dynamic batching: wait until max_batch requests are queued or the oldest has waited max_wait_ms."""
         head = self.queue[0]
@@ -260,7 +248,6 @@ class ServingEngine:
                 return
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             while not self.queue:
                 self._arrived.clear()
@@ -274,8 +261,7 @@ class ServingEngine:
             self._busy_until_ms = start + self.latency.batch_ms(point.name, len(batch))
             self._current, self._running = batch, len(batch)
             try:
-                results, ms = await loop.run_in_executor(self._executor, self.infer, point, [r.image for r in batch],
-                                                         [r.topk for r in batch])
+                results, ms = await self.inference.run(point.name, [r.image for r in batch], [r.topk for r in batch])
             except asyncio.CancelledError:  # shutting down: nobody may wait forever for this batch
                 self._fail(batch, Overloaded("the server is shutting down", 1))
                 raise
@@ -315,10 +301,9 @@ class ServingEngine:
 
     async def run_every_point(self, image: Tensor, topk: int = 5) -> list[dict[str, Any]]:
         """The image at every point, most accurate first (the page's side-by-side view); bypasses the queue."""
-        loop = asyncio.get_running_loop()
         out = []
         for p in self.points.by_preference():
-            (top,), ms = await loop.run_in_executor(self._executor, self.infer, p, [image], [topk])
+            (top,), ms = await self.inference.run(p.name, [image], [topk])
             out.append({"operating_point": p.describe(), "top": top, "inference_ms": round(ms, 3)})
         return out
 
@@ -347,4 +332,4 @@ class ServingEngine:
                 pass
         self._fail(list(self.queue) + self._current, Overloaded("the server is shutting down", 1))
         self.queue.clear()
-        self._executor.shutdown(wait=False)  # a forward still running finishes on its thread; nobody waits for it
+        self.inference.close()

@@ -63,6 +63,12 @@ class PointSet:
             raise ValueError(f"{self.description}: no operating point to serve")
         self.points.sort(key=lambda p: (p.macs, p.resolution))
 
+    def named(self, name: str) -> ServingPoint:
+        for p in self.points:
+            if p.name == name:
+                return p
+        raise KeyError(f"no operating point named {name!r}; served: {[p.name for p in self.points]}")
+
     def by_preference(self) -> list[ServingPoint]:
         """Most accurate first; where accuracy was never measured, the costlier point is assumed the better one."""
         return sorted(self.points, key=lambda p: (p.top1 if p.top1 is not None else float("-inf"), p.macs), reverse=True)

@@ -1,0 +1,102 @@
+"""Where the server's batches run: on one thread of the server's own process, or in a child process of their own.
+
+The child process exists for floods. When clients re-send every refused request at once, the event loop spends all its
+time answering 503s, in Python, holding this process's GIL; an inference thread that needs the GIL between every op
+then runs a 7 ms batch in about 58 ms (measured, BENCHMARKS.md section 10), the learned slowdown predicts every point
+over target, and nearly nothing is served. A child process has its own interpreter and gets its share of the CPU from
+the operating system: a forward in another process ran at its idle speed through the same flood.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..analysis.latency import time_call
+from ..data import EvalTransform, normalize_batch
+from ..deploy.predict import top_classes
+from .points import PointSet, load_points
+
+Results = tuple[list[list[dict[str, Any]]], float]
+
+
+def run_batch(points: PointSet, name: str, images: list[Tensor], topk: list[int]) -> Results:
+    """Preprocess (resize and crop to the point's resolution), run and rank one batch of uint8 3 x H x W images; and its
+    time in ms, measured here, so time spent waiting to start never counts as the model's."""
+    start = time.perf_counter()
+    p = points.named(name)
+    tf = EvalTransform(p.resolution, p.crop_fraction)
+    x = normalize_batch(torch.stack([tf(im) for im in images]), p.mean, p.std)
+    probs = torch.softmax(p.run(x).float(), dim=1)
+    return ([top_classes(pr, points.classes, points.names, k) for pr, k in zip(probs, topk)],
+            (time.perf_counter() - start) * 1000.0)
+
+
+def time_batch(points: PointSet, name: str, batch: int) -> float:
+    """Median ms of the model alone on a ``batch`` of random inputs at point ``name`` (for the latency model)."""
+    p = points.named(name)
+    x = torch.randn(batch, 3, p.resolution, p.resolution)
+    return time_call(lambda: p.run(x), warmup=2, repeats=5)
+
+
+class ThreadInference:
+    """Batches run on one thread of this process, one at a time (one model, one forward)."""
+
+    def __init__(self, points: PointSet) -> None:
+        self.points = points
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="flexres-infer")
+
+    def time_batch(self, name: str, batch: int) -> float:
+        return time_batch(self.points, name, batch)
+
+    async def run(self, name: str, images: list[Tensor], topk: list[int]) -> Results:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, run_batch, self.points, name, images, topk)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)  # a forward still running finishes on its thread; nobody waits for it
+
+
+_child_points: PointSet | None = None  # the points loaded in the child process by _load_in_child
+
+
+def _load_in_child(targets: list[str], bn_policy: str | None, threads: int) -> None:
+    global _child_points
+    torch.set_num_threads(threads)
+    _child_points = load_points(targets, bn_policy)
+
+
+def _run_in_child(name: str, images: list[np.ndarray], topk: list[int]) -> Results:
+    return run_batch(_child_points, name, [torch.from_numpy(im) for im in images], topk)
+
+
+def _time_in_child(name: str, batch: int) -> float:
+    return time_batch(_child_points, name, batch)
+
+
+class ProcessInference:
+    """Batches run in one child process that loads the same targets (so the model is in memory twice: the server's
+    copy only describes the points). Images travel as uint8 arrays, results as the small top-k lists."""
+
+    def __init__(self, targets: str | Path | list[str | Path], bn_policy: str | None = None, threads: int | None = None) -> None:
+        targets = [str(t) for t in ([targets] if isinstance(targets, (str, Path)) else targets)]
+        # spawn, not fork: a forked child would inherit the parent's torch thread pools and locks mid-state
+        self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_load_in_child,
+                                         initargs=(targets, bn_policy, threads or torch.get_num_threads()))
+
+    def time_batch(self, name: str, batch: int) -> float:
+        return self._pool.submit(_time_in_child, name, batch).result()
+
+    async def run(self, name: str, images: list[Tensor], topk: list[int]) -> Results:
+        arrays = [im.numpy() for im in images]
+        return await asyncio.wrap_future(self._pool.submit(_run_in_child, name, arrays, topk))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
