@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import shutil
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -425,3 +430,58 @@ def test_a_child_process_serves_the_same_predictions_as_the_inference_thread(run
             assert [c["class"] for c in a] == [c["class"] for c in b]
             assert [c["probability"] for c in a] == pytest.approx([c["probability"] for c in b], abs=2e-4)
     assert [c["class"] for c in served["top"]] == [c["class"] for c in here[points.points[0].name][0]]
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process parents from Linux /proc")
+def test_flexres_serve_predicts_over_http_and_its_inference_process_ends_with_it(run_dir, tmp_path):
+    """A real `flexres serve` on 127.0.0.1 (batches in its child process) answers /health and /predict; killed with
+    SIGKILL, which runs no clean-up, it leaves no inference process behind."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "flexres.cli", "serve", str(run_dir[0]), "--port", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.time() + 120
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.time() < deadline, "the server did not come up in 120 s"
+                time.sleep(0.3)
+        r = httpx.post(f"{url}/predict", content=jpeg(), headers={"content-type": "image/jpeg"}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["top"]) == 5
+        workers = [k for k in _children(server.pid) if "spawn_main" in Path(f"/proc/{k}/cmdline").read_text()]
+        assert len(workers) == 1
+    finally:
+        server.kill()
+        server.wait()
+        log.close()
+    deadline = time.time() + 10
+    while _alive(workers[0]) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _alive(workers[0]), "the inference process outlived its server"

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
@@ -67,8 +69,16 @@ class ThreadInference:
 _child_points: PointSet | None = None  # the points loaded in the child process by _load_in_child
 
 
-def _load_in_child(targets: list[str], bn_policy: str | None, threads: int) -> None:
+def _exit_with(parent: int) -> None:
+    """End the child once its server is gone, however the server ended (a SIGKILL runs no clean-up)."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
+
+
+def _load_in_child(targets: list[str], bn_policy: str | None, threads: int, parent: int) -> None:
     global _child_points
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="flexres-parent-watch").start()
     torch.set_num_threads(threads)
     _child_points = load_points(targets, bn_policy)
 
@@ -89,7 +99,7 @@ class ProcessInference:
         targets = [str(t) for t in ([targets] if isinstance(targets, (str, Path)) else targets)]
         # spawn, not fork: a forked child would inherit the parent's torch thread pools and locks mid-state
         self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_load_in_child,
-                                         initargs=(targets, bn_policy, threads or torch.get_num_threads()))
+                                         initargs=(targets, bn_policy, threads or torch.get_num_threads(), os.getpid()))
 
     def time_batch(self, name: str, batch: int) -> float:
         return self._pool.submit(_time_in_child, name, batch).result()
@@ -99,4 +109,6 @@ class ProcessInference:
         return await asyncio.wrap_future(self._pool.submit(_run_in_child, name, arrays, topk))
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        # waits for the batch now running (milliseconds) and the child's exit: without waiting, a server that exits
+        # right after closing leaves the child behind
+        self._pool.shutdown(wait=True, cancel_futures=True)
