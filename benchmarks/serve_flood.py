@@ -10,6 +10,7 @@ percentiles over every answer. Bounded in time (--seconds per row), localhost on
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -66,7 +67,7 @@ def main() -> None:
     p.add_argument("--target-p95-ms", type=float, default=30.0)
     p.add_argument("--connections", type=int, nargs="+", default=[4, 16, 64, 256])
     p.add_argument("--seconds", type=float, default=8.0)
-    p.add_argument("--server-args", nargs="*", default=[], help="more `flexres serve` options")
+    p.add_argument("--inference", choices=("process", "thread"), default="process", help="`flexres serve --inference`")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     wrk = shutil.which("wrk")
@@ -76,7 +77,7 @@ def main() -> None:
         raise SystemExit(f"--image {args.image} is not a file")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = start_server(args.run, port, ["--target-p95-ms", f"{args.target_p95_ms:g}", *args.server_args])
+    server = start_server(args.run, port, ["--target-p95-ms", f"{args.target_p95_ms:g}", "--inference", args.inference])
     rows = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -88,7 +89,8 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=30)
     result = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores",
-              "run": args.run, "target_p95_ms": args.target_p95_ms, "seconds": args.seconds, "server_args": args.server_args,
+              "run": args.run, "target_p95_ms": args.target_p95_ms, "seconds": args.seconds, "inference": args.inference,
+              "http_parser": "httptools" if importlib.util.find_spec("httptools") else "h11",
               "rows": rows}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,8 @@ import flexres
 from flexres.operating_point import OperatingPoint
 from flexres.serving import AdaptiveController, LatencyModel, PointSet, ServeOptions, ServingEngine, ServingPoint
 from flexres.serving.app import create_app
-from flexres.serving.engine import Overloaded
+from flexres.serving.engine import Overloaded, RequestError
+from flexres.serving.images import Refused
 from flexres.serving.inference import run_batch
 from flexres.serving.points import load_points
 
@@ -420,11 +421,17 @@ def test_a_child_process_serves_the_same_predictions_as_the_inference_thread(run
                 here[p.name] = run_batch(points, p.name, images, [3, 3])[0]
                 there[p.name] = (await child.run(p.name, images, [3, 3]))[0]
             served = await engine.submit(images[0], engine.constrain(resolution=points.points[0].resolution), topk=3)
-            return here, there, served
+            # encoded requests are decoded in the child; one that does not decode is refused, its batch mates still run
+            mixed = (await child.run(points.points[0].name, [b"not an image", jpeg((90, 70), (20, 160, 90))], [3, 3]))[0]
+            with pytest.raises(RequestError, match="not an image") as refused:
+                await engine.submit(b"GIF89a but not really", engine.constrain(), topk=3)
+            return here, there, served, mixed, refused.value.status
         finally:
             await engine.stop()
 
-    here, there, served = asyncio.run(both())
+    here, there, served, mixed, status = asyncio.run(both())
+    assert isinstance(mixed[0], Refused) and mixed[0].status == 415 and status == 415
+    assert [c["class"] for c in mixed[1]] == [c["class"] for c in here[points.points[0].name][1]]
     for name in here:
         for a, b in zip(here[name], there[name]):
             assert [c["class"] for c in a] == [c["class"] for c in b]
@@ -475,6 +482,9 @@ def test_flexres_serve_predicts_over_http_and_its_inference_process_ends_with_it
                 time.sleep(0.3)
         r = httpx.post(f"{url}/predict", content=jpeg(), headers={"content-type": "image/jpeg"}, timeout=30)
         assert r.status_code == 200 and len(r.json()["top"]) == 5
+        bad = httpx.post(f"{url}/predict", content=b"hello", headers={"content-type": "image/jpeg"}, timeout=30)
+        assert bad.status_code == 415 and "not an image" in bad.json()["detail"]
+        assert httpx.get(f"{url}/health", timeout=5).json()["status"] == "ok"
         workers = [k for k in _children(server.pid) if "spawn_main" in Path(f"/proc/{k}/cmdline").read_text()]
         assert len(workers) == 1
     finally:

@@ -2,55 +2,24 @@
 
 from __future__ import annotations
 
-import io
 import math
 import time
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from importlib import resources
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torchvision.transforms.functional import pil_to_tensor
 
 from ..data import sample_data_dir
 from ..deploy.predict import parse_count
-from .engine import Overloaded, RequestError, ServeOptions, ServingEngine
+from .engine import Overloaded, ServeOptions, ServingEngine
+from .images import MAX_PIXELS, MAX_UPLOAD_BYTES, RequestError, decode_image
 from .points import load_points
-
-MAX_UPLOAD_BYTES = 20 * 2**20
-MAX_PIXELS = 40_000_000
-DRAFT_ABOVE_PIXELS = 4_000_000
-
-
-def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, shortest: int | None = None) -> Tensor:
-    """Bytes of any image Pillow reads -> uint8 3 x H x W RGB, refusing what is not an image or is too large.
-
-    ``shortest`` lets the JPEG decoder scale down while decoding (Pillow's draft mode) images over
-    ``DRAFT_ABOVE_PIXELS``: a 12-MP photo served at 224 px need not be decoded at full size first. It keeps at least
-    twice ``shortest`` on the short side, and smaller images decode exactly, as `flexres predict` decodes them.
-    """
-    if not data:
-        raise RequestError(400, "empty body: send an image as the multipart field 'file' or as the raw request body")
-    try:
-        im = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise RequestError(415, f"not an image Pillow can read ({len(data)} bytes; starts with {data[:8]!r})") from None
-    except Image.DecompressionBombError as e:  # Pillow's own guard, far above any sane limit
-        raise RequestError(413, f"image too large: {e}") from None
-    w, h = im.size
-    if w * h > max_pixels:
-        raise RequestError(413, f"image of {w} x {h} = {w * h / 1e6:.1f} MP is over the limit of {max_pixels / 1e6:.1f} MP")
-    if shortest and im.format == "JPEG" and w * h > DRAFT_ABOVE_PIXELS:
-        im.draft("RGB", (2 * shortest, 2 * shortest))
-    try:
-        return pil_to_tensor(im.convert("RGB"))
-    except (OSError, ValueError) as e:
-        raise RequestError(415, f"cannot decode the image: {e}") from None
 
 
 async def read_image_bytes(request: Request, limit: int) -> bytes:
@@ -119,8 +88,12 @@ def create_app(targets: str | Path | Sequence[str | Path] | None = None, options
             raise RequestError(422, f"{key}={raw!r} must be a positive, finite number")
         return value
 
-    async def image_from(request: Request) -> Tensor:
+    engine.decode = partial(decode_image, max_pixels=max_pixels, shortest=decode_short_side)
+
+    async def image_from(request: Request) -> Tensor | bytes:
         data = await read_image_bytes(request, max_upload_bytes)
+        if engine.inference.decodes:  # in the inference process, off this process's GIL
+            return data
         start = time.perf_counter()
         image = await run_in_threadpool(decode_image, data, max_pixels, decode_short_side)
         engine.observe_decode((time.perf_counter() - start) * 1000)

@@ -10,22 +10,16 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from torch import Tensor
 
 from .controller import AdaptiveController, LatencyModel, retry_after_s
+from .images import Refused, RequestError, decode_image
 from .inference import ProcessInference, ThreadInference
 from .metrics import ServeMetrics
 from .points import PointSet, ServingPoint
-
-
-class RequestError(ValueError):
-    """A request the server cannot serve as asked: answered with ``status`` (4xx) and the message."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class Overloaded(RuntimeError):
@@ -57,7 +51,7 @@ class Constraint:
 
 @dataclass
 class Pending:
-    image: Tensor
+    image: Tensor | bytes  # bytes: decoded by the inference worker
     constraint: Constraint
     topk: int
     arrival_ms: float
@@ -86,6 +80,7 @@ class ServingEngine:
         self.metrics = metrics or ServeMetrics()
         self.clock = clock
         self.inference = inference or ThreadInference(points)
+        self.decode = partial(decode_image)  # the app sets its limits
         self.latency = latency or LatencyModel.measure(list(self.by_name), self.inference.time_batch, o.max_batch)
         self.controller = AdaptiveController([p.name for p in points.by_preference()], self.latency,
                                              o.target_p95_ms if o.target_p95_ms is not None else math.inf, o.max_batch, o.headroom)
@@ -187,10 +182,11 @@ class ServingEngine:
         if answered:
             self.recent_ms.append(self.clock() - arrival_ms)
 
-    async def submit(self, image: Tensor, constraint: Constraint, topk: int | None = None, arrival_ms: float | None = None
+    async def submit(self, image: Tensor | bytes, constraint: Constraint, topk: int | None = None, arrival_ms: float | None = None
                      ) -> dict[str, Any]:
-        """Queue one decoded image (uint8 3 x H x W); returns its prediction once its batch has run. ``arrival_ms``
-        is what ``admit`` returned; without it the request is admitted here."""
+        """Queue one image (uint8 3 x H x W, or its encoded bytes for the inference worker to decode); returns its
+        prediction once its batch has run. ``arrival_ms`` is what ``admit`` returned; without it the request is admitted
+        here."""
         if arrival_ms is None:
             arrival = self.admit(constraint)
             answered = False
@@ -261,7 +257,7 @@ class ServingEngine:
             self._busy_until_ms = start + self.latency.batch_ms(point.name, len(batch))
             self._current, self._running = batch, len(batch)
             try:
-                results, ms = await self.inference.run(point.name, [r.image for r in batch], [r.topk for r in batch])
+                results, ms = await self.inference.run(point.name, [r.image for r in batch], [r.topk for r in batch], self.decode)
             except asyncio.CancelledError:  # shutting down: nobody may wait forever for this batch
                 self._fail(batch, Overloaded("the server is shutting down", 1))
                 raise
@@ -279,7 +275,11 @@ class ServingEngine:
                 self.controller.feedback(sorted(self.recent_ms)[int(0.95 * (len(self.recent_ms) - 1))])
             done = self.clock()
             for r, top in zip(batch, results):
-                if not r.future.done():
+                if r.future.done():
+                    continue
+                if isinstance(top, Refused):
+                    r.future.set_exception(top.error())
+                else:
                     r.future.set_result({"top": top, "operating_point": point.describe(), "latency_ms": round(done - r.arrival_ms, 3),
                                          "queue_ms": round(start - r.arrival_ms, 3), "inference_ms": round(ms, 3),
                                          "batch_size": len(batch)})
@@ -299,11 +299,13 @@ class ServingEngine:
             self._fail(list(self.queue) + self._current, RuntimeError(f"the inference worker stopped: {error!r}"))
             self.queue.clear()
 
-    async def run_every_point(self, image: Tensor, topk: int = 5) -> list[dict[str, Any]]:
+    async def run_every_point(self, image: Tensor | bytes, topk: int = 5) -> list[dict[str, Any]]:
         """The image at every point, most accurate first (the page's side-by-side view); bypasses the queue."""
         out = []
         for p in self.points.by_preference():
-            (top,), ms = await self.inference.run(p.name, [image], [topk])
+            (top,), ms = await self.inference.run(p.name, [image], [topk], self.decode)
+            if isinstance(top, Refused):
+                raise top.error()
             out.append({"operating_point": p.describe(), "top": top, "inference_ms": round(ms, 3)})
         return out
 

@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -25,21 +26,37 @@ from torch import Tensor
 from ..analysis.latency import time_call
 from ..data import EvalTransform, normalize_batch
 from ..deploy.predict import top_classes
+from .images import Refused, RequestError, decode_image
 from .points import PointSet, load_points
 
-Results = tuple[list[list[dict[str, Any]]], float]
+Results = tuple[list[list[dict[str, Any]] | Refused], float]
+Decode = Callable[[bytes], Tensor]
 
 
-def run_batch(points: PointSet, name: str, images: list[Tensor], topk: list[int]) -> Results:
-    """Preprocess (resize and crop to the point's resolution), run and rank one batch of uint8 3 x H x W images; and its
-    time in ms, measured here, so time spent waiting to start never counts as the model's."""
+def run_batch(points: PointSet, name: str, items: list[Tensor | bytes], topk: list[int], decode: Decode = decode_image) -> Results:
+    """Decode what is still encoded, preprocess (resize and crop to the point's resolution), run and rank one batch;
+    and its time in ms, measured here, so time spent waiting to start never counts as the model's. An item that does
+    not decode gets its Refused (400 / 413 / 415) in place of a top-k; the others still run."""
     start = time.perf_counter()
     p = points.named(name)
-    tf = EvalTransform(p.resolution, p.crop_fraction)
-    x = normalize_batch(torch.stack([tf(im) for im in images]), p.mean, p.std)
-    probs = torch.softmax(p.run(x).float(), dim=1)
-    return ([top_classes(pr, points.classes, points.names, k) for pr, k in zip(probs, topk)],
-            (time.perf_counter() - start) * 1000.0)
+    images, refused = [], {}
+    for i, item in enumerate(items):
+        if isinstance(item, bytes):
+            try:
+                item = decode(item)
+            except RequestError as e:
+                refused[i] = Refused.of(e)
+                continue
+        images.append(item)
+    tops = []
+    if images:
+        tf = EvalTransform(p.resolution, p.crop_fraction)
+        x = normalize_batch(torch.stack([tf(im) for im in images]), p.mean, p.std)
+        probs = torch.softmax(p.run(x).float(), dim=1)
+        ks = [k for i, k in enumerate(topk) if i not in refused]
+        tops = [top_classes(pr, points.classes, points.names, k) for pr, k in zip(probs, ks)]
+    ranked = iter(tops)
+    return [refused[i] if i in refused else next(ranked) for i in range(len(items))], (time.perf_counter() - start) * 1000.0
 
 
 def time_batch(points: PointSet, name: str, batch: int) -> float:
@@ -50,7 +67,10 @@ def time_batch(points: PointSet, name: str, batch: int) -> float:
 
 
 class ThreadInference:
-    """Batches run on one thread of this process, one at a time (one model, one forward)."""
+    """Batches run on one thread of this process, one at a time (one model, one forward). Requests arrive decoded
+    (the server decodes them on its thread pool, while the model runs)."""
+
+    decodes = False
 
     def __init__(self, points: PointSet) -> None:
         self.points = points
@@ -59,8 +79,8 @@ class ThreadInference:
     def time_batch(self, name: str, batch: int) -> float:
         return time_batch(self.points, name, batch)
 
-    async def run(self, name: str, images: list[Tensor], topk: list[int]) -> Results:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, run_batch, self.points, name, images, topk)
+    async def run(self, name: str, items: list[Tensor | bytes], topk: list[int], decode: Decode = decode_image) -> Results:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, run_batch, self.points, name, items, topk, decode)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)  # a forward still running finishes on its thread; nobody waits for it
@@ -83,8 +103,9 @@ def _load_in_child(targets: list[str], bn_policy: str | None, threads: int, pare
     _child_points = load_points(targets, bn_policy)
 
 
-def _run_in_child(name: str, images: list[np.ndarray], topk: list[int]) -> Results:
-    return run_batch(_child_points, name, [torch.from_numpy(im) for im in images], topk)
+def _run_in_child(name: str, items: list[np.ndarray | bytes], topk: list[int], decode: Decode) -> Results:
+    items = [im if isinstance(im, bytes) else torch.from_numpy(im) for im in items]
+    return run_batch(_child_points, name, items, topk, decode)
 
 
 def _time_in_child(name: str, batch: int) -> float:
@@ -93,7 +114,10 @@ def _time_in_child(name: str, batch: int) -> float:
 
 class ProcessInference:
     """Batches run in one child process that loads the same targets (so the model is in memory twice: the server's
-    copy only describes the points). Images travel as uint8 arrays, results as the small top-k lists."""
+    copy only describes the points). Requests travel as their encoded bytes and are decoded in the child, off the
+    server's GIL too (decoded images, if given, as uint8 arrays); results come back as the small top-k lists."""
+
+    decodes = True
 
     def __init__(self, targets: str | Path | list[str | Path], bn_policy: str | None = None, threads: int | None = None) -> None:
         targets = [str(t) for t in ([targets] if isinstance(targets, (str, Path)) else targets)]
@@ -104,9 +128,9 @@ class ProcessInference:
     def time_batch(self, name: str, batch: int) -> float:
         return self._pool.submit(_time_in_child, name, batch).result()
 
-    async def run(self, name: str, images: list[Tensor], topk: list[int]) -> Results:
-        arrays = [im.numpy() for im in images]
-        return await asyncio.wrap_future(self._pool.submit(_run_in_child, name, arrays, topk))
+    async def run(self, name: str, items: list[Tensor | bytes], topk: list[int], decode: Decode = decode_image) -> Results:
+        items = [im if isinstance(im, bytes) else im.numpy() for im in items]
+        return await asyncio.wrap_future(self._pool.submit(_run_in_child, name, items, topk, decode))
 
     def close(self) -> None:
         # waits for the batch now running (milliseconds) and the child's exit: without waiting, a server that exits
