@@ -33,9 +33,11 @@ def test_levels_are_every_combination_of_the_basis(bits, signed):
 
 
 @pytest.mark.parametrize("signed", [True, False])
-def test_every_value_goes_to_its_nearest_level(signed):
+@pytest.mark.parametrize("bits", [2, 3, 6])  # up to 4 bits the ranks come from comparisons, above from a binary search
+def test_every_value_goes_to_its_nearest_level(signed, bits):
     torch.manual_seed(0)
-    basis = torch.tensor([[0.4, 1.1], [0.2, 0.5], [1.0, 0.3]])  # three groups, K = 2 (not sorted, not powers of two)
+    basis = torch.tensor([[0.4, 1.1], [0.2, 0.5], [1.0, 0.3]])  # three groups (not sorted, not powers of two)
+    basis = torch.cat([basis, torch.rand(3, bits - 2) * 0.3 + 0.05], dim=1)  # K = bits
     x = torch.randn(3, 500) * 1.5
     q, codes = quantize_with(x, basis, signed)
     levels = quantization_levels(basis, signed)

@@ -37,7 +37,15 @@ def nearest_codes(x: Tensor, basis: Tensor, signed: bool) -> Tensor:
     order = levels.argsort(dim=1)
     sorted_levels = levels.gather(1, order)
     thresholds = (sorted_levels[:, 1:] + sorted_levels[:, :-1]) / 2  # G x (L - 1)
-    rank = torch.searchsorted(thresholds.contiguous(), x.contiguous())  # position among the sorted levels
+    if thresholds.shape[1] <= 15:
+        # rank = how many thresholds lie below the value; up to 4 bits a few in-place comparisons are about 10x faster
+        # on a CPU than searchsorted's binary search per value (activations: a million values per layer and step)
+        rank = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
+        for j in range(thresholds.shape[1]):
+            rank += x > thresholds[:, j : j + 1]
+        rank = rank.long()
+    else:
+        rank = torch.searchsorted(thresholds.contiguous(), x.contiguous())  # position among the sorted levels
     return order.gather(1, rank)
 
 
