@@ -27,7 +27,7 @@ from serve_load import ROOT, free_port, start_server
 DEFAULT_IMAGE = ROOT.parent / "shared" / "data" / "imagenette-224" / "val" / "n01440764" / "ILSVRC2012_val_00009191.JPEG"
 
 # wrk's Lua hooks: the body is the image, and done() prints one JSON line the script parses.
-LUA = """local f = assert(io.open({path!r}, "rb")); local body = f:read("*all"); f:close()
+LUA = """local f = assert(io.open({path}, "rb")); local body = f:read("*all"); f:close()
 wrk.method = "POST"; wrk.body = body; wrk.headers["Content-Type"] = "image/jpeg"
 done = function(summary, latency, requests)
   io.write(string.format('FLOOD {{"requests": %d, "seconds": %.3f, "p50_ms": %.2f, "p95_ms": %.2f, "p99_ms": %.2f}}\\n',
@@ -82,12 +82,15 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             lua = Path(tmp) / "post.lua"
-            lua.write_text(LUA.format(path=str(args.image.resolve())))
+            lua.write_text(LUA.format(path=json.dumps(str(args.image.resolve()))))
             for n in args.connections:
                 rows.append(flood(wrk, url, lua, n, args.seconds))
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
     result = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores",
               "run": args.run, "target_p95_ms": args.target_p95_ms, "seconds": args.seconds, "inference": args.inference,
               "http_parser": "httptools" if importlib.util.find_spec("httptools") else "h11",

@@ -7,6 +7,7 @@ import asyncio
 import io
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from flexres.operating_point import OperatingPoint
 from flexres.serving import AdaptiveController, LatencyModel, PointSet, ServeOptions, ServingEngine, ServingPoint
 from flexres.serving.app import create_app
 from flexres.serving.engine import Overloaded, RequestError
-from flexres.serving.images import Refused
+from flexres.serving.errors import Refused
 from flexres.serving.inference import run_batch
 from flexres.serving.points import load_points
 
@@ -404,14 +405,16 @@ def test_admission_counts_the_event_loop_lag_that_requests_wait_before_it():
 
 def test_a_child_process_serves_the_same_predictions_as_the_inference_thread(run_dir):
     """`flexres serve` runs batches in a child process by default (a flood of refusals holds the server's GIL): the
-    child loads the same run, and every point's top-k and the latency model's measurements come back from it."""
+    child loads the same run, and every point's top-k and the latency model's measurements come back from it. When the
+    child dies, its batch is answered 503 and a new child serves the next one."""
     from flexres.serving.inference import ProcessInference
 
     points = load_points(run_dir[0])
     images = [pil_to_tensor(Image.open(io.BytesIO(jpeg((90, 70), c))).convert("RGB")) for c in ((200, 30, 30), (20, 160, 90))]
     child = ProcessInference(run_dir[0], threads=1)
     engine = ServingEngine(points, ServeOptions(max_wait_ms=0), inference=child)
-    assert all(engine.latency.batch_ms(p.name, 1) > 0 for p in points.points)  # measured in the child
+    first = child.pid
+    assert first is not None and first != os.getpid()  # the latency model was measured in another process
 
     async def both():
         await engine.start()
@@ -425,6 +428,11 @@ def test_a_child_process_serves_the_same_predictions_as_the_inference_thread(run
             mixed = (await child.run(points.points[0].name, [b"not an image", jpeg((90, 70), (20, 160, 90))], [3, 3]))[0]
             with pytest.raises(RequestError, match="not an image") as refused:
                 await engine.submit(b"GIF89a but not really", engine.constrain(), topk=3)
+            os.kill(first, signal.SIGKILL)  # as the out-of-memory killer would
+            with pytest.raises(Overloaded, match="restarted"):
+                await engine.submit(images[0], engine.constrain(), topk=3)
+            again = await engine.submit(images[0], engine.constrain(), topk=3)
+            assert child.restarts == 1 and child.pid not in (None, first) and again["top"]
             return here, there, served, mixed, refused.value.status
         finally:
             await engine.stop()
@@ -495,3 +503,21 @@ def test_flexres_serve_predicts_over_http_and_its_inference_process_ends_with_it
     while _alive(workers[0]) and time.time() < deadline:
         time.sleep(0.2)
     assert not _alive(workers[0]), "the inference process outlived its server"
+
+
+def test_an_upload_that_fails_to_decode_in_any_way_fails_alone():
+    """Whatever the decoder raises on one upload (not only the 4xx it knows) refuses that upload; its batch mates run,
+    and the decoding time is reported apart from the model's."""
+    from flexres.serving.inference import ThreadInference
+
+    def decode(data: bytes) -> torch.Tensor:
+        if data == b"odd":
+            raise ValueError("a plugin error")
+        if data == b"slow":
+            time.sleep(0.02)
+        return torch.zeros(3, 8, 8, dtype=torch.uint8)
+
+    results, _, decode_ms = asyncio.run(ThreadInference(synthetic_points()).run("64px", [b"odd", b"slow"], [2, 2], decode))
+    assert isinstance(results[0], Refused) and results[0].status == 415 and "a plugin error" in results[0].message
+    assert results[1][0]["class"] == "a" and len(results[1]) == 2  # the synthetic 64 px point always says "a"
+    assert decode_ms >= 20.0  # the 20 ms decode is counted as decoding (a lower bound, not a speed claim)

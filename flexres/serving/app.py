@@ -90,9 +90,9 @@ def create_app(targets: str | Path | Sequence[str | Path] | None = None, options
 
     engine.decode = partial(decode_image, max_pixels=max_pixels, shortest=decode_short_side)
 
-    async def image_from(request: Request) -> Tensor | bytes:
+    async def image_from(request: Request, decode_here: bool = False) -> Tensor | bytes:
         data = await read_image_bytes(request, max_upload_bytes)
-        if engine.inference.decodes:  # in the inference process, off this process's GIL
+        if engine.inference.decodes and not decode_here:  # in the inference process, off this process's GIL
             return data
         start = time.perf_counter()
         image = await run_in_threadpool(decode_image, data, max_pixels, decode_short_side)
@@ -122,6 +122,8 @@ def create_app(targets: str | Path | Sequence[str | Path] | None = None, options
             return error("predict", e.status, str(e))
         except Overloaded as e:
             return error("predict", 503, str(e), {"Retry-After": str(e.retry_after)})
+        except Exception as e:  # noqa: BLE001 - a failed batch: answered, counted, and the server goes on
+            return error("predict", 500, f"inference failed: {e}")
         finally:
             engine.finish(arrival, answered)
         metrics.requests.labels("predict", "200").inc()
@@ -131,16 +133,20 @@ def create_app(targets: str | Path | Sequence[str | Path] | None = None, options
     @app.post("/predict/all")
     async def predict_all(request: Request):
         """The image at every served point, most accurate first (what the page at / shows side by side); admitted
-        like /predict, since it takes the inference thread once per point."""
+        like /predict, since it takes the inference worker once per point. Decoded here, once, not once per point."""
         try:
             arrival = engine.admit(engine.constrain())
         except Overloaded as e:
             return error("predict_all", 503, str(e), {"Retry-After": str(e.retry_after)})
         try:
-            image = await image_from(request)
+            image = await image_from(request, decode_here=True)
             results = await engine.run_every_point(image)
         except RequestError as e:
             return error("predict_all", e.status, str(e))
+        except Overloaded as e:
+            return error("predict_all", 503, str(e), {"Retry-After": str(e.retry_after)})
+        except Exception as e:  # noqa: BLE001
+            return error("predict_all", 500, f"inference failed: {e}")
         finally:
             engine.finish(arrival, False)
         metrics.requests.labels("predict_all", "200").inc()
@@ -149,8 +155,9 @@ def create_app(targets: str | Path | Sequence[str | Path] | None = None, options
     @app.get("/health")
     async def health():
         return {"status": "ok", "mode": engine.mode, "queue": len(engine.queue), "in_flight": engine.inflight,
-                "points": len(engine.points.points),
-                "model": engine.points.description}
+                "points": len(engine.points.points), "model": engine.points.description,
+                "inference": "process" if engine.inference.decodes else "thread",
+                "inference_restarts": getattr(engine.inference, "restarts", 0)}
 
     @app.get("/points")
     async def points():

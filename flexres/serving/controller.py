@@ -111,7 +111,8 @@ class AdaptiveController:
                overhead_ms: float = 0.0) -> tuple[bool, float]:
         """Whether a new request can meet the target behind ``ahead`` requests (accepted, not yet answered or running)
         and ``busy_ms`` of work in flight, if those run at the fastest point and it at its own fastest allowed one, plus
-        its own ``overhead_ms`` outside the model (decoding; other requests decode meanwhile, on other threads); and
+        its own ``overhead_ms`` outside the model (decoding, which other requests do meanwhile on the server's threads;
+        in the inference process it is serial with the batches, which this ignores); and
         that predicted latency (for a Retry-After)."""
         fastest = min(self.preference, key=lambda p: self.latency.batch_ms(p, self.max_batch))
         queue_ms = self.latency.drain_ms(fastest, ahead, self.max_batch) if ahead else 0.0

@@ -10,24 +10,16 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 from torch import Tensor
 
 from .controller import AdaptiveController, LatencyModel, retry_after_s
-from .images import Refused, RequestError, decode_image
+from .errors import Overloaded, Refused, RequestError
+from .images import decode_image
 from .inference import ProcessInference, ThreadInference
 from .metrics import ServeMetrics
 from .points import PointSet, ServingPoint
-
-
-class Overloaded(RuntimeError):
-    """The server cannot take the request without breaking its latency target or queue bound (HTTP 503)."""
-
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 @dataclass
@@ -80,13 +72,13 @@ class ServingEngine:
         self.metrics = metrics or ServeMetrics()
         self.clock = clock
         self.inference = inference or ThreadInference(points)
-        self.decode = partial(decode_image)  # the app sets its limits
+        self.decode = decode_image  # how the inference worker decodes uploads; the app binds its limits
         self.latency = latency or LatencyModel.measure(list(self.by_name), self.inference.time_batch, o.max_batch)
         self.controller = AdaptiveController([p.name for p in points.by_preference()], self.latency,
                                              o.target_p95_ms if o.target_p95_ms is not None else math.inf, o.max_batch, o.headroom)
         self.queue: deque[Pending] = deque()
         self.inflight = 0  # admitted and not yet answered: reading, decoding, queued or running
-        self.overhead_ms = 0.0  # moving average of the time from arrival to queue (reading and decoding)
+        self.overhead_ms = 0.0  # moving average of one upload's decoding time (observe_decode)
         self.recent_ms: deque[float] = deque(maxlen=64)  # latencies of the last answered requests, for feedback
         self._busy_until_ms = 0.0
         self._running = 0  # requests in the batch now running
@@ -171,8 +163,9 @@ class ServingEngine:
         return now
 
     def observe_decode(self, ms: float) -> None:
-        """Decoding time of one request (measured by the app): the cost outside the model, as a moving average capped
-        at the target, so one huge upload cannot make admission refuse everything after it."""
+        """Decoding time of one upload (measured by the app, or by the inference process that decodes there): the cost
+        outside the model, as a moving average capped at the target, so one huge upload cannot make admission refuse
+        everything after it."""
         cap = self.options.target_p95_ms if self.options.target_p95_ms is not None else ms
         self.overhead_ms = 0.9 * self.overhead_ms + 0.1 * min(ms, cap)
 
@@ -257,7 +250,8 @@ class ServingEngine:
             self._busy_until_ms = start + self.latency.batch_ms(point.name, len(batch))
             self._current, self._running = batch, len(batch)
             try:
-                results, ms = await self.inference.run(point.name, [r.image for r in batch], [r.topk for r in batch], self.decode)
+                results, ms, decode_ms = await self.inference.run(point.name, [r.image for r in batch], [r.topk for r in batch],
+                                                                  self.decode)
             except asyncio.CancelledError:  # shutting down: nobody may wait forever for this batch
                 self._fail(batch, Overloaded("the server is shutting down", 1))
                 raise
@@ -266,10 +260,14 @@ class ServingEngine:
                 continue
             finally:
                 self._busy_until_ms, self._current, self._running = 0.0, [], 0
-            self.latency.observe(point.name, len(batch), ms)
-            self.metrics.inference.observe(ms / 1000.0)
-            self.metrics.batch.observe(len(batch))
-            self.metrics.point.labels(point.name).inc(len(batch))
+            ran = sum(not isinstance(top, Refused) for top in results)
+            if decode_ms and any(isinstance(r.image, bytes) for r in batch):
+                self.observe_decode(decode_ms / len(batch))
+            if ran:
+                self.latency.observe(point.name, ran, ms)
+                self.metrics.inference.observe(ms / 1000.0)
+                self.metrics.batch.observe(ran)
+                self.metrics.point.labels(point.name).inc(ran)
             self.metrics.correction.set(self.latency.correction)
             if len(self.recent_ms) >= 8:
                 self.controller.feedback(sorted(self.recent_ms)[int(0.95 * (len(self.recent_ms) - 1))])
@@ -303,7 +301,7 @@ class ServingEngine:
         """The image at every point, most accurate first (the page's side-by-side view); bypasses the queue."""
         out = []
         for p in self.points.by_preference():
-            (top,), ms = await self.inference.run(p.name, [image], [topk], self.decode)
+            (top,), ms, _ = await self.inference.run(p.name, [image], [topk], self.decode)
             if isinstance(top, Refused):
                 raise top.error()
             out.append({"operating_point": p.describe(), "top": top, "inference_ms": round(ms, 3)})

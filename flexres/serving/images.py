@@ -6,36 +6,12 @@ No web framework here: the inference child process decodes with it too.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torchvision.transforms.functional import pil_to_tensor
 
-
-class RequestError(ValueError):
-    """A request the server cannot serve as asked: answered with ``status`` (4xx) and the message."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass(frozen=True)
-class Refused:
-    """A RequestError as a plain value, to travel back from the inference process (exceptions with extra
-    constructor arguments do not survive pickling)."""
-
-    status: int
-    message: str
-
-    @classmethod
-    def of(cls, error: RequestError) -> Refused:
-        return cls(error.status, str(error))
-
-    def error(self) -> RequestError:
-        return RequestError(self.status, self.message)
-
+from .errors import RequestError
 
 MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_PIXELS = 40_000_000

@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +26,19 @@ from torch import Tensor
 from ..analysis.latency import time_call
 from ..data import EvalTransform, normalize_batch
 from ..deploy.predict import top_classes
-from .images import Refused, RequestError, decode_image
+from .errors import Overloaded, Refused, RequestError
+from .images import decode_image
 from .points import PointSet, load_points
 
-Results = tuple[list[list[dict[str, Any]] | Refused], float]
+Results = tuple[list[list[dict[str, Any]] | Refused], float, float]  # per item: top-k or refusal; model ms; decoding ms
 Decode = Callable[[bytes], Tensor]
 
 
 def run_batch(points: PointSet, name: str, items: list[Tensor | bytes], topk: list[int], decode: Decode = decode_image) -> Results:
-    """Decode what is still encoded, preprocess (resize and crop to the point's resolution), run and rank one batch;
-    and its time in ms, measured here, so time spent waiting to start never counts as the model's. An item that does
-    not decode gets its Refused (400 / 413 / 415) in place of a top-k; the others still run."""
+    """Decode what is still encoded, preprocess (resize and crop to the point's resolution), run and rank one batch.
+    Returns the results, the batch's time in ms without decoding (what the latency model learns from: one huge upload
+    must not teach it that the model slowed down) and the decoding time; both measured here, so waiting to start never
+    counts. An item that does not decode gets its Refused (4xx) in place of a top-k; the others still run."""
     start = time.perf_counter()
     p = points.named(name)
     images, refused = [], {}
@@ -47,7 +49,11 @@ def run_batch(points: PointSet, name: str, items: list[Tensor | bytes], topk: li
             except RequestError as e:
                 refused[i] = Refused.of(e)
                 continue
+            except Exception as e:  # noqa: BLE001 - whatever Pillow raises on one upload fails that upload only
+                refused[i] = Refused(415, f"cannot decode the image: {e!r}")
+                continue
         images.append(item)
+    decode_ms = (time.perf_counter() - start) * 1000.0
     tops = []
     if images:
         tf = EvalTransform(p.resolution, p.crop_fraction)
@@ -56,7 +62,8 @@ def run_batch(points: PointSet, name: str, items: list[Tensor | bytes], topk: li
         ks = [k for i, k in enumerate(topk) if i not in refused]
         tops = [top_classes(pr, points.classes, points.names, k) for pr, k in zip(probs, ks)]
     ranked = iter(tops)
-    return [refused[i] if i in refused else next(ranked) for i in range(len(items))], (time.perf_counter() - start) * 1000.0
+    results = [refused[i] if i in refused else next(ranked) for i in range(len(items))]
+    return results, (time.perf_counter() - start) * 1000.0 - decode_ms, decode_ms
 
 
 def time_batch(points: PointSet, name: str, batch: int) -> float:
@@ -105,7 +112,10 @@ def _load_in_child(targets: list[str], bn_policy: str | None, threads: int, pare
 
 def _run_in_child(name: str, items: list[np.ndarray | bytes], topk: list[int], decode: Decode) -> Results:
     items = [im if isinstance(im, bytes) else torch.from_numpy(im) for im in items]
-    return run_batch(_child_points, name, items, topk, decode)
+    try:
+        return run_batch(_child_points, name, items, topk, decode)
+    except Exception as e:  # noqa: BLE001 - an exception class that does not unpickle would break the pool for good
+        raise RuntimeError(f"inference failed in the inference process: {e!r}") from None
 
 
 def _time_in_child(name: str, batch: int) -> float:
@@ -121,18 +131,47 @@ class ProcessInference:
 
     def __init__(self, targets: str | Path | list[str | Path], bn_policy: str | None = None, threads: int | None = None) -> None:
         targets = [str(t) for t in ([targets] if isinstance(targets, (str, Path)) else targets)]
+        self._initargs = (targets, bn_policy, threads or torch.get_num_threads(), os.getpid())
+        self.restarts = 0
+        self._pool = self._start()
+
+    def _start(self) -> ProcessPoolExecutor:
         # spawn, not fork: a forked child would inherit the parent's torch thread pools and locks mid-state
-        self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_load_in_child,
-                                         initargs=(targets, bn_policy, threads or torch.get_num_threads(), os.getpid()))
+        return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_load_in_child,
+                                   initargs=self._initargs)
 
     def time_batch(self, name: str, batch: int) -> float:
-        return self._pool.submit(_time_in_child, name, batch).result()
+        try:
+            return self._pool.submit(_time_in_child, name, batch).result()
+        except BrokenExecutor:
+            raise RuntimeError("the inference process failed to start (its error is printed above). A script that calls "
+                               "flexres.api.serve() needs `if __name__ == \"__main__\":` around it, since the process "
+                               "re-imports the script; or pass inference=\"thread\"") from None
+
+    @property
+    def pid(self) -> int | None:
+        """The inference process's pid, once it runs."""
+        procs = list(getattr(self._pool, "_processes", None) or {})
+        return procs[0] if procs else None
 
     async def run(self, name: str, items: list[Tensor | bytes], topk: list[int], decode: Decode = decode_image) -> Results:
         items = [im if isinstance(im, bytes) else im.numpy() for im in items]
-        return await asyncio.wrap_future(self._pool.submit(_run_in_child, name, items, topk, decode))
+        pool = self._pool
+        try:
+            return await asyncio.wrap_future(pool.submit(_run_in_child, name, items, topk, decode))
+        except BrokenExecutor:
+            # The process died (killed, out of memory). Its batch is answered 503 and a new process takes the next one,
+            # instead of every later request failing with the broken pool.
+            if pool is self._pool:
+                self.restarts += 1
+                self._pool = self._start()
+            raise Overloaded("the inference process stopped and was restarted; retry", 1) from None
 
-    def close(self) -> None:
-        # waits for the batch now running (milliseconds) and the child's exit: without waiting, a server that exits
-        # right after closing leaves the child behind
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the process, waiting at most ``timeout_s`` for a batch still running (a hung one is terminated)."""
+        procs = list((getattr(self._pool, "_processes", None) or {}).values())
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for proc in procs:
+            proc.join(timeout_s)
+            if proc.is_alive():
+                proc.terminate()
