@@ -62,7 +62,7 @@ def main() -> None:
     base_width = configs["MutualNet"]["model"]["width_mult"]
     for w, r in INETS:  # plain MobileNetV2 at (width of the base) x base, trained at one resolution
         cfg = load_config(ROOT / "configs" / "imagenette_mutualnet_mbv2.yaml", sets)
-        cfg["model"] = {"name": "mobilenet_v2", "width_mult": base_width * w, "num_classes": None, "kwargs": {}}
+        cfg["model"] = {**cfg["model"], "name": "mobilenet_v2", "width_mult": base_width * w, "num_classes": None, "kwargs": {}}
         cfg["method"] = {"name": "individual", "resolutions": [r], "kwargs": {}}
         # The controls keep the sandwich configs' schedule (lr 0.1, 2-epoch warm-up, wd 4e-5): same schedule for
         # method and control (PROTOCOL.md, "Fair comparisons"). --inet-lr gives them another lr (a sweep point).
