@@ -95,7 +95,7 @@ def create_app(targets: str | Path | Sequence[str | Path] | None = None, options
         if engine.inference.decodes and not decode_here:  # in the inference process, off this process's GIL
             return data
         start = time.perf_counter()
-        image = await run_in_threadpool(decode_image, data, max_pixels, decode_short_side)
+        image = await run_in_threadpool(engine.decode, data)
         engine.observe_decode((time.perf_counter() - start) * 1000)
         return image
 
@@ -157,7 +157,7 @@ def create_app(targets: str | Path | Sequence[str | Path] | None = None, options
         return {"status": "ok", "mode": engine.mode, "queue": len(engine.queue), "in_flight": engine.inflight,
                 "points": len(engine.points.points), "model": engine.points.description,
                 "inference": "process" if engine.inference.decodes else "thread",
-                "inference_restarts": getattr(engine.inference, "restarts", 0)}
+                "inference_restarts": engine.inference.restarts}
 
     @app.get("/points")
     async def points():

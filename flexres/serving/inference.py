@@ -78,6 +78,7 @@ class ThreadInference:
     (the server decodes them on its thread pool, while the model runs)."""
 
     decodes = False
+    restarts = 0  # a thread is never replaced
 
     def __init__(self, points: PointSet) -> None:
         self.points = points
