@@ -6,7 +6,9 @@ packed file's accuracy against the training-time model's.
     python benchmarks/lq_imagenette.py --out runs/bench_lq --train-only 2/2
     python benchmarks/lq_imagenette.py --out runs/bench_lq --json benchmarks/results/lq_imagenette.json   # evaluate
 
-Model: configs/imagenette_lq_rsnet_r18.yaml (ResNet-18 x0.5; --width 0.25 for the narrower one), seed with --seed.
+Model: configs/imagenette_lq_rsnet_r18.yaml at ResNet-18 x0.25 (--width; x0.25 is the fp32 protocol's width, section 1
+of BENCHMARKS.md, and 2-bit training still learns there), seed with --seed. --only LABEL... trains a subset (one
+process per core: OMP_NUM_THREADS=1 each).
 """
 
 from __future__ import annotations
@@ -40,11 +42,16 @@ def runs(out: Path, setting: str, seed: int, extra: list[str] = ()) -> dict[str,
     return specs
 
 
+def train_seconds(run: Path) -> float:
+    """The epochs' summed wall seconds (metrics.jsonl): a resumed run's total, not the last process's."""
+    return round(sum(json.loads(line)["seconds"] for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()), 1)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--out", type=Path, default=Path("runs/bench_lq"))
-    p.add_argument("--width", type=float, default=0.5)
+    p.add_argument("--width", type=float, default=0.25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-only", nargs="+", choices=list(BITS))
     add_run_options(p)
@@ -73,14 +80,22 @@ def main() -> None:
         packed_top1 = {r: next(iter(packed_rs.values()))["results"][str(r)]["top1"] for r in S}
         result["settings"][setting] = {"top1": top1, "packed_rsnet_top1": packed_top1,
                                        "bytes": {k: v["bytes"] for k, v in packed.items()},
-                                       "fp32_tensor_bytes": packed["RS-Net"]["fp32_tensor_bytes"]}
+                                       "quantized_weights": {k: v["quantized_weights"] for k, v in packed.items()},
+                                       "parity_max_abs_diff": {k: v["parity_max_abs_diff"] for k, v in packed.items()},
+                                       "fp32_tensor_bytes": packed["RS-Net"]["fp32_tensor_bytes"],
+                                       "train_seconds": {k: train_seconds(d) for k, (d, _) in specs.items()}}
         rows = [[str(r), f"{top1[f'I-{r}'][r]:.1f}", f"{top1['RS-Net'][r]:.1f}", f"{top1['RS-Net'][r] - top1[f'I-{r}'][r]:+.1f}",
                  f"{packed_top1[r]:.1f}"] for r in S]
         lines += [f"W/A {setting}:", "", markdown_table(["resolution", "I-Net", "RS-Net", "gain", "RS-Net packed file"], rows), ""]
+        w_bits = BITS[setting][0]
         inets = sum(packed[f"I-{r}"]["bytes"] for r in S)
-        storage = [["five packed I-Nets", f"{inets:,}"], ["one packed RS-Net", f"{packed['RS-Net']['bytes']:,}"],
-                   ["fp32 tensors of the RS-Net", f"{packed['RS-Net']['fp32_tensor_bytes']:,}"]]
-        lines += [markdown_table(["what", "bytes"], storage), ""]
+        codes = {k: v["quantized_weights"] * w_bits // 8 for k, v in packed.items()}
+        storage = [["five packed I-Nets", f"{inets:,}", f"{sum(codes[f'I-{r}'] for r in S):,}"],
+                   ["one packed RS-Net", f"{packed['RS-Net']['bytes']:,}", f"{codes['RS-Net']:,}"],
+                   ["fp32 tensors of the RS-Net", f"{packed['RS-Net']['fp32_tensor_bytes']:,}", ""]]
+        lines += [markdown_table(["what", "bytes", f"of which {w_bits}-bit weight codes"], storage), "",
+                  "packed file vs training-time model, max |logit diff|: "
+                  + ", ".join(f"{k} {v['parity_max_abs_diff']:.1e}" for k, v in packed.items()), ""]
     print("\n".join(lines))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + "\n")

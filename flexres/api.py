@@ -422,13 +422,14 @@ def predict(model: str | Path, images: Sequence[str | Path], resolution: int | N
 def serve(targets: str | Path | Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000, *,
           target_p95_ms: float | None = None, resolution: int | None = None, max_batch: int = 8, max_wait_ms: float = 2.0,
           max_queue: int = 256, max_upload_mb: float = 20.0, max_pixels: float = 40e6, bn_policy: str | None = None,
-          inference: str = "process", log: Callable[[str], None] = print) -> None:
+          inference: str = "process", batch_timeout_s: float = 30.0, log: Callable[[str], None] = print) -> None:
     """Serve a run (its query table's Pareto points, else its evaluated or trained resolutions) or exported models
     over HTTP until interrupted: ``POST /predict``, ``POST /predict/all``, ``GET /health``, ``/points``, ``/metrics``
     and a page at ``/``. With ``target_p95_ms`` the server lowers the operating point as its queue grows and raises
     it as the queue drains; without, requests get ``resolution`` (default: the most accurate point) unless they ask.
     ``inference="process"`` runs the batches in a child process (see :mod:`flexres.serving.inference`), ``"thread"``
-    on a thread of the server's process."""
+    on a thread of the server's process. A child that answers no batch within ``batch_timeout_s`` (a restarted child's
+    start-up included) is killed and replaced; that batch is answered 503."""
     import uvicorn
 
     from .serving import ServeOptions, ServingEngine, load_points
@@ -439,7 +440,7 @@ def serve(targets: str | Path | Sequence[str | Path], host: str = "127.0.0.1", p
         raise ValueError(f"inference must be 'process' or 'thread', got {inference!r}")
     options = ServeOptions(target_p95_ms, resolution, max_batch, max_wait_ms, max_queue)
     points = load_points(targets, bn_policy)
-    runner = ProcessInference(targets, bn_policy) if inference == "process" else None
+    runner = ProcessInference(targets, bn_policy, batch_timeout_s=batch_timeout_s) if inference == "process" else None
     engine = ServingEngine(points, options, inference=runner)
     app = create_app(engine=engine, max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=int(max_pixels))
     info = engine.describe()

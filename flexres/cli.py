@@ -147,7 +147,8 @@ def _report(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     api.serve(args.targets, args.host, args.port, target_p95_ms=args.target_p95_ms, resolution=args.resolution,
               max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_upload_mb=args.max_upload_mb,
-              max_pixels=args.max_pixels, bn_policy=args.bn, inference=args.inference)
+              max_pixels=args.max_pixels, bn_policy=args.bn, inference=args.inference,
+              batch_timeout_s=args.batch_timeout_s)
     return 0
 
 
@@ -273,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--bn", choices=BN_POLICIES, help="BN policy (default: the query table's, else interpolate)")
     sv.add_argument("--inference", choices=("process", "thread"), default="process",
                     help="run batches in a child process (default: keeps serving under a flood of requests) or on a thread")
+    sv.add_argument("--batch-timeout-s", type=float, default=30.0,
+                    help="a child process that answers no batch within this is killed and replaced (the batch gets 503)")
     sv.set_defaults(func=_serve)
 
     d = sub.add_parser("demo", help="train and evaluate a small RS-Net on the bundled sample images (CPU, minutes)")

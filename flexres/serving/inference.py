@@ -130,9 +130,13 @@ class ProcessInference:
 
     decodes = True
 
-    def __init__(self, targets: str | Path | list[str | Path], bn_policy: str | None = None, threads: int | None = None) -> None:
+    def __init__(self, targets: str | Path | list[str | Path], bn_policy: str | None = None, threads: int | None = None,
+                 batch_timeout_s: float = 30.0) -> None:
+        if not batch_timeout_s > 0:
+            raise ValueError(f"batch_timeout_s must be > 0, got {batch_timeout_s}")
         targets = [str(t) for t in ([targets] if isinstance(targets, (str, Path)) else targets)]
         self._initargs = (targets, bn_policy, threads or torch.get_num_threads(), os.getpid())
+        self.batch_timeout_s = batch_timeout_s
         self.restarts = 0
         self._pool = self._start()
 
@@ -159,14 +163,29 @@ class ProcessInference:
         items = [im if isinstance(im, bytes) else im.numpy() for im in items]
         pool = self._pool
         try:
-            return await asyncio.wrap_future(pool.submit(_run_in_child, name, items, topk, decode))
+            return await asyncio.wait_for(asyncio.wrap_future(pool.submit(_run_in_child, name, items, topk, decode)),
+                                          self.batch_timeout_s)
+        except asyncio.TimeoutError:  # noqa: UP041 - a different class on Python 3.10
+            # Hung (deadlocked, stopped, swapping): a batch that would otherwise wait forever, and every batch after it.
+            if pool is self._pool:
+                self._replace(pool)
+            raise Overloaded(f"the inference process did not answer within {self.batch_timeout_s:g} s and was restarted; "
+                             "retry", 1) from None
         except BrokenExecutor:
             # The process died (killed, out of memory). Its batch is answered 503 and a new process takes the next one,
             # instead of every later request failing with the broken pool.
             if pool is self._pool:
-                self.restarts += 1
-                self._pool = self._start()
+                self._replace(pool)
             raise Overloaded("the inference process stopped and was restarted; retry", 1) from None
+
+    def _replace(self, pool: ProcessPoolExecutor) -> None:
+        """A new process for the next batch; the old one is killed (a hung process would not end by itself), so the
+        batches still waiting on it fail at once as a broken pool, and are answered 503 too."""
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            proc.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+        self.restarts += 1
+        self._pool = self._start()
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the process, waiting at most ``timeout_s`` for a batch still running (a hung one is terminated)."""
