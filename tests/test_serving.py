@@ -329,7 +329,7 @@ def test_stop_and_failing_batches_answer_every_waiting_request():
 
     async def scenario():
         await engine.start()
-        big = engine.by_name["64px"]
+        big = engine.points.named("64px")
         original, big.run = big.run, failing
         with pytest.raises(RuntimeError, match="the model broke"):
             await asyncio.wait_for(engine.submit(image, engine.constrain(resolution=64)), 5)

@@ -68,12 +68,11 @@ class ServingEngine:
             raise ValueError(f"target_p95_ms must be positive, got {o.target_p95_ms}")
         if o.resolution is not None and o.resolution not in points.resolutions:
             raise ValueError(f"resolution {o.resolution} is not among the served points ({self._served()})")
-        self.by_name = {p.name: p for p in points.points}
         self.metrics = metrics or ServeMetrics()
         self.clock = clock
         self.inference = inference or ThreadInference(points)
         self.decode = decode_image  # how the inference worker decodes uploads; the app binds its limits
-        self.latency = latency or LatencyModel.measure(list(self.by_name), self.inference.time_batch, o.max_batch)
+        self.latency = latency or LatencyModel.measure([p.name for p in points.points], self.inference.time_batch, o.max_batch)
         self.controller = AdaptiveController([p.name for p in points.by_preference()], self.latency,
                                              o.target_p95_ms if o.target_p95_ms is not None else math.inf, o.max_batch, o.headroom)
         self.queue: deque[Pending] = deque()
@@ -221,7 +220,7 @@ class ServingEngine:
                 keep.append(r)
         self.queue = keep
         self.metrics.queue.set(len(self.queue))
-        return self.by_name[decision.point], batch, decision.reason
+        return self.points.named(decision.point), batch, decision.reason
 
     async def _fill(self) -> None:
         """Dynamic batching: wait until max_batch requests are queued or the oldest has waited max_wait_ms."""
