@@ -5,6 +5,7 @@ packed file's accuracy against the training-time model's.
     python benchmarks/lq_imagenette.py --out runs/bench_lq --train-only 2/32          # 6 runs (5 I-Nets + RS-Net)
     python benchmarks/lq_imagenette.py --out runs/bench_lq --train-only 2/2
     python benchmarks/lq_imagenette.py --out runs/bench_lq --json benchmarks/results/lq_imagenette.json   # evaluate
+    python benchmarks/lq_imagenette.py --seeds-table benchmarks/results/lq_imagenette_2-32{,_seed1,_seed2}.json
 
 Model: configs/imagenette_lq_rsnet_r18.yaml at ResNet-18 x0.25 (--width; x0.25 is the fp32 protocol's width, section 1
 of BENCHMARKS.md, and 2-bit training still learns there), seed with --seed. --only LABEL... trains a subset (one
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 from datetime import date
 from pathlib import Path
 
@@ -47,6 +49,27 @@ def train_seconds(run: Path) -> float:
     return round(sum(json.loads(line)["seconds"] for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()), 1)
 
 
+def seeds_table(reports: list[dict]) -> str:
+    """Per setting: I-Net and RS-Net top-1 at each resolution of S over the seeds evaluated (mean ± std), and the
+    RS-Net's gain over the I-Net seed by seed (RS-Nets Table 3's gain column)."""
+    lines = []
+    for setting in sorted({k for rep in reports for k in rep["settings"]}):
+        seeds = [(rep["seed"], rep["settings"][setting]["top1"]) for rep in reports if setting in rep["settings"]]
+        rows = []
+        for r in S:
+            inet = [t[f"I-{r}"][str(r)] for _, t in seeds]
+            rs = [t["RS-Net"][str(r)] for _, t in seeds]
+            gains = [b - a for a, b in zip(inet, rs)]
+            rows.append([str(r), spread(inet), spread(rs)] + [f"{g:+.1f}" for g in gains] + [spread(gains, "+")])
+        head = ["resolution", "I-Net", "RS-Net"] + [f"gain seed {s}" for s, _ in seeds] + ["gain mean ± std"]
+        lines += [f"W/A {setting}, {len(seeds)} seed(s):", "", markdown_table(head, rows), ""]
+    return "\n".join(lines)
+
+
+def spread(values: list[float], sign: str = "") -> str:
+    return f"{statistics.mean(values):{sign}.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -57,7 +80,11 @@ def main() -> None:
     add_run_options(p)
     p.add_argument("--settings", nargs="+", choices=list(BITS), default=list(BITS), help="settings to evaluate")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "lq_imagenette.json")
+    p.add_argument("--seeds-table", nargs="+", type=Path, metavar="JSON", help="print the tables over seeds of these evaluations")
     args = p.parse_args()
+    if args.seeds_table:
+        print(seeds_table([json.loads(f.read_text()) for f in args.seeds_table]))
+        return
     if args.train_only:
         for setting in args.train_only:
             for label, (out, sets) in runs(args.out, setting, args.seed, args.set).items():
