@@ -22,6 +22,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+import yaml
 from _common import add_run_options, train_once
 
 from flexres import api
@@ -42,6 +43,12 @@ def runs(out: Path, setting: str, seed: int, extra: list[str] = ()) -> dict[str,
                                                                      "method.kwargs={}"]) for r in S}
     specs["RS-Net"] = (out / tag / f"seed{seed}" / "RS-Net", base)
     return specs
+
+
+def run_width(run: Path) -> float | None:
+    """The width a run was trained at (its config.yaml), None before it started."""
+    cfg = run / "config.yaml"
+    return float(yaml.safe_load(cfg.read_text())["model"]["width_mult"]) if cfg.exists() else None
 
 
 def train_seconds(run: Path) -> float:
@@ -90,6 +97,8 @@ def main() -> None:
             for label, (out, sets) in runs(args.out, setting, args.seed, args.set).items():
                 if args.only and label not in args.only:
                     continue
+                if run_width(out) not in (None, args.width):  # the run folders do not name the width
+                    raise SystemExit(f"{out} was trained at width {run_width(out)}, not --width {args.width}: use another --out")
                 cfg = load_config(ROOT / "configs" / "imagenette_lq_rsnet_r18.yaml", sets + [f"model.width_mult={args.width}"])
                 cfg["data"]["root"] = str(args.data)
                 train_once(f"{setting} {label}", cfg, out, cfg["train"]["epochs"])
@@ -100,12 +109,15 @@ def main() -> None:
         specs = {k: v for k, v in runs(args.out, setting, args.seed).items() if (v[0] / "checkpoint.safetensors").exists()}
         if len(specs) < len(S) + 1:
             continue
+        widths = {run_width(d) for d, _ in specs.values()}
+        if len(widths) > 1:
+            raise SystemExit(f"the {setting} runs under {args.out} were trained at different widths: {sorted(widths)}")
         rep = api.evaluate([str(d) for d, _ in specs.values()], args.data, S)
         top1 = {label: {r: rep["runs"][key]["results"][str(r)]["top1"] for r in S} for label, key in zip(specs, rep["runs"])}
         packed = {label: api.export(d, 0, format="packed", out=d / "packed.safetensors", data=args.data) for label, (d, _) in specs.items()}
         packed_rs = api.evaluate(str(specs["RS-Net"][0] / "packed.safetensors"), args.data, S)["runs"]
         packed_top1 = {r: next(iter(packed_rs.values()))["results"][str(r)]["top1"] for r in S}
-        result["settings"][setting] = {"top1": top1, "packed_rsnet_top1": packed_top1,
+        result["settings"][setting] = {"width": widths.pop(), "top1": top1, "packed_rsnet_top1": packed_top1,
                                        "bytes": {k: v["bytes"] for k, v in packed.items()},
                                        "quantized_weights": {k: v["quantized_weights"] for k, v in packed.items()},
                                        "parity_max_abs_diff": {k: v["parity_max_abs_diff"] for k, v in packed.items()},

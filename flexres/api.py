@@ -428,8 +428,8 @@ def serve(targets: str | Path | Sequence[str | Path], host: str = "127.0.0.1", p
     and a page at ``/``. With ``target_p95_ms`` the server lowers the operating point as its queue grows and raises
     it as the queue drains; without, requests get ``resolution`` (default: the most accurate point) unless they ask.
     ``inference="process"`` runs the batches in a child process (see :mod:`flexres.serving.inference`), ``"thread"``
-    on a thread of the server's process. A child that answers no batch within ``batch_timeout_s`` (a restarted child's
-    start-up included) is killed and replaced; that batch is answered 503."""
+    on a thread of the server's process. A child that answers no batch within ``batch_timeout_s`` is killed and replaced
+    (the new child's start-up is not counted); that batch is answered 503."""
     import uvicorn
 
     from .serving import ServeOptions, ServingEngine, load_points

@@ -275,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--inference", choices=("process", "thread"), default="process",
                     help="run batches in a child process (default: keeps serving under a flood of requests) or on a thread")
     sv.add_argument("--batch-timeout-s", type=float, default=30.0,
-                    help="a child process that answers no batch within this is killed and replaced (the batch gets 503)")
+                    help="--inference process: a child that answers no batch within this is killed and replaced "
+                         "(the batch gets 503); its start-up after a restart does not count")
     sv.set_defaults(func=_serve)
 
     d = sub.add_parser("demo", help="train and evaluate a small RS-Net on the bundled sample images (CPU, minutes)")

@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import BrokenExecutor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from .errors import Overloaded, Refused, RequestError
 from .images import decode_image
 from .points import PointSet, load_points
 
+STARTUP_TIMEOUT_S = 300.0  # a restarted inference process's spawn, imports and model load, before its first batch
 Results = tuple[list[list[dict[str, Any]] | Refused], float, float]  # per item: top-k or refusal; model ms; decoding ms
 Decode = Callable[[bytes], Tensor]
 
@@ -123,6 +124,10 @@ def _time_in_child(name: str, batch: int) -> float:
     return time_batch(_child_points, name, batch)
 
 
+def _loaded_in_child() -> bool:
+    return _child_points is not None
+
+
 class ProcessInference:
     """Batches run in one child process that loads the same targets (so the model is in memory twice: the server's
     copy only describes the points). Requests travel as their encoded bytes and are decoded in the child, off the
@@ -138,6 +143,9 @@ class ProcessInference:
         self._initargs = (targets, bn_policy, threads or torch.get_num_threads(), os.getpid())
         self.batch_timeout_s = batch_timeout_s
         self.restarts = 0
+        self._lock: asyncio.Lock | None = None
+        self._lock_loop: asyncio.AbstractEventLoop | None = None
+        self._starting: Future | None = None  # a restarted process, loading its model
         self._pool = self._start()
 
     def _start(self) -> ProcessPoolExecutor:
@@ -159,33 +167,47 @@ class ProcessInference:
         procs = list(getattr(self._pool, "_processes", None) or {})
         return procs[0] if procs else None
 
+    def _batch_lock(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()  # a lock belongs to one event loop; a new loop (a new asyncio.run) gets its own
+        if self._lock_loop is not loop:
+            self._lock, self._lock_loop = asyncio.Lock(), loop
+        return self._lock
+
     async def run(self, name: str, items: list[Tensor | bytes], topk: list[int], decode: Decode = decode_image) -> Results:
         items = [im if isinstance(im, bytes) else im.numpy() for im in items]
-        pool = self._pool
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(pool.submit(_run_in_child, name, items, topk, decode)),
-                                          self.batch_timeout_s)
-        except asyncio.TimeoutError:  # noqa: UP041 - a different class on Python 3.10
-            # Hung (deadlocked, stopped, swapping): a batch that would otherwise wait forever, and every batch after it.
-            if pool is self._pool:
+        # One batch in the process at a time (/predict/all runs beside the queue's batches): the timeout then measures
+        # this batch alone, not the batches queued before it, and a restart leaves no other batch behind in the pool.
+        async with self._batch_lock():
+            pool, phase = self._pool, "load its model"
+            try:
+                if self._starting is not None:  # a restarted process loads the model first: not part of the batch's time
+                    await asyncio.wait_for(asyncio.wrap_future(self._starting), STARTUP_TIMEOUT_S)
+                    self._starting = None
+                phase = "answer"
+                return await asyncio.wait_for(asyncio.wrap_future(pool.submit(_run_in_child, name, items, topk, decode)),
+                                              self.batch_timeout_s)
+            except asyncio.TimeoutError:  # noqa: UP041 - a different class on Python 3.10
+                # Hung (deadlocked, stopped, swapping): this batch and every later one would wait forever.
                 self._replace(pool)
-            raise Overloaded(f"the inference process did not answer within {self.batch_timeout_s:g} s and was restarted; "
-                             "retry", 1) from None
-        except BrokenExecutor:
-            # The process died (killed, out of memory). Its batch is answered 503 and a new process takes the next one,
-            # instead of every later request failing with the broken pool.
-            if pool is self._pool:
+                limit = self.batch_timeout_s if phase == "answer" else STARTUP_TIMEOUT_S
+                raise Overloaded(f"the inference process did not {phase} within {limit:g} s and was restarted; retry", 1) from None
+            except BrokenExecutor:
+                # The process died (killed, out of memory). Its batch is answered 503 and a new process takes the next
+                # one, instead of every later request failing with the broken pool.
                 self._replace(pool)
-            raise Overloaded("the inference process stopped and was restarted; retry", 1) from None
+                raise Overloaded("the inference process stopped and was restarted; retry", 1) from None
 
     def _replace(self, pool: ProcessPoolExecutor) -> None:
-        """A new process for the next batch; the old one is killed (a hung process would not end by itself), so the
-        batches still waiting on it fail at once as a broken pool, and are answered 503 too."""
+        """Kill the process (a hung one would not end by itself) and start a new one at once, so that it loads the
+        model while the next request is on its way."""
+        if pool is not self._pool:
+            return
         for proc in list((getattr(pool, "_processes", None) or {}).values()):
             proc.kill()
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=False)
         self.restarts += 1
         self._pool = self._start()
+        self._starting = self._pool.submit(_loaded_in_child)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the process, waiting at most ``timeout_s`` for a batch still running (a hung one is terminated)."""
