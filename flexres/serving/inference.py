@@ -128,6 +128,11 @@ def _loaded_in_child() -> bool:
     return _child_points is not None
 
 
+def _processes(pool: ProcessPoolExecutor) -> list[multiprocessing.Process]:
+    """The pool's worker processes (none before its first task); the executor has no public accessor for them."""
+    return list((getattr(pool, "_processes", None) or {}).values())
+
+
 class ProcessInference:
     """Batches run in one child process that loads the same targets (so the model is in memory twice: the server's
     copy only describes the points). Requests travel as their encoded bytes and are decoded in the child, off the
@@ -164,8 +169,8 @@ class ProcessInference:
     @property
     def pid(self) -> int | None:
         """The inference process's pid, once it runs."""
-        procs = list(getattr(self._pool, "_processes", None) or {})
-        return procs[0] if procs else None
+        procs = _processes(self._pool)
+        return procs[0].pid if procs else None
 
     def _batch_lock(self) -> asyncio.Lock:
         loop = asyncio.get_running_loop()  # a lock belongs to one event loop; a new loop (a new asyncio.run) gets its own
@@ -202,7 +207,7 @@ class ProcessInference:
         model while the next request is on its way."""
         if pool is not self._pool:
             return
-        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        for proc in _processes(pool):
             proc.kill()
         pool.shutdown(wait=False)
         self.restarts += 1
@@ -211,7 +216,7 @@ class ProcessInference:
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the process, waiting at most ``timeout_s`` for a batch still running (a hung one is terminated)."""
-        procs = list((getattr(self._pool, "_processes", None) or {}).values())
+        procs = _processes(self._pool)
         self._pool.shutdown(wait=False, cancel_futures=True)
         for proc in procs:
             proc.join(timeout_s)
