@@ -9,7 +9,8 @@ packed file's accuracy against the training-time model's.
 
 Model: configs/imagenette_lq_rsnet_r18.yaml at ResNet-18 x0.25 (--width; x0.25 is the fp32 protocol's width, section 1
 of BENCHMARKS.md, and 2-bit training still learns there), seed with --seed. --only LABEL... trains a subset (one
-process per core: OMP_NUM_THREADS=1 each).
+process per core: OMP_NUM_THREADS=1 each). --only RS-Net-private trains a seventh run, the RS-Net with one activation
+basis per resolution (the authors share one); the evaluation adds it as a column when it is there.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenette-224"
 S = [112, 96, 80, 64, 48]
 BITS = {"2/32": (2, 32), "2/2": (2, 2)}
+PRIVATE = "RS-Net-private"
 
 
 def runs(out: Path, setting: str, seed: int, extra: list[str] = ()) -> dict[str, tuple[Path, list[str]]]:
@@ -42,6 +44,8 @@ def runs(out: Path, setting: str, seed: int, extra: list[str] = ()) -> dict[str,
     specs = {f"I-{r}": (out / tag / f"seed{seed}" / f"I-{r}", base + ["method.name=individual", f"method.resolutions=[{r}]",
                                                                      "method.kwargs={}"]) for r in S}
     specs["RS-Net"] = (out / tag / f"seed{seed}" / "RS-Net", base)
+    # One activation basis per resolution, like BN (issue 13's extension): trained only when --only names it.
+    specs[PRIVATE] = (out / tag / f"seed{seed}" / PRIVATE, base + ["model.kwargs.activation_bases=private"])
     return specs
 
 
@@ -95,7 +99,7 @@ def main() -> None:
     if args.train_only:
         for setting in args.train_only:
             for label, (out, sets) in runs(args.out, setting, args.seed, args.set).items():
-                if args.only and label not in args.only:
+                if (args.only and label not in args.only) or (label == PRIVATE and not args.only):
                     continue
                 if run_width(out) not in (None, args.width):  # the run folders do not name the width
                     raise SystemExit(f"{out} was trained at width {run_width(out)}, not --width {args.width}: use another --out")
@@ -107,7 +111,7 @@ def main() -> None:
     lines = []
     for setting in args.settings:
         specs = {k: v for k, v in runs(args.out, setting, args.seed).items() if (v[0] / "checkpoint.safetensors").exists()}
-        if len(specs) < len(S) + 1:
+        if not all(k in specs for k in [f"I-{r}" for r in S] + ["RS-Net"]):
             continue
         widths = {run_width(d) for d, _ in specs.values()}
         if len(widths) > 1:
@@ -124,14 +128,17 @@ def main() -> None:
                                        "fp32_tensor_bytes": packed["RS-Net"]["fp32_tensor_bytes"],
                                        "train_seconds": {k: train_seconds(d) for k, (d, _) in specs.items()}}
         rows = [[str(r), f"{top1[f'I-{r}'][r]:.1f}", f"{top1['RS-Net'][r]:.1f}", f"{top1['RS-Net'][r] - top1[f'I-{r}'][r]:+.1f}",
-                 f"{packed_top1[r]:.1f}"] for r in S]
-        lines += [f"W/A {setting}:", "", markdown_table(["resolution", "I-Net", "RS-Net", "gain", "RS-Net packed file"], rows), ""]
+                 f"{packed_top1[r]:.1f}"] + ([f"{top1[PRIVATE][r]:.1f}"] if PRIVATE in top1 else []) for r in S]
+        head = ["resolution", "I-Net", "RS-Net", "gain", "RS-Net packed file"] + (["RS-Net, private bases"] if PRIVATE in top1 else [])
+        lines += [f"W/A {setting}:", "", markdown_table(head, rows), ""]
         w_bits = BITS[setting][0]
         inets = sum(packed[f"I-{r}"]["bytes"] for r in S)
         codes = {k: v["quantized_weights"] * w_bits // 8 for k, v in packed.items()}
         storage = [["five packed I-Nets", f"{inets:,}", f"{sum(codes[f'I-{r}'] for r in S):,}"],
                    ["one packed RS-Net", f"{packed['RS-Net']['bytes']:,}", f"{codes['RS-Net']:,}"],
                    ["fp32 tensors of the RS-Net", f"{packed['RS-Net']['fp32_tensor_bytes']:,}", ""]]
+        if PRIVATE in packed:
+            storage.insert(2, ["one packed RS-Net, private bases", f"{packed[PRIVATE]['bytes']:,}", f"{codes[PRIVATE]:,}"])
         lines += [markdown_table(["what", "bytes", f"of which {w_bits}-bit weight codes"], storage), "",
                   "packed file vs training-time model, max |logit diff|: "
                   + ", ".join(f"{k} {v['parity_max_abs_diff']:.1e}" for k, v in packed.items()), ""]
