@@ -111,13 +111,15 @@ async def ramp(url: str, images: list[tuple[bytes, str]], rates: list[float], se
 def start_server(run: str, port: int, extra: list[str]) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "flexres.cli", "serve", run, "--port", str(port), *extra]
-    # to a file, not a pipe nobody reads: under a flood the server's log lines would fill the pipe and block it
-    log = tempfile.NamedTemporaryFile("w+", prefix="flexres-serve-", suffix=".log", delete=False)
+    # To a file, not a pipe nobody reads: under a flood the server's log lines would fill the pipe and block it.
+    # An unnamed one, so that nothing is left in /tmp once the server and this process have closed it.
+    log = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {Path(log.name).read_text()}")
+            log.seek(0)
+            raise RuntimeError(f"server exited: {log.read()}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).status_code == 200:
                 return proc
