@@ -35,6 +35,7 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenette-224"
 S = [112, 96, 80, 64, 48]
 BITS = {"2/32": (2, 32), "2/2": (2, 2)}
 PRIVATE = "RS-Net-private"
+STANDARD = [f"I-{r}" for r in S] + ["RS-Net"]  # the runs of Table 3; PRIVATE is trained only when --only names it
 
 
 def runs(out: Path, setting: str, seed: int, extra: list[str] = ()) -> dict[str, tuple[Path, list[str]]]:
@@ -44,7 +45,7 @@ def runs(out: Path, setting: str, seed: int, extra: list[str] = ()) -> dict[str,
     specs = {f"I-{r}": (out / tag / f"seed{seed}" / f"I-{r}", base + ["method.name=individual", f"method.resolutions=[{r}]",
                                                                      "method.kwargs={}"]) for r in S}
     specs["RS-Net"] = (out / tag / f"seed{seed}" / "RS-Net", base)
-    # One activation basis per resolution, like BN (issue 13's extension): trained only when --only names it.
+    # One activation basis per resolution, like BN (issue 13's extension).
     specs[PRIVATE] = (out / tag / f"seed{seed}" / PRIVATE, base + ["model.kwargs.activation_bases=private"])
     return specs
 
@@ -99,7 +100,7 @@ def main() -> None:
     if args.train_only:
         for setting in args.train_only:
             for label, (out, sets) in runs(args.out, setting, args.seed, args.set).items():
-                if (args.only and label not in args.only) or (label == PRIVATE and not args.only):
+                if label not in (args.only or STANDARD):
                     continue
                 if run_width(out) not in (None, args.width):  # the run folders do not name the width
                     raise SystemExit(f"{out} was trained at width {run_width(out)}, not --width {args.width}: use another --out")
@@ -111,7 +112,7 @@ def main() -> None:
     lines = []
     for setting in args.settings:
         specs = {k: v for k, v in runs(args.out, setting, args.seed).items() if (v[0] / "checkpoint.safetensors").exists()}
-        if not all(k in specs for k in [f"I-{r}" for r in S] + ["RS-Net"]):
+        if not all(k in specs for k in STANDARD):
             continue
         widths = {run_width(d) for d, _ in specs.values()}
         if len(widths) > 1:
