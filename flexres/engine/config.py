@@ -11,8 +11,11 @@ import yaml
 from ..errors import ConfigError
 
 DEFAULTS: dict[str, dict[str, Any]] = {
-    # pretrained (timm:<name> / torchvision:<name> models): true for the library's download, or a local .safetensors
-    "model": {"name": "resnet18", "width_mult": 1.0, "num_classes": None, "pretrained": None, "kwargs": {}},
+    # pretrained (timm:<name> / torchvision:<name> models): true for the library's download, or a local weights file
+    # (.safetensors, or a PyTorch state dict read with weights_only) or an installed package that ships one.
+    # head: "new" (a fresh classifier when the file's has another number of classes) or "pretrained_rows" (the rows of
+    # the file's ImageNet classifier named by the data's class folders, ImageNet wnids such as Imagenette's).
+    "model": {"name": "resnet18", "width_mult": 1.0, "num_classes": None, "pretrained": None, "head": "new", "kwargs": {}},
     "method": {"name": "rsnet", "resolutions": [224, 192, 160, 128, 96], "kwargs": {}},
     "data": {
         "root": None, "train_split": "train", "val_split": "val", "cache": False, "num_workers": 4,
@@ -27,7 +30,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "epochs": 120, "batch_size": 256, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False,
         "weight_decay": 1e-4, "warmup_epochs": 0.0, "lr_milestones": None, "label_smoothing": 0.0, "seed": 0, "amp": True,
         "channels_last": True, "deterministic": False, "device": "auto", "accumulate_steps": 1,
-        "sync_bn": False, "compile": False, "init_from": None, "eval_every": 1, "progress": True,
+        "sync_bn": False, "compile": False,
+        # bn_stats: "update" (BN in training mode) or "frozen" (running statistics kept, affine parameters still
+        # trained: the usual way to fine-tune a pretrained network on a few classes or small batches)
+        "bn_stats": "update", "init_from": None, "eval_every": 1, "progress": True,
     },
     "eval": {"resolutions": None, "bn_policy": "interpolate", "calibration_images": 2000, "batch_size": 256},
 }

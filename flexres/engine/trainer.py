@@ -81,15 +81,32 @@ def model_preprocessing(model: AdaptiveModel) -> dict[str, Any]:
             "crop_fraction": float(pre.get("crop_fraction", 0.875))}
 
 
-def build_model_and_method(cfg: dict[str, Any], num_classes: int, pretrained: bool = True) -> tuple[AdaptiveModel, Method]:
+HEADS = ("new", "pretrained_rows")
+
+
+def build_model_and_method(cfg: dict[str, Any], num_classes: int, pretrained: bool = True,
+                           class_folders: list[str] | None = None) -> tuple[AdaptiveModel, Method]:
+    """``class_folders``: the data's class folder names, for ``model.head: pretrained_rows`` (ImageNet wnids)."""
     mcfg, meth = cfg["model"], cfg["method"]
+    head = mcfg.get("head", "new")
+    if head not in HEADS:
+        raise ConfigError(f"model.head must be one of {', '.join(HEADS)}, got {head!r}")
+    rows = None
+    if head == "pretrained_rows" and pretrained:
+        if not isinstance(mcfg["pretrained"], str) or class_folders is None:
+            raise ConfigError("model.head: pretrained_rows takes rows of a local pretrained classifier: set model.pretrained "
+                              "to a weights file or package, and train on class folders named by ImageNet wnids")
+        from ..models.pretrained import imagenet_rows
+
+        rows = imagenet_rows(class_folders)
     method = create_method(meth["name"], resolutions=meth["resolutions"], label_smoothing=cfg["train"]["label_smoothing"],
                            **meth["kwargs"])
     kwargs = dict(mcfg["kwargs"])
     if hasattr(method, "width_range"):  # slimmable recipes: the model serves the widths the method trains
         kwargs.setdefault("width_range", list(method.width_range))
     model = create_model(mcfg["name"], num_classes=num_classes, train_resolutions=list(method.resolutions),
-                         width_mult=mcfg["width_mult"], pretrained=mcfg["pretrained"] if pretrained else None, **kwargs)
+                         width_mult=mcfg["width_mult"], pretrained=mcfg["pretrained"] if pretrained else None,
+                         **({"pretrained_rows": rows} if rows is not None else {}), **kwargs)
     return model, method
 
 
@@ -270,10 +287,12 @@ def class_names(d: dict[str, Any], folders: list[str]) -> list[str] | None:
     return read_class_names(given or d["root"], folders)
 
 
-def build_trainee(cfg: dict[str, Any], num_classes: int, procs: Processes, resume: bool, log: Callable[[str], None]) -> Trainee:
+def build_trainee(cfg: dict[str, Any], num_classes: int, procs: Processes, resume: bool, log: Callable[[str], None],
+                  class_folders: list[str] | None = None) -> Trainee:
     """Model, method, optimiser and the module a step calls (compiled, DDP-wrapped as configured)."""
     t = cfg["train"]
-    model, method = build_model_and_method(cfg, num_classes, pretrained=not resume)  # a resumed run has its own weights
+    # a resumed run has its own weights
+    model, method = build_model_and_method(cfg, num_classes, pretrained=not resume, class_folders=class_folders)
     if t["init_from"] and not resume:  # start from trained weights, e.g. to fine-tune a Resizable-NAS pick
         meta = load_into(model, t["init_from"])
         log(f"initialised the model from {t['init_from']} (epoch {meta.get('epoch')})")
@@ -282,6 +301,8 @@ def build_trainee(cfg: dict[str, Any], num_classes: int, procs: Processes, resum
     # NHWC is faster on CPUs too (oneDNN): 1.3x for ResNet-18 x0.25, 1.4-1.6x for MobileNetV2 (BENCHMARKS.md).
     if t["channels_last"]:
         model.to(memory_format=torch.channels_last)
+    if t["bn_stats"] not in ("update", "frozen"):
+        raise ConfigError(f"train.bn_stats must be 'update' or 'frozen', got {t['bn_stats']!r}")
     if t["sync_bn"] and model.width_range is not None:
         raise ConfigError("train.sync_bn: slimmable models normalise with per-batch statistics of their own layer "
                           "(SlimmableBatchNorm2d) and cannot be synchronised; leave sync_bn off")
@@ -340,6 +361,13 @@ def prepare_run_dir(cfg: dict[str, Any], out_dir: Path, resume: bool, start_epoc
     return metrics_path
 
 
+def freeze_bn_statistics(model: nn.Module) -> None:
+    """Every BatchNorm normalises with its running statistics and keeps them (its affine parameters still train)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 def run_epoch(epoch: int, cfg: dict[str, Any], train_ds: ImageFolderDataset, trainee: Trainee, plan: StepPlan,
               procs: Processes) -> EpochTotals:
     """One epoch of optimiser steps; everything random derives from (seed, epoch), so a resumed run replays it."""
@@ -350,6 +378,8 @@ def run_epoch(epoch: int, cfg: dict[str, Any], train_ds: ImageFolderDataset, tra
     loaders = epoch_loaders(train_ds, t["seed"], epoch, gen, procs.rank, procs.world, plan.accumulate, plan.micro_batch,
                             d["num_workers"], procs.device.type == "cuda")
     trainee.step_module.train()
+    if t.get("bn_stats", "update") == "frozen":
+        freeze_bn_statistics(trainee.model)
     totals = EpochTotals()
     bar = tqdm(zip(*loaders), total=plan.steps_per_epoch, desc=f"epoch {epoch + 1}/{t['epochs']}",
                disable=not (t["progress"] and procs.is_main), leave=False)
@@ -491,7 +521,7 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
     num_classes = cfg["model"]["num_classes"] or len(train_ds.classes)
     if num_classes != len(train_ds.classes):
         raise ValueError(f"model.num_classes={num_classes} but {train_ds.root} has {len(train_ds.classes)} classes")
-    trainee = build_trainee(cfg, num_classes, procs, resume, log)
+    trainee = build_trainee(cfg, num_classes, procs, resume, log, class_folders=train_ds.classes)
     model, method = trainee.model, trainee.method
     if d["crop_fraction"] is None:  # resolved here, so the run's config.yaml and sidecar say what was used
         d["crop_fraction"] = model_preprocessing(model)["crop_fraction"]

@@ -26,6 +26,7 @@ from ..nn.meta_conv import MetaConv2d
 from ..nn.switchable_bn import SwitchableBatchNorm2d
 from ..notes import note
 from .base import AdaptiveModel
+from .pretrained import classifier_rows, map_state_dict, read_state_dict, resolve_weights
 
 PER_IMAGE_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm)
 SOURCES = ("timm", "torchvision")
@@ -128,17 +129,6 @@ def make_switchable(net: nn.Module, resolutions: Sequence[int], *, other_norms: 
 
 # --- building from timm / torchvision by name (the registry's "timm:<name>" and "torchvision:<name>") ---
 
-def _read_weights(path: str | Path) -> dict[str, Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights {path} do not exist")
-    if path.suffix != ".safetensors":
-        raise ValueError(f"pretrained weights must be a .safetensors file (flexres never unpickles), got {path}")
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
 def _last_linear(net: nn.Module) -> tuple[str, nn.Module, str, nn.Linear]:
     """The classifier: the last nn.Linear, as (qualified name, parent, attribute, layer)."""
     found = None
@@ -151,48 +141,72 @@ def _last_linear(net: nn.Module) -> tuple[str, nn.Module, str, nn.Linear]:
     return found
 
 
-def _load_matching(net: nn.Module, state: dict[str, Tensor], source: str) -> list[str]:
-    """Load ``state`` into ``net``, leaving out the classifier when its shape differs (another number of classes)."""
-    own = net.state_dict()
-    unknown = sorted(set(state) - set(own))
-    missing = sorted(set(own) - set(state))
-    if unknown or missing:
-        raise KeyError(f"{source} does not fit the model: unexpected {unknown[:5]}, missing {missing[:5]}")
-    skipped = [k for k, v in state.items() if own[k].shape != v.shape]
+def load_pretrained(net: nn.Module, pretrained: str | Path, num_classes: int, rows: Sequence[int] | None = None) -> str:
+    """Load a weights file (or an installed package's) into ``net``, keys mapped by structure and checked.
+
+    The classifier: with ``rows``, those rows of the file's classifier (e.g. the ImageNet classes of the data's class
+    folders); else the file's own when it has ``num_classes`` outputs; else ``net``'s fresh one. Returns which, for
+    the run's log."""
+    path = resolve_weights(pretrained)
     fc_name = _last_linear(net)[0]
-    classifier = {f"{fc_name}.weight", f"{fc_name}.bias"}
-    if set(skipped) - classifier:
-        raise ValueError(f"{source}: shapes differ outside the classifier: {sorted(set(skipped) - classifier)[:5]}")
-    net.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=False)
-    return skipped
+    w, b = f"{fc_name}.weight", f"{fc_name}.bias"
+    state = map_state_dict(read_state_dict(path), net.state_dict(), str(path), classifier=fc_name)
+    classes = state[w].shape[0]
+    if rows is not None:
+        if max(rows, default=-1) >= classes or len(rows) != num_classes:
+            raise ValueError(f"{path}: {len(rows)} classifier rows up to {max(rows, default=-1)} asked of a {classes}-class "
+                             f"classifier for a {num_classes}-class model")
+        state[w], bias = classifier_rows(state[w], state.get(b), rows)
+        if bias is not None:
+            state[b] = bias
+        how = f"{fc_name}: {len(rows)} rows of the file's {classes}-class classifier"
+    elif classes == num_classes:
+        how = f"{fc_name}: the file's own ({classes} classes)"
+    else:
+        state.pop(w)
+        state.pop(b, None)
+        how = f"{fc_name}: new ({num_classes} classes; the file's has {classes})"
+    net.load_state_dict(state, strict=False)  # every key but a new classifier's was checked by map_state_dict
+    return how
 
 
-def build_foreign(source: str, name: str, num_classes: int, pretrained: bool | str | None) -> tuple[nn.Module, dict[str, Any]]:
+def _timm_preprocessing(net: nn.Module) -> dict[str, Any]:
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=net)
+    return {"mean": list(cfg["mean"]), "std": list(cfg["std"]), "crop_fraction": float(cfg["crop_pct"])}
+
+
+def _torchvision_preprocessing(name: str) -> dict[str, Any]:
+    import torchvision
+
+    try:  # the weights' eval transform is metadata (nothing is downloaded), so a resumed run gets the same one
+        t = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+        return {"mean": list(t.mean), "std": list(t.std), "crop_fraction": t.crop_size[0] / t.resize_size[0]}
+    except (ValueError, KeyError, AttributeError):
+        return {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_fraction": 0.875}
+
+
+def build_foreign(source: str, name: str, num_classes: int, pretrained: bool | str | None,
+                  pretrained_rows: Sequence[int] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """The original model and its eval preprocessing (mean, std, crop_fraction), with pretrained weights when asked:
-    ``True`` uses the library's own download path (needs internet), a path loads a local .safetensors file."""
+    ``True`` uses the library's own download path (needs internet); a path (.safetensors, or a PyTorch file read with
+    weights_only) or an installed package that ships one loads local weights (``load_pretrained``)."""
+    local = isinstance(pretrained, (str, Path))
+    if pretrained_rows is not None and not local:
+        raise ValueError("classifier rows (model.head: pretrained_rows) come from a local weights file: set model.pretrained")
     if source == "timm":
         try:
             import timm
-            from timm.data import resolve_data_config
         except ImportError as e:
             raise ImportError("timm models need timm: pip install 'flexres[timm]'") from e
-        kwargs: dict[str, Any] = {"num_classes": num_classes}
-        if isinstance(pretrained, (str, Path)):
-            state = _read_weights(pretrained)  # the same checks as torchvision's path: exists, safetensors
-            # timm drops the classifier when num_classes differs from the pretrained config's: tell it the file's own
-            # number, so a file fine-tuned on the user's classes keeps its classifier and an ImageNet one loses it.
-            head = timm.models.get_pretrained_cfg(name)
-            key = f"{(head.classifier if head else None) or 'fc'}.weight"
-            overlay = {"file": str(pretrained), **({"num_classes": state[key].shape[0]} if key in state else {})}
-            kwargs.update(pretrained=True, pretrained_cfg_overlay=overlay)
-        elif pretrained:
-            kwargs["pretrained"] = True
         try:
-            net = timm.create_model(name, **kwargs)
+            net = timm.create_model(name, num_classes=num_classes, pretrained=pretrained is True)
         except RuntimeError as e:
             raise RuntimeError(f"timm:{name}: {e}") from e
-        cfg = resolve_data_config({}, model=net)
-        return net, {"mean": list(cfg["mean"]), "std": list(cfg["std"]), "crop_fraction": float(cfg["crop_pct"])}
+        if local:
+            note(f"timm:{name}: {load_pretrained(net, pretrained, num_classes, pretrained_rows)}")
+        return net, _timm_preprocessing(net)
     if source == "torchvision":
         import torchvision
 
@@ -202,27 +216,20 @@ def build_foreign(source: str, name: str, num_classes: int, pretrained: bool | s
             if num_classes != len(weights.meta["categories"]):
                 _, parent, attr, fc = _last_linear(net)
                 setattr(parent, attr, nn.Linear(fc.in_features, num_classes))
-            t = weights.transforms()
-            return net, {"mean": list(t.mean), "std": list(t.std), "crop_fraction": t.crop_size[0] / t.resize_size[0]}
+            return net, _torchvision_preprocessing(name)
         net = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-        if pretrained:
-            skipped = _load_matching(net, _read_weights(pretrained), str(pretrained))
-            if skipped:
-                note(f"torchvision:{name}: {', '.join(skipped)} left at random initialisation ({num_classes} classes, not the file's)")
-        try:  # the weights' eval transform is metadata (nothing is downloaded), so a resumed run gets the same one
-            t = torchvision.models.get_model_weights(name).DEFAULT.transforms()
-            return net, {"mean": list(t.mean), "std": list(t.std), "crop_fraction": t.crop_size[0] / t.resize_size[0]}
-        except (ValueError, KeyError, AttributeError):
-            return net, {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_fraction": 0.875}
+        if local:
+            note(f"torchvision:{name}: {load_pretrained(net, pretrained, num_classes, pretrained_rows)}")
+        return net, _torchvision_preprocessing(name)
     raise ValueError(f"unknown model source {source!r}; known: {', '.join(SOURCES)}")
 
 
 def create_converted(qualified: str, num_classes: int = 1000, train_resolutions: Sequence[int] = (224,), width_mult: float = 1.0,
                      pretrained: bool | str | None = None, other_norms: str = "refuse", san: bool = False,
-                     scale_divisor: float | None = None) -> ConvertedModel:
+                     scale_divisor: float | None = None, pretrained_rows: Sequence[int] | None = None) -> ConvertedModel:
     """``timm:<name>`` or ``torchvision:<name>`` built by that library and made switchable."""
     source, _, name = qualified.partition(":")
     if width_mult != 1.0:
         raise ValueError(f"{qualified}: width_mult applies to flexres's own families; pick a smaller {source} model instead")
-    net, pre = build_foreign(source, name, num_classes, pretrained)
+    net, pre = build_foreign(source, name, num_classes, pretrained, pretrained_rows)
     return ConvertedModel(net, train_resolutions, other_norms=other_norms, san=san, scale_divisor=scale_divisor, preprocessing=pre)

