@@ -4,6 +4,7 @@ starts from a local pretrained file, and refuses what it cannot convert, naming 
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -97,10 +98,44 @@ def test_norms_that_cannot_switch_are_refused_by_name():
     frozen = nn.Sequential(nn.Conv2d(3, 4, 3), torchvision.ops.FrozenBatchNorm2d(4))
     with pytest.raises(ValueError, match=r"^1 \(FrozenBatchNorm2d\)"):
         make_switchable(frozen, RESOLUTIONS)
-    with pytest.raises(ValueError, match="has no BatchNorm2d"):
+    with pytest.raises(ValueError, match=r"^1 \(FrozenBatchNorm2d\) is a frozen BatchNorm"):
+        make_switchable(frozen, RESOLUTIONS)
+    with pytest.raises(ValueError, match="has no BatchNorm: there is nothing to switch"):
         make_switchable(nn.Sequential(nn.Conv2d(3, 4, 3)), RESOLUTIONS)
+    # a BN-free model with a per-image norm: the same one message, not the other_norms suggestion that then fails
+    with pytest.raises(ValueError, match="has no BatchNorm: there is nothing to switch"):
+        make_switchable(nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4)), RESOLUTIONS)
     with pytest.raises(ValueError, match=r"^0 .*has a bias"):
         make_switchable(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), RESOLUTIONS, san=True)
+
+
+def test_a_partly_frozen_timm_model_is_refused_by_name():
+    net = timm.create_model("mobilenetv3_small_050", num_classes=10)
+    net.blocks[1] = timm.layers.freeze_batch_norm_2d(net.blocks[1])  # timm's way: BatchNormAct2d -> FrozenBatchNormAct2d
+    frozen = [n for n, m in net.named_modules() if type(m).__name__ == "FrozenBatchNormAct2d"]
+    assert frozen and frozen[0].startswith("blocks.1.")
+    with pytest.raises(ValueError, match=rf"^{re.escape(frozen[0])} \(FrozenBatchNormAct2d\) is a frozen BatchNorm"):
+        make_switchable(net, RESOLUTIONS)
+
+
+class SharedBN(nn.Module):
+    """One BN module applied after two convolutions (its statistics and parameters are one set)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4, momentum=None)
+        self.block = nn.Sequential(self.conv2, self.bn)  # the same BN again, under another name
+
+    def forward(self, x):
+        return self.block(self.bn(self.conv1(x))).mean((2, 3))
+
+
+def test_one_bn_used_twice_stays_one_and_momentum_none_is_kept():
+    model = make_switchable(SharedBN(), RESOLUTIONS)
+    assert model.net.bn is model.net.block[1]  # still one module: a step at either place updates the same statistics
+    assert len(model.switchable_bns()) == 1
+    assert all(bn.momentum is None for bn in model.net.bn.bns)  # a cumulative average stays one, not 0.1
 
 
 @pytest.fixture(scope="module")
@@ -166,9 +201,9 @@ def test_pretrained_weights_from_a_local_safetensors_file(arch, data, tmp_path):
     assert torch.equal(mine.net.state_dict()["fc.weight"], own["fc.weight"])
     assert "pretrained" not in mine.arch["kwargs"]  # the checkpoint holds the weights: rebuilding needs no file
     (tmp_path / "x.pth").write_bytes(b"")
-    with pytest.raises(ValueError, match="must be a .safetensors file"):
+    with pytest.raises(ValueError, match=r"x\.pth cannot be read as tensors only"):
         create_model(arch, num_classes=10, train_resolutions=RESOLUTIONS, pretrained=str(tmp_path / "x.pth"))
-    with pytest.raises(FileNotFoundError, match="do not exist"):
+    with pytest.raises(FileNotFoundError, match="no such file"):
         create_model(arch, num_classes=10, train_resolutions=RESOLUTIONS, pretrained=str(tmp_path / "missing.safetensors"))
 
 

@@ -35,7 +35,8 @@ SOURCES = ("timm", "torchvision")
 def _switchable_from(bn: nn.BatchNorm2d, resolutions: Sequence[int]) -> SwitchableBatchNorm2d:
     if not bn.affine or not bn.track_running_stats:
         raise ValueError(f"a BatchNorm2d without affine parameters or running statistics ({bn}) cannot be made switchable")
-    sw = SwitchableBatchNorm2d(bn.num_features, resolutions, eps=bn.eps, momentum=bn.momentum if bn.momentum is not None else 0.1)
+    # momentum None (a cumulative average of every batch) is kept: each private BN averages the same way
+    sw = SwitchableBatchNorm2d(bn.num_features, resolutions, eps=bn.eps, momentum=bn.momentum)
     sw.load_state_dict({f"bns.{i}.{k}": v.detach().clone() for i in range(len(sw.bns)) for k, v in bn.state_dict().items()}, strict=True)
     return sw.to(bn.weight.device)
 
@@ -46,6 +47,10 @@ def _is_norm(module: nn.Module) -> bool:
 
 def _convert_norm(name: str, child: nn.Module, resolutions: Sequence[int], other_norms: str) -> nn.Module | None:
     """The replacement for ``child`` (None: keep it as it is)."""
+    if "FrozenBatchNorm" in type(child).__name__:  # timm's FrozenBatchNormAct2d, torchvision's FrozenBatchNorm2d
+        raise ValueError(f"{name} ({type(child).__name__}) is a frozen BatchNorm: its statistics never change, so no resolution "
+                         "can get its own; unfreeze the model's BNs first (timm.layers.unfreeze_batch_norm_2d) or build it "
+                         "without freezing")
     if isinstance(child, nn.BatchNorm2d):  # SyncBatchNorm is not a BatchNorm2d: refused below
         sw = _switchable_from(child, resolutions)
         # timm's BatchNormAct2d is a BatchNorm2d that also applies dropout and an activation: keep those after it.
@@ -76,17 +81,23 @@ def _meta_from(conv: nn.Conv2d, name: str) -> MetaConv2d:
     return meta.to(conv.weight.device)
 
 
-def _convert(module: nn.Module, prefix: str, resolutions: Sequence[int], other_norms: str, san: bool) -> None:
+def _convert(module: nn.Module, prefix: str, resolutions: Sequence[int], other_norms: str, san: bool,
+             done: dict[int, nn.Module] | None = None) -> None:
+    """Replace, in place, every BN (and for SAN every conv) below ``module``. ``done`` maps a module already
+    replaced to its replacement, so a module used at two places stays one module (its parameters shared)."""
+    done = {} if done is None else done
     for child_name, child in list(module.named_children()):
         name = f"{prefix}{child_name}"
-        if san and isinstance(child, nn.Conv2d):
-            setattr(module, child_name, _meta_from(child, name))
+        if id(child) in done:
+            setattr(module, child_name, done[id(child)])
             continue
-        new = _convert_norm(name, child, resolutions, other_norms)
+        new = _meta_from(child, name) if san and isinstance(child, nn.Conv2d) else _convert_norm(name, child, resolutions, other_norms)
         if new is not None:
+            done[id(child)] = new
             setattr(module, child_name, new)
         else:
-            _convert(child, name + ".", resolutions, other_norms, san)
+            done[id(child)] = child
+            _convert(child, name + ".", resolutions, other_norms, san, done)
 
 
 class ConvertedModel(AdaptiveModel):
@@ -99,9 +110,11 @@ class ConvertedModel(AdaptiveModel):
         if other_norms not in ("refuse", "share"):
             raise ValueError(f"other_norms must be 'refuse' or 'share', got {other_norms!r}")
         super().__init__(train_resolutions, scale_divisor=(scale_divisor or max(train_resolutions)) if san else None)
+        # Checked first: a model without BN gets this one message, not a suggestion about its other norms that then fails.
+        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) or "BatchNorm" in type(m).__name__ for m in net.modules()):
+            raise ValueError(f"{type(net).__name__} has no BatchNorm: there is nothing to switch per resolution (RS-Nets keeps "
+                             "private BN statistics per resolution; a model normalised per image needs no conversion)")
         _convert(net, "", self.train_resolutions, other_norms, san)
-        if not any(isinstance(m, SwitchableBatchNorm2d) for m in net.modules()):
-            raise ValueError(f"{type(net).__name__} has no BatchNorm2d: there is nothing to switch per resolution")
         self.net = net
         # The source's eval transform (mean, std, crop fraction), e.g. timm's pretrained_cfg; None: flexres's defaults.
         self.preprocessing = preprocessing

@@ -102,7 +102,7 @@ class _MomentAccumulator:
 class SwitchableBatchNorm2d(nn.Module):
     """A private ``nn.BatchNorm2d`` per trained resolution; ``bns[i]`` belongs to ``resolutions[i]``."""
 
-    def __init__(self, num_features: int, resolutions: tuple[int, ...] | list[int], eps: float = 1e-5, momentum: float = 0.1):
+    def __init__(self, num_features: int, resolutions: tuple[int, ...] | list[int], eps: float = 1e-5, momentum: float | None = 0.1):
         super().__init__()
         if not resolutions:
             raise ValueError("SwitchableBatchNorm2d needs at least one trained resolution")
