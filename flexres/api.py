@@ -29,10 +29,11 @@ from .engine.checkpoint import (
     save_calibration,
     save_tensors,
 )
-from .engine.config import apply_overrides, load_config, make_config
+from .engine.config import DEFAULTS, apply_overrides, load_config, make_config
 from .engine.evaluate import calibrate, evaluate_configurations, format_table, hit_miss_matrix
 from .engine.evaluate import evaluate as evaluate_model
 from .engine.trainer import train as train_run
+from .errors import ConfigError
 from .models.base import SAN_MODES
 from .notes import note
 from .operating_point import OperatingPoint
@@ -78,6 +79,12 @@ def _normalization(meta: dict[str, Any]) -> dict[str, Any]:
     return {"mean": norm.get("mean"), "std": norm.get("std")}
 
 
+def _run_bn_policy(meta: dict[str, Any], given: str | None = None) -> str:
+    """The BN policy for untrained resolutions: ``given`` (the caller's, e.g. ``--bn``), else the run's recorded
+    ``eval.bn_policy``, else the default."""
+    return given or (meta.get("config") or {}).get("eval", {}).get("bn_policy") or DEFAULTS["eval"]["bn_policy"]
+
+
 def _json_matrix(m: dict[int, dict[int, float]]) -> dict[str, dict[str, float]]:
     return {str(j): {str(i): round(p, 2) for i, p in row.items()} for j, row in m.items()}
 
@@ -96,19 +103,21 @@ def _per_class_top1(correct: torch.Tensor, labels: torch.Tensor, names: list[str
 
 
 def evaluate(runs: str | Path | Sequence[str | Path], data: str | Path, resolutions: Sequence[int] | None = None,
-             bn_policy: str = "interpolate", *, scale_policy: str | None = None, san_mode: str | None = None, width: float = 1.0,
+             bn_policy: str | None = None, *, scale_policy: str | None = None, san_mode: str | None = None, width: float = 1.0,
              calibration_images: int | None = None, batch_size: int = 256, split: str = "val", workers: int = 0,
              latency: bool = False, save: bool = False, progress: bool = False) -> dict[str, Any]:
     """Evaluate each run at each resolution (default: the run's ``eval.resolutions``).
 
     Returns ``{"data", "bn_policy", "scale_policy", "runs": {label: {"results": {resolution: {"top1", "top5",
     "n", "bn", "macs", "latency_ms", "per_class_top1"}}, "hit_miss", ...}}}``, the JSON ``flexres eval --json``
-    writes. ``san_mode`` (proxy / ideal / data-free) sets both policies for SAN models. With ``save`` each
-    run keeps its evaluation (``eval_<policy>.json``), from which ``predict`` picks points under a budget.
+    writes. ``bn_policy`` None: each run's ``eval.bn_policy`` (``_run_bn_policy``); the report's ``bn_policy`` then names
+    the policies used, and each run's entry its own. ``san_mode`` (proxy / ideal / data-free) sets both policies for
+    SAN models. With ``save`` each run keeps its evaluation (``eval_<policy>.json``), from which ``predict`` picks
+    points under a budget.
     """
     if san_mode:
-        if scale_policy or bn_policy != "interpolate":
-            raise ValueError("san_mode sets bn_policy and scale_policy itself; give one or the other")
+        if scale_policy or bn_policy not in (None, "interpolate"):
+            raise ConfigError("san_mode sets bn_policy and scale_policy itself; give one or the other")
         bn_policy, scale_policy = SAN_MODES[san_mode]["bn_policy"], SAN_MODES[san_mode]["scale_policy"]
     runs = [runs] if isinstance(runs, (str, Path)) else list(runs)
     if runs and load_checkpoint(runs[0])[1].get("task") == "segmentation":
@@ -118,8 +127,11 @@ def evaluate(runs: str | Path | Sequence[str | Path], data: str | Path, resoluti
     train_ds = None
     report: dict[str, Any] = {"data": str(data), "bn_policy": bn_policy, "scale_policy": scale_policy, "runs": {}}
     own_resolution: dict[int, Any] = {}  # single-resolution runs (I-Nets): correctness at their own resolution
+    policies = []
     for run in runs:
         model, meta = load_checkpoint(run)
+        policy = _run_bn_policy(meta, bn_policy)
+        policies.append(policy)
         classes = meta.get("classes")
         if classes and classes != val.classes:
             diff = next((f"{a!r} vs {b!r}" for a, b in zip(classes, val.classes) if a != b), "")
@@ -129,12 +141,12 @@ def evaluate(runs: str | Path | Sequence[str | Path], data: str | Path, resoluti
         cfg = meta.get("config") or make_config()
         ckpt = resolve_checkpoint(run)
         slimmable = model.width_range is not None
-        if bn_policy == "calibrate" or slimmable:  # slimmable models always need post-statistics BN
+        if policy == "calibrate" or slimmable:  # slimmable models always need post-statistics BN
             train_ds = train_ds or ImageFolderDataset(split_dir(data, cfg["data"]["train_split"]), progress=progress)
             points = [OperatingPoint(r, width) for r in res_list if slimmable or r not in model.train_resolutions]
             _ensure_calibrated(model, meta, ckpt, train_ds, points, calibration_images or cfg["eval"]["calibration_images"],
                                batch_size, cfg, str(data), workers)
-        results = evaluate_model(model, val, res_list, bn_policy, batch_size, meta.get("crop_fraction", 0.875), progress=progress,
+        results = evaluate_model(model, val, res_list, policy, batch_size, meta.get("crop_fraction", 0.875), progress=progress,
                                  scale_policy=scale_policy, workers=workers, width=width, note=note, **_normalization(meta))
         label = Path(run).name if Path(run).is_dir() else Path(run).parent.name
         if label in report["runs"]:  # two runs with one folder name: tell them apart by their parent
@@ -143,7 +155,7 @@ def evaluate(runs: str | Path | Sequence[str | Path], data: str | Path, resoluti
             own_resolution[model.train_resolutions[0]] = results[model.train_resolutions[0]]["correct"]
         names = _class_names(meta) or val.classes
         report["runs"][label] = {
-            "checkpoint": str(ckpt), "train_resolutions": list(model.train_resolutions),
+            "checkpoint": str(ckpt), "train_resolutions": list(model.train_resolutions), "bn_policy": policy,
             "method": meta.get("method", {}), "epoch": meta.get("epoch"), "params": count_params(model),
             "results": {str(r): {"top1": round(v["top1"], 2), "top5": round(v["top5"], 2), "n": v["n"], "bn": v["bn"],
                                  "macs": count_macs(model, OperatingPoint(r, width)),
@@ -157,15 +169,16 @@ def evaluate(runs: str | Path | Sequence[str | Path], data: str | Path, resoluti
             report["runs"][label]["meta_weight_ratio"] = {"mean": round(sum(ratios.values()) / len(ratios), 4),
                                                           "per_layer": {k: round(v, 4) for k, v in ratios.items()}}
         if save:  # kept with the run: `flexres predict --max-macs` picks the most accurate point from it
-            name = f"eval_{bn_policy}" + (f"_{scale_policy}" if scale_policy else "") + ".json"
+            name = f"eval_{policy}" + (f"_{scale_policy}" if scale_policy else "") + ".json"
             (ckpt.parent / name).write_text(json.dumps({"data": str(data), "split": split, **report["runs"][label]}, indent=2) + "\n")
     if len(own_resolution) > 1:  # RS-Nets Table 1, "individual" block: each I-Net at its own resolution
         report["hit_miss_individual"] = _json_matrix(hit_miss_matrix(dict(sorted(own_resolution.items(), reverse=True))))
+    report["bn_policy"] = "/".join(dict.fromkeys(policies)) or bn_policy
     return report
 
 
-def _evaluate_segmentation(runs: list, data: str | Path, resolutions: Sequence[int] | None, bn_policy: str, split: str, save: bool,
-                           progress: bool) -> dict[str, Any]:
+def _evaluate_segmentation(runs: list, data: str | Path, resolutions: Sequence[int] | None, bn_policy: str | None, split: str,
+                           save: bool, progress: bool) -> dict[str, Any]:
     """``evaluate`` for segmentation runs: pixel accuracy, mean class accuracy, mIoU and per-class IoU (RS-Nets
     Table 7) at each resolution (the short side), with the MACs of an image of the split's aspect."""
     from .data.segmentation import SegmentationDataset
@@ -175,32 +188,36 @@ def _evaluate_segmentation(runs: list, data: str | Path, resolutions: Sequence[i
     h, w = val[0][0].shape[-2:]
     aspect = max(h, w) / min(h, w)
     report: dict[str, Any] = {"data": str(data), "bn_policy": bn_policy, "scale_policy": None, "task": "segmentation", "runs": {}}
+    policies = []
     for run in runs:
         model, meta = load_checkpoint(run)
+        policy = _run_bn_policy(meta, bn_policy)
+        policies.append(policy)
         if meta.get("task") != "segmentation":
-            raise ValueError(f"{run} is a classifier: evaluate segmentation and classification runs separately")
+            raise ConfigError(f"{run} is a classifier: evaluate segmentation and classification runs separately")
         if meta.get("classes") and meta["classes"] != val.classes:
             raise CheckpointMismatchError(f"{run} was trained on classes {meta['classes']} but {val.root.parent} has {val.classes}")
         res_list = list(resolutions or meta.get("config", {}).get("eval", {}).get("resolutions") or model.train_resolutions)
         ckpt = resolve_checkpoint(run)
-        if bn_policy == "calibrate":  # statistics at each untrained resolution from training crops, as for classifiers
+        if policy == "calibrate":  # statistics at each untrained resolution from training crops, as for classifiers
             cfg = meta.get("config") or make_config()
             train_ds = SegmentationDataset(split_dir(data, cfg["data"]["train_split"]), cache=True)
             points = [OperatingPoint(r) for r in res_list if r not in model.train_resolutions]
             _ensure_calibrated(model, meta, ckpt, train_ds, points, cfg["eval"]["calibration_images"], 16,
                                {**cfg, "data": {**cfg["data"], "scale": cfg["data"]["seg_scale"]}}, str(data), 0)
-        results = evaluate_segmentation(model, val, res_list, bn_policy, progress=progress, **_normalization(meta))
+        results = evaluate_segmentation(model, val, res_list, policy, progress=progress, **_normalization(meta))
         label = Path(run).name if Path(run).is_dir() else Path(run).parent.name
         if label in report["runs"]:
             label = str(Path(ckpt.parent.parent.name) / ckpt.parent.name)
         report["runs"][label] = {
-            "checkpoint": str(ckpt), "train_resolutions": list(model.train_resolutions), "method": meta.get("method", {}),
-            "epoch": meta.get("epoch"), "params": count_params(model),
+            "checkpoint": str(ckpt), "train_resolutions": list(model.train_resolutions), "bn_policy": policy,
+            "method": meta.get("method", {}), "epoch": meta.get("epoch"), "params": count_params(model),
             "results": {str(r): {**{k: round(v[k], 2) for k in ("pixel_acc", "mean_acc", "miou")}, "per_class_iou": v["per_class_iou"],
                                  "n": v["n"], "bn": v["bn"], "macs": count_macs(model, r, aspect)} for r, v in results.items()}}
         if save:
-            name = f"eval_{bn_policy}.json"
+            name = f"eval_{policy}.json"
             (ckpt.parent / name).write_text(json.dumps({"data": str(data), "split": split, **report["runs"][label]}, indent=2) + "\n")
+    report["bn_policy"] = "/".join(dict.fromkeys(policies)) or bn_policy
     return report
 
 
@@ -269,7 +286,7 @@ def format_eval_report(report: dict[str, Any]) -> str:
 
 
 def table(run: str | Path, data: str | Path | None = None, widths: Sequence[float] = (1.0,), resolutions: Sequence[int] | None = None,
-          *, scales: str | None = None, bn_policy: str = "interpolate", latency: bool = False, calibration_images: int | None = None,
+          *, scales: str | None = None, bn_policy: str | None = None, latency: bool = False, calibration_images: int | None = None,
           batch_size: int = 256, workers: int = 0, write: bool = True, progress: Callable[[str], None] | None = None,
           tree: bool = True) -> list[dict[str, Any]]:
     """The query table (MutualNet Sec. 3.4, Resizable-NAS): accuracy, MACs, params (and latency) of every
@@ -277,16 +294,17 @@ def table(run: str | Path, data: str | Path | None = None, widths: Sequence[floa
     the run keeps it (``table.json`` / ``.csv`` / ``.md``) for ``select`` and ``predict``. ``scales``:
     'all' configurations of a Resizable network or N sampled (seeded), evaluated as a prefix tree (shared stages
     once; ``tree=False`` runs each configuration on its own, same results, several times slower). ``progress``
-    gets one line per row group.
+    gets one line per row group. ``bn_policy`` None: the run's ``eval.bn_policy``.
     """
     model, meta = load_checkpoint(run)
     cfg = meta.get("config") or make_config()
+    bn_policy = _run_bn_policy(meta, bn_policy)
     data = data or cfg["data"]["root"]
     if not data:
-        raise ValueError("no data: pass data (an ImageFolder root)")
+        raise ConfigError("no data: pass data (an ImageFolder root)")
     widths = list(widths)
     if model.width_range is None and widths != [1.0]:
-        raise ValueError(f"{run} is not width-slimmable: use widths [1.0]")
+        raise ConfigError(f"{run} is not width-slimmable: use widths [1.0]")
     res_list = list(resolutions or cfg["eval"]["resolutions"] or model.train_resolutions)
     ckpt = resolve_checkpoint(run)
     val = ImageFolderDataset(split_dir(data, cfg["data"]["val_split"]), cache="auto")
@@ -347,7 +365,7 @@ def adapt(run: str | Path, max_macs: float, data: str | Path | None = None, conf
 
     model, meta = load_checkpoint(run)
     if model.scale_factors is None:
-        raise ValueError(f"{run} is not a resizable model: Resizable-Adapt routes between scaling configurations")
+        raise ConfigError(f"{run} is not a resizable model: Resizable-Adapt routes between scaling configurations")
     cfg = meta.get("config") or make_config()
     data = data or cfg["data"]["root"]
     candidates = [c for c in scale_configurations(model.scale_factors, model.num_stages, configs) if c is not None]
@@ -369,7 +387,8 @@ def export(run: str | Path, resolution: int, width: float = 1.0, scales: Sequenc
     """Write one operating point as a static ONNX or TorchScript model (plus ``<file>.json``), checked against
     the adaptive model on real images; returns that JSON with ``path`` added. ``format="packed"`` writes the whole
     quantized model (every resolution) with its LQ-Nets weights as bit-packed codes, loadable by every command. Slimmable models get
-    post-statistics BN from ``data``'s training images first, when the run has none for the point."""
+    post-statistics BN from ``data``'s training images first, when the run has none for the point. ``bn_policy`` None: the
+    run's ``eval.bn_policy``."""
     from .deploy import export as export_static
 
     if format == "packed":
@@ -378,13 +397,14 @@ def export(run: str | Path, resolution: int, width: float = 1.0, scales: Sequenc
         path = Path(out) if out else resolve_checkpoint(run).parent / "export" / "packed.safetensors"
         return {"path": str(path), **export_packed(run, path, data)}
     model, meta = load_checkpoint(run)
+    bn_policy = _run_bn_policy(meta, bn_policy)
     op = OperatingPoint(resolution, width, tuple(scales) if scales else None)
     ckpt = resolve_checkpoint(run)
     if model.width_range is not None and not model.is_calibrated(op):  # post-statistics BN for this point
         cfg = meta.get("config") or make_config()
         root = data or cfg["data"]["root"]
         if not root or not Path(root).is_dir():
-            raise ValueError(f"{op} of this slimmable model needs post-statistics BN from training images: pass data (a folder)")
+            raise ConfigError(f"{op} of this slimmable model needs post-statistics BN from training images: pass data (a folder)")
         train_ds = ImageFolderDataset(split_dir(root, cfg["data"]["train_split"]))
         _ensure_calibrated(model, meta, ckpt, train_ds, [op], cfg["eval"]["calibration_images"], 256, cfg, str(root))
     ext = ".onnx" if format == "onnx" else ".pt"
@@ -396,25 +416,27 @@ def export(run: str | Path, resolution: int, width: float = 1.0, scales: Sequenc
 
 
 def predict(model: str | Path, images: Sequence[str | Path], resolution: int | None = None, *, max_macs: float | None = None,
-            max_latency_ms: float | None = None, width: float = 1.0, bn_policy: str = "interpolate", topk: int = 5,
+            max_latency_ms: float | None = None, width: float = 1.0, bn_policy: str | None = None, topk: int = 5,
             out: str | Path | None = None) -> dict[str, Any]:
     """Classify image files with a run (at ``resolution``, or the best point under a budget) or an exported
     model. Returns ``{"model", "resolution", "predictions": [{"file", "top": [{"label", "class", "name",
     "probability"}, ...]} or {"file", "error"}]}``: one bad file does not stop the others. A segmentation run writes
     a colour mask and an overlay PNG per image into ``out`` (default ./segmentation) instead: predictions are then
-    ``{"file", "mask", "overlay", "classes": {name: % of the image}}``."""
+    ``{"file", "mask", "overlay", "classes": {name: % of the image}}``. ``bn_policy`` None: the run's ``eval.bn_policy``."""
     from .deploy.predict import load_predictor, predict_files, segment_files
 
     if Path(model).suffix not in (".onnx", ".pt", ".ts"):
         net, meta = load_checkpoint(model)
+        bn_policy = _run_bn_policy(meta, bn_policy)
         if meta.get("task") == "segmentation":
             r = resolution or net.train_resolutions[0]
             out = Path(out or "segmentation")
             return {"model": f"{Path(model).name} at {r} px (short side)", "resolution": r,
                     "predictions": segment_files(net, meta, [str(f) for f in images], r, out, bn_policy)}
     if width != 1.0 and resolution is None:
-        raise ValueError("width goes with resolution (a budget picks both)")
-    predictor = load_predictor(str(model), resolution, max_macs, max_latency_ms, bn_policy, width)
+        raise ConfigError("width goes with resolution (a budget picks both)")
+    # an exported model was exported at one BN policy: bn_policy does not apply to it
+    predictor = load_predictor(str(model), resolution, max_macs, max_latency_ms, bn_policy or DEFAULTS["eval"]["bn_policy"], width)
     results = predict_files(predictor, [str(f) for f in images], topk)
     return {"model": predictor.description, "resolution": predictor.resolution, "predictions": results}
 
@@ -437,7 +459,7 @@ def serve(targets: str | Path | Sequence[str | Path], host: str = "127.0.0.1", p
     from .serving.inference import ProcessInference
 
     if inference not in ("process", "thread"):
-        raise ValueError(f"inference must be 'process' or 'thread', got {inference!r}")
+        raise ConfigError(f"inference must be 'process' or 'thread', got {inference!r}")
     options = ServeOptions(target_p95_ms, resolution, max_batch, max_wait_ms, max_queue)
     points = load_points(targets, bn_policy)
     runner = ProcessInference(targets, bn_policy, batch_timeout_s=batch_timeout_s) if inference == "process" else None
@@ -453,8 +475,9 @@ def serve(targets: str | Path | Sequence[str | Path], host: str = "127.0.0.1", p
 
 
 def report(runs: str | Path | Sequence[str | Path], data: str | Path, out: str | Path, resolutions: Sequence[int] | None = None,
-           bn_policy: str = "interpolate", latency: bool = False) -> Path:
-    """Plots (accuracy vs cost, train x test heatmap, BN statistics) and an HTML page in ``out``; returns its index.html."""
+           bn_policy: str | None = None, latency: bool = False) -> Path:
+    """Plots (accuracy vs cost, train x test heatmap, BN statistics) and an HTML page in ``out``; returns its index.html.
+    ``bn_policy`` None: each run's ``eval.bn_policy``."""
     from .deploy.report import write_report
 
     runs = [runs] if isinstance(runs, (str, Path)) else list(runs)

@@ -7,6 +7,8 @@ or prints exactly what that function returns.
 from __future__ import annotations
 
 import argparse
+import ast
+import functools
 import json
 import logging
 import os
@@ -14,10 +16,8 @@ import sys
 from pathlib import Path
 
 from . import api
-from .data import UnreadableImageError
 from .deploy.predict import parse_count
-from .engine.checkpoint import CheckpointMismatchError
-from .errors import ConfigError
+from .errors import ConfigError, FlexresError
 from .models.base import SAN_MODES, SCALE_POLICIES
 from .nn.switchable_bn import BN_POLICIES
 
@@ -38,6 +38,16 @@ def resolution(text: str) -> int:
     return r
 
 
+def widths(text: str) -> list[float]:
+    """argparse type: START:STOP:STEP or one width (flexres.analysis.table.parse_range)."""
+    from .analysis.table import parse_range
+
+    try:
+        return parse_range(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not START:STOP:STEP or one width, e.g. 0.25:1.0:0.05 ({e})") from None
+
+
 def _print_json(obj, path: str | None = None) -> None:
     text = json.dumps(obj, indent=2) + "\n"
     if path:
@@ -56,7 +66,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    report = api.evaluate(args.runs, args.data, args.resolutions, args.bn or "interpolate", scale_policy=args.scale,
+    report = api.evaluate(args.runs, args.data, args.resolutions, args.bn, scale_policy=args.scale,
                           san_mode=args.san_mode, width=args.width, calibration_images=args.calibration_images,
                           batch_size=args.batch_size, split=args.split, workers=args.workers, latency=args.latency, save=True,
                           progress=True)
@@ -68,9 +78,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _table(args: argparse.Namespace) -> int:
-    from .analysis.table import parse_range
-
-    rows = api.table(args.run, args.data, parse_range(args.widths), args.resolutions, scales=args.scales, bn_policy=args.bn,
+    rows = api.table(args.run, args.data, args.widths, args.resolutions, scales=args.scales, bn_policy=args.bn,
                      latency=args.latency, calibration_images=args.calibration_images, batch_size=args.batch_size,
                      workers=args.workers, progress=print, tree=not args.one_by_one)
     run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
@@ -111,7 +119,7 @@ def _export(args: argparse.Namespace) -> int:
               f"the trained model {info['parity_max_abs_diff']:.1e}")
         return 0
     if args.resolution is None:
-        raise ValueError("--resolution is required for onnx and torchscript exports (one operating point)")
+        raise ConfigError("--resolution is required for onnx and torchscript exports (one operating point)")
     info = api.export(args.run, args.resolution, args.width, args.scales, args.format, args.out, bn_policy=args.bn,
                       scale_policy=args.scale, fold_bn=not args.no_fold_bn, data=args.data)
     out = info["path"]
@@ -176,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="ImageFolder root (its val/ split is used)")
     e.add_argument("--split", default="val")
     e.add_argument("--resolutions", type=resolution, nargs="+", help="test resolutions (default: the run's eval.resolutions)")
-    e.add_argument("--bn", choices=BN_POLICIES, help="BN policy for untrained resolutions (default interpolate)")
+    e.add_argument("--bn", choices=BN_POLICIES, help="BN policy for untrained resolutions (default: the run's eval.bn_policy)")
     e.add_argument("--scale", choices=SCALE_POLICIES, help="SAN models: weights from eps(T) ('exact', default) or from the "
                    "nearest trained resolution's eps ('nearest')")
     e.add_argument("--san-mode", choices=list(SAN_MODES), help="SAN inference: proxy = --bn nearest --scale nearest; ideal = "
@@ -192,10 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     tb = sub.add_parser("table", help="accuracy, MACs, params (and latency) of every operating point")
     tb.add_argument("run")
     tb.add_argument("--data", help="ImageFolder root (default: the run's data.root)")
-    tb.add_argument("--widths", default="1.0", help="START:STOP:STEP or one value, e.g. 0.25:1.0:0.05")
+    tb.add_argument("--widths", type=widths, default="1.0", help="START:STOP:STEP or one value, e.g. 0.25:1.0:0.05")
     tb.add_argument("--resolutions", type=resolution, nargs="+")
     tb.add_argument("--latency", action="store_true", help="also measure batch-1 latency on this machine")
-    tb.add_argument("--bn", choices=BN_POLICIES, default="interpolate", help="resolution-switchable models: BN policy")
+    tb.add_argument("--bn", choices=BN_POLICIES, help="resolution-switchable models: BN policy (default: the run's eval.bn_policy)")
     tb.add_argument("--scales", help="resizable models (Resizable-NAS): 'all' scaling configurations, or N sampled (seeded)")
     tb.add_argument("--one-by-one", action="store_true", help="resizable models: run each configuration on its own instead of "
                     "the prefix tree (same results, slower; for checking)")
@@ -231,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--scales", type=float, nargs="+")
     x.add_argument("--format", choices=["onnx", "torchscript", "packed"], default="onnx")
     x.add_argument("--out", help="output file (default RUN/export/<arch>_<res>.onnx|.pt)")
-    x.add_argument("--bn", choices=BN_POLICIES, help="BN policy when the resolution was not trained (default interpolate)")
+    x.add_argument("--bn", choices=BN_POLICIES, help="BN policy when the resolution was not trained (default: the run's "
+                   "eval.bn_policy)")
     x.add_argument("--scale", choices=SCALE_POLICIES, help="SAN models: eps(T) ('exact') or the nearest trained eps")
     x.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm2d layers instead of folding them into the convs")
     x.add_argument("--data", help="images for the parity check (default: the bundled sample)")
@@ -245,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--max-macs", help="budget in MACs, e.g. 150M")
     budget.add_argument("--max-latency-ms", type=float, help="budget in milliseconds (batch 1, measured here)")
     pr.add_argument("--width", type=float, default=1.0, help="slimmable models: the width to run at with --resolution")
-    pr.add_argument("--bn", choices=BN_POLICIES, default="interpolate")
+    pr.add_argument("--bn", choices=BN_POLICIES, help="runs: BN policy at an untrained resolution (default: the run's eval.bn_policy)")
     pr.add_argument("--topk", type=int, default=5)
     pr.add_argument("--json", action="store_true", help="print JSON instead of text")
     pr.add_argument("--out", help="segmentation runs: folder for the mask and overlay PNGs (default ./segmentation)")
@@ -256,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--data", required=True, help="ImageFolder root to evaluate on (val split)")
     rp.add_argument("--out", required=True, help="output folder")
     rp.add_argument("--resolutions", type=resolution, nargs="+")
-    rp.add_argument("--bn", choices=BN_POLICIES, default="interpolate")
+    rp.add_argument("--bn", choices=BN_POLICIES, help="BN policy for untrained resolutions (default: each run's eval.bn_policy)")
     rp.add_argument("--latency", action="store_true", help="also plot accuracy vs measured latency")
     rp.set_defaults(func=_report)
 
@@ -291,10 +300,54 @@ def main(argv: list[str] | None = None) -> int:
     _plain_notes()
     try:
         return args.func(args)
-    except (ConfigError, CheckpointMismatchError, FileNotFoundError, FileExistsError, ValueError, LookupError,
-            UnreadableImageError) as e:
-        print(f"flexres {args.command}: error: {e}", file=sys.stderr)
+    except Exception as e:
+        if not user_error(e):
+            raise  # a bug: its traceback is what a report needs
+        print(f"flexres {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2
+
+
+# A missing or existing file the user named: its message names the path, whoever raised it.
+_FILE_ERRORS = (FileNotFoundError, FileExistsError)
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def user_error(e: BaseException) -> bool:
+    """Whether ``e`` is a mistake the user can fix, printed as one line; anything else is a bug.
+
+    flexres's error types are (FlexresError and the few defined elsewhere), as are missing or existing files. So is a
+    ValueError or LookupError a flexres module raises itself with a ``raise`` statement and a message for the user
+    (most modules still raise those, not FlexresError), but not one that Python or a library raises inside flexres code:
+    a KeyError from ``d[key]``, a ValueError from ``int(text)`` or from inside torch keep their traceback."""
+    if isinstance(e, (FlexresError, *_FILE_ERRORS)):
+        return True
+    return isinstance(e, (ValueError, LookupError)) and _raised_by_flexres(e)
+
+
+def _raised_by_flexres(e: BaseException) -> bool:
+    tb = e.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    path = Path(tb.tb_frame.f_code.co_filename)
+    return _PACKAGE in path.parents and tb.tb_lineno in _raise_lines(str(path))
+
+
+@functools.cache
+def _raise_lines(path: str) -> frozenset[int]:
+    """The lines of every ``raise`` statement in a source file."""
+    try:
+        tree = ast.parse(Path(path).read_text())
+    except (OSError, SyntaxError, ValueError):
+        return frozenset()
+    return frozenset(line for node in ast.walk(tree) if isinstance(node, ast.Raise)
+                     for line in range(node.lineno, (node.end_lineno or node.lineno) + 1))
+
+
+def _message(e: BaseException) -> str:
+    # str() of a KeyError is the repr of its message (quotes and escaped newlines): print the message itself
+    return e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str) else str(e)
 
 
 def _plain_notes() -> None:

@@ -17,13 +17,14 @@ from flexres.cli import MAX_RESOLUTION, main
 from flexres.data import sample_data_dir
 from flexres.engine.trainer import epoch_line
 from flexres.errors import ConfigError
+from flexres.nn import is_quantized
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "flexres"
 
 # Lower layers never import higher ones: nn <- models <- methods <- engine <- analysis <- deploy <- api <- cli.
 # Modules of one rank are independent of each other. flexres/__init__.py is the facade, above everything.
-RANKS = {"version": 0, "errors": 0, "operating_point": 0, "notes": 0, "data": 1, "nn": 1, "models": 2, "methods": 3, "engine": 4,
+RANKS = {"version": 0, "errors": 0, "operating_point": 0, "notes": 0, "parity": 1, "data": 1, "nn": 1, "models": 2, "methods": 3, "engine": 4,
          "analysis": 5, "deploy": 6, "serving": 7, "api": 8, "cli": 9}
 
 
@@ -159,6 +160,22 @@ def test_cli_refuses_a_resolution_above_its_maximum(run_and_data, capsys):
     assert "resolution 0 px is outside" in capsys.readouterr().err
 
 
+def test_user_errors_are_flexres_errors_and_keep_their_builtin_types(tmp_path):
+    import flexres.errors as errors
+    from flexres.engine import checkpoint
+
+    builtin = {"ConfigError": ValueError, "UnknownNameError": KeyError, "MissingFileError": FileNotFoundError,
+               "CheckpointMismatchError": RuntimeError, "ParityError": ValueError, "UninitializedQuantizerError": ValueError}
+    for name, base in builtin.items():
+        cls = getattr(errors, name)
+        assert issubclass(cls, errors.FlexresError) and issubclass(cls, base), name
+    assert checkpoint.CheckpointMismatchError is errors.CheckpointMismatchError  # still importable from where it was
+    with pytest.raises(errors.MissingFileError, match="no checkpoint at"):
+        flexres.load_checkpoint(tmp_path / "nothing")
+    with pytest.raises(errors.UnknownNameError, match="unknown model 'resnet81'"):
+        flexres.train({"model": {"name": "resnet81"}}, tmp_path / "run", data=str(tmp_path))
+
+
 def test_class_names_from_the_config_must_match_the_folders(tmp_path):
     data = sample_data_dir()
     cfg = {"model": {"name": "resnet18", "width_mult": 0.25}, "method": {"name": "individual", "resolutions": [32]},
@@ -195,8 +212,9 @@ def test_every_config_loads_and_builds_its_model(config):
     assert tuple(model.train_resolutions) == tuple(sorted(method.resolutions, reverse=True))
     r = min(method.resolutions)
     model.set_operating_point(r)
-    # Slimmable models serve eval mode from post-statistics BN only: run them on a batch's own statistics.
-    model.train(model.width_range is not None)
+    # Slimmable models serve eval mode from post-statistics BN only, and untrained LQ quantizers refuse eval (no basis
+    # yet): run both as in training.
+    model.train(model.width_range is not None or is_quantized(model))
     with torch.no_grad():
         out = model(torch.randn(2, 3, r, r))
     dense = getattr(model, "task", "classification") == "segmentation"  # logits at stride 4

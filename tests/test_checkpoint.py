@@ -90,3 +90,16 @@ def test_resumed_optimizer_buffers_take_the_parameters_channels_last_layout(tmp_
         saved, loaded = opt.state[p]["momentum_buffer"], opt2.state[p2]["momentum_buffer"]
         assert loaded.stride() == p2.stride()  # channels_last, as in the run that never stopped
         assert torch.equal(loaded, saved)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_checkpoint_files_get_the_mode_the_umask_gives_every_other_file(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        save_checkpoint(tmp_path, tiny_model(), {"epoch": 1})
+        save_checkpoint(tmp_path, tiny_model(), {"epoch": 2})  # replacing one keeps the mode too
+        (tmp_path / "plain.txt").write_text("written with open()")
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(["checkpoint.safetensors", "checkpoint.json", "plain.txt"], 0o666 & ~umask)

@@ -161,3 +161,76 @@ def test_san_train_and_the_three_inference_modes_from_the_cli(tmp_path, small_da
         assert rep["scale_policy"] == ("nearest" if mode == "proxy" else "exact")
         assert rep["runs"]["san"]["results"]["44"]["bn"] == {"proxy": "nearest", "ideal": "calibrate", "data-free": "interpolate"}[mode]
     assert main(["eval", str(out), "--data", str(small_data), "--san-mode", "proxy", "--bn", "nearest"]) == 2
+
+
+def test_eval_and_table_follow_the_runs_eval_bn_policy_unless_bn_is_given(tmp_path, small_data, config, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--data", str(small_data), "--out", str(out), "--set", "epochs=1",
+                 "--set", "eval.bn_policy=nearest"]) == 0
+    ev = ["eval", str(out), "--data", str(small_data), "--resolutions", "44", "36"]
+    assert main(ev + ["--json", str(tmp_path / "config.json")]) == 0
+    rep = json.loads((tmp_path / "config.json").read_text())
+    assert rep["bn_policy"] == "nearest" and rep["runs"]["run"]["results"]["44"]["bn"] == "nearest"
+    assert (out / "eval_nearest.json").is_file()
+    assert main(ev + ["--bn", "interpolate", "--json", str(tmp_path / "flag.json")]) == 0  # the flag wins over the run's config
+    assert json.loads((tmp_path / "flag.json").read_text())["runs"]["run"]["results"]["44"]["bn"] == "interpolate"
+    assert main(["table", str(out), "--data", str(small_data), "--resolutions", "44"]) == 0
+    assert json.loads((out / "table.json").read_text())["bn_policy"] == "nearest"
+    assert main(["table", str(out), "--data", str(small_data), "--resolutions", "44", "--bn", "interpolate"]) == 0
+    assert json.loads((out / "table.json").read_text())["bn_policy"] == "interpolate"
+    capsys.readouterr()
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_config_errors_name_file_line_key_and_type_and_write_nothing(tmp_path, small_data, config, capsys):
+    out = tmp_path / "run"
+    base = ["train", "--data", str(small_data), "--out", str(out)]
+    assert main(base + ["--config", str(config), "--set", "epochs=two"]) == 2
+    assert "train.epochs must be an int, got 'two'" in _one_line_error(capsys)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(CONFIG.replace("lr: 0.05", "lr: 0.1.0"))
+    assert main(base + ["--config", str(typo)]) == 2
+    assert f"{typo}:5: train.lr must be a number, got '0.1.0'" in _one_line_error(capsys)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(CONFIG.replace("kwargs: {mred: full}}", "kwargs: {mred: full}"))
+    assert main(base + ["--config", str(broken)]) == 2
+    err = _one_line_error(capsys)
+    assert f"{broken}:4:" in err and "YAML syntax error" in err and "<unicode string>" not in err
+    assert not out.exists()  # nothing written: no config.yaml of a run that never started
+
+
+def test_names_are_checked_before_the_datasets_are_read(tmp_path, small_data, config, capsys, monkeypatch):
+    import flexres.engine.trainer as trainer
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("the datasets were read before the names were checked")
+
+    monkeypatch.setattr(trainer, "load_datasets", too_late)
+    base = ["train", "--config", str(config), "--data", str(small_data), "--out", str(tmp_path / "run")]
+    for sets, expected in ((["model.name=timm:notamodel", "model.width_mult=0.5"], "unknown timm model 'notamodel'"),
+                           (["model.name=resnet81"], "unknown model 'resnet81'"),
+                           (["method.name=rsnett"], "unknown method 'rsnett'")):
+        assert main(base + [a for s in sets for a in ("--set", s)]) == 2
+        assert expected in _one_line_error(capsys)
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, small_data, capsys, monkeypatch):
+    assert main(["eval", str(tmp_path / "nothing"), "--data", str(small_data)]) == 2  # a missing run
+    assert f"no checkpoint at {tmp_path / 'nothing'}" in _one_line_error(capsys)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.safetensors").write_bytes(b"")
+    (run / "table.json").write_text(json.dumps({"rows": [{"width": 1.0, "resolution": 32, "scales": None, "top1": 50.0, "top5": 90.0,
+                                                          "macs": 1e6, "params": 1e5, "latency_ms": None}]}))
+    # a plain ValueError raised on purpose by a flexres module (flexres.analysis.table) is the user's to fix
+    assert main(["select", str(run), "--max-latency-ms", "5"]) == 2
+    assert "the table has no latency column" in _one_line_error(capsys)
+    # a KeyError from a dictionary look-up inside flexres is a bug: main does not swallow it
+    monkeypatch.setattr("flexres.api.select", lambda *args: {})
+    with pytest.raises(KeyError):
+        main(["select", str(run), "--max-macs", "2M"])

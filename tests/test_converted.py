@@ -162,6 +162,20 @@ def test_one_rsnet_step_trains_each_resolution_own_bn(arch, data, tmp_path):
     assert not torch.equal(bn.bns[0].running_mean, torch.zeros_like(bn.bns[0].running_mean))
 
 
+def test_frozen_bn_statistics_stay_while_the_affine_parameters_train(data, tmp_path):
+    cfg = train_cfg("timm:mobilenetv3_small_050", data)
+    cfg["train"]["bn_stats"] = "frozen"
+    flexres.train(cfg, tmp_path / "run", log=lambda s: None)
+    model, _ = flexres.load_checkpoint(tmp_path / "run")
+    bns = [b for sw in model.switchable_bns() for b in sw.bns]
+    assert all(torch.equal(b.running_mean, torch.zeros_like(b.running_mean)) for b in bns)  # a fresh BN's, never updated
+    assert all(torch.equal(b.running_var, torch.ones_like(b.running_var)) for b in bns)
+    assert any(not torch.equal(b.weight, torch.ones_like(b.weight)) for b in bns)  # gamma trained
+    cfg["train"]["bn_stats"] = "sometimes"
+    with pytest.raises(ValueError, match="train.bn_stats must be 'update' or 'frozen'"):
+        flexres.train(cfg, tmp_path / "run2", log=lambda s: None)
+
+
 def test_checkpoint_rebuilds_the_same_model_and_it_exports(data, tmp_path):
     arch = "timm:mobilenetv3_small_050"
     flexres.train(train_cfg(arch, data), tmp_path / "run", log=lambda s: None)

@@ -42,6 +42,58 @@ def test_onnx_and_torchscript_exports_match_the_adaptive_model_on_real_images(tm
     assert "BatchNormalization" not in ops and "Conv" in ops  # folded by default
 
 
+def test_parity_is_judged_against_the_logit_scale():
+    from flexres.errors import ParityError
+    from flexres.parity import check_parity
+
+    torch.manual_seed(0)
+    expected = torch.randn(8, 10) * 10  # logits of scale ~10 (max ~25)
+    roundoff = expected + 1.8e-4 * torch.randn(8, 10).sign()  # what a fresh 2/2 export showed, over an absolute 1e-4
+    p = check_parity(roundoff, expected, "round-off")
+    assert p.max_abs_diff > 1e-4 and p.relative_diff < 1e-4 and p.top1_disagreements == 0
+    for quantized in (False, True):
+        with pytest.raises(ParityError):  # a real mismatch: another model's logits
+            check_parity(expected + 3 * torch.randn(8, 10), expected, "mismatch", quantized)
+    # quantized: activations that cross a level threshold move the logits more than round-off; fine while every
+    # top-1 class holds, not when one changes, and never for a full-precision model
+    top = expected.argmax(1)
+    crossed = expected.clone()
+    crossed[0, (top[0] + 1) % 10] += 0.05
+    check_parity(crossed, expected, "threshold", quantized=True)
+    with pytest.raises(ParityError):
+        check_parity(crossed, expected, "threshold")
+    close_call = expected.clone()  # image 0's two best classes 0.01 apart: the same small move now changes its class
+    close_call[0, (top[0] + 1) % 10] = expected[0, top[0]] - 0.005
+    flipped = close_call.clone()
+    flipped[0, (top[0] + 1) % 10] += 0.01
+    with pytest.raises(ParityError, match="top-1 differs on 1 of 8"):
+        check_parity(flipped, close_call, "flip", quantized=True)
+
+
+def test_a_failed_export_parity_is_one_line_of_error_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    import importlib
+
+    from flexres.engine.checkpoint import save_checkpoint
+    from flexres.errors import ParityError
+    from flexres.parity import check_parity
+
+    exporting = importlib.import_module("flexres.deploy.export")  # the module (flexres.deploy.export is the function)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint(run, trained_like("resnet18"), {"classes": [f"c{i}" for i in range(10)]})
+    # a broken runtime: each image gets another image's logits
+    monkeypatch.setattr(exporting, "check_parity", lambda got, expected, *a, **k: check_parity(got.flip(0), expected, *a, **k))
+    out = tmp_path / "m.pt"
+    with pytest.raises(ParityError, match="does not match the adaptive model at 64px.*nothing was written"):
+        flexres.export(run, 64, format="torchscript", out=out)
+    assert not out.exists()
+    capsys.readouterr()
+    assert main(["export", str(run), "--resolution", "64", "--format", "torchscript", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flexres export: error: the exported torchscript model does not match") and "\n" not in err
+    assert "Traceback" not in err and not out.exists()
+
+
 def test_unfolded_static_model_keeps_plain_batchnorm():
     model = trained_like("resnet18")
     static = to_static(model, 64, fold_bn=False)

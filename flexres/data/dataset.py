@@ -14,8 +14,10 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
 
+from ..errors import FlexresError
 
-class UnreadableImageError(RuntimeError):
+
+class UnreadableImageError(FlexresError, RuntimeError):
     """An image file could not be decoded. ``path`` names it."""
 
     # One message argument, so DataLoader workers can re-raise it in the main process intact.

@@ -13,14 +13,28 @@ from torch import Tensor
 from ..analysis import count_macs, count_params
 from ..data import EvalTransform, ImageFolderDataset, load_rgb, normalize_batch, sample_data_dir
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..errors import ParityError
 from ..models import AdaptiveModel
 from ..models.static import StaticClassifier, to_static
+from ..nn.quantize import is_quantized
 from ..operating_point import OperatingPoint
+from ..parity import RELATIVE_TOLERANCE, check_parity
 from ..version import __version__
 
 __all__ = ["PARITY_TOLERANCE", "StaticClassifier", "export", "export_packed", "preprocessing", "reference_images", "to_static"]
 
-PARITY_TOLERANCE = 1e-4
+PARITY_TOLERANCE = RELATIVE_TOLERANCE  # of the logit scale: flexres.parity judges every exported file
+
+
+def _check_file(out: Path, got: Tensor, expected: Tensor, what: str, quantized: bool) -> dict[str, Any]:
+    """Parity of a written file's outputs; on failure the file is removed first, so nothing half-checked stays."""
+    try:
+        p = check_parity(got, expected, what, quantized, consequence="nothing was written")
+    except ParityError:
+        out.unlink(missing_ok=True)
+        raise
+    return {"parity_max_abs_diff": p.max_abs_diff, "parity_relative_diff": p.relative_diff,
+            "parity_top1_disagreements": p.top1_disagreements}
 
 
 def reference_images(resolution: int, data: str | Path | None, count: int = 8, crop_fraction: float = 0.875) -> Tensor:
@@ -69,11 +83,8 @@ def export(model: AdaptiveModel, meta: dict[str, Any], op: OperatingPoint | int,
         got = torch.jit.load(str(out))(images)
     else:
         raise ValueError(f"unknown export format {fmt!r} (onnx or torchscript)")
-    diff = float((got - expected).abs().max())
-    if diff >= PARITY_TOLERANCE:
-        out.unlink()
-        raise RuntimeError(f"exported model differs from the adaptive model by {diff:.2e} (>= {PARITY_TOLERANCE}) at {op}; "
-                           "nothing was written")
+    parity = _check_file(out, got, expected, f"the exported {fmt} model does not match the adaptive model at {op}",
+                         is_quantized(model))
     info = {
         "format": fmt, "file": out.name, "operating_point": {"resolution": op.resolution, "width": op.width, "scales": op.scales},
         "bn_policy": model.bn_policy if bn_policy is None else bn_policy, "scale_policy": scale_policy, "bn_folded": fold_bn,
@@ -81,7 +92,7 @@ def export(model: AdaptiveModel, meta: dict[str, Any], op: OperatingPoint | int,
         "class_names": meta.get("class_names"),
         "macs": count_macs(model, op), "params": sum(p.numel() for p in static.parameters()) if not fold_bn else
         count_params(model, op),
-        "parity_max_abs_diff": diff, "parity_images": int(images.shape[0]), "source_arch": model.arch,
+        **parity, "parity_images": int(images.shape[0]), "source_arch": model.arch,
         "source_epoch": meta.get("epoch"), "flexres_version": __version__,
     }
     Path(str(out) + ".json").write_text(json.dumps(info, indent=2) + "\n")
@@ -92,7 +103,7 @@ def export(model: AdaptiveModel, meta: dict[str, Any], op: OperatingPoint | int,
 def export_packed(run: str | Path, out: str | Path, data: str | Path | None = None) -> dict[str, Any]:
     """The quantized model of ``run`` with every LQ-Nets weight bit-packed (flexres.engine.packed), checked: the file
     loads back to the same outputs as the training-time (fake-quantized) model at every trained resolution, on real
-    images (max |diff| < PARITY_TOLERANCE), or nothing is written."""
+    images (flexres.parity), or nothing is written."""
     from ..engine.checkpoint import load_checkpoint, save_tensors
     from ..engine.packed import PACKED, pack_state, storage_bytes
 
@@ -108,10 +119,9 @@ def export_packed(run: str | Path, out: str | Path, data: str | Path | None = No
                             *(meta.get("normalization", {}).get(k, d) for k, d in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD))))
         model.set_operating_point(r)
         packed_model.set_operating_point(r)
-        diff = max(diff, float((packed_model(x) - model(x)).abs().max()))
-    if diff >= PARITY_TOLERANCE:
-        out.unlink()
-        raise RuntimeError(f"the packed model differs from the trained one by {diff:.2e} (>= {PARITY_TOLERANCE}); nothing was written")
+        parity = _check_file(out, packed_model(x), model(x), f"the packed model does not match the trained one at {r} px",
+                             quantized=True)
+        diff = max(diff, parity["parity_max_abs_diff"])
     weights = sum(int(np.prod(v["shape"])) for v in layout.values())
     full = {f"model.{k}": v for k, v in model.state_dict().items()}
     return {"format": "packed", "bytes": out.stat().st_size, "tensor_bytes": storage_bytes(tensors),

@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from ..errors import CheckpointMismatchError, MissingFileError  # CheckpointMismatchError: also imported from here
 from ..models import AdaptiveModel, create_model
 from ..notes import note
 from .packed import PACKED, unpack_state
@@ -36,16 +37,26 @@ FORMAT_VERSION = 1
 EMBEDDED_ONLY = ("optimizer",)
 
 
-class CheckpointMismatchError(RuntimeError):
-    """The checkpoint does not fit the model; the message says exactly what differs."""
+def _create_temporary(path: Path) -> tuple[str, int]:
+    """A new empty file next to ``path`` and its mode: 0o666 less the umask, as open() gives every other file of the
+    run (tempfile.mkstemp would give 0600)."""
+    while True:
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:  # another writer drew the same name
+            continue
+        return tmp, os.stat(tmp).st_mode & 0o777
 
 
 def _atomic_write(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    tmp, mode = _create_temporary(path)
     try:
         write(tmp)
+        # safetensors' save_file makes its file 0600 whatever it replaces: give it the umask's mode back, which the
+        # rename keeps.
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -64,7 +75,7 @@ def save_tensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[st
 def load_tensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise MissingFileError(f"checkpoint {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("flexres", "{}"))
@@ -182,7 +193,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if p.is_dir():
         p = p / CHECKPOINT
     if not p.is_file():
-        raise FileNotFoundError(f"no checkpoint at {p} (give a run directory or a .safetensors file)")
+        raise MissingFileError(f"no checkpoint at {p} (give a run directory or a .safetensors file)")
     return p
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..errors import FlexresError
 from ..models import AdaptiveModel
 from ..operating_point import OperatingPoint
 
@@ -32,7 +33,7 @@ SAFETY_FACTOR = 4
 GB = 1e9
 
 
-class ResolutionTooLargeError(ValueError):
+class ResolutionTooLargeError(FlexresError, ValueError):
     """Not even one image fits in memory at the requested resolution; the message says how much it needs."""
 
 

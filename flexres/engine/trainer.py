@@ -30,6 +30,7 @@ from ..methods import Method, create_method
 from ..models import AdaptiveModel, create_model
 from ..version import __version__
 from .checkpoint import CHECKPOINT, load_into, load_training_state, save_checkpoint
+from .config import check_names
 from .evaluate import calibrate, evaluate, evaluate_segmentation
 
 # Keys that may change between a run and its resume without changing the result.
@@ -508,6 +509,7 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
     """
     out_dir = Path(out_dir)
     t, d = cfg["train"], cfg["data"]
+    check_names(cfg)  # before the datasets, which take minutes to read on real data
     if d["root"] is None:
         raise ValueError("no data: set data.root in the config or pass --data DIR")
     ckpt_path = out_dir / CHECKPOINT

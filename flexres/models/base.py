@@ -10,7 +10,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..nn.meta_conv import MetaConv2d
-from ..nn.quantize import FULL_PRECISION, LQQuantizer, QuantConv2d
+from ..nn.quantize import FULL_PRECISION, LQQuantizer, QuantConv2d, passing_uninitialized
 from ..nn.slimmable import SlimmableBatchNorm2d, SlimmableConv2d, SlimmableLinear, make_divisible, set_rounding
 from ..nn.stage_resize import factor_key
 from ..nn.switchable_bn import BN_POLICIES, SwitchableBatchNorm2d, nearest_index
@@ -188,14 +188,16 @@ class AdaptiveModel(nn.Module):
 
     @contextmanager
     def measuring_cost(self) -> Iterator[AdaptiveModel]:
-        """Eval mode where uncalibrated slimmable BNs run on placeholder statistics: for MACs and latency only."""
+        """Eval mode where uncalibrated slimmable BNs run on placeholder statistics and untrained LQ-Nets quantizers
+        pass their input through: for MACs and latency only (a trained model, the only one worth timing, quantizes)."""
         was_training = self.training
         bns = [m for m in self.modules() if isinstance(m, SlimmableBatchNorm2d)]
         self.eval()
         for bn in bns:
             bn.placeholder_statistics = True
         try:
-            yield self
+            with passing_uninitialized(self):
+                yield self
         finally:
             for bn in bns:
                 bn.placeholder_statistics = False

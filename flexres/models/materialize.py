@@ -6,8 +6,10 @@ import torch
 from torch import nn
 
 from ..nn.meta_conv import MetaConv2d
+from ..nn.quantize import LQQuantizer, is_quantized
 from ..nn.switchable_bn import SwitchableBatchNorm2d
 from ..operating_point import OperatingPoint
+from ..parity import check_parity
 from .base import AdaptiveModel
 from .registry import create_model
 
@@ -28,7 +30,8 @@ def materialize(model: AdaptiveModel, op: OperatingPoint | int, bn_policy: str |
     BN that serves ``op`` under ``bn_policy``), whose outputs equal ``model``'s at ``op``.
 
     The result is an ordinary flexres model trained at ``op.resolution`` alone: it saves, loads and
-    exports like any other.
+    exports like any other. Checked: on random inputs at ``op`` its outputs match ``model``'s
+    (flexres.parity; a ParityError otherwise).
     """
     op = OperatingPoint.coerce(op)
     if model.width_range is not None or model.scale_factors is not None:
@@ -48,7 +51,34 @@ def materialize(model: AdaptiveModel, op: OperatingPoint | int, bn_policy: str |
                 dst = target.bns[0]
                 for attr in ("weight", "bias", "running_mean", "running_var"):
                     getattr(dst, attr).copy_(getattr(bn, attr))
+            elif isinstance(module, LQQuantizer):
+                copy_basis(module, target)
             elif isinstance(module, (nn.Conv2d, nn.Linear)) and not isinstance(target, SwitchableBatchNorm2d):
                 for pname, p in module.named_parameters(recurse=False):
                     getattr(target, pname).copy_(p)
-    return plain.eval()
+        plain.eval()
+        check_materialized(model, plain, op)
+    return plain
+
+
+def copy_basis(src: LQQuantizer, dst: LQQuantizer) -> None:
+    """The basis ``src`` serves now becomes ``dst``'s only one (the plain model has one resolution, so one basis)."""
+    src.require_initialized()  # an unfitted basis has no levels; the copy would quantize everything to 0
+    dst.basis[0].copy_(src.basis[src.index])
+    dst.initialized[0] = True
+
+
+def check_materialized(model: AdaptiveModel, plain: AdaptiveModel, op: OperatingPoint, batch: int = 2) -> None:
+    """ParityError unless ``plain`` computes ``model``'s outputs at ``op`` (which ``model`` is set to), on a fixed
+    random batch: a layer the copy missed (a quantizer basis, a BN buffer) shows as a difference, not a silent drift."""
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, op.resolution, op.resolution, generator=gen).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        expected = model(x)
+    finally:
+        model.train(was_training)
+    check_parity(plain(x), expected, f"the materialised model does not compute the source model's outputs at {op}",
+                 quantized=is_quantized(model))

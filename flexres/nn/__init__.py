@@ -9,8 +9,11 @@ from .quantize import (
     LQQuantizer,
     QuantConv2d,
     encodings,
+    is_quantized,
     least_squares_basis,
+    level_counts_and_sums,
     nearest_codes,
+    passing_uninitialized,
     quantization_error,
     quantization_levels,
     quantize_with,
@@ -30,8 +33,8 @@ from .stage_resize import FixedResize, StageResize, factor_key, stage_size
 from .switchable_bn import BN_POLICIES, BNChoice, SwitchableBatchNorm2d, nearest_index, plan_bn
 
 __all__ = [
-    "FULL_PRECISION", "FixedLevels", "LQQuantizer", "QuantConv2d", "encodings", "least_squares_basis", "nearest_codes",
-    "quantization_error", "quantization_levels", "quantize_with",
+    "FULL_PRECISION", "FixedLevels", "LQQuantizer", "QuantConv2d", "encodings", "is_quantized", "least_squares_basis",
+    "level_counts_and_sums", "nearest_codes", "passing_uninitialized", "quantization_error", "quantization_levels", "quantize_with",
     "BN_POLICIES", "BNChoice", "CalibratableModel", "FixedResize", "MetaConv2d", "SlimmableBatchNorm2d", "SlimmableConv2d",
     "SlimmableLinear", "StageResize", "SwitchableBatchNorm2d", "calibrate_bn", "factor_key", "keep_full_width", "make_divisible",
     "nearest_index", "plan_bn", "ROUNDING_RULES", "scale_encoding", "set_channel_ratio", "set_rounding", "slim_channels", "stage_size",

@@ -13,10 +13,18 @@ per trained resolution: ``num_bases``, selected like a switchable BN).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 
+from ..errors import UninitializedQuantizerError
+
 FULL_PRECISION = 32
+# Values accumulated per chunk in the QEM sums: bounds the float64 copy (8 bytes a value) whatever the layer's size;
+# 2 MB chunks were no slower than one copy of a million activations on a CPU (and cost few launches on a GPU).
+_ACCUMULATE_CHUNK = 1 << 18
 
 
 def encodings(bits: int, signed: bool) -> Tensor:
@@ -60,19 +68,37 @@ def quantization_error(x: Tensor, basis: Tensor, signed: bool) -> Tensor:
     return (quantize_with(x, basis, signed)[0] - x).pow(2).sum()
 
 
+def level_counts_and_sums(x: Tensor, codes: Tensor, n_levels: int) -> tuple[Tensor, Tensor]:
+    """Per group, how many values of ``x`` (G x N) have each code, and their sum (G x L each, float64).
+
+    float64, because a float32 running sum stops counting at 2^24 (1 + 2^24 rounds to 2^24) and drifts well before:
+    a large layer (a batch of activations, tens of millions of values) would bias the least-squares target. Chunked,
+    so the float64 copy stays small."""
+    g = x.shape[0]
+    counts = torch.zeros(g, n_levels, dtype=torch.float64, device=x.device)
+    sums = torch.zeros(g, n_levels, dtype=torch.float64, device=x.device)
+    one = torch.ones((), dtype=torch.float64, device=x.device)  # expanded below: counted without a tensor of ones
+    step = max(1, _ACCUMULATE_CHUNK // max(g, 1))
+    for start in range(0, x.shape[1], step):
+        c = codes[:, start : start + step]
+        counts.scatter_add_(1, c, one.expand(c.shape))
+        sums.scatter_add_(1, c, x[:, start : start + step].double())
+    return counts, sums
+
+
 def least_squares_basis(x: Tensor, codes: Tensor, basis: Tensor, signed: bool, ridge: float = 1e-6) -> Tensor:
     """QEM: per group, v* = argmin ||B v - x||^2 for the encodings B of ``codes``; B^T B and B^T x are summed per code,
     so the cost is one pass over x. A tiny ridge towards the current ``basis`` keeps a direction no value constrains
     (a bit that is the same for every value) where it was instead of letting it jump."""
-    g, n_levels = basis.shape[0], 2 ** basis.shape[1]
-    enc = encodings(basis.shape[1], signed).to(x)  # L x K
-    counts = torch.zeros(g, n_levels, dtype=x.dtype, device=x.device).scatter_add_(1, codes, torch.ones_like(x))
-    sums = torch.zeros(g, n_levels, dtype=x.dtype, device=x.device).scatter_add_(1, codes, x)
+    counts, sums = level_counts_and_sums(x, codes, 2 ** basis.shape[1])
+    # The K x K system is tiny: solved in the float64 of the sums, only the basis goes back to the input's dtype.
+    enc = encodings(basis.shape[1], signed).to(sums)  # L x K
     btb = torch.einsum("gl,lk,lj->gkj", counts, enc, enc)  # G x K x K
     btx = sums @ enc  # G x K
     lam = ridge * btb.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1.0)[:, None, None]
-    eye = torch.eye(basis.shape[1], dtype=x.dtype, device=x.device)
-    return torch.linalg.solve(btb + lam * eye, (btx + lam[:, :, 0] * basis).unsqueeze(-1)).squeeze(-1)
+    eye = torch.eye(basis.shape[1], dtype=sums.dtype, device=x.device)
+    best = torch.linalg.solve(btb + lam * eye, (btx + lam[:, :, 0] * basis.to(sums)).unsqueeze(-1)).squeeze(-1)
+    return best.to(x.dtype)
 
 
 class LQQuantizer(nn.Module):
@@ -92,6 +118,9 @@ class LQQuantizer(nn.Module):
         self.register_buffer("basis", torch.zeros(num_bases, groups, k))
         self.register_buffer("initialized", torch.zeros(num_bases, dtype=torch.bool))
         self.index = 0
+        # Cost measurement only (MACs, latency, memory on zeros; passing_uninitialized): an unfitted basis passes its
+        # input through there; anywhere else its outputs would silently be full precision, so it raises.
+        self.pass_uninitialized = False
 
     @property
     def enabled(self) -> bool:
@@ -121,8 +150,10 @@ class LQQuantizer(nn.Module):
             return x
         i = self.index
         if not bool(self.initialized[i]):
-            if not self.training:  # never trained (e.g. MACs counted on zeros): a basis fitted here would stick
-                return x
+            if not self.training:  # a basis fitted here, in eval, would stick to whatever input came first
+                if self.pass_uninitialized:
+                    return x
+                raise UninitializedQuantizerError(self._uninitialized_message(i))
             with torch.no_grad():
                 self.basis[i] = self._initial_basis(self.grouped(x.detach().float()))
                 self.initialized[i] = True
@@ -138,8 +169,38 @@ class LQQuantizer(nn.Module):
         u = x if self.signed else x.clamp(0.0, float(quantization_levels(basis, False).max()))
         return q + (u - u.detach())
 
+    def _uninitialized_message(self, index: int) -> str:
+        kind = "weight" if self.signed else "activation"
+        return (f"a {self.bits}-bit {kind} quantizer (basis {index}) was never trained, so it has no levels to quantize "
+                "to; train the quantized model first (or run it once in train mode)")
+
+    def require_initialized(self) -> None:
+        """Raise UninitializedQuantizerError unless the selected basis was fitted (or the layer is full precision)."""
+        if self.enabled and not bool(self.initialized[self.index]):
+            raise UninitializedQuantizerError(self._uninitialized_message(self.index))
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={self.signed}, groups={self.groups}, bases={self.basis.shape[0]}"
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether ``module`` holds an LQ-Nets quantizer below 32 bits."""
+    return any(isinstance(m, LQQuantizer) and m.enabled for m in module.modules())
+
+
+@contextmanager
+def passing_uninitialized(module: nn.Module) -> Iterator[nn.Module]:
+    """Within: unfitted quantizers of ``module`` pass their input through instead of raising. For measuring cost
+    (MACs, latency) on an untrained model only; the values computed are not the quantized model's."""
+    quantizers = [m for m in module.modules() if isinstance(m, LQQuantizer)]
+    before = [q.pass_uninitialized for q in quantizers]
+    for q in quantizers:
+        q.pass_uninitialized = True
+    try:
+        yield module
+    finally:
+        for q, b in zip(quantizers, before):
+            q.pass_uninitialized = b
 
 
 class FixedLevels(nn.Module):
@@ -179,16 +240,17 @@ class QuantConv2d(nn.Conv2d):
     def to_static(self) -> nn.Module:
         """The plain layers this conv computes now: a Conv2d holding the quantized weights, after a ``FixedLevels``
         of the selected activation basis when the input is quantized."""
+        wq, aq = self.weight_quantizer, self.input_quantizer
+        wq.require_initialized()  # an unfitted basis is all zeros: it would export a conv of zeros
+        aq.require_initialized()
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
                          self.groups, self.bias is not None).to(self.weight)
-        wq = self.weight_quantizer
         if wq.enabled:
             conv.weight.copy_(quantize_with(wq.grouped(self.weight.float()), wq.basis[0], True)[0].reshape(self.weight.shape))
         else:
             conv.weight.copy_(self.weight)
         if self.bias is not None:
             conv.bias.copy_(self.bias)
-        aq = self.input_quantizer
         if not aq.enabled:
             return conv
         return nn.Sequential(FixedLevels(quantization_levels(aq.basis[aq.index], False)[0].tolist()), conv)
