@@ -46,8 +46,8 @@ def machine() -> str:
 
 
 @torch.no_grad()
-def logits_on(model, ds: ImageFolderDataset, r: int, mean, std, crop: float, batch: int = 100) -> torch.Tensor:
-    ds.transform = EvalTransform(r, crop)
+def logits_on(model, ds: ImageFolderDataset, r: int, mean, std, crop: float, interpolation: str, batch: int = 100) -> torch.Tensor:
+    ds.transform = EvalTransform(r, crop, interpolation)
     model.eval()
     model.set_operating_point(r, bn_policy="nearest")
     out = []
@@ -64,15 +64,16 @@ def asis(out: Path) -> None:
     rows = torch.tensor(imagenet_rows(val.classes))
     full = create_model(ARCH, pretrained=WEIGHTS, num_classes=1000, train_resolutions=[224]).to(memory_format=torch.channels_last)
     pre = full.preprocessing
-    t0 = time.time()
-    z = logits_on(full, val, 224, pre["mean"], pre["std"], pre["crop_fraction"])
-    load = {"top1_10way": round(100 * (z[:, rows].argmax(1) == labels).float().mean().item(), 2),
-            "top1_1000way": round(100 * (z.argmax(1) == rows[labels]).float().mean().item(), 2),
-            "images": len(val), "seconds": round(time.time() - t0, 1)}
-    print("load check at 224:", load, flush=True)
+    load = {}
+    for interpolation in dict.fromkeys([pre["interpolation"], "bilinear"]):  # the weights' own resize, then flexres's default
+        z = logits_on(full, val, 224, pre["mean"], pre["std"], pre["crop_fraction"], interpolation)
+        load[interpolation] = {"top1_10way": round(100 * (z[:, rows].argmax(1) == labels).float().mean().item(), 2),
+                               "top1_1000way": round(100 * (z.argmax(1) == rows[labels]).float().mean().item(), 2),
+                               "images": len(val)}
+        print(f"load check at 224 ({interpolation}):", load[interpolation], flush=True)
     ten = create_model(ARCH, pretrained=WEIGHTS, num_classes=10, train_resolutions=[224],
                        pretrained_rows=rows.tolist()).to(memory_format=torch.channels_last)
-    kw = dict(batch_size=100, crop_fraction=pre["crop_fraction"], mean=pre["mean"], std=pre["std"])
+    kw = dict(batch_size=100, crop_fraction=pre["crop_fraction"], mean=pre["mean"], std=pre["std"], interpolation=pre["interpolation"])
     own = evaluate(ten, val, ASIS, "nearest", **kw)
     train = ImageFolderDataset(DATA / "train", cache=False, progress=False)
     calibrate(ten, train, ASIS, 500, 100, mean=pre["mean"], std=pre["std"], seed=0)

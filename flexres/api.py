@@ -147,7 +147,8 @@ def evaluate(runs: str | Path | Sequence[str | Path], data: str | Path, resoluti
             _ensure_calibrated(model, meta, ckpt, train_ds, points, calibration_images or cfg["eval"]["calibration_images"],
                                batch_size, cfg, str(data), workers)
         results = evaluate_model(model, val, res_list, policy, batch_size, meta.get("crop_fraction", 0.875), progress=progress,
-                                 scale_policy=scale_policy, workers=workers, width=width, note=note, **_normalization(meta))
+                                 scale_policy=scale_policy, workers=workers, width=width, note=note,
+                                 interpolation=meta.get("interpolation", "bilinear"), **_normalization(meta))
         label = Path(run).name if Path(run).is_dir() else Path(run).parent.name
         if label in report["runs"]:  # two runs with one folder name: tell them apart by their parent
             label = str(Path(ckpt.parent.parent.name) / ckpt.parent.name)
@@ -338,7 +339,8 @@ def table(run: str | Path, data: str | Path | None = None, widths: Sequence[floa
                                batch_size, cfg, str(data), workers)
         for w, sc in itertools.product(widths, configs):
             add_rows(w, sc, evaluate_model(model, val, res_list, bn_policy, batch_size, meta.get("crop_fraction", 0.875),
-                                           workers=workers, width=w, scales=sc, note=note, **_normalization(meta)))
+                                           workers=workers, width=w, scales=sc, note=note,
+                                           interpolation=meta.get("interpolation", "bilinear"), **_normalization(meta)))
     mark_pareto(rows)
     if write:
         write_table(rows, ckpt.parent, {"data": str(data), "bn_policy": bn_policy, "latency_batch": 1})

@@ -182,6 +182,7 @@ def test_checkpoint_rebuilds_the_same_model_and_it_exports(data, tmp_path):
     a, meta = flexres.load_checkpoint(tmp_path / "run")
     b, _ = flexres.load_checkpoint(tmp_path / "run")
     assert meta["crop_fraction"] == timm.create_model("mobilenetv3_small_050").pretrained_cfg["crop_pct"]
+    assert meta["interpolation"] == timm.create_model("mobilenetv3_small_050").pretrained_cfg["interpolation"]  # bicubic
     x = torch.randn(3, 3, 48, 48)
     a.eval().set_operating_point(48)
     b.eval().set_operating_point(48)

@@ -119,10 +119,19 @@ def test_a_config_builds_the_model_with_the_files_weights_and_its_classifier_row
     assert torch.equal(state["classifier.weight"], lite0_state["classifier.weight"][rows])
     assert torch.equal(state["classifier.bias"], lite0_state["classifier.bias"][rows])
     assert model.preprocessing["mean"] == [0.5, 0.5, 0.5]  # the TF variant's own normalisation, not ImageNet's
+    assert model.preprocessing["interpolation"] == "bicubic"  # and its own resize: 2 points of 1000-way top-1 at 224
     assert "pretrained_rows" not in model.arch["kwargs"]  # the checkpoint holds the weights; rebuilding needs no file
     fresh = create_model(f"timm:{ARCH}", num_classes=3, train_resolutions=[64], pretrained=str(tmp_path / "lite0.safetensors"))
     assert fresh.net.classifier.weight.shape == (3, 1280)
     assert not torch.equal(fresh.net.classifier.weight, lite0_state["classifier.weight"][rows])
+
+
+def test_the_eval_resize_follows_the_interpolation_asked_for(sample_data):
+    img = ImageFolderDataset(sample_data / "val", cache=False, progress=False)[0][0]
+    bicubic, bilinear = EvalTransform(96, 0.875, "bicubic")(img), EvalTransform(96, 0.875)(img)
+    assert bicubic.shape == bilinear.shape == (3, 96, 96) and not torch.equal(bicubic, bilinear)
+    with pytest.raises(ValueError, match="interpolation must be one of bilinear, bicubic"):
+        EvalTransform(96, 0.875, "lanczos")
 
 
 def test_imagenet_rows_follow_the_wnids_and_refuse_other_classes():
@@ -137,7 +146,7 @@ def test_the_real_efficientnet_lite0_classifies_imagenette_samples_as_their_imag
     rows = imagenet_rows(val.classes)
     model = create_model(f"timm:{ARCH}", num_classes=1000, train_resolutions=[224], pretrained=PACKAGE).eval()
     pre = model.preprocessing
-    val.transform = EvalTransform(224, pre["crop_fraction"])
+    val.transform = EvalTransform(224, pre["crop_fraction"], pre["interpolation"])
     x, y = next(iter(DataLoader(torch.utils.data.Subset(val, range(0, len(val), 5)), batch_size=32)))
     with torch.no_grad():
         logits = model(normalize_batch(x, pre["mean"], pre["std"]))

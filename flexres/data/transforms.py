@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -35,19 +35,26 @@ class MultiResolutionCrop:
         return f"MultiResolutionCrop(resolutions={list(self.resolutions)}, scale={self.scale}, ratio={self.ratio})"
 
 
-class EvalTransform:
-    """Resize the short side to ``resolution / crop_fraction`` (bilinear, antialiased), center-crop ``resolution``."""
+INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 
-    def __init__(self, resolution: int, crop_fraction: float = 0.875) -> None:
+
+class EvalTransform:
+    """Resize the short side to ``resolution / crop_fraction`` (antialiased; ``interpolation`` as the weights were
+    evaluated with: timm's pretrained configs say bicubic for many), center-crop ``resolution``."""
+
+    def __init__(self, resolution: int, crop_fraction: float = 0.875, interpolation: str = "bilinear") -> None:
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
         self.resolution = int(resolution)
         self.resize_to = int(resolution / crop_fraction)
+        self.interpolation = interpolation
 
     def __call__(self, img: Tensor) -> Tensor:
-        img = TF.resize(img, self.resize_to, antialias=True)
+        img = TF.resize(img, self.resize_to, interpolation=INTERPOLATIONS[self.interpolation], antialias=True)
         return TF.center_crop(img, [self.resolution, self.resolution])
 
     def __repr__(self) -> str:
-        return f"EvalTransform(resolution={self.resolution}, resize_to={self.resize_to})"
+        return f"EvalTransform(resolution={self.resolution}, resize_to={self.resize_to}, interpolation={self.interpolation!r})"
 
 
 def normalize_batch(x: Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> Tensor:

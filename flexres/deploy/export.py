@@ -37,14 +37,15 @@ def _check_file(out: Path, got: Tensor, expected: Tensor, what: str, quantized: 
             "parity_top1_disagreements": p.top1_disagreements}
 
 
-def reference_images(resolution: int, data: str | Path | None, count: int = 8, crop_fraction: float = 0.875) -> Tensor:
+def reference_images(resolution: int, data: str | Path | None, count: int = 8, crop_fraction: float = 0.875,
+                     interpolation: str = "bilinear") -> Tensor:
     """``count`` real images at ``resolution`` (uint8): from ``data`` (an image folder) or the bundled sample."""
     root = Path(data) if data else sample_data_dir() / "val"
     if (root / "val").is_dir():
         root = root / "val"
     ds = ImageFolderDataset(root)
     step = max(1, len(ds) // count)
-    t = EvalTransform(resolution, crop_fraction)
+    t = EvalTransform(resolution, crop_fraction, interpolation)
     return torch.stack([t(load_rgb(ds.samples[i][0])) for i in range(0, len(ds), step)[:count]])
 
 
@@ -52,7 +53,7 @@ def preprocessing(resolution: int, meta: dict[str, Any]) -> dict[str, Any]:
     crop_fraction = meta.get("crop_fraction", 0.875)
     norm = meta.get("normalization", {})
     return {"resolution": resolution, "resize_short_side": int(resolution / crop_fraction), "center_crop": resolution,
-            "interpolation": "bilinear", "antialias": True, "input": "RGB, float, N x 3 x H x W",
+            "interpolation": meta.get("interpolation", "bilinear"), "antialias": True, "input": "RGB, float, N x 3 x H x W",
             "mean": norm.get("mean", [0.485, 0.456, 0.406]), "std": norm.get("std", [0.229, 0.224, 0.225])}
 
 
@@ -65,7 +66,8 @@ def export(model: AdaptiveModel, meta: dict[str, Any], op: OperatingPoint | int,
     out = Path(out)
     model = model.cpu().eval()
     static = to_static(model, op, bn_policy, scale_policy, fold_bn)
-    images = normalize_batch(reference_images(op.resolution, data, crop_fraction=meta.get("crop_fraction", 0.875)))
+    images = normalize_batch(reference_images(op.resolution, data, crop_fraction=meta.get("crop_fraction", 0.875),
+                                                interpolation=meta.get("interpolation", "bilinear")))
     with model.at(op, bn_policy=bn_policy, scale_policy=scale_policy):
         expected = model(images)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -115,7 +117,8 @@ def export_packed(run: str | Path, out: str | Path, data: str | Path | None = No
     packed_model, _ = load_checkpoint(out)
     diff = 0.0
     for r in model.train_resolutions:
-        x = normalize_batch(reference_images(r, data, crop_fraction=meta.get("crop_fraction", 0.875)),
+        x = normalize_batch(reference_images(r, data, crop_fraction=meta.get("crop_fraction", 0.875),
+                                                     interpolation=meta.get("interpolation", "bilinear")),
                             *(meta.get("normalization", {}).get(k, d) for k, d in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD))))
         model.set_operating_point(r)
         packed_model.set_operating_point(r)

@@ -40,6 +40,7 @@ class Predictor:
     std: list[float]
     crop_fraction: float
     description: str
+    interpolation: str = "bilinear"  # the eval resize the weights expect (their pretrained config's)
 
 
 def candidate_resolutions(model, meta: dict[str, Any]) -> list[int]:
@@ -102,7 +103,7 @@ def load_predictor(target: str, resolution: int | None = None, max_macs: float |
             run = lambda x: module(x)  # noqa: E731
         classes = info.get("classes") or []
         return Predictor(run, r, classes, info.get("class_names") or classes, pre["mean"], pre["std"], r / pre["resize_short_side"],
-                         f"{path.name} (static, {r} px)")
+                         f"{path.name} (static, {r} px)", pre.get("interpolation", "bilinear"))
     model, meta = load_checkpoint(target)
     run_dir = resolve_checkpoint(target).parent
     how, scales = "given", None
@@ -124,13 +125,14 @@ def load_predictor(target: str, resolution: int | None = None, max_macs: float |
     norm = meta.get("normalization", {})
     classes = meta.get("classes") or []
     return Predictor(model, resolution, classes, meta.get("class_names") or classes, norm.get("mean", [0.485, 0.456, 0.406]),
-                     norm.get("std", [0.229, 0.224, 0.225]), meta.get("crop_fraction", 0.875), f"{run_dir.name} at {how}")
+                     norm.get("std", [0.229, 0.224, 0.225]), meta.get("crop_fraction", 0.875), f"{run_dir.name} at {how}",
+                     meta.get("interpolation", "bilinear"))
 
 
 @torch.no_grad()
 def predict_files(predictor: Predictor, files: list[str], topk: int = 5) -> list[dict[str, Any]]:
     """One entry per file: {"file", "top": [{"label", "class" (folder), "name", "probability"}, ...]} or {"file", "error"}."""
-    transform = EvalTransform(predictor.resolution, predictor.crop_fraction)
+    transform = EvalTransform(predictor.resolution, predictor.crop_fraction, predictor.interpolation)
     out = []
     for f in files:
         try:

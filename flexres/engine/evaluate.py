@@ -62,7 +62,7 @@ def evaluate(model: AdaptiveModel, dataset: ImageFolderDataset, resolutions: lis
              batch_size: int = 256, crop_fraction: float = 0.875, mean=None, std=None,
              progress: bool = False, scale_policy: str | None = None, workers: int = 0,
              width: float = 1.0, scales: tuple[float, ...] | None = None,
-             note: Callable[[str], None] | None = None) -> dict[int, dict[str, Any]]:
+             note: Callable[[str], None] | None = None, interpolation: str = "bilinear") -> dict[int, dict[str, Any]]:
     """Top-1/top-5 (%) of ``model`` on ``dataset`` at each resolution; also per-image correctness.
 
     ``batch_size`` is an upper bound: at a resolution where that many images would not fit in the
@@ -77,7 +77,7 @@ def evaluate(model: AdaptiveModel, dataset: ImageFolderDataset, resolutions: lis
     saved_transform = dataset.transform
     try:
         for r in tqdm(resolutions, desc="eval", disable=not progress, leave=False):
-            dataset.transform = EvalTransform(r, crop_fraction)
+            dataset.transform = EvalTransform(r, crop_fraction, interpolation)
             op = OperatingPoint(r, width, scales)
             loader_workers = 0 if dataset.cached else workers
             batch = _batch_size_that_fits(model, op, batch_size, device, loader_workers, note)

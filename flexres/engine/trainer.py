@@ -76,10 +76,11 @@ def lr_at(step: int, total: int, warmup: int, peak: float, milestones: list[int]
 
 
 def model_preprocessing(model: AdaptiveModel) -> dict[str, Any]:
-    """Mean, std and eval crop fraction: the source's (a timm / torchvision model's pretrained config), else ImageNet's."""
+    """Mean, std, eval crop fraction and resize interpolation: the source's (a timm / torchvision model's pretrained
+    config), else ImageNet's with bilinear resizing."""
     pre = getattr(model, "preprocessing", None) or {}
     return {"mean": list(pre.get("mean", IMAGENET_MEAN)), "std": list(pre.get("std", IMAGENET_STD)),
-            "crop_fraction": float(pre.get("crop_fraction", 0.875))}
+            "crop_fraction": float(pre.get("crop_fraction", 0.875)), "interpolation": pre.get("interpolation", "bilinear")}
 
 
 HEADS = ("new", "pretrained_rows")
@@ -483,7 +484,7 @@ def validate(cfg: dict[str, Any], model: AdaptiveModel, method: Method, train_ds
                   cfg["eval"]["batch_size"], d["scale"], d["ratio"], seed=t["seed"])
     pre = model_preprocessing(model)
     res = evaluate(model, val_ds, list(method.resolutions), crop_fraction=d["crop_fraction"], batch_size=cfg["eval"]["batch_size"],
-                   mean=pre["mean"], std=pre["std"])
+                   mean=pre["mean"], std=pre["std"], interpolation=pre["interpolation"])
     model.clear_calibration()
     return {str(r): round(v["top1"], 2) for r, v in res.items()}
 
@@ -549,7 +550,8 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
                                                    **cfg["method"]["kwargs"]},
         "classes": train_ds.classes, "class_names": names,
         "normalization": {"mean": trainee.mean, "std": trainee.std},
-        "crop_fraction": d["crop_fraction"], "config": cfg, "task": d["task"],
+        "crop_fraction": d["crop_fraction"], "interpolation": model_preprocessing(model)["interpolation"], "config": cfg,
+        "task": d["task"],
         **({"class_colors": [list(c) for c in train_ds.info.colors], "ignore_index": train_ds.info.ignore_index} if segmentation else {}),
     }
     last: dict[str, Any] = {}

@@ -187,7 +187,9 @@ def _timm_preprocessing(net: nn.Module) -> dict[str, Any]:
     from timm.data import resolve_data_config
 
     cfg = resolve_data_config({}, model=net)
-    return {"mean": list(cfg["mean"]), "std": list(cfg["std"]), "crop_fraction": float(cfg["crop_pct"])}
+    interpolation = cfg.get("interpolation", "bilinear")
+    return {"mean": list(cfg["mean"]), "std": list(cfg["std"]), "crop_fraction": float(cfg["crop_pct"]),
+            "interpolation": interpolation if interpolation in ("bilinear", "bicubic") else "bilinear"}
 
 
 def _torchvision_preprocessing(name: str) -> dict[str, Any]:
@@ -195,9 +197,11 @@ def _torchvision_preprocessing(name: str) -> dict[str, Any]:
 
     try:  # the weights' eval transform is metadata (nothing is downloaded), so a resumed run gets the same one
         t = torchvision.models.get_model_weights(name).DEFAULT.transforms()
-        return {"mean": list(t.mean), "std": list(t.std), "crop_fraction": t.crop_size[0] / t.resize_size[0]}
+        interpolation = getattr(t.interpolation, "value", "bilinear")
+        return {"mean": list(t.mean), "std": list(t.std), "crop_fraction": t.crop_size[0] / t.resize_size[0],
+                "interpolation": interpolation if interpolation in ("bilinear", "bicubic") else "bilinear"}
     except (ValueError, KeyError, AttributeError):
-        return {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_fraction": 0.875}
+        return {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_fraction": 0.875, "interpolation": "bilinear"}
 
 
 def build_foreign(source: str, name: str, num_classes: int, pretrained: bool | str | None,

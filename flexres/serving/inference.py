@@ -57,7 +57,7 @@ def run_batch(points: PointSet, name: str, items: list[Tensor | bytes], topk: li
     decode_ms = (time.perf_counter() - start) * 1000.0
     tops = []
     if images:
-        tf = EvalTransform(p.resolution, p.crop_fraction)
+        tf = EvalTransform(p.resolution, p.crop_fraction, p.interpolation)
         x = normalize_batch(torch.stack([tf(im) for im in images]), p.mean, p.std)
         probs = torch.softmax(p.run(x).float(), dim=1)
         ks = [k for i, k in enumerate(topk) if i not in refused]

@@ -32,6 +32,7 @@ class ServingPoint:
     crop_fraction: float = 0.875
     mean: Sequence[float] = (0.485, 0.456, 0.406)
     std: Sequence[float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
 
     @property
     def resolution(self) -> int:
@@ -96,7 +97,7 @@ def points_from_run(target: str | Path, bn_policy: str | None = None) -> PointSe
     run_dir = resolve_checkpoint(target).parent
     norm = meta.get("normalization", {})
     common = {"crop_fraction": meta.get("crop_fraction", 0.875), "mean": norm.get("mean", (0.485, 0.456, 0.406)),
-              "std": norm.get("std", (0.229, 0.224, 0.225))}
+              "std": norm.get("std", (0.229, 0.224, 0.225)), "interpolation": meta.get("interpolation", "bilinear")}
     table_file = run_dir / TABLE
     if table_file.is_file():
         table = json.loads(table_file.read_text())
@@ -137,7 +138,8 @@ def points_from_exports(files: Sequence[str | Path]) -> PointSet:
         classes, names = pred.classes, pred.names
         o = info["operating_point"]
         op = OperatingPoint(o["resolution"], o.get("width", 1.0), tuple(o["scales"]) if o.get("scales") else None)
-        points.append(ServingPoint(op, int(info["macs"]), info.get("top1"), pred.run, pred.crop_fraction, pred.mean, pred.std))
+        points.append(ServingPoint(op, int(info["macs"]), info.get("top1"), pred.run, pred.crop_fraction, pred.mean, pred.std,
+                                       pred.interpolation))
     seen = [p.name for p in points]
     if len(set(seen)) != len(seen):
         raise ValueError(f"two exported files have the same operating point: {seen}")
