@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from pathlib import Path
 
 from flexres.engine.checkpoint import SIDECAR
 from flexres.engine.trainer import train
+
+# The bundled configs name their data $FLEXRES_DATA/imagenette-224; in this project's workspace the datasets sit in
+# ../shared/data beside the repository.
+os.environ.setdefault("FLEXRES_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def add_run_options(p) -> None:

@@ -6,9 +6,11 @@ from pathlib import Path
 import pytest
 
 from flexres.engine.config import DEFAULTS, NULLABLE, apply_overrides, check_names, load_config, make_config
+from flexres.engine.trainer import train
 from flexres.errors import ConfigError, FlexresError, UnknownNameError
 
-PACKAGE = Path(__file__).resolve().parents[1] / "flexres"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "flexres"
 
 
 def _literal(node: ast.AST) -> str | None:
@@ -119,3 +121,18 @@ def test_unknown_names_are_named_with_what_exists():
             check_names(make_config({"model": {"name": model}, "method": {"name": method}}))
         assert isinstance(e.value, FlexresError) and isinstance(e.value, KeyError)  # as the registry's unknown names
         assert str(e.value).startswith("unknown ")  # the message itself, not KeyError's quoted repr of it
+
+
+def test_bundled_configs_name_their_data_by_a_variable_the_user_sets(monkeypatch, tmp_path):
+    from flexres.engine.config import resolve_data_root
+
+    cfg = load_config(ROOT / "configs" / "imagenette_rsnet_r18.yaml")
+    assert cfg["data"]["root"] == "$FLEXRES_DATA/imagenette-224"  # no path that exists only in one workspace
+    monkeypatch.setenv("FLEXRES_DATA", str(tmp_path))
+    assert resolve_data_root(cfg["data"]["root"]) == f"{tmp_path}/imagenette-224"
+    monkeypatch.delenv("FLEXRES_DATA")
+    with pytest.raises(ConfigError, match=r"pass --data DIR or export FLEXRES_DATA=/path/to/datasets"):
+        resolve_data_root(cfg["data"]["root"])
+    with pytest.raises(ConfigError, match="FLEXRES_DATA"):  # training stops before anything is written
+        train(cfg, tmp_path / "run", log=lambda s: None)
+    assert not (tmp_path / "run").exists()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -253,3 +255,18 @@ def _did_you_mean(name: str, known: list[str]) -> str:
     """Close names from a list too long to print (timm has over a thousand)."""
     close = difflib.get_close_matches(name, known, n=3)
     return f" (close: {', '.join(close)})" if close else ""
+
+
+DATA_VARIABLE = "FLEXRES_DATA"
+
+
+def resolve_data_root(root: str | Path) -> str:
+    """``data.root`` with ``~`` and environment variables expanded. The bundled configs name their data as
+    ``$FLEXRES_DATA/imagenette-224``: the folder that holds your datasets, set once per machine."""
+    text = os.path.expanduser(os.path.expandvars(str(root)))
+    if "$" in text:
+        missing = re.findall(r"\$\{?(\w+)", text)
+        hint = (f"export {DATA_VARIABLE}=/path/to/datasets (the folder holding imagenette-224/, camvid/, ...)"
+                if DATA_VARIABLE in missing else f"set {', '.join(missing)}")
+        raise ConfigError(f"data.root {root!r} names an environment variable that is not set: pass --data DIR or {hint}")
+    return text

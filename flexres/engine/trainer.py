@@ -26,6 +26,7 @@ from tqdm import tqdm
 from ..data import ImageFolderDataset, MultiResolutionCrop, collate_skipping, normalize_batch, read_class_names, split_dir
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import ConfigError
+from .config import resolve_data_root
 from ..methods import Method, create_method
 from ..models import AdaptiveModel, create_model
 from ..version import __version__
@@ -512,7 +513,8 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
     t, d = cfg["train"], cfg["data"]
     check_names(cfg)  # before the datasets, which take minutes to read on real data
     if d["root"] is None:
-        raise ValueError("no data: set data.root in the config or pass --data DIR")
+        raise ConfigError("no data: set data.root in the config or pass --data DIR")
+    d["root"] = resolve_data_root(d["root"])  # recorded expanded, so the run says which folder it read
     ckpt_path = out_dir / CHECKPOINT
     if ckpt_path.exists() and not resume:
         raise FileExistsError(f"{out_dir} already holds a run ({ckpt_path}); pass --resume to continue it or choose another --out")
