@@ -4,6 +4,7 @@
     python benchmarks/realscale_effnet.py pilot --out runs/realscale     # head x bn_stats, chosen on held-out train
     python benchmarks/realscale_effnet.py train --out runs/realscale [--only I-96 I-224 RS-Net] [--seed N]
     python benchmarks/realscale_effnet.py eval  --out runs/realscale     # every run on T; JSON to benchmarks/results
+    python benchmarks/realscale_effnet.py report                         # BENCHMARKS.md section 13's tables from the JSON
 
 The pilot fine-tunes I-96 for one epoch on 600 train images per class and scores it on the other 100 per class
 (never on val), for each head ("new", "pretrained_rows") and BN handling ("update", "frozen"); the config then
@@ -170,9 +171,41 @@ def eval_runs(out: Path, seed: int) -> None:
     (RESULTS / f"realscale_finetune_seed{seed}.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
+def report(seed: int) -> None:
+    """BENCHMARKS.md section 13's tables, rendered from the JSON results (benchmarks/results/realscale_*.json)."""
+    from flexres.engine.evaluate import markdown_table
+
+    asis_file, pilot_file = RESULTS / "realscale_asis.json", RESULTS / "realscale_pilot.json"
+    if asis_file.exists():
+        a = json.loads(asis_file.read_text())
+        print(markdown_table(["resize at eval", "10-way top-1 %", "1000-way top-1 %", "images"],
+                             [[k, v["top1_10way"], v["top1_1000way"], v["images"]] for k, v in a["load_check_224"].items()]))
+        print()
+        rows = [[name, *(v[str(r)] for r in ASIS)] for name, v in a["asis_10way"].items()]
+        print(markdown_table(["pretrained as-is, BN", *(f"{r}" for r in ASIS)], rows))
+        print()
+    if pilot_file.exists():
+        p = json.loads(pilot_file.read_text())
+        print(markdown_table(["pilot (held-out train images)", "96", "224", "train s"],
+                             [[k, v["holdout_top1"]["96"], v["holdout_top1"]["224"], v["wall_s"]] for k, v in p["runs"].items()]))
+        print()
+    f = RESULTS / f"realscale_finetune_seed{seed}.json"
+    if f.exists():
+        runs = json.loads(f.read_text())["runs"]
+        if asis_file.exists():
+            own = json.loads(asis_file.read_text())["asis_10way"]["own_bn"]
+        rows = [["pretrained as-is", *(own.get(str(r), "") if asis_file.exists() else "" for r in T), "", 0]]
+        for label, v in runs.items():
+            mean_s = sum(v["top1"][str(r)] for r in S) / len(S)
+            rows.append([label, *(v["top1"][str(r)] for r in T), round(mean_s, 2), v["wall_s"]])
+        macs = next(iter(runs.values()))["macs"]
+        rows.append(["MMACs", *(round(macs[str(r)] / 1e6) for r in T), "", ""])
+        print(markdown_table(["run", *(str(r) for r in T), "mean over S", "train s"], rows))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["asis", "pilot", "train", "eval"])
+    p.add_argument("stage", choices=["asis", "pilot", "train", "eval", "report"])
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "realscale")
     p.add_argument("--only", nargs="+")
     p.add_argument("--seed", type=int, default=0)
@@ -181,7 +214,7 @@ def main() -> None:
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     {"asis": lambda: asis(a.out), "pilot": lambda: pilot(a.out, a.grid), "train": lambda: train(a.out, a.only, a.seed, a.set),
-     "eval": lambda: eval_runs(a.out, a.seed)}[a.stage]()
+     "eval": lambda: eval_runs(a.out, a.seed), "report": lambda: report(a.seed)}[a.stage]()
 
 
 if __name__ == "__main__":
