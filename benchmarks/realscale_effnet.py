@@ -156,9 +156,14 @@ def train(out: Path, only: list[str] | None, seed: int, sets: list[str]) -> None
         train_once(label, cfg, spec["dir"], cfg["train"]["epochs"])
 
 
-def eval_runs(out: Path, seed: int) -> None:
-    report = {"date": str(date.today()), "machine": machine(), "config": str(CONFIG.relative_to(ROOT)), "seed": seed, "runs": {}}
+def eval_runs(out: Path, seed: int, only: list[str] | None) -> None:
+    """Every trained run (or ``only`` these) on T; merged into the seed's JSON, so runs can be evaluated as they finish."""
+    path = RESULTS / f"realscale_finetune_seed{seed}.json"
+    report = json.loads(path.read_text()) if path.exists() else {"config": str(CONFIG.relative_to(ROOT)), "seed": seed, "runs": {}}
+    report.update(date=str(date.today()), machine=machine())
     for label, spec in specs(out, seed).items():
+        if only and label not in only:
+            continue
         if not (spec["dir"] / "wall_seconds.json").exists():
             print(f"{label}: not trained, skipped", flush=True)
             continue
@@ -168,7 +173,7 @@ def eval_runs(out: Path, seed: int) -> None:
                                  "macs": {r: v["macs"] for r, v in res.items()},
                                  "wall_s": json.loads((spec["dir"] / "wall_seconds.json").read_text())["seconds"]}
         print(label, report["runs"][label]["top1"], flush=True)
-    (RESULTS / f"realscale_finetune_seed{seed}.json").write_text(json.dumps(report, indent=2) + "\n")
+        path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def report(seed: int) -> None:
@@ -214,7 +219,7 @@ def main() -> None:
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     {"asis": lambda: asis(a.out), "pilot": lambda: pilot(a.out, a.grid), "train": lambda: train(a.out, a.only, a.seed, a.set),
-     "eval": lambda: eval_runs(a.out, a.seed), "report": lambda: report(a.seed)}[a.stage]()
+     "eval": lambda: eval_runs(a.out, a.seed, a.only), "report": lambda: report(a.seed)}[a.stage]()
 
 
 if __name__ == "__main__":
