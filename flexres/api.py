@@ -15,16 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from .analysis import count_macs, count_params, measure_latency, meta_weight_ratios
 from .analysis.table import mark_pareto, read_table, scale_configurations, write_table
 from .analysis.table import select as select_row
 from .data import ImageFolderDataset, SubsetView, sample_data_dir, split_dir
+from .deploy.predict import parse_count
 from .engine.checkpoint import (
     CALIBRATION,
     CheckpointMismatchError,
     clear_calibration,
     load_checkpoint,
+    load_tensors,
     resolve_checkpoint,
     save_calibration,
     save_tensors,
@@ -32,6 +35,7 @@ from .engine.checkpoint import (
 from .engine.config import DEFAULTS, apply_overrides, load_config, make_config
 from .engine.evaluate import calibrate, evaluate_configurations, format_table, hit_miss_matrix
 from .engine.evaluate import evaluate as evaluate_model
+from .engine.trainer import saved_progress
 from .engine.trainer import train as train_run
 from .errors import ConfigError
 from .models.base import SAN_MODES
@@ -85,6 +89,42 @@ def _run_bn_policy(meta: dict[str, Any], given: str | None = None) -> str:
     return given or (meta.get("config") or {}).get("eval", {}).get("bn_policy") or DEFAULTS["eval"]["bn_policy"]
 
 
+def _metadata(run: str | Path) -> dict[str, Any]:
+    """A checkpoint's flexres metadata alone, without reading its tensors."""
+    ckpt = resolve_checkpoint(run)
+    try:
+        with safe_open(str(ckpt), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("flexres", "{}"))
+    except Exception:  # noqa: BLE001 - not readable this way: the full reader names what is wrong with the file
+        return load_tensors(ckpt)[1]
+
+
+def _recorded_data(runs: Sequence[str | Path]) -> str:
+    """The data root the runs were trained on (their config's ``data.root``), for a command given no data. Checked before
+    anything is read: an error naming the run when one records none, two runs name different roots (one report, one
+    data set), or the folder is gone (moved, or a relative path read from another directory)."""
+    roots = []
+    for run in runs:
+        root = (_metadata(run).get("config") or {}).get("data", {}).get("root")
+        if not root:
+            raise ConfigError(f"{run} records no data root (data.root): pass data (--data DIR, an ImageFolder root)")
+        roots.append((run, root))
+    first, root = roots[0]
+    for run, other in roots[1:]:
+        if Path(other).resolve() != Path(root).resolve():
+            raise ConfigError(f"{run} was trained on {other} but {first} on {root}: pass data (--data DIR) to evaluate "
+                              "them on one set")
+    if not Path(root).is_dir():
+        raise ConfigError(f"{first} was trained on {root}, which is not a folder here: pass data (--data DIR, an ImageFolder "
+                          "root)")
+    return str(root)
+
+
+def _count(value: float | str | None) -> float | None:
+    """A MACs budget as a number or as the CLI takes it: "150M", "1.2G", "3e8" (flexres.deploy.predict.parse_count)."""
+    return parse_count(value) if isinstance(value, str) else value
+
+
 def _json_matrix(m: dict[int, dict[int, float]]) -> dict[str, dict[str, float]]:
     return {str(j): {str(i): round(p, 2) for i, p in row.items()} for j, row in m.items()}
 
@@ -102,7 +142,7 @@ def _per_class_top1(correct: torch.Tensor, labels: torch.Tensor, names: list[str
     return out
 
 
-def evaluate(runs: str | Path | Sequence[str | Path], data: str | Path, resolutions: Sequence[int] | None = None,
+def evaluate(runs: str | Path | Sequence[str | Path], data: str | Path | None = None, resolutions: Sequence[int] | None = None,
              bn_policy: str | None = None, *, scale_policy: str | None = None, san_mode: str | None = None, width: float = 1.0,
              calibration_images: int | None = None, batch_size: int = 256, split: str = "val", workers: int = 0,
              latency: bool = False, save: bool = False, progress: bool = False) -> dict[str, Any]:
@@ -113,13 +153,15 @@ def evaluate(runs: str | Path | Sequence[str | Path], data: str | Path, resoluti
     writes. ``bn_policy`` None: each run's ``eval.bn_policy`` (``_run_bn_policy``); the report's ``bn_policy`` then names
     the policies used, and each run's entry its own. ``san_mode`` (proxy / ideal / data-free) sets both policies for
     SAN models. With ``save`` each run keeps its evaluation (``eval_<policy>.json``), from which ``predict`` picks
-    points under a budget.
+    points under a budget. ``data`` None: the data root the runs were trained on (all of them the same one).
     """
     if san_mode:
         if scale_policy or bn_policy not in (None, "interpolate"):
             raise ConfigError("san_mode sets bn_policy and scale_policy itself; give one or the other")
         bn_policy, scale_policy = SAN_MODES[san_mode]["bn_policy"], SAN_MODES[san_mode]["scale_policy"]
     runs = [runs] if isinstance(runs, (str, Path)) else list(runs)
+    if data is None and runs:
+        data = _recorded_data(runs)
     if runs and load_checkpoint(runs[0])[1].get("task") == "segmentation":
         return _evaluate_segmentation(runs, data, resolutions, bn_policy, split, save, progress)
     val = ImageFolderDataset(split_dir(data, split), cache="auto", progress=progress)
@@ -300,9 +342,7 @@ def table(run: str | Path, data: str | Path | None = None, widths: Sequence[floa
     model, meta = load_checkpoint(run)
     cfg = meta.get("config") or make_config()
     bn_policy = _run_bn_policy(meta, bn_policy)
-    data = data or cfg["data"]["root"]
-    if not data:
-        raise ConfigError("no data: pass data (an ImageFolder root)")
+    data = data or _recorded_data([run])
     widths = list(widths)
     if model.width_range is None and widths != [1.0]:
         raise ConfigError(f"{run} is not width-slimmable: use widths [1.0]")
@@ -347,9 +387,10 @@ def table(run: str | Path, data: str | Path | None = None, widths: Sequence[floa
     return rows
 
 
-def select(run: str | Path, max_macs: float | None = None, max_latency_ms: float | None = None) -> dict[str, Any]:
-    """The most accurate operating point of the run's query table (built by ``table``) within the budget."""
-    return select_row(read_table(resolve_checkpoint(run).parent), max_macs, max_latency_ms)
+def select(run: str | Path, max_macs: float | str | None = None, max_latency_ms: float | None = None) -> dict[str, Any]:
+    """The most accurate operating point of the run's query table (built by ``table``) within the budget; ``max_macs``
+    a number or as the CLI takes it ("150M")."""
+    return select_row(read_table(resolve_checkpoint(run).parent), _count(max_macs), max_latency_ms)
 
 
 def format_selection(row: dict[str, Any]) -> str:
@@ -359,17 +400,19 @@ def format_selection(row: dict[str, Any]) -> str:
             f"{row['macs'] / 1e6:.1f} MMACs, {row['params'] / 1e6:.3f} M params{lat}")
 
 
-def adapt(run: str | Path, max_macs: float, data: str | Path | None = None, configs: str = "all", label_images: int = 2000,
+def adapt(run: str | Path, max_macs: float | str, data: str | Path | None = None, configs: str = "all", label_images: int = 2000,
           epochs: int = 30, resolution: int | None = None) -> dict[str, Any]:
     """Resizable-Adapt: train a router that picks a scaling configuration per image under ``max_macs``, and
-    compare it with the best single configuration (NAS). The run keeps the router and ``adapt.json``."""
+    compare it with the best single configuration (NAS). The run keeps the router and ``adapt.json``. ``max_macs``: a
+    number or as the CLI takes it ("25M"); ``data`` None: the run's data root."""
     from .analysis.adapt import adapt_report
 
+    max_macs = _count(max_macs)
     model, meta = load_checkpoint(run)
     if model.scale_factors is None:
         raise ConfigError(f"{run} is not a resizable model: Resizable-Adapt routes between scaling configurations")
     cfg = meta.get("config") or make_config()
-    data = data or cfg["data"]["root"]
+    data = data or _recorded_data([run])
     candidates = [c for c in scale_configurations(model.scale_factors, model.num_stages, configs) if c is not None]
     train_ds = ImageFolderDataset(split_dir(data, cfg["data"]["train_split"]))
     pick = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(0))[:label_images].tolist()
@@ -417,16 +460,18 @@ def export(run: str | Path, resolution: int, width: float = 1.0, scales: Sequenc
     return {"path": str(path), **info}
 
 
-def predict(model: str | Path, images: Sequence[str | Path], resolution: int | None = None, *, max_macs: float | None = None,
+def predict(model: str | Path, images: Sequence[str | Path], resolution: int | None = None, *, max_macs: float | str | None = None,
             max_latency_ms: float | None = None, width: float = 1.0, bn_policy: str | None = None, topk: int = 5,
             out: str | Path | None = None) -> dict[str, Any]:
     """Classify image files with a run (at ``resolution``, or the best point under a budget) or an exported
     model. Returns ``{"model", "resolution", "predictions": [{"file", "top": [{"label", "class", "name",
     "probability"}, ...]} or {"file", "error"}]}``: one bad file does not stop the others. A segmentation run writes
     a colour mask and an overlay PNG per image into ``out`` (default ./segmentation) instead: predictions are then
-    ``{"file", "mask", "overlay", "classes": {name: % of the image}}``. ``bn_policy`` None: the run's ``eval.bn_policy``."""
+    ``{"file", "mask", "overlay", "classes": {name: % of the image}}``. ``bn_policy`` None: the run's ``eval.bn_policy``.
+    ``max_macs``: a number or as the CLI takes it ("150M")."""
     from .deploy.predict import load_predictor, predict_files, segment_files
 
+    max_macs = _count(max_macs)
     if Path(model).suffix not in (".onnx", ".pt", ".ts"):
         net, meta = load_checkpoint(model)
         bn_policy = _run_bn_policy(meta, bn_policy)
@@ -500,7 +545,8 @@ def report(runs: str | Path | Sequence[str | Path], data: str | Path, out: str |
 
 def demo(out: str | Path = "runs/demo", epochs: int = 60, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train a small RS-Net (ResNet-18 x0.25, full MRED) on the bundled sample and evaluate it at trained,
-    between and outside resolutions; returns the ``evaluate`` report (an existing run in ``out`` is reused)."""
+    between and outside resolutions; returns the ``evaluate`` report. A finished run already in ``out`` is reused, and an
+    interrupted one continued, each said in the log."""
     data = sample_data_dir()
     out = Path(out)
     cfg = make_config({
@@ -511,10 +557,14 @@ def demo(out: str | Path = "runs/demo", epochs: int = 60, log: Callable[[str], N
                   "warmup_epochs": 2, "eval_every": 0, "progress": False},
     })
     log(f"flexres demo: RS-Net (ResNet-18 x0.25, full MRED) on {data} (10 classes, 100 train / 100 val images)")
-    t0 = time.time()
-    if (out / "checkpoint.safetensors").exists():
-        log(f"{out} already holds a run: evaluating it (delete it to train again)")
+    progress = saved_progress(out)
+    if progress is not None and progress[0] >= progress[1]:
+        # A second `flexres demo` must not pass the first one's run off as freshly trained (in 0 s).
+        log(f"reusing the finished run in {out} (trained for {progress[0]} epoch{'s' * (progress[0] != 1)}; delete it or pass "
+            "--out to train again)")
     else:
-        train_run(cfg, out, log=log)
-    log(f"trained in {time.time() - t0:.0f} s; evaluating at trained, between and outside resolutions")
+        t0 = time.time()
+        train_run(cfg, out, resume=progress is not None, log=log)  # an interrupted demo continues ("resuming ...")
+        log(f"trained in {time.time() - t0:.0f} s; the run is in {out}")
+    log("evaluating at trained, between and outside resolutions")
     return evaluate([str(out)], str(data), [112, 96, 88, 80, 72, 64, 56, 48, 40], "interpolate")

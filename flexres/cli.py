@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 from . import api
-from .deploy.predict import parse_count
 from .errors import ConfigError, FlexresError
 from .models.base import SAN_MODES, SCALE_POLICIES
 from .nn.switchable_bn import BN_POLICIES
@@ -91,7 +90,7 @@ def _table(args: argparse.Namespace) -> int:
 
 
 def _select(args: argparse.Namespace) -> int:
-    row = api.select(args.run, parse_count(args.max_macs) if args.max_macs else None, args.max_latency_ms)
+    row = api.select(args.run, args.max_macs, args.max_latency_ms)
     if args.json:
         _print_json(row)
     else:
@@ -100,7 +99,7 @@ def _select(args: argparse.Namespace) -> int:
 
 
 def _adapt(args: argparse.Namespace) -> int:
-    rep = api.adapt(args.run, parse_count(args.max_macs), args.data, args.configs, args.label_images, args.epochs, args.resolution)
+    rep = api.adapt(args.run, args.max_macs, args.data, args.configs, args.label_images, args.epochs, args.resolution)
     a, n = rep["adapt"], rep["nas"]
     print(f"Resizable-Adapt under {rep['budget_macs'] / 1e6:.1f} MMACs ({rep['candidates']} candidate configurations, router trained "
           f"on {rep['train_images']} images):")
@@ -129,7 +128,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    result = api.predict(args.model, args.images, args.resolution, max_macs=parse_count(args.max_macs) if args.max_macs else None,
+    result = api.predict(args.model, args.images, args.resolution, max_macs=args.max_macs,
                          max_latency_ms=args.max_latency_ms, width=args.width, bn_policy=args.bn, topk=args.topk, out=args.out)
     if args.json:
         _print_json(result)
@@ -163,6 +162,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     report = api.demo(args.out, args.epochs)
     print(api.format_eval_report(report))
+    print(f"\nthe run is in {args.out} (`flexres eval {args.out}` evaluates it again)")
     return 0
 
 
@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate runs at any list of resolutions")
     e.add_argument("runs", nargs="+", help="run directories or checkpoint files")
-    e.add_argument("--data", required=True, help="ImageFolder root (its val/ split is used)")
+    e.add_argument("--data", help="ImageFolder root (its val/ split is used; default: the runs' data.root)")
     e.add_argument("--split", default="val")
     e.add_argument("--resolutions", type=resolution, nargs="+", help="test resolutions (default: the run's eval.resolutions)")
     e.add_argument("--bn", choices=BN_POLICIES, help="BN policy for untrained resolutions (default: the run's eval.bn_policy)")

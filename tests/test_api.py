@@ -128,6 +128,20 @@ def test_table_and_select_json_equal_the_python_results(run_and_data, tmp_path, 
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(flexres.select(run, max_macs=budget)))
 
 
+def test_python_budgets_take_the_strings_the_cli_takes(run_and_data):
+    run, data = run_and_data
+    rows = flexres.table(run, data, resolutions=[64, 48])
+    cheap = min(r["macs"] for r in rows)
+    between = f"{(cheap + 1e4) / 1e6:.2f}M"  # only the cheapest point fits (the two are MMACs apart)
+    assert flexres.select(run, max_macs=between) == flexres.select(run, max_macs=cheap + 1e4)
+    assert flexres.select(run, max_macs=between)["macs"] == cheap
+    assert flexres.select(run, max_macs="1G") == flexres.select(run, max_macs=1e9)
+    image = str(sorted((data / "val").rglob("*.JPEG"))[0])
+    assert flexres.predict(run, [image], max_macs=between)["resolution"] == next(r["resolution"] for r in rows if r["macs"] == cheap)
+    with pytest.raises(ValueError, match="cannot read '20X' as a count"):
+        flexres.select(run, max_macs="20X")
+
+
 def test_training_prints_one_readable_line_per_epoch(tmp_path, capsys):
     m = {"epoch": 3, "lr": 0.0123456, "images": 100, "seconds": 2.0, "images_per_s": 50.0, "loss": 1.5, "loss_ens": 0.25,
          "loss_kd": 0.125, "train_top1": {"96": 41.0, "48": 30.25}}

@@ -137,10 +137,50 @@ def test_calibration_is_reused_and_dropped_when_the_weights_change(tmp_path, sma
     assert not cal.exists()  # new weights: the old statistics are gone
 
 
-def test_demo_runs_on_the_bundled_sample(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "1"]) == 0
+def test_demo_runs_on_the_bundled_sample_says_where_its_run_is_and_when_it_reuses_it(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--epochs", "1"]) == 0
     text = capsys.readouterr().out
     assert "top-1 %" in text and "RS-Nets Table 1" in text and "mean over S" in text
+    assert f"the run is in {out}" in text and "reusing" not in text
+    assert main(["demo", "--out", str(out), "--epochs", "1"]) == 0  # a second demo evaluates the first one's run
+    text = capsys.readouterr().out
+    assert f"reusing the finished run in {out}" in text and "trained in" not in text and "top-1 %" in text
+
+
+def test_eval_defaults_to_the_data_the_runs_were_trained_on(tmp_path, small_data, config, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", "--config", str(config), "--data", str(small_data), "--out", str(a), "--set", "epochs=1"]) == 0
+    assert main(["eval", str(a), "--resolutions", "48", "--json", str(tmp_path / "a.json")]) == 0
+    assert json.loads((tmp_path / "a.json").read_text())["data"] == str(small_data)
+    other = tmp_path / "other"
+    shutil.copytree(small_data, other)
+    assert main(["train", "--config", str(config), "--data", str(other), "--out", str(b), "--set", "epochs=1"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(a), str(b), "--resolutions", "48"]) == 2  # two data sets: which one is not ours to guess
+    assert f"{b} was trained on {other} but {a} on {small_data}: pass data (--data DIR)" in _one_line_error(capsys)
+    shutil.rmtree(small_data)  # moved or deleted since training
+    assert main(["eval", str(a), "--resolutions", "48"]) == 2
+    assert f"{a} was trained on {small_data}, which is not a folder here: pass data (--data DIR" in _one_line_error(capsys)
+    assert main(["eval", str(a), "--data", str(other), "--resolutions", "48"]) == 0  # --data still decides
+
+
+def test_resume_of_a_finished_run_says_so_and_trains_nothing(tmp_path, small_data, config, capsys, monkeypatch):
+    import flexres.engine.trainer as trainer
+
+    out = tmp_path / "run"
+    base = ["train", "--config", str(config), "--data", str(small_data), "--out", str(out), "--set", "epochs=1"]
+    assert main(base) == 0
+    saved = (out / "checkpoint.safetensors").read_bytes()
+    capsys.readouterr()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run read its data again to train no epoch")
+
+    monkeypatch.setattr(trainer, "load_datasets", no_training)
+    assert main(base + ["--resume"]) == 0
+    assert f"{out} is finished (1 of 1 epochs); nothing to resume" in capsys.readouterr().out
+    assert (out / "checkpoint.safetensors").read_bytes() == saved
 
 
 def test_san_train_and_the_three_inference_modes_from_the_cli(tmp_path, small_data, capsys):

@@ -42,6 +42,23 @@ def test_onnx_and_torchscript_exports_match_the_adaptive_model_on_real_images(tm
     assert "BatchNormalization" not in ops and "Conv" in ops  # folded by default
 
 
+def test_torchscript_export_and_load_keep_torch_jit_deprecations_to_themselves(tmp_path, capsys):
+    """torch.jit's four FutureWarnings (trace, trace_method, save, load) are silenced around flexres's own calls only:
+    torch.jit used directly afterwards still warns, so no filter leaked out."""
+    import warnings
+
+    model = trained_like("resnet18")
+    meta = {"classes": [f"c{i}" for i in range(10)], "crop_fraction": 0.875}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export(model, meta, 64, "torchscript", tmp_path / "m.pt")
+        image = str(sorted((sample_data_dir() / "val").rglob("*.JPEG"))[0])
+        assert flexres.predict(tmp_path / "m.pt", [image])["predictions"][0]["top"]
+        assert not [str(w.message) for w in caught if "torch.jit" in str(w.message)]
+        torch.jit.load(str(tmp_path / "m.pt"))
+    assert [w.category for w in caught if "torch.jit.load" in str(w.message)] == [FutureWarning]
+
+
 def test_parity_is_judged_against_the_logit_scale():
     from flexres.errors import ParityError
     from flexres.parity import check_parity
@@ -139,6 +156,19 @@ def test_predict_classifies_real_images_and_reports_a_corrupt_one(run_dir, tmp_p
     assert main(["predict", str(run), files[0], "--resolution", "56", "--topk", "2"]) == 0
     line = capsys.readouterr().out.splitlines()[-1]
     assert line.startswith(files[0]) and preds[0]["top"][0]["name"] in line and "n0" not in line.split(":", 1)[1]
+
+
+def test_predict_reports_an_unreadable_image_without_training_advice(run_dir, tmp_path, capsys):
+    """load_rgb's advice for training sets (data.skip_unreadable) means nothing to predict, which goes on past a bad file
+    anyway: the error names the file and the decoder's reason."""
+    run, data = run_dir
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image at all")
+    capsys.readouterr()
+    assert main(["predict", str(run), str(bad), "--resolution", "56"]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}: error: cannot read image {bad}: cannot identify image file" in err
+    assert "skip_unreadable" not in err
 
 
 def test_predict_picks_an_operating_point_within_the_macs_budget(run_dir, capsys):

@@ -238,6 +238,19 @@ def test_bad_requests_get_a_clear_4xx_and_leave_the_server_healthy(client, query
     assert client.post("/predict", content=jpeg()).status_code == 200
 
 
+def test_an_upload_that_is_not_an_image_is_described_in_plain_text(client):
+    """The 415 names the upload's first bytes as a person reads them (its text, else hex), not as Python's b'...'."""
+    from flexres.serving.images import decode_image
+
+    r = client.post("/predict", content=b"<html><body>502 Bad Gateway")
+    assert r.status_code == 415
+    assert r.json()["detail"] == "not an image Pillow can read (27 bytes; starts with the text '<html><b')"
+    with pytest.raises(RequestError) as binary:
+        decode_image(b"\x00\x01\xfe\xffabcdef")
+    assert binary.value.status == 415 and "starts with the bytes 00 01 fe ff 61 62 63 64 (hex)" in str(binary.value)
+    assert "b'" not in str(binary.value)
+
+
 def test_oversized_uploads_and_images_get_413(run_dir):
     app = create_app(run_dir[0], max_upload_bytes=2000, max_pixels=100 * 100)
     with TestClient(app) as c:
@@ -447,6 +460,51 @@ def test_a_child_process_serves_the_same_predictions_as_the_inference_thread(run
     assert [c["class"] for c in served["top"]] == [c["class"] for c in here[points.points[0].name][0]]
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from Linux /proc")
+def test_closing_the_inference_process_ends_it_and_releases_its_semaphores(run_dir, monkeypatch):
+    """close() ends the process even when it hangs (here: stopped, as a process stuck in a batch would be), and returns
+    only once every pool it started, a replaced one too, has unlinked the semaphores of its queues. A server that exits
+    right after (uvicorn re-raises the SIGTERM it caught) would otherwise leave them to the resource tracker, which
+    prints "leaked semaphore objects" as the server stops."""
+    from multiprocessing import resource_tracker
+
+    from flexres.serving.inference import ProcessInference
+
+    live: set[str] = set()  # semaphores registered with the tracker by this process and not yet unregistered
+    register, unregister = resource_tracker.register, resource_tracker.unregister
+
+    def registered(name: str, rtype: str) -> None:
+        if rtype == "semaphore":
+            live.add(name)
+        register(name, rtype)
+
+    def unregistered(name: str, rtype: str) -> None:
+        live.discard(name)
+        unregister(name, rtype)
+
+    monkeypatch.setattr(resource_tracker, "register", registered)  # multiprocessing looks them up on every use
+    monkeypatch.setattr(resource_tracker, "unregister", unregistered)
+    name = load_points(run_dir[0]).points[0].name
+    image = pil_to_tensor(Image.open(io.BytesIO(jpeg())).convert("RGB"))
+    child = ProcessInference(run_dir[0], threads=1)
+    hung = None
+    try:
+        child.time_batch(name, 1)
+        os.kill(child.pid, signal.SIGKILL)  # a replaced pool must be released too
+        with pytest.raises(Overloaded, match="restarted"):
+            asyncio.run(child.run(name, [image], [3]))
+        assert asyncio.run(child.run(name, [image], [3]))[0][0] and child.restarts == 1  # the new process serves
+        hung = child.pid
+        os.kill(hung, signal.SIGSTOP)
+        assert live
+        child.close(timeout_s=2.0)
+        assert not _alive(hung), "close() left the hung inference process behind"
+        assert not live, f"{len(live)} semaphores still linked after close()"
+    finally:
+        if hung is not None and _alive(hung):
+            os.kill(hung, signal.SIGKILL)
+
+
 def _children(pid: int) -> list[int]:
     kids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -554,6 +612,7 @@ def test_an_upload_that_fails_to_decode_in_any_way_fails_alone():
         return torch.zeros(3, 8, 8, dtype=torch.uint8)
 
     results, _, decode_ms = asyncio.run(ThreadInference(synthetic_points()).run("64px", [b"odd", b"slow"], [2, 2], decode))
-    assert isinstance(results[0], Refused) and results[0].status == 415 and "a plugin error" in results[0].message
+    assert isinstance(results[0], Refused) and results[0].status == 415
+    assert results[0].message == "cannot decode the image: a plugin error"  # plain text, not the exception's repr
     assert results[1][0]["class"] == "a" and len(results[1]) == 2  # the synthetic 64 px point always says "a"
     assert decode_ms >= 20.0  # the 20 ms decode is counted as decoding (a lower bound, not a speed claim)

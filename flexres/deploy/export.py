@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,8 @@ from ..operating_point import OperatingPoint
 from ..parity import RELATIVE_TOLERANCE, check_parity
 from ..version import __version__
 
-__all__ = ["PARITY_TOLERANCE", "StaticClassifier", "export", "export_packed", "preprocessing", "reference_images", "to_static"]
+__all__ = ["PARITY_TOLERANCE", "StaticClassifier", "export", "export_packed", "preprocessing", "reference_images", "to_static",
+           "torchscript_quietly"]
 
 PARITY_TOLERANCE = RELATIVE_TOLERANCE  # of the logit scale: flexres.parity judges every exported file
 
@@ -35,6 +39,17 @@ def _check_file(out: Path, got: Tensor, expected: Tensor, what: str, quantized: 
         raise
     return {"parity_max_abs_diff": p.max_abs_diff, "parity_relative_diff": p.relative_diff,
             "parity_top1_disagreements": p.top1_disagreements}
+
+
+@contextmanager
+def torchscript_quietly() -> Iterator[None]:
+    """torch.jit's deprecation FutureWarnings (trace, trace_method, save, load) silenced, only these and only inside.
+
+    TorchScript is a format the user asked for by name; four warnings per export or load tell them nothing they can act
+    on there (ONNX is the other format), and every other warning still shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+        yield
 
 
 def reference_images(resolution: int, data: str | Path | None, count: int = 8, crop_fraction: float = 0.875,
@@ -80,9 +95,10 @@ def export(model: AdaptiveModel, meta: dict[str, Any], op: OperatingPoint | int,
         session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
         got = torch.from_numpy(session.run(None, {"image": images.numpy()})[0])
     elif fmt == "torchscript":
-        scripted = torch.jit.trace(static, example)
-        torch.jit.save(scripted, str(out))
-        got = torch.jit.load(str(out))(images)
+        with torchscript_quietly():
+            scripted = torch.jit.trace(static, example)
+            torch.jit.save(scripted, str(out))
+            got = torch.jit.load(str(out))(images)
     else:
         raise ValueError(f"unknown export format {fmt!r} (onnx or torchscript)")
     parity = _check_file(out, got, expected, f"the exported {fmt} model does not match the adaptive model at {op}",

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..analysis import count_macs, measure_latency
 from ..analysis.table import TABLE, read_table, select
-from ..data import EvalTransform, load_rgb, normalize_batch
+from ..data import EvalTransform, UnreadableImageError, load_rgb, normalize_batch
 from ..engine.checkpoint import load_checkpoint, resolve_checkpoint
 from ..operating_point import OperatingPoint
 
@@ -99,7 +99,10 @@ def load_predictor(target: str, resolution: int | None = None, max_macs: float |
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             run = lambda x: torch.from_numpy(session.run(None, {"image": x.numpy()})[0])  # noqa: E731
         else:
-            module = torch.jit.load(str(path))
+            from .export import torchscript_quietly
+
+            with torchscript_quietly():
+                module = torch.jit.load(str(path))
             run = lambda x: module(x)  # noqa: E731
         classes = info.get("classes") or []
         return Predictor(run, r, classes, info.get("class_names") or classes, pre["mean"], pre["std"], r / pre["resize_short_side"],
@@ -129,6 +132,17 @@ def load_predictor(target: str, resolution: int | None = None, max_macs: float |
                      meta.get("interpolation", "bilinear"))
 
 
+def file_error(path: str, e: Exception) -> str:
+    """Why one input file gave no prediction. An unreadable image is named with the decoder's reason alone: the advice
+    ``load_rgb`` adds for training sets (data.skip_unreadable) does not apply to the files given to predict, each of
+    which is reported on its own anyway."""
+    if not Path(path).exists():
+        return f"no such file: {path}"
+    if isinstance(e, UnreadableImageError) and e.__cause__ is not None:
+        return f"cannot read image {path}: {e.__cause__}"
+    return str(e)
+
+
 @torch.no_grad()
 def predict_files(predictor: Predictor, files: list[str], topk: int = 5) -> list[dict[str, Any]]:
     """One entry per file: {"file", "top": [{"label", "class" (folder), "name", "probability"}, ...]} or {"file", "error"}."""
@@ -138,7 +152,7 @@ def predict_files(predictor: Predictor, files: list[str], topk: int = 5) -> list
         try:
             x = normalize_batch(transform(load_rgb(f))[None], predictor.mean, predictor.std)
         except Exception as e:  # noqa: BLE001 - one bad file must not stop the others
-            out.append({"file": f, "error": str(e) if Path(f).exists() else f"no such file: {f}"})
+            out.append({"file": f, "error": file_error(f, e)})
             continue
         probs = torch.softmax(predictor.run(x).float(), dim=1)[0]
         out.append({"file": f, "top": top_classes(probs, predictor.classes, predictor.names, topk)})
@@ -176,7 +190,7 @@ def segment_files(model, meta: dict[str, Any], files: list[str], resolution: int
         try:
             img = load_rgb(f)
         except Exception as e:  # noqa: BLE001 - reported per file
-            results.append({"file": f, "error": str(e) if Path(f).exists() else f"no such file: {f}"})
+            results.append({"file": f, "error": file_error(f, e)})
             continue
         x, _ = SegmentationEvalTransform(resolution)(img, torch.zeros(1, 1, 1, dtype=torch.uint8))
         x = normalize_batch(x[None], norm.get("mean", [0.485, 0.456, 0.406]), norm.get("std", [0.229, 0.224, 0.225]))

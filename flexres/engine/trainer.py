@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from safetensors import safe_open
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
@@ -502,6 +503,39 @@ def epoch_line(m: dict[str, Any], total_epochs: int, seconds_left: float) -> str
             f"{m['images_per_s']:.0f} img/s  ETA {eta}")
 
 
+def _saved_metadata(run_dir: str | Path) -> dict[str, Any]:
+    """The metadata of the run's checkpoint alone (no tensors read); empty when it holds no readable checkpoint."""
+    try:
+        with safe_open(str(Path(run_dir) / CHECKPOINT), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("flexres", "{}"))
+    except Exception:  # noqa: BLE001 - missing or unreadable: whoever loads it for real reports why
+        return {}
+
+
+def saved_progress(run_dir: str | Path) -> tuple[int, int] | None:
+    """(epochs done, epochs planned) of the run in ``run_dir``; None when it holds no readable training checkpoint."""
+    meta = _saved_metadata(run_dir)
+    try:
+        return int(meta["epoch"]), int(meta["config"]["train"]["epochs"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _finished(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any] | None:
+    """The metadata of the run in ``out_dir`` when it was trained with ``cfg`` and has done all its epochs; else None,
+    and ``restore`` reports an unreadable checkpoint or a changed config in full, as for any resume."""
+    saved = _saved_metadata(out_dir)
+    old = saved.get("config") or {}
+    if "epoch" not in saved or not old:
+        return None
+    data = cfg["data"]
+    if data.get("crop_fraction") is None:  # resolved from the model later: the run recorded the value it resolved
+        data = {**data, "crop_fraction": old.get("data", {}).get("crop_fraction")}
+    if _config_differences(old, {**cfg, "data": data}) or int(saved["epoch"]) < cfg["train"]["epochs"]:
+        return None
+    return saved
+
+
 def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_after_epochs: int | None = None,
           log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train as ``cfg`` says into ``out_dir``; returns the last epoch's metrics.
@@ -520,6 +554,11 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
         raise FileExistsError(f"{out_dir} already holds a run ({ckpt_path}); pass --resume to continue it or choose another --out")
     if resume and not ckpt_path.exists():
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+    finished = _finished(cfg, out_dir) if resume else None
+    if finished is not None:
+        # Say so at once: going on would read the data and build the model to train no epoch at all.
+        log(f"{out_dir} is finished ({finished['epoch']} of {t['epochs']} epochs); nothing to resume")
+        return dict(finished.get("metrics") or {})
     procs = start_processes(t)
     seed_everything(t["seed"])
     train_ds, val_ds = load_datasets(d, t, procs, log)

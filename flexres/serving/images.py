@@ -18,6 +18,15 @@ MAX_PIXELS = 40_000_000
 DRAFT_ABOVE_PIXELS = 4_000_000
 
 
+def first_bytes(data: bytes, count: int = 8) -> str:
+    """The start of an upload as a person reads it: its text when that is printable ASCII (an HTML error page, a
+    JSON body), else its bytes in hex; never Python's b'...' repr."""
+    head = data[:count]
+    if all(32 <= b < 127 for b in head):
+        return f"the text '{head.decode('ascii')}'"
+    return f"the bytes {head.hex(' ')} (hex)"
+
+
 def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, shortest: int | None = None) -> Tensor:
     """Bytes of any image Pillow reads -> uint8 3 x H x W RGB, refusing what is not an image or is too large.
 
@@ -30,7 +39,7 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, shortest: int | None
     try:
         im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise RequestError(415, f"not an image Pillow can read ({len(data)} bytes; starts with {data[:8]!r})") from None
+        raise RequestError(415, f"not an image Pillow can read ({len(data)} bytes; starts with {first_bytes(data)})") from None
     except Image.DecompressionBombError as e:  # Pillow's own guard, far above any sane limit
         raise RequestError(413, f"image too large: {e}") from None
     w, h = im.size

@@ -51,7 +51,7 @@ def run_batch(points: PointSet, name: str, items: list[Tensor | bytes], topk: li
                 refused[i] = Refused.of(e)
                 continue
             except Exception as e:  # noqa: BLE001 - whatever Pillow raises on one upload fails that upload only
-                refused[i] = Refused(415, f"cannot decode the image: {e!r}")
+                refused[i] = Refused(415, f"cannot decode the image: {str(e) or type(e).__name__}")
                 continue
         images.append(item)
     decode_ms = (time.perf_counter() - start) * 1000.0
@@ -133,6 +133,15 @@ def _processes(pool: ProcessPoolExecutor) -> list[multiprocessing.Process]:
     return list((getattr(pool, "_processes", None) or {}).values())
 
 
+def _shut_down(pool: ProcessPoolExecutor) -> threading.Thread:
+    """``pool.shutdown(wait=True)`` on a thread of its own, so that nobody blocks on it yet anybody can wait for it: once
+    it returns, the pool has released its queues, and with them their semaphores (see ``ProcessInference.close``)."""
+    stopper = threading.Thread(target=pool.shutdown, kwargs={"wait": True, "cancel_futures": True}, daemon=True,
+                               name="flexres-infer-stop")
+    stopper.start()
+    return stopper
+
+
 class ProcessInference:
     """Batches run in one child process that loads the same targets (so the model is in memory twice: the server's
     copy only describes the points). Requests travel as their encoded bytes and are decoded in the child, off the
@@ -151,6 +160,7 @@ class ProcessInference:
         self._lock: asyncio.Lock | None = None
         self._lock_loop: asyncio.AbstractEventLoop | None = None
         self._starting: Future | None = None  # a restarted process, loading its model
+        self._stopping: list[threading.Thread] = []  # shutting down the pools of replaced processes
         self._pool = self._start()
 
     def _start(self) -> ProcessPoolExecutor:
@@ -209,16 +219,22 @@ class ProcessInference:
             return
         for proc in _processes(pool):
             proc.kill()
-        pool.shutdown(wait=False)
+        self._stopping = [t for t in self._stopping if t.is_alive()] + [_shut_down(pool)]
         self.restarts += 1
         self._pool = self._start()
         self._starting = self._pool.submit(_loaded_in_child)
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Stop the process, waiting at most ``timeout_s`` for a batch still running (a hung one is terminated)."""
+        """Stop the process, waiting at most ``timeout_s`` for a batch still running (a hung process is killed), and
+        return only once every pool started here has released its queues. Their semaphores are unlinked then, not when
+        the process has merely ended: a server that exits in between (uvicorn re-raises the SIGTERM it caught, which
+        ends the process at once) leaves them to multiprocessing's resource tracker, which warns of leaked semaphores."""
         procs = _processes(self._pool)
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        for proc in procs:
-            proc.join(timeout_s)
-            if proc.is_alive():
-                proc.terminate()
+        stopper = _shut_down(self._pool)
+        stopper.join(timeout_s)
+        if stopper.is_alive():  # a batch still running, or a hung process: it would hold the shutdown for ever
+            for proc in procs:
+                proc.kill()
+        for thread in [*self._stopping, stopper]:
+            thread.join(timeout_s)
+        self._stopping.clear()
