@@ -428,12 +428,13 @@ def adapt(run: str | Path, max_macs: float | str, data: str | Path | None = None
 
 def export(run: str | Path, resolution: int, width: float = 1.0, scales: Sequence[float] | None = None, format: str = "onnx",
            out: str | Path | None = None, *, bn_policy: str | None = None, scale_policy: str | None = None, fold_bn: bool = True,
-           data: str | Path | None = None) -> dict[str, Any]:
+           data: str | Path | None = None, int8: bool = False) -> dict[str, Any]:
     """Write one operating point as a static ONNX or TorchScript model (plus ``<file>.json``), checked against
     the adaptive model on real images; returns that JSON with ``path`` added. ``format="packed"`` writes the whole
     quantized model (every resolution) with its LQ-Nets weights as bit-packed codes, loadable by every command. Slimmable models get
     post-statistics BN from ``data``'s training images first, when the run has none for the point. ``bn_policy`` None: the
-    run's ``eval.bn_policy``."""
+    run's ``eval.bn_policy``. ``int8``: the ONNX file quantized by ONNX Runtime, calibrated on the run's (or ``data``'s)
+    training images at this resolution."""
     from .deploy import export as export_static
 
     if format == "packed":
@@ -455,8 +456,8 @@ def export(run: str | Path, resolution: int, width: float = 1.0, scales: Sequenc
     ext = ".onnx" if format == "onnx" else ".pt"
     tag = (f"{op.resolution}" + (f"_w{op.width:g}" if op.width != 1.0 else "")
            + ("_s" + "-".join(f"{f:g}" for f in op.scales) if op.scales else ""))
-    path = Path(out) if out else ckpt.parent / "export" / f"{model.arch['name']}_{tag}{ext}"
-    info = export_static(model, meta, op, format, path, bn_policy, scale_policy, fold_bn, data)
+    path = Path(out) if out else ckpt.parent / "export" / f"{model.arch['name'].replace(':', '-')}_{tag}{'_int8' if int8 else ''}{ext}"
+    info = export_static(model, meta, op, format, path, bn_policy, scale_policy, fold_bn, data, int8=int8)
     return {"path": str(path), **info}
 
 
@@ -491,14 +492,20 @@ def predict(model: str | Path, images: Sequence[str | Path], resolution: int | N
 def serve(targets: str | Path | Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000, *,
           target_p95_ms: float | None = None, resolution: int | None = None, max_batch: int = 8, max_wait_ms: float = 2.0,
           max_queue: int = 256, max_upload_mb: float = 20.0, max_pixels: float = 40e6, bn_policy: str | None = None,
-          inference: str = "process", batch_timeout_s: float = 30.0, log: Callable[[str], None] = print) -> None:
+          inference: str = "process", batch_timeout_s: float = 30.0, backend: str | None = None, int8: bool = False,
+          points: Sequence[str] | None = None, threads: int | None = None, data: str | Path | None = None,
+          log: Callable[[str], None] = print) -> None:
     """Serve a run (its query table's Pareto points, else its evaluated or trained resolutions) or exported models
     over HTTP until interrupted: ``POST /predict``, ``POST /predict/all``, ``GET /health``, ``/points``, ``/metrics``
     and a page at ``/``. With ``target_p95_ms`` the server lowers the operating point as its queue grows and raises
     it as the queue drains; without, requests get ``resolution`` (default: the most accurate point) unless they ask.
     ``inference="process"`` runs the batches in a child process (see :mod:`flexres.serving.inference`), ``"thread"``
     on a thread of the server's process. A child that answers no batch within ``batch_timeout_s`` is killed and replaced
-    (the new child's start-up is not counted); that batch is answered 503."""
+    (the new child's start-up is not counted); that batch is answered 503. ``backend``: "ort" (the default when
+    onnxruntime is installed) runs each point as an ONNX Runtime session of its static model, exported and checked once
+    into RUN/serving/; "torch" runs the adaptive model. ``int8`` serves int8 sessions calibrated per resolution (on the
+    run's training images, or ``data``'s). ``points`` names the points to serve ("224px", "160"); default: every trained
+    resolution plus the query table's (or evaluation's) Pareto points. ``threads``: intra-op threads of each session."""
     import uvicorn
 
     from .serving import ServeOptions, ServingEngine, load_points
@@ -507,9 +514,13 @@ def serve(targets: str | Path | Sequence[str | Path], host: str = "127.0.0.1", p
 
     if inference not in ("process", "thread"):
         raise ConfigError(f"inference must be 'process' or 'thread', got {inference!r}")
+    from .serving.points import PointOptions, default_backend
+
     options = ServeOptions(target_p95_ms, resolution, max_batch, max_wait_ms, max_queue)
-    points = load_points(targets, bn_policy)
-    runner = ProcessInference(targets, bn_policy, batch_timeout_s=batch_timeout_s) if inference == "process" else None
+    point_options = PointOptions(bn_policy, backend or default_backend(), int8, tuple(str(p) for p in points) if points else None,
+                                 str(data) if data else None, threads)
+    points = load_points(targets, point_options)
+    runner = ProcessInference(targets, point_options, batch_timeout_s=batch_timeout_s) if inference == "process" else None
     engine = ServingEngine(points, options, inference=runner)
     app = create_app(engine=engine, max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=int(max_pixels))
     info = engine.describe()
@@ -517,7 +528,7 @@ def serve(targets: str | Path | Sequence[str | Path], host: str = "127.0.0.1", p
         + (f", p95 target {target_p95_ms:g} ms" if target_p95_ms else "") + f"); {len(info['points'])} operating points:")
     for pt in info["points"]:
         acc = f"top-1 {pt['expected_top1']:.1f}%" if pt["expected_top1"] is not None else "accuracy not measured"
-        log(f"  {pt['name']:>20}  {pt['macs'] / 1e6:7.1f} MMACs  {pt['latency_ms_batch1']:6.2f} ms  {acc}")
+        log(f"  {pt['name']:>20}  {pt['macs'] / 1e6:7.1f} MMACs  {pt['latency_ms_batch1']:6.2f} ms  {acc}  [{pt['backend']}; {pt['why']}]")
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

@@ -120,10 +120,12 @@ def _export(args: argparse.Namespace) -> int:
     if args.resolution is None:
         raise ConfigError("--resolution is required for onnx and torchscript exports (one operating point)")
     info = api.export(args.run, args.resolution, args.width, args.scales, args.format, args.out, bn_policy=args.bn,
-                      scale_policy=args.scale, fold_bn=not args.no_fold_bn, data=args.data)
+                      scale_policy=args.scale, fold_bn=not args.no_fold_bn, data=args.data, int8=args.int8)
     out = info["path"]
-    print(f"wrote {out} and {out}.json: {info['macs'] / 1e6:.1f} MMACs, {info['params'] / 1e6:.3f} M params, "
-          f"max |difference| to the adaptive model {info['parity_max_abs_diff']:.1e} on {info['parity_images']} real images")
+    print(f"wrote {', '.join(info['files'])} in {Path(out).parent} and {Path(out).name}.json: {info['macs'] / 1e6:.1f} MMACs, "
+          f"{info['params'] / 1e6:.3f} M params, max |difference| to the adaptive model {info['parity_max_abs_diff']:.1e} on "
+          f"{info['parity_images']} real images"
+          + (f"; int8 keeps the float model's top-1 on {100 * info['int8_top1_agreement']:.0f}% of them" if args.int8 else ""))
     return 0
 
 
@@ -155,7 +157,8 @@ def _serve(args: argparse.Namespace) -> int:
     api.serve(args.targets, args.host, args.port, target_p95_ms=args.target_p95_ms, resolution=args.resolution,
               max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_upload_mb=args.max_upload_mb,
               max_pixels=args.max_pixels, bn_policy=args.bn, inference=args.inference,
-              batch_timeout_s=args.batch_timeout_s)
+              batch_timeout_s=args.batch_timeout_s, backend=args.backend, int8=args.int8, points=args.points,
+              threads=args.threads, data=args.data)
     return 0
 
 
@@ -243,7 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "eval.bn_policy)")
     x.add_argument("--scale", choices=SCALE_POLICIES, help="SAN models: eps(T) ('exact') or the nearest trained eps")
     x.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm2d layers instead of folding them into the convs")
-    x.add_argument("--data", help="images for the parity check (default: the bundled sample)")
+    x.add_argument("--int8", action="store_true", help="onnx: quantize to int8 (ONNX Runtime static, QDQ), calibrated on "
+                   "128 training images at this resolution (the run's data, or --data)")
+    x.add_argument("--data", help="images for the parity check (default: the bundled sample); with --int8, the data "
+                   "whose training images calibrate it (default: the run's)")
     x.set_defaults(func=_export)
 
     pr = sub.add_parser("predict", help="classify image files")
@@ -281,6 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-upload-mb", type=float, default=20.0)
     sv.add_argument("--max-pixels", type=float, default=40e6)
     sv.add_argument("--bn", choices=BN_POLICIES, help="BN policy (default: the query table's, else interpolate)")
+    sv.add_argument("--backend", choices=("ort", "torch"), help="ort: each point an ONNX Runtime session of its static "
+                    "model (default when onnxruntime is installed); torch: the adaptive model in eager PyTorch")
+    sv.add_argument("--int8", action="store_true", help="ort: int8 sessions, calibrated per resolution on training images")
+    sv.add_argument("--points", nargs="+", metavar="POINT", help="serve only these points ('224px', '160px w0.5', or a "
+                    "resolution); default: every trained resolution plus the query table's Pareto points")
+    sv.add_argument("--threads", type=int, help="ort: intra-op threads per session (default: the usable cores)")
+    sv.add_argument("--data", help="--int8: the data whose training images calibrate it (default: the run's)")
     sv.add_argument("--inference", choices=("process", "thread"), default="process",
                     help="run batches in a child process (default: keeps serving under a flood of requests) or on a thread")
     sv.add_argument("--batch-timeout-s", type=float, default=30.0,

@@ -16,7 +16,7 @@ from torch import Tensor
 from ..analysis import count_macs, count_params
 from ..data import EvalTransform, ImageFolderDataset, load_rgb, normalize_batch, sample_data_dir
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ..errors import ParityError
+from ..errors import ConfigError, MissingFileError, ParityError
 from ..models import AdaptiveModel
 from ..models.static import StaticClassifier, to_static
 from ..nn.quantize import is_quantized
@@ -72,11 +72,35 @@ def preprocessing(resolution: int, meta: dict[str, Any]) -> dict[str, Any]:
             "mean": norm.get("mean", [0.485, 0.456, 0.406]), "std": norm.get("std", [0.229, 0.224, 0.225])}
 
 
+def calibration_batches(resolution: int, meta: dict[str, Any], data: str | Path | None, images: int = 128,
+                        batch: int = 32, seed: int = 0) -> list[Tensor]:
+    """Normalised training images at ``resolution`` (the eval transform of the run), for int8 calibration: ``images``
+    drawn with ``seed`` from the train split of ``data``, else of the data the run was trained on."""
+    from ..data import ImageFolderDataset, split_dir
+    from ..engine.config import resolve_data_root
+
+    cfg = meta.get("config") or {}
+    root = data or (cfg.get("data") or {}).get("root")
+    if not root or not Path(resolve_data_root(root)).is_dir():
+        raise MissingFileError(f"int8 calibration reads training images: the run's data ({root}) is not here; pass data (a folder)")
+    ds = ImageFolderDataset(split_dir(resolve_data_root(root), (cfg.get("data") or {}).get("train_split", "train")), progress=False)
+    pick = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:images].tolist()
+    t = EvalTransform(resolution, meta.get("crop_fraction", 0.875), meta.get("interpolation", "bilinear"))
+    norm = meta.get("normalization", {})
+    x = torch.stack([t(load_rgb(ds.samples[i][0])) for i in pick])
+    x = normalize_batch(x, norm.get("mean", IMAGENET_MEAN), norm.get("std", IMAGENET_STD))
+    return list(x.split(batch))
+
+
 @torch.no_grad()
 def export(model: AdaptiveModel, meta: dict[str, Any], op: OperatingPoint | int, fmt: str, out: str | Path,
            bn_policy: str | None = None, scale_policy: str | None = None, fold_bn: bool = True,
-           data: str | Path | None = None) -> dict[str, Any]:
-    """Write ``out`` (ONNX or TorchScript) and ``out`` + ``.json``; verify it against ``model`` on real images."""
+           data: str | Path | None = None, int8: bool = False) -> dict[str, Any]:
+    """Write ``out`` (ONNX or TorchScript) and ``out`` + ``.json``; verify it against ``model`` on real images.
+
+    ``int8`` (ONNX only): the float file, checked, is then quantized by ONNX Runtime (QDQ), calibrated on training
+    images at the point's own resolution (flexres.deploy.runtime says why); the int8 file is judged by the top-1 it
+    keeps of the float file's on the reference images (int8 moves logits by more than round-off)."""
     op = OperatingPoint.coerce(op)
     out = Path(out)
     model = model.cpu().eval()
@@ -87,13 +111,14 @@ def export(model: AdaptiveModel, meta: dict[str, Any], op: OperatingPoint | int,
         expected = model(images)
     out.parent.mkdir(parents=True, exist_ok=True)
     example = images[:1]
+    files = [out]
+    if int8 and fmt != "onnx":
+        raise ConfigError("int8 is ONNX Runtime's quantization: export with format onnx")
     if fmt == "onnx":
-        import onnxruntime as ort
+        from .runtime import export_onnx, onnx_session, quantize_int8, session_runner
 
-        torch.onnx.export(static, (example,), str(out), input_names=["image"], output_names=["logits"],
-                          dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, dynamo=True, verbose=False)
-        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-        got = torch.from_numpy(session.run(None, {"image": images.numpy()})[0])
+        files = export_onnx(static, example, out)
+        got = session_runner(onnx_session(out))(images)
     elif fmt == "torchscript":
         with torchscript_quietly():
             scripted = torch.jit.trace(static, example)
@@ -103,8 +128,14 @@ def export(model: AdaptiveModel, meta: dict[str, Any], op: OperatingPoint | int,
         raise ValueError(f"unknown export format {fmt!r} (onnx or torchscript)")
     parity = _check_file(out, got, expected, f"the exported {fmt} model does not match the adaptive model at {op}",
                          is_quantized(model))
+    if int8:  # judged against the float file by the top-1 it keeps
+        quantize_int8(out, out, calibration_batches(op.resolution, meta, data))
+        q = session_runner(onnx_session(out))(images)
+        parity.update(int8_max_abs_diff=float((q - got).abs().max()),
+                      int8_top1_agreement=float((q.argmax(1) == got.argmax(1)).float().mean()),
+                      int8_calibration=f"{op.resolution} px, 128 training images")
     info = {
-        "format": fmt, "file": out.name, "operating_point": {"resolution": op.resolution, "width": op.width, "scales": op.scales},
+        "format": fmt, "file": out.name, "files": [f.name for f in files], "int8": int8, "operating_point": {"resolution": op.resolution, "width": op.width, "scales": op.scales},
         "bn_policy": model.bn_policy if bn_policy is None else bn_policy, "scale_policy": scale_policy, "bn_folded": fold_bn,
         "preprocessing": preprocessing(op.resolution, meta), "classes": meta.get("classes"),
         "class_names": meta.get("class_names"),

@@ -94,10 +94,9 @@ def load_predictor(target: str, resolution: int | None = None, max_macs: float |
             raise ValueError(f"{path} is a static model exported at {r} px: it takes no other resolution or budget")
         pre = info["preprocessing"]
         if path.suffix == ".onnx":
-            import onnxruntime as ort
+            from .runtime import onnx_session, session_runner
 
-            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            run = lambda x: torch.from_numpy(session.run(None, {"image": x.numpy()})[0])  # noqa: E731
+            run = session_runner(onnx_session(path))
         else:
             from .export import torchscript_quietly
 

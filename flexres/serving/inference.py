@@ -28,7 +28,7 @@ from ..data import EvalTransform, normalize_batch
 from ..deploy.predict import top_classes
 from .errors import Overloaded, Refused, RequestError
 from .images import decode_image
-from .points import PointSet, load_points
+from .points import PointOptions, PointSet, load_points
 
 STARTUP_TIMEOUT_S = 300.0  # a restarted inference process's spawn, imports and model load, before its first batch
 Results = tuple[list[list[dict[str, Any]] | Refused], float, float]  # per item: top-k or refusal; model ms; decoding ms
@@ -105,11 +105,11 @@ def _exit_with(parent: int) -> None:
     os._exit(0)
 
 
-def _load_in_child(targets: list[str], bn_policy: str | None, threads: int, parent: int) -> None:
+def _load_in_child(targets: list[str], options: PointOptions | str | None, threads: int, parent: int) -> None:
     global _child_points
     threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="flexres-parent-watch").start()
     torch.set_num_threads(threads)
-    _child_points = load_points(targets, bn_policy)
+    _child_points = load_points(targets, options)
 
 
 def _run_in_child(name: str, items: list[np.ndarray | bytes], topk: list[int], decode: Decode) -> Results:
@@ -149,12 +149,12 @@ class ProcessInference:
 
     decodes = True
 
-    def __init__(self, targets: str | Path | list[str | Path], bn_policy: str | None = None, threads: int | None = None,
+    def __init__(self, targets: str | Path | list[str | Path], options: PointOptions | str | None = None, threads: int | None = None,
                  batch_timeout_s: float = 30.0) -> None:
         if not batch_timeout_s > 0:
             raise ValueError(f"batch_timeout_s must be > 0, got {batch_timeout_s}")
         targets = [str(t) for t in ([targets] if isinstance(targets, (str, Path)) else targets)]
-        self._initargs = (targets, bn_policy, threads or torch.get_num_threads(), os.getpid())
+        self._initargs = (targets, options, threads or torch.get_num_threads(), os.getpid())
         self.batch_timeout_s = batch_timeout_s
         self.restarts = 0
         self._lock: asyncio.Lock | None = None

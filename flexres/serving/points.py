@@ -1,5 +1,6 @@
-"""The operating points a server offers: from a run (its query table, else its saved evaluations, else its
-trained resolutions) or from exported static models (one point per file)."""
+"""The operating points a server offers: from a run (every trained resolution, plus the Pareto points of its query
+table or saved evaluations) or from exported static models (one point per file); each runs in eager PyTorch or as an
+ONNX Runtime session of its static, BN-folded model (float or int8)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,38 @@ from ..engine.checkpoint import load_checkpoint, resolve_checkpoint
 from ..operating_point import OperatingPoint
 
 EXPORTED_SUFFIXES = (".onnx", ".pt", ".ts")
+BACKENDS = ("torch", "ort")
+
+
+@dataclass(frozen=True)
+class PointOptions:
+    """How a run's points are chosen and run (picklable: the inference process loads the same)."""
+
+    bn_policy: str | None = None  # for untrained resolutions; None: the table's, else interpolate
+    backend: str = "torch"  # "torch": the adaptive model, switched per batch; "ort": one ONNX Runtime session per point
+    int8: bool = False  # ort only: int8 sessions, calibrated per resolution on the run's training images
+    points: tuple[str, ...] | None = None  # serve only these ("224px", or a resolution "224"); None: every trained + Pareto
+    data: str | None = None  # int8 calibration images (default: the data the run was trained on)
+    threads: int | None = None  # ort intra-op threads (default: the usable cores)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.int8 and self.backend != "ort":
+            raise ValueError("int8 points run in ONNX Runtime: use backend 'ort'")
+
+
+def default_backend() -> str:
+    """ort when onnxruntime is installed (3-7x faster than eager PyTorch at batch 1 here, BENCHMARKS.md section 3)."""
+    import importlib.util
+
+    return "ort" if importlib.util.find_spec("onnxruntime") is not None else "torch"
+
+
+def point_name(op: OperatingPoint) -> str:
+    """A short, unique label: '112px', '160px w0.5', '160px s0.45-1-1-1'."""
+    return (f"{op.resolution}px" + (f" w{op.width:g}" if op.width != 1.0 else "")
+            + (" s" + "-".join(f"{f:g}" for f in op.scales) if op.scales else ""))
 
 
 @dataclass
@@ -33,6 +66,8 @@ class ServingPoint:
     mean: Sequence[float] = (0.485, 0.456, 0.406)
     std: Sequence[float] = (0.229, 0.224, 0.225)
     interpolation: str = "bilinear"
+    why: str = ""  # why it is served: "trained", "Pareto point of the query table", "asked for", "exported file"
+    backend: str = "torch"
 
     @property
     def resolution(self) -> int:
@@ -40,13 +75,12 @@ class ServingPoint:
 
     @property
     def name(self) -> str:
-        """A short, unique label: '112px', '160px w0.5', '160px s0.45-1-1-1'."""
-        return (f"{self.op.resolution}px" + (f" w{self.op.width:g}" if self.op.width != 1.0 else "")
-                + (" s" + "-".join(f"{f:g}" for f in self.op.scales) if self.op.scales else ""))
+        return point_name(self.op)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "resolution": self.op.resolution, "width": self.op.width,
-                "scales": list(self.op.scales) if self.op.scales else None, "macs": self.macs, "expected_top1": self.top1}
+                "scales": list(self.op.scales) if self.op.scales else None, "macs": self.macs, "expected_top1": self.top1,
+                "why": self.why, "backend": self.backend}
 
 
 @dataclass
@@ -89,37 +123,97 @@ def _run_at(model, op: OperatingPoint, bn_policy: str) -> Callable[[Tensor], Ten
     return run
 
 
-def points_from_run(target: str | Path, bn_policy: str | None = None) -> PointSet:
-    """A run's points: the Pareto frontier of its query table (`flexres table`), else of the resolutions
-    `flexres eval` measured, else its trained resolutions (accuracy unknown)."""
+def _candidates(model, run_dir: Path, bn_policy: str | None) -> tuple[list[tuple[OperatingPoint, int, float | None, str]], str, str]:
+    """(op, MACs, expected top-1, why) for every point worth serving, the BN policy, and where accuracies came from.
+
+    Every trained resolution is served: accuracy ties (two resolutions at the same top-1) must never drop one the run
+    was trained at. The Pareto points of the query table (widths, scales, untrained resolutions) are added to them."""
+    found: dict[OperatingPoint, tuple[int, float | None, str]] = {}
+    table_file = run_dir / TABLE
+    if table_file.is_file():
+        table = json.loads(table_file.read_text())
+        policy, source = bn_policy or table.get("bn_policy") or "interpolate", "table"
+        rows = table["rows"]
+        ops = {(r["resolution"], r["width"], tuple(r["scales"]) if r.get("scales") else None): r for r in rows}
+        for r in pareto_front(rows):
+            op = OperatingPoint(r["resolution"], r["width"], tuple(r["scales"]) if r.get("scales") else None)
+            found[op] = (int(r["macs"]), r["top1"], "Pareto point of the query table")
+        accuracy = {res: r["top1"] for (res, w, sc), r in ops.items() if w == 1.0 and sc is None}
+    else:
+        policy, source = bn_policy or "interpolate", "eval"
+        accuracy = known_accuracy(run_dir)
+        rows = [{"resolution": r, "top1": a, "macs": count_macs(model, r)} for r, a in accuracy.items()]
+        for r in pareto_front(rows):
+            found[OperatingPoint(r["resolution"])] = (int(r["macs"]), r["top1"], "Pareto point of `flexres eval`")
+        if not accuracy:
+            source = "trained"
+    for r in model.train_resolutions:
+        op = OperatingPoint(r)
+        if model.width_range is not None and op not in found:
+            continue  # a slimmable model's points are its table's (each needs post-statistics BN)
+        macs, top1, why = found.get(op, (count_macs(model, op), accuracy.get(r), "trained"))
+        found[op] = (macs, top1, "trained" if why == "trained" else f"trained; {why}")
+    return [(op, macs, top1, why) for op, (macs, top1, why) in found.items()], policy, source
+
+
+def _pick(candidates: list, names: Sequence[str] | None, run_dir: Path, model) -> list:
+    """The candidates named by ``names`` ("224px", "160px w0.5", or a bare resolution "224", trained or not)."""
+    if not names:
+        return candidates
+    by_name = {point_name(c[0]): c for c in candidates}
+    picked = []
+    for n in names:
+        key = f"{n}px" if str(n).isdigit() else str(n)
+        if key in by_name:
+            picked.append((*by_name[key][:3], "asked for"))
+        elif str(n).isdigit():  # an untrained resolution the BN policy serves
+            op = OperatingPoint(int(n))
+            picked.append((op, count_macs(model, op), None, "asked for"))
+        else:
+            raise ValueError(f"{run_dir}: no operating point {n!r} to serve; known: {', '.join(by_name)}")
+    return picked
+
+
+def _onnx_runner(model, meta: dict[str, Any], run_dir: Path, op: OperatingPoint, policy: str, options: PointOptions):
+    """An ONNX Runtime session of ``op``'s static model, exported (and checked) once into RUN/serving/ and reused
+    while the checkpoint is unchanged, so the server and its inference process share the files."""
+    from ..deploy.export import export
+    from ..deploy.runtime import onnx_session, session_runner
+
+    name = point_name(op).replace(" ", "_")
+    path = run_dir / "serving" / f"{name}_{policy}{'_int8' if options.int8 else ''}.onnx"
+    info_file = Path(str(path) + ".json")
+    ckpt = resolve_checkpoint(run_dir)
+    fresh = path.is_file() and info_file.is_file() and path.stat().st_mtime > ckpt.stat().st_mtime
+    if not fresh:
+        try:
+            export(model, meta, op, "onnx", path, bn_policy=policy, int8=options.int8, data=options.data)
+        except (RuntimeError, NotImplementedError) as e:  # what ONNX cannot express: the torch backend still serves it
+            raise ValueError(f"{run_dir}: {op} could not be exported to ONNX ({type(e).__name__}: {str(e)[:200]}); "
+                             "serve it with --backend torch") from e
+    return session_runner(onnx_session(path, options.threads))
+
+
+def points_from_run(target: str | Path, options: PointOptions | str | None = None) -> PointSet:
+    """A run's points (``_candidates``, or those ``options.points`` names), run by ``options.backend``."""
+    options = options if isinstance(options, PointOptions) else PointOptions(bn_policy=options)
     model, meta = load_checkpoint(target)
     model.eval()
     run_dir = resolve_checkpoint(target).parent
     norm = meta.get("normalization", {})
     common = {"crop_fraction": meta.get("crop_fraction", 0.875), "mean": norm.get("mean", (0.485, 0.456, 0.406)),
-              "std": norm.get("std", (0.229, 0.224, 0.225)), "interpolation": meta.get("interpolation", "bilinear")}
-    table_file = run_dir / TABLE
-    if table_file.is_file():
-        table = json.loads(table_file.read_text())
-        policy = bn_policy or table.get("bn_policy") or "interpolate"
-        rows, source = pareto_front(table["rows"]), "table"
-        found = [(OperatingPoint(r["resolution"], r["width"], tuple(r["scales"]) if r.get("scales") else None), r["macs"], r["top1"])
-                 for r in rows]
-    else:
-        policy = bn_policy or "interpolate"
-        acc = known_accuracy(run_dir)
-        if acc:
-            rows = pareto_front([{"resolution": r, "top1": a, "macs": count_macs(model, r)} for r, a in acc.items()])
-            found = [(OperatingPoint(r["resolution"]), r["macs"], r["top1"]) for r in rows]
-            source = "eval"
-        else:
-            found = [(OperatingPoint(r), count_macs(model, r), None) for r in model.train_resolutions]
-            source = "trained"
-    missing = [op for op, _, _ in found if model.width_range is not None and not model.is_calibrated(op)]
+              "std": norm.get("std", (0.229, 0.224, 0.225)), "interpolation": meta.get("interpolation", "bilinear"),
+              "backend": options.backend + ("-int8" if options.int8 else "")}
+    candidates, policy, source = _candidates(model, run_dir, options.bn_policy)
+    found = _pick(candidates, options.points, run_dir, model)
+    missing = [op for op, _, _, _ in found if model.width_range is not None and not model.is_calibrated(op)]
     if missing:
         raise ValueError(f"{run_dir}: {missing[0]} has no post-statistics BN; build the query table first with "
                          f"`flexres table {run_dir} --data DIR`")
-    points = [ServingPoint(op, int(macs), top1, _run_at(model, op, policy), **common) for op, macs, top1 in found]
+    points = []
+    for op, macs, top1, why in found:
+        run = _onnx_runner(model, meta, run_dir, op, policy, options) if options.backend == "ort" else _run_at(model, op, policy)
+        points.append(ServingPoint(op, int(macs), top1, run, why=why, **common))
     classes = meta.get("classes") or []
     return PointSet(points, classes, meta.get("class_names") or classes, f"{run_dir.name} ({model.arch['name']})", source)
 
@@ -139,15 +233,17 @@ def points_from_exports(files: Sequence[str | Path]) -> PointSet:
         o = info["operating_point"]
         op = OperatingPoint(o["resolution"], o.get("width", 1.0), tuple(o["scales"]) if o.get("scales") else None)
         points.append(ServingPoint(op, int(info["macs"]), info.get("top1"), pred.run, pred.crop_fraction, pred.mean, pred.std,
-                                       pred.interpolation))
+                                   pred.interpolation, why="exported file",
+                                   backend=("ort" if Path(f).suffix == ".onnx" else "torchscript") + ("-int8" if info.get("int8") else "")))
     seen = [p.name for p in points]
     if len(set(seen)) != len(seen):
         raise ValueError(f"two exported files have the same operating point: {seen}")
     return PointSet(points, classes or [], names or [], ", ".join(Path(f).name for f in files), "exported")
 
 
-def load_points(targets: str | Path | Sequence[str | Path], bn_policy: str | None = None) -> PointSet:
-    """A run directory or checkpoint, or one or more exported model files."""
+def load_points(targets: str | Path | Sequence[str | Path], options: PointOptions | str | None = None) -> PointSet:
+    """A run directory or checkpoint, or one or more exported model files (``options``: a PointOptions, or for
+    a run the BN policy alone)."""
     targets = [targets] if isinstance(targets, (str, Path)) else list(targets)
     if not targets:
         raise ValueError("nothing to serve: give a run directory, a checkpoint or exported model files")
@@ -157,4 +253,4 @@ def load_points(targets: str | Path | Sequence[str | Path], bn_policy: str | Non
     if len(targets) > 1:
         raise ValueError("serve one run (a directory or checkpoint) or several exported files, not a mix: "
                          f"{[str(t) for t in targets]}")
-    return points_from_run(targets[0], bn_policy)
+    return points_from_run(targets[0], options)
