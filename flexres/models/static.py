@@ -6,7 +6,8 @@ import copy
 
 import torch
 from torch import Tensor, nn
-from torch.fx.experimental.optimization import fuse
+from torch import fx
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..nn.meta_conv import MetaConv2d
 from ..nn.quantize import QuantConv2d
@@ -45,6 +46,36 @@ def _make_static(module: nn.Module) -> None:
             _make_static(child)
 
 
+class _ConvLeafTracer(fx.Tracer):
+    """Traces a network with every convolution as a leaf, whatever its class: timm's Conv2dSame computes its padding
+    from the input's size in Python, which fx cannot trace through, and it folds a BN like any Conv2d."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, nn.Conv2d) or super().is_leaf_module(m, qualname)
+
+
+@torch.no_grad()
+def fold_batchnorms(module: nn.Module) -> fx.GraphModule:
+    """``module`` with every BatchNorm2d that only follows a convolution folded into it (eval statistics)."""
+    gm = fx.GraphModule(module, _ConvLeafTracer().trace(module))
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
+            continue
+        conv = node.args[0]
+        if not (isinstance(conv, fx.Node) and conv.op == "call_module" and isinstance(modules[conv.target], nn.Conv2d)
+                and len(conv.users) == 1 and modules[node.target].track_running_stats):
+            continue
+        parent, _, attr = conv.target.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, attr, fuse_conv_bn_eval(modules[conv.target], modules[node.target]))
+        node.replace_all_uses_with(conv)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
 @torch.no_grad()
 def to_static(model: AdaptiveModel, op: OperatingPoint | int, bn_policy: str | None = None, scale_policy: str | None = None,
               fold_bn: bool = True) -> nn.Module:
@@ -54,4 +85,4 @@ def to_static(model: AdaptiveModel, op: OperatingPoint | int, bn_policy: str | N
     net.set_operating_point(op, bn_policy, scale_policy)
     _make_static(net)
     static = StaticClassifier(net).eval()
-    return fuse(static) if fold_bn else static
+    return fold_batchnorms(static) if fold_bn else static
