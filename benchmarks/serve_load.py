@@ -108,13 +108,18 @@ async def ramp(url: str, images: list[tuple[bytes, str]], rates: list[float], se
     return steps
 
 
-def start_server(run: str, port: int, extra: list[str]) -> subprocess.Popen:
+def start_server(run: str, port: int, extra: list[str], code: Path | None = None) -> subprocess.Popen:
+    """`flexres serve run` on 127.0.0.1:port, once /health answers. ``code``: a directory holding another copy of the
+    flexres package (an earlier commit: ``git archive COMMIT flexres | tar -x -C DIR``) to serve with instead."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if code is not None:  # first on the path (python -m puts the working directory first: run there)
+        env["PYTHONPATH"] = os.pathsep.join([str(code), *filter(None, [os.environ.get("PYTHONPATH")])])
+        run = str(Path(run).resolve())
     cmd = [sys.executable, "-m", "flexres.cli", "serve", run, "--port", str(port), *extra]
     # To a file, not a pipe nobody reads: under a flood the server's log lines would fill the pipe and block it.
     # An unnamed one, so that nothing is left in /tmp once the server and this process have closed it.
     log = tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=code)
     deadline = time.time() + 300
     while time.time() < deadline:
         if proc.poll() is not None:

@@ -494,7 +494,7 @@ def serve(targets: str | Path | Sequence[str | Path], host: str = "127.0.0.1", p
           max_queue: int = 256, max_upload_mb: float = 20.0, max_pixels: float = 40e6, bn_policy: str | None = None,
           inference: str = "process", batch_timeout_s: float = 30.0, backend: str | None = None, int8: bool = False,
           points: Sequence[str] | None = None, threads: int | None = None, data: str | Path | None = None,
-          log: Callable[[str], None] = print) -> None:
+          max_refusals_per_s: float | None = 1000.0, log: Callable[[str], None] = print) -> None:
     """Serve a run (its query table's Pareto points, else its evaluated or trained resolutions) or exported models
     over HTTP until interrupted: ``POST /predict``, ``POST /predict/all``, ``GET /health``, ``/points``, ``/metrics``
     and a page at ``/``. With ``target_p95_ms`` the server lowers the operating point as its queue grows and raises
@@ -516,7 +516,8 @@ def serve(targets: str | Path | Sequence[str | Path], host: str = "127.0.0.1", p
         raise ConfigError(f"inference must be 'process' or 'thread', got {inference!r}")
     from .serving.points import PointOptions, default_backend
 
-    options = ServeOptions(target_p95_ms, resolution, max_batch, max_wait_ms, max_queue)
+    options = ServeOptions(target_p95_ms, resolution, max_batch, max_wait_ms, max_queue,
+                           max_refusals_per_s=max_refusals_per_s or None)
     point_options = PointOptions(bn_policy, backend or default_backend(), int8, tuple(str(p) for p in points) if points else None,
                                  str(data) if data else None, threads)
     points = load_points(targets, point_options)

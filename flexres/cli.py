@@ -158,7 +158,7 @@ def _serve(args: argparse.Namespace) -> int:
               max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_upload_mb=args.max_upload_mb,
               max_pixels=args.max_pixels, bn_policy=args.bn, inference=args.inference,
               batch_timeout_s=args.batch_timeout_s, backend=args.backend, int8=args.int8, points=args.points,
-              threads=args.threads, data=args.data)
+              threads=args.threads, data=args.data, max_refusals_per_s=args.max_refusals_per_s)
     return 0
 
 
@@ -284,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch", type=int, default=8, help="largest dynamic batch")
     sv.add_argument("--max-wait-ms", type=float, default=2.0, help="longest wait for a batch to fill")
     sv.add_argument("--max-queue", type=int, default=256, help="queued requests beyond this get 503")
+    sv.add_argument("--max-refusals-per-s", type=float, default=1000.0, help="503s answered per second; beyond it "
+                    "refusals wait their turn (at most 0.5 s), which bounds what clients that re-send at once cost; "
+                    "0: answer every refusal at once")
     sv.add_argument("--max-upload-mb", type=float, default=20.0)
     sv.add_argument("--max-pixels", type=float, default=40e6)
     sv.add_argument("--bn", choices=BN_POLICIES, help="BN policy (default: the query table's, else interpolate)")

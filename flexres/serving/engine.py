@@ -10,11 +10,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from torch import Tensor
 
-from .controller import AdaptiveController, LatencyModel, retry_after_s
+from .controller import AdaptiveController, LatencyModel, RefusalPacer, retry_after_s
 from .errors import Overloaded, Refused, RequestError
 from .images import decode_image
 from .inference import ProcessInference, ThreadInference
@@ -31,6 +31,9 @@ class ServeOptions:
     max_queue: int = 256
     headroom: float = 0.8
     topk: int = 5
+    # 503s answered per second before refusals wait their turn (RefusalPacer): what a flood of clients that re-send at
+    # once may cost the server. None: answered at once, however many.
+    max_refusals_per_s: float | None = 1000.0
 
 
 @dataclass
@@ -66,6 +69,8 @@ class ServingEngine:
                              f"got {o.max_batch}, {o.max_queue}, {o.max_wait_ms}")
         if o.target_p95_ms is not None and o.target_p95_ms <= 0:
             raise ValueError(f"target_p95_ms must be positive, got {o.target_p95_ms}")
+        if o.max_refusals_per_s is not None and not o.max_refusals_per_s > 0:
+            raise ValueError(f"max_refusals_per_s must be positive (or None: unpaced), got {o.max_refusals_per_s}")
         if o.resolution is not None and o.resolution not in points.resolutions:
             raise ValueError(f"resolution {o.resolution} is not among the served points ({self._served()})")
         self.metrics = metrics or ServeMetrics()
@@ -75,6 +80,17 @@ class ServingEngine:
         self.latency = latency or LatencyModel.measure([p.name for p in points.points], self.inference.time_batch, o.max_batch)
         self.controller = AdaptiveController([p.name for p in points.by_preference()], self.latency,
                                              o.target_p95_ms if o.target_p95_ms is not None else math.inf, o.max_batch, o.headroom)
+        self.pacer = RefusalPacer(o.max_refusals_per_s)
+        # Admission never refuses while fewer than ``floor`` requests are in flight: one batch running and the next
+        # filling, of the largest size the cheapest point serves twice within the target as measured at start-up (at
+        # least one request: an idle server always admits, since refusing cannot lower anyone's latency and a learned
+        # slowdown only changes when a batch is served). Below that, refusing only makes the batches smaller, and a
+        # slowdown learned from small batches (costs per batch that the start-up measurement did not see, multiplied
+        # by the batch size) would predict full batches too slow and keep them small: the collapse under a flood.
+        fastest = min(self.controller.preference, key=lambda p: self.latency.batch_ms(p, o.max_batch))
+        fits = [b for b in range(1, o.max_batch + 1)
+                if o.target_p95_ms is not None and 2 * self.latency.batch_ms(fastest, b) <= o.target_p95_ms]
+        self.floor = 2 * max(fits) if fits else 1
         self.queue: deque[Pending] = deque()
         self.inflight = 0  # admitted and not yet answered: reading, decoding, queued or running
         self.overhead_ms = 0.0  # moving average of one upload's decoding time (observe_decode)
@@ -85,8 +101,9 @@ class ServingEngine:
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._lag_watch: asyncio.Task | None = None
-        # How late the event loop runs what is due (a decaying maximum): when HTTP work saturates the loop, requests
-        # wait there before admission sees them, and only this tells admission about that wait.
+        # How late the event loop runs what is due (a decaying maximum), for /metrics. Admission does not count it:
+        # under a flood it comes from answering refusals and from other processes, which refusing more cannot lower,
+        # and counting it kept the model from full batches (issue 31); the pacing of refusals is what bounds it.
         self.loop_lag_ms = 0.0
 
     # --- set-up ---
@@ -133,33 +150,32 @@ class ServingEngine:
         return Constraint(allowed, target)
 
     def admit(self, constraint: Constraint) -> float:
-        """Accept a request (before its body is read and decoded, so refusing it costs almost nothing) or raise
-        Overloaded; returns its arrival time. Every admitted request must be closed with ``finish``."""
+        """Accept a request or raise Overloaded; returns its arrival time. Every admitted request must be closed with
+        ``finish``. The one place that decides admission, called before the request's body is read or decoded, so a
+        refusal costs no more than its headers; the Overloaded says how long to hold the 503 (``RefusalPacer``)."""
         now = self.clock()
         o = self.options
         busy = max(self._busy_until_ms - now, 0.0)
         if self.inflight >= o.max_queue:
-            self.metrics.rejected.labels("queue_full").inc()
-            raise Overloaded(f"the queue is full ({o.max_queue} requests)",
-                             retry_after_s(busy + self.latency.drain_ms(self.controller.preference[-1], self.inflight, o.max_batch)))
-        if constraint.target_ms is not None:
+            self._refuse(now, "queue_full", f"the queue is full ({o.max_queue} requests)",
+                         busy + self.latency.drain_ms(self.controller.preference[-1], self.inflight, o.max_batch))
+        # Below ``floor`` requests in flight a learned model never refuses (a model given as fixed is trusted from the
+        # first request).
+        floor = self.floor if self.latency.learn else 0
+        if constraint.target_ms is not None and self.inflight >= floor:
             ahead = max(self.inflight - self._running, 0)  # the running batch is in busy
             ok, predicted = self.controller.admits(ahead, busy, constraint.allowed, constraint.target_ms, self.overhead_ms)
-            lagged = predicted + self.loop_lag_ms
-            # An idle engine admits anyway: refusing cannot lower anyone's latency, and a learned slowdown only changes
-            # when a batch is served (refusing on it would refuse for ever once the load fell).
-            # The loop's lag refuses only past one full batch in flight: under a flood of retries the lag comes from
-            # answering the refusals and stays high however much is refused, so refusing on it alone would starve the
-            # model; a full batch keeps it busy while everything beyond is still shed.
-            over_model = not ok and (self.inflight > 0 or not self.latency.learn)
-            over_lag = lagged > constraint.target_ms and self.inflight >= o.max_batch
-            if over_model or over_lag:
-                self.metrics.rejected.labels("over_target").inc()
-                raise Overloaded(f"the load is above what the server can answer within {constraint.target_ms:g} ms even at its "
-                                 f"cheapest point (predicted {lagged:.0f} ms)", retry_after_s(lagged))
+            if not ok:
+                self._refuse(now, "over_target", f"the load is above what the server can answer within "
+                             f"{constraint.target_ms:g} ms even at its cheapest point (predicted {predicted:.0f} ms)", predicted)
         self.inflight += 1
         self.metrics.inflight.set(self.inflight)
+        self.metrics.count("admitted")
         return now
+
+    def _refuse(self, now_ms: float, reason: str, message: str, predicted_ms: float) -> NoReturn:
+        self.metrics.count("refused", reason)
+        raise Overloaded(message, retry_after_s(predicted_ms), self.pacer.delay_ms(now_ms) / 1000.0)
 
     def observe_decode(self, ms: float) -> None:
         """Decoding time of one upload (measured by the app, or by the inference process that decodes there): the cost
@@ -173,6 +189,7 @@ class ServingEngine:
         self.metrics.inflight.set(self.inflight)
         if answered:
             self.recent_ms.append(self.clock() - arrival_ms)
+            self.metrics.count("served")
 
     async def submit(self, image: Tensor | bytes, constraint: Constraint, topk: int | None = None, arrival_ms: float | None = None
                      ) -> dict[str, Any]:
@@ -259,15 +276,19 @@ class ServingEngine:
                 continue
             finally:
                 self._busy_until_ms, self._current, self._running = 0.0, [], 0
+            # The round trip, not only the forward, limits how many batches a second the server runs: the latency
+            # model learns the hand-off too. Decoding is left out (one huge upload must not read as a slower model).
+            round_trip = self.clock() - start - decode_ms
             ran = sum(not isinstance(top, Refused) for top in results)
             if decode_ms and any(isinstance(r.image, bytes) for r in batch):
                 self.observe_decode(decode_ms / len(batch))
             if ran:
-                self.latency.observe(point.name, ran, ms)
+                self.latency.observe(point.name, ran, ms, round_trip)
                 self.metrics.inference.observe(ms / 1000.0)
                 self.metrics.batch.observe(ran)
-                self.metrics.point.labels(point.name).inc(ran)
+                self.metrics.served_at(point.name, [p.name for p in self.points.points], ran)
             self.metrics.correction.set(self.latency.correction)
+            self.metrics.handoff.set(self.latency.handoff_ms / 1000.0)
             if len(self.recent_ms) >= 8:
                 self.controller.feedback(sorted(self.recent_ms)[int(0.95 * (len(self.recent_ms) - 1))])
             done = self.clock()
@@ -314,11 +335,18 @@ class ServingEngine:
         self._lag_watch = asyncio.create_task(self._watch_loop_lag())
 
     async def _watch_loop_lag(self, period_ms: float = 10.0) -> None:
+        """Measure the event loop's lag, and publish the per-second rates once a second."""
+        rolled = self.clock()
         while True:
             t0 = time.perf_counter()
             await asyncio.sleep(period_ms / 1000)
             lag = max((time.perf_counter() - t0) * 1000 - period_ms, 0.0)
             self.loop_lag_ms = max(lag, 0.9 * self.loop_lag_ms)
+            self.metrics.loop_lag.set(self.loop_lag_ms / 1000.0)
+            now = self.clock()
+            if now - rolled >= 1000.0:
+                self.metrics.roll((now - rolled) / 1000.0)
+                rolled = now
 
     async def stop(self) -> None:
         if self._lag_watch is not None:

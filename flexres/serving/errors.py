@@ -31,8 +31,10 @@ class Refused:
 
 
 class Overloaded(RuntimeError):
-    """The server cannot take the request without breaking its latency target or queue bound (HTTP 503)."""
+    """The server cannot take the request without breaking its latency target or queue bound (HTTP 503), to be answered
+    after ``delay_s`` (the pacing of refusals under a flood, see ``RefusalPacer``)."""
 
-    def __init__(self, message: str, retry_after: int) -> None:
+    def __init__(self, message: str, retry_after: int, delay_s: float = 0.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.delay_s = delay_s
