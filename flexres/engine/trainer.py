@@ -546,9 +546,6 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
     out_dir = Path(out_dir)
     t, d = cfg["train"], cfg["data"]
     check_names(cfg)  # before the datasets, which take minutes to read on real data
-    if d["root"] is None:
-        raise ConfigError("no data: set data.root in the config or pass --data DIR")
-    d["root"] = resolve_data_root(d["root"])  # recorded expanded, so the run says which folder it read
     ckpt_path = out_dir / CHECKPOINT
     if ckpt_path.exists() and not resume:
         raise FileExistsError(f"{out_dir} already holds a run ({ckpt_path}); pass --resume to continue it or choose another --out")
@@ -559,6 +556,9 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
         # Say so at once: going on would read the data and build the model to train no epoch at all.
         log(f"{out_dir} is finished ({finished['epoch']} of {t['epochs']} epochs); nothing to resume")
         return dict(finished.get("metrics") or {})
+    if d["root"] is None:
+        raise ConfigError("no data: set data.root in the config or pass --data DIR")
+    d["root"] = resolve_data_root(d["root"])  # recorded expanded, so the run says which folder it read
     procs = start_processes(t)
     seed_everything(t["seed"])
     train_ds, val_ds = load_datasets(d, t, procs, log)
