@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import time
 from datetime import date
 from pathlib import Path
 

@@ -97,12 +97,12 @@ def efficientnet_pytorch_to_timm(state: dict[str, Tensor], target_keys: Sequence
         raise WeightsMismatchError(f"the weights have {len(src_blocks)} blocks, the timm model {len(dst_blocks)}: "
                                    "another architecture variant")
     where = dict(zip(src_blocks, dst_blocks))
+    expanding = {k.split("._expand_conv.")[0] for k in state if "._expand_conv." in k}
     mapping = {}
     for key in state:
         if m := re.match(r"(_blocks\.\d+)\.([^.]+)\.(.+)", key):
             block, layer, leaf = m.groups()
-            expands = any(k.startswith(f"{block}._expand_conv.") for k in state)
-            roles = _EFFNET_INVERTED if expands else _EFFNET_SEPARABLE
+            roles = _EFFNET_INVERTED if block in expanding else _EFFNET_SEPARABLE
             if layer not in roles:
                 raise WeightsMismatchError(f"{key}: no layer {layer!r} in an efficientnet-pytorch block")
             mapping[key] = f"{where[block]}.{roles[layer]}.{leaf}"
