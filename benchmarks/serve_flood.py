@@ -97,6 +97,40 @@ def flood(wrk: str, url: str, lua: Path, connections: int, seconds: float) -> di
     return row
 
 
+def flood_server(run: str, serve_args: list[str], connections: list[int], seconds: float, image: Path,
+                 code: Path | None = None, threads: int = 1) -> list[dict]:
+    """Start `flexres serve run *serve_args`, flood it at each connection count, stop it; the rows, each with its goodput
+    as a share of the best at any lower concurrency."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise SystemExit("wrk is not installed (Debian/Ubuntu: apt install wrk); this benchmark needs a C load generator")
+    if not image.is_file():
+        raise SystemExit(f"--image {image} is not a file")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(run, port, serve_args, code=code, threads=threads)
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            lua = Path(tmp) / "post.lua"
+            lua.write_text(LUA.format(path=json.dumps(str(image.resolve()))))
+            for n in connections:
+                rows.append(flood(wrk, url, lua, n, seconds))
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    best = 0.0
+    for row in rows:
+        row["goodput_vs_best_lower"] = round(row["predictions_per_s"] / best, 3) if best else None
+        best = max(best, row["predictions_per_s"])
+    print("goodput / best at lower concurrency: "
+          + ", ".join(f"{r['connections']}: {r['goodput_vs_best_lower']:.0%}" for r in rows if r["goodput_vs_best_lower"] is not None))
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="what `flexres serve` loads (a run or exported models)")
@@ -110,45 +144,26 @@ def main() -> None:
     p.add_argument("--label", default="", help="recorded with the results (e.g. before, after)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    wrk = shutil.which("wrk")
-    if wrk is None:
-        raise SystemExit("wrk is not installed (Debian/Ubuntu: apt install wrk); this benchmark needs a C load generator")
-    if not args.image.is_file():
-        raise SystemExit(f"--image {args.image} is not a file")
     if args.code is not None and not (args.code / "flexres" / "__init__.py").is_file():
         raise SystemExit(f"--code {args.code} holds no flexres package")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = start_server(args.run, port, ["--target-p95-ms", f"{args.target_p95_ms:g}", "--inference", args.inference,
-                                           *args.serve_arg], code=args.code)
-    rows = []
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            lua = Path(tmp) / "post.lua"
-            lua.write_text(LUA.format(path=json.dumps(str(args.image.resolve()))))
-            for n in args.connections:
-                rows.append(flood(wrk, url, lua, n, args.seconds))
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-    best = 0.0
-    for row in rows:  # goodput against the best at any lower concurrency
-        row["goodput_vs_best_lower"] = round(row["predictions_per_s"] / best, 3) if best else None
-        best = max(best, row["predictions_per_s"])
-    print("goodput / best at lower concurrency: "
-          + ", ".join(f"{r['connections']}: {r['goodput_vs_best_lower']:.0%}" for r in rows if r["goodput_vs_best_lower"] is not None))
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores",
-              "label": args.label, "code": str(args.code) if args.code else f"working tree at {commit}",
+    rows = flood_server(args.run, ["--target-p95-ms", f"{args.target_p95_ms:g}", "--inference", args.inference, *args.serve_arg],
+                        args.connections, args.seconds, args.image, code=args.code)
+    result = {"date": date.today().isoformat(), "machine": machine(), "label": args.label,
+              "code": str(args.code) if args.code else f"working tree at {commit()}",
               "run": args.run, "target_p95_ms": args.target_p95_ms, "seconds": args.seconds, "inference": args.inference,
               "serve_args": args.serve_arg, "http_parser": "httptools" if importlib.util.find_spec("httptools") else "h11",
               "rows": rows}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores"
+
+
+def commit() -> str:
+    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 
 
 if __name__ == "__main__":

@@ -108,10 +108,11 @@ async def ramp(url: str, images: list[tuple[bytes, str]], rates: list[float], se
     return steps
 
 
-def start_server(run: str, port: int, extra: list[str], code: Path | None = None) -> subprocess.Popen:
+def start_server(run: str, port: int, extra: list[str], code: Path | None = None, threads: int = 1) -> subprocess.Popen:
     """`flexres serve run` on 127.0.0.1:port, once /health answers. ``code``: a directory holding another copy of the
-    flexres package (an earlier commit: ``git archive COMMIT flexres | tar -x -C DIR``) to serve with instead."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    flexres package (an earlier commit: ``git archive COMMIT flexres | tar -x -C DIR``) to serve with instead.
+    ``threads``: the server's OMP_NUM_THREADS (what the inference process's torch uses)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if code is not None:  # first on the path (python -m puts the working directory first: run there)
         env["PYTHONPATH"] = os.pathsep.join([str(code), *filter(None, [os.environ.get("PYTHONPATH")])])
         run = str(Path(run).resolve())
@@ -132,6 +133,25 @@ def start_server(run: str, port: int, extra: list[str], code: Path | None = None
             time.sleep(0.5)
     proc.kill()
     raise RuntimeError("server did not come up within 300 s")
+
+
+def ramp_server(run: str, serve_args: list[str], images: list[tuple[bytes, str]], rates: list[float], seconds: float,
+                seed: int, threads: int = 1) -> tuple[list[dict], list[dict]]:
+    """Start `flexres serve run *serve_args`, ramp it, stop it: the steps and the points it served (its /points)."""
+    port = free_port()
+    proc = start_server(run, port, serve_args, threads=threads)
+    try:
+        steps = asyncio.run(ramp(f"http://127.0.0.1:{port}", images, rates, seconds, seed))
+        return steps, httpx.get(f"http://127.0.0.1:{port}/points").json()["points"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def breaks_at(steps: list[dict], target_p95_ms: float) -> float | None:
+    """The first offered load whose p95 (of answered requests) is over the target, or that got no answer at all."""
+    broken = [s["offered_rps"] for s in steps if s["p95_ms"] is None or s["p95_ms"] > target_p95_ms]
+    return broken[0] if broken else None
 
 
 def plot(result: dict, path: Path) -> None:
@@ -185,18 +205,10 @@ def main() -> None:
               "target_p95_ms": args.target_p95_ms, "seconds_per_step": args.seconds, "rates": args.rates, "modes": {},
               "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}
     for mode in args.modes:
-        port = free_port()
         print(f"== {mode}: flexres serve {args.run} {' '.join(mode_args[mode])}", flush=True)
-        proc = start_server(str(args.run), port, mode_args[mode])
-        try:
-            result["modes"][mode] = asyncio.run(ramp(f"http://127.0.0.1:{port}", images, args.rates, args.seconds, args.seed))
-            result.setdefault("points", httpx.get(f"http://127.0.0.1:{port}/points").json()["points"])
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-    for mode, steps in result["modes"].items():
-        broken = [s["offered_rps"] for s in steps if s["p95_ms"] is None or s["p95_ms"] > args.target_p95_ms]
-        result.setdefault("breaks_target_at_rps", {})[mode] = broken[0] if broken else None
+        result["modes"][mode], points = ramp_server(str(args.run), mode_args[mode], images, args.rates, args.seconds, args.seed)
+        result.setdefault("points", points)
+    result["breaks_target_at_rps"] = {mode: breaks_at(steps, args.target_p95_ms) for mode, steps in result["modes"].items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     if args.plot:
