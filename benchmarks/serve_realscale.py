@@ -7,6 +7,9 @@
     own resolution): the median of flexres.analysis.latency.time_call, on random inputs, with --threads threads.
 (2) Accuracy of ort fp32 and ort int8 at every point on --val-images images of the val split (the run's eval
     transform), so the cost of int8 is read next to its speed.
+(3) --int8-calibration: int8 calibrated per resolution (each point's ranges from 128 training images at its own
+    resolution) vs one calibration shared by all resolutions (every activation's range the union of the points' ranges,
+    as min/max calibration on all their images at once), top-1 and batch-1 latency per point.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Subset
+
+from types import SimpleNamespace
 
 from flexres.data import EvalTransform, ImageFolderDataset, normalize_batch
 from flexres.engine.checkpoint import load_checkpoint
@@ -45,6 +50,38 @@ def accuracy(points, meta, val: ImageFolderDataset, pick: list[int]) -> dict[str
     return out
 
 
+def int8_calibration(run: Path, meta: dict, val: ImageFolderDataset, pick: list[int], threads: int, work: Path) -> dict:
+    """Per-resolution vs shared int8 ranges for every point of the run's ort float files (RUN/serving)."""
+    from flexres.analysis.latency import time_call
+    from flexres.deploy.export import calibration_batches
+    from flexres.deploy.runtime import merge_ranges, onnx_session, quantize_int8, session_runner
+
+    floats = load_points(run, PointOptions(backend="ort", threads=threads))
+    work.mkdir(parents=True, exist_ok=True)
+    fp32 = {p.name: next(f for f in sorted((run / "serving").glob(f"{p.name}_*.onnx")) if not f.stem.endswith("_int8"))
+            for p in floats.points}  # the float files load_points exported (or found) for the ort backend
+    own = {}
+    for p in floats.points:  # per resolution: each point calibrated at its own resolution, its ranges kept
+        own[p.name] = work / f"{p.name}_ranges.json"
+        own[p.name].unlink(missing_ok=True)
+        quantize_int8(fp32[p.name], work / f"{p.name}_own.onnx", calibration_batches(p.resolution, meta, None), ranges=own[p.name])
+    shared = merge_ranges(list(own.values()), work / "shared_ranges.json")
+    out = {}
+    for kind in ("own", "shared"):
+        served = []
+        for p in floats.points:
+            path = work / f"{p.name}_{kind}.onnx"
+            if kind == "shared":
+                quantize_int8(fp32[p.name], path, ranges=shared)
+            served.append(SimpleNamespace(name=p.name, resolution=p.resolution, crop_fraction=p.crop_fraction,
+                                          interpolation=p.interpolation, run=session_runner(onnx_session(path, threads))))
+        top1 = accuracy(SimpleNamespace(points=served), meta, val, pick)
+        lat = {q.name: round(time_call(lambda q=q: q.run(torch.randn(1, 3, q.resolution, q.resolution)), 2, 10), 2) for q in served}
+        out["per_resolution" if kind == "own" else "shared"] = {"top1": top1, "batch1_ms": lat}
+        print(kind, out, flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, required=True)
@@ -52,6 +89,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--val-images", type=int, default=1000)
     ap.add_argument("--backends", nargs="+", default=list(BACKENDS))
+    ap.add_argument("--int8-calibration", action="store_true", help="only (3): per-resolution vs shared int8 ranges")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     _, meta = load_checkpoint(a.run)
@@ -59,6 +97,10 @@ def main() -> None:
     pick = torch.randperm(len(val), generator=torch.Generator().manual_seed(0))[: a.val_images].tolist()
     report = {"date": str(date.today()), "machine": f"{platform.node()} ({os.cpu_count()} cores, torch {torch.__version__})",
               "threads": a.threads, "run": str(a.run), "val_images": len(pick), "backends": {}}
+    if a.int8_calibration:
+        report["int8_calibration"] = int8_calibration(a.run, meta, val, pick, a.threads, a.out.parent / "int8_calibration")
+        a.out.write_text(json.dumps(report, indent=2) + "\n")
+        return
     for name in a.backends:
         t0 = time.time()
         points = load_points(a.run, PointOptions(**{**BACKENDS[name].__dict__, "threads": a.threads}))

@@ -428,13 +428,14 @@ def adapt(run: str | Path, max_macs: float | str, data: str | Path | None = None
 
 def export(run: str | Path, resolution: int, width: float = 1.0, scales: Sequence[float] | None = None, format: str = "onnx",
            out: str | Path | None = None, *, bn_policy: str | None = None, scale_policy: str | None = None, fold_bn: bool = True,
-           data: str | Path | None = None, int8: bool = False) -> dict[str, Any]:
+           data: str | Path | None = None, int8: bool = False, int8_ranges: str | Path | None = None) -> dict[str, Any]:
     """Write one operating point as a static ONNX or TorchScript model (plus ``<file>.json``), checked against
     the adaptive model on real images; returns that JSON with ``path`` added. ``format="packed"`` writes the whole
     quantized model (every resolution) with its LQ-Nets weights as bit-packed codes, loadable by every command. Slimmable models get
     post-statistics BN from ``data``'s training images first, when the run has none for the point. ``bn_policy`` None: the
     run's ``eval.bn_policy``. ``int8``: the ONNX file quantized by ONNX Runtime, calibrated on the run's (or ``data``'s)
-    training images at this resolution."""
+    training images at this resolution; ``int8_ranges``: an activation-range file, used when it exists (one calibration
+    shared by resolutions: ``flexres.deploy.runtime.merge_ranges``), else written with this resolution's ranges."""
     from .deploy import export as export_static
 
     if format == "packed":
@@ -457,7 +458,7 @@ def export(run: str | Path, resolution: int, width: float = 1.0, scales: Sequenc
     tag = (f"{op.resolution}" + (f"_w{op.width:g}" if op.width != 1.0 else "")
            + ("_s" + "-".join(f"{f:g}" for f in op.scales) if op.scales else ""))
     path = Path(out) if out else ckpt.parent / "export" / f"{model.arch['name'].replace(':', '-')}_{tag}{'_int8' if int8 else ''}{ext}"
-    info = export_static(model, meta, op, format, path, bn_policy, scale_policy, fold_bn, data, int8=int8)
+    info = export_static(model, meta, op, format, path, bn_policy, scale_policy, fold_bn, data, int8=int8, int8_ranges=int8_ranges)
     return {"path": str(path), **info}
 
 

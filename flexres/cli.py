@@ -120,7 +120,8 @@ def _export(args: argparse.Namespace) -> int:
     if args.resolution is None:
         raise ConfigError("--resolution is required for onnx and torchscript exports (one operating point)")
     info = api.export(args.run, args.resolution, args.width, args.scales, args.format, args.out, bn_policy=args.bn,
-                      scale_policy=args.scale, fold_bn=not args.no_fold_bn, data=args.data, int8=args.int8)
+                      scale_policy=args.scale, fold_bn=not args.no_fold_bn, data=args.data, int8=args.int8,
+                      int8_ranges=args.int8_ranges)
     out = info["path"]
     print(f"wrote {', '.join(info['files'])} in {Path(out).parent} and {Path(out).name}.json: {info['macs'] / 1e6:.1f} MMACs, "
           f"{info['params'] / 1e6:.3f} M params, max |difference| to the adaptive model {info['parity_max_abs_diff']:.1e} on "
@@ -250,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "128 training images at this resolution (the run's data, or --data)")
     x.add_argument("--data", help="images for the parity check (default: the bundled sample); with --int8, the data "
                    "whose training images calibrate it (default: the run's)")
+    x.add_argument("--int8-ranges", help="--int8: an activation-range file; an existing one is used instead of "
+                   "calibrating (one calibration shared by resolutions), a new one receives this resolution's ranges")
     x.set_defaults(func=_export)
 
     pr = sub.add_parser("predict", help="classify image files")

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -658,6 +659,31 @@ def test_int8_export_calibrates_on_training_images_and_keeps_most_top1(run_dir, 
     assert (tmp_path / "m64_int8.onnx").stat().st_size < 0.5 * (tmp_path / fp32["file"]).stat().st_size  # int8 weights
     served = load_points([tmp_path / "m64_int8.onnx"])
     assert served.points[0].backend == "ort-int8"
+
+
+def test_a_calibration_shared_by_resolutions_is_the_union_of_their_ranges(run_dir, tmp_path):
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    from flexres.deploy.runtime import merge_ranges
+
+    run, data = run_dir
+    own = {r: tmp_path / f"ranges{r}.json" for r in (48, 64)}
+    for r, ranges in own.items():  # per resolution: calibrated at r, its ranges written
+        info = flexres.export(run, r, out=tmp_path / f"m{r}_int8.onnx", data=data, int8=True, int8_ranges=ranges)
+        assert info["int8_calibration"].startswith(f"{r} px") and ranges.is_file()
+    shared = merge_ranges(list(own.values()), tmp_path / "shared.json")
+    per_res = {r: load_tensors_data(f).data for r, f in own.items()}
+    merged = load_tensors_data(shared).data
+    assert set(merged) == set(per_res[48]) and len(merged) > 10
+    differ = 0
+    for name, t in merged.items():
+        lows, highs = [per_res[r][name].range_value[0] for r in own], [per_res[r][name].range_value[1] for r in own]
+        np.testing.assert_array_equal(t.range_value[0], np.stack(lows).min(0))
+        np.testing.assert_array_equal(t.range_value[1], np.stack(highs).max(0))
+        differ += not (np.array_equal(lows[0], lows[1]) and np.array_equal(highs[0], highs[1]))
+    assert differ > len(merged) // 2  # the two resolutions do see different activations
+    info = flexres.export(run, 64, out=tmp_path / "m64_shared.onnx", data=data, int8=True, int8_ranges=shared)
+    assert info["int8_calibration"] == "ranges from shared.json" and info["int8_top1_agreement"] >= 0.5
 
 
 def test_an_onnx_model_moved_without_its_data_file_is_refused_naming_it(run_dir, tmp_path):

@@ -95,12 +95,14 @@ def calibration_batches(resolution: int, meta: dict[str, Any], data: str | Path 
 @torch.no_grad()
 def export(model: AdaptiveModel, meta: dict[str, Any], op: OperatingPoint | int, fmt: str, out: str | Path,
            bn_policy: str | None = None, scale_policy: str | None = None, fold_bn: bool = True,
-           data: str | Path | None = None, int8: bool = False) -> dict[str, Any]:
+           data: str | Path | None = None, int8: bool = False, int8_ranges: str | Path | None = None) -> dict[str, Any]:
     """Write ``out`` (ONNX or TorchScript) and ``out`` + ``.json``; verify it against ``model`` on real images.
 
     ``int8`` (ONNX only): the float file, checked, is then quantized by ONNX Runtime (QDQ), calibrated on training
     images at the point's own resolution (flexres.deploy.runtime says why); the int8 file is judged by the top-1 it
-    keeps of the float file's on the reference images (int8 moves logits by more than round-off)."""
+    keeps of the float file's on the reference images (int8 moves logits by more than round-off). ``int8_ranges``: an
+    activation-range file; an existing one is used instead of calibrating (a calibration shared by resolutions,
+    ``runtime.merge_ranges``), a new one receives this point's ranges."""
     op = OperatingPoint.coerce(op)
     out = Path(out)
     model = model.cpu().eval()
@@ -129,11 +131,12 @@ def export(model: AdaptiveModel, meta: dict[str, Any], op: OperatingPoint | int,
     parity = _check_file(out, got, expected, f"the exported {fmt} model does not match the adaptive model at {op}",
                          is_quantized(model))
     if int8:  # judged against the float file by the top-1 it keeps
-        quantize_int8(out, out, calibration_batches(op.resolution, meta, data))
+        shared = int8_ranges is not None and Path(int8_ranges).is_file()
+        quantize_int8(out, out, None if shared else calibration_batches(op.resolution, meta, data), ranges=int8_ranges)
         q = session_runner(onnx_session(out))(images)
         parity.update(int8_max_abs_diff=float((q - got).abs().max()),
                       int8_top1_agreement=float((q.argmax(1) == got.argmax(1)).float().mean()),
-                      int8_calibration=f"{op.resolution} px, 128 training images")
+                      int8_calibration=f"ranges from {Path(int8_ranges).name}" if shared else f"{op.resolution} px, 128 training images")
     info = {
         "format": fmt, "file": out.name, "files": [f.name for f in files], "int8": int8, "operating_point": {"resolution": op.resolution, "width": op.width, "scales": op.scales},
         "bn_policy": model.bn_policy if bn_policy is None else bn_policy, "scale_policy": scale_policy, "bn_folded": fold_bn,

@@ -79,15 +79,20 @@ def session_runner(session) -> Callable[[Tensor], Tensor]:
     return run
 
 
-def quantize_int8(fp32: Path, out: Path, calibration: Iterator[Tensor] | list[Tensor]) -> Path:
+def quantize_int8(fp32: Path, out: Path, calibration: Iterator[Tensor] | list[Tensor] | None = None,
+                  ranges: Path | None = None) -> Path:
     """``fp32`` quantized to int8 (QDQ: weights per channel, activations per tensor, ranges by min/max on the
-    ``calibration`` batches of normalised images, which must be at the model's own resolution)."""
+    ``calibration`` batches of normalised images, which must be at the model's own resolution).
+
+    ``ranges``: a calibration cache (ONNX Runtime's JSON of activation ranges). When the file exists its ranges are used
+    and no images are needed (a calibration shared by several resolutions: ``merge_ranges``); when it does not, the
+    ranges measured on ``calibration`` are written there."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    batches = [np.ascontiguousarray(b.numpy(), dtype=np.float32) for b in calibration]
-    if not batches:
-        raise ValueError("int8 calibration needs at least one batch of images")
+    batches = [np.ascontiguousarray(b.numpy(), dtype=np.float32) for b in calibration or []]
+    if not batches and not (ranges is not None and Path(ranges).is_file()):
+        raise ValueError("int8 calibration needs at least one batch of images, or an existing ranges file")
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -97,9 +102,34 @@ def quantize_int8(fp32: Path, out: Path, calibration: Iterator[Tensor] | list[Te
             b = next(self._it, None)
             return None if b is None else {"image": b}
 
+    cache = {} if ranges is None else {"calibration_cache_path": str(ranges)}  # onnxruntime >= 1.24 reads and writes it
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)  # shape inference + fusions int8 needs
-        quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+        quantize_static(str(prepared), str(out), Reader() if batches else None, quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, **cache)
+    return out
+
+
+def merge_ranges(caches: list[Path], out: Path) -> Path:
+    """One calibration shared by several resolutions: every activation's range is the union (lowest of the lows,
+    highest of the highs) of its ranges in ``caches``, which is what min/max calibration on all their images at once
+    gives. The caches must name the same tensors (the same network at different resolutions)."""
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData, load_tensors_data, save_tensors_data
+
+    loaded = [(Path(c), load_tensors_data(c)) for c in caches]
+    if not loaded:
+        raise ValueError("merge_ranges needs at least one calibration cache")
+    names = set(loaded[0][1].data)
+    for path, data in loaded[1:]:
+        if set(data.data) != names:
+            odd = sorted(names ^ set(data.data))[:3]
+            raise ValueError(f"{path} holds other activations than {loaded[0][0]} (e.g. {odd}): not the same network")
+    merged = {}
+    for name in sorted(names):
+        lows = [d.data[name].range_value[0] for _, d in loaded]
+        highs = [d.data[name].range_value[1] for _, d in loaded]
+        merged[name] = TensorData(lowest=np.minimum.reduce(lows).astype(np.float32),
+                                  highest=np.maximum.reduce(highs).astype(np.float32))
+    save_tensors_data(TensorsData(loaded[0][1].calibration_method, merged), out)
     return out
