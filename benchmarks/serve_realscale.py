@@ -9,7 +9,7 @@
     transform), so the cost of int8 is read next to its speed.
 (3) --int8-calibration: int8 calibrated per resolution (each point's ranges from 128 training images at its own
     resolution) vs one calibration shared by all resolutions (every activation's range the union of the points' ranges,
-    as min/max calibration on all their images at once), top-1 and batch-1 latency per point.
+    as min/max calibration on all their images at once): top-1 per point (the graphs are the same, so is their speed).
 """
 
 from __future__ import annotations
@@ -51,8 +51,7 @@ def accuracy(points, meta, val: ImageFolderDataset, pick: list[int]) -> dict[str
 
 
 def int8_calibration(run: Path, meta: dict, val: ImageFolderDataset, pick: list[int], threads: int, work: Path) -> dict:
-    """Per-resolution vs shared int8 ranges for every point of the run's ort float files (RUN/serving)."""
-    from flexres.analysis.latency import time_call
+    """Top-1 of per-resolution vs shared int8 ranges at every point of the run's ort float files (RUN/serving)."""
     from flexres.deploy.export import calibration_batches
     from flexres.deploy.runtime import merge_ranges, onnx_session, quantize_int8, session_runner
 
@@ -76,8 +75,7 @@ def int8_calibration(run: Path, meta: dict, val: ImageFolderDataset, pick: list[
             served.append(SimpleNamespace(name=p.name, resolution=p.resolution, crop_fraction=p.crop_fraction,
                                           interpolation=p.interpolation, run=session_runner(onnx_session(path, threads))))
         top1 = accuracy(SimpleNamespace(points=served), meta, val, pick)
-        lat = {q.name: round(time_call(lambda q=q: q.run(torch.randn(1, 3, q.resolution, q.resolution)), 2, 10), 2) for q in served}
-        out["per_resolution" if kind == "own" else "shared"] = {"top1": top1, "batch1_ms": lat}
+        out["per_resolution" if kind == "own" else "shared"] = {"top1": top1}
         print(kind, out, flush=True)
     return out
 
