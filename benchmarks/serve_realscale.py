@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -96,7 +97,8 @@ def main() -> None:
     report = {"date": str(date.today()), "machine": f"{platform.node()} ({os.cpu_count()} cores, torch {torch.__version__})",
               "threads": a.threads, "run": str(a.run), "val_images": len(pick), "backends": {}}
     if a.int8_calibration:
-        report["int8_calibration"] = int8_calibration(a.run, meta, val, pick, a.threads, a.out.parent / "int8_calibration")
+        with tempfile.TemporaryDirectory() as work:  # the int8 files and range caches: only their top-1 is kept
+            report["int8_calibration"] = int8_calibration(a.run, meta, val, pick, a.threads, Path(work))
         a.out.write_text(json.dumps(report, indent=2) + "\n")
         return
     for name in a.backends:
