@@ -8,6 +8,16 @@ import flexres
 from flexres.data import sample_data_dir
 
 
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests run where CUDA is; elsewhere they are reported as skipped, with the reason."""
+    if torch.cuda.is_available():
+        return
+    no_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(no_gpu)
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     torch.manual_seed(0)

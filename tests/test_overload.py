@@ -27,6 +27,8 @@ from flexres.serving.app import create_app
 from flexres.serving.controller import AdaptiveController, RefusalPacer
 from flexres.serving.engine import Overloaded
 
+pytestmark = pytest.mark.serve
+
 # Two points, most accurate first: (resolution, fixed ms, ms per image) of a batch, slept (not computed) in the forward.
 SLEEPY = {"32px": (32, 40.0, 2.0), "24px": (24, 24.0, 2.0)}
 MAX_BATCH = 8

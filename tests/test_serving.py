@@ -32,6 +32,8 @@ from flexres.serving.inference import run_batch
 from flexres.analysis.table import TABLE
 from flexres.serving.points import PointOptions, load_points
 
+pytestmark = pytest.mark.serve
+
 # Three points, most accurate first: (fixed ms, ms per image).
 SYNTHETIC = {"big": (10.0, 5.0), "mid": (4.0, 2.0), "small": (1.0, 0.5)}
 
