@@ -5,6 +5,7 @@
     python benchmarks/realscale_effnet.py train --out runs/realscale [--only I-96 I-224 RS-Net] [--seed N]
     python benchmarks/realscale_effnet.py eval  --out runs/realscale     # every run on T; JSON to benchmarks/results
     python benchmarks/realscale_effnet.py report                         # BENCHMARKS.md section 13's tables from the JSON
+    python benchmarks/realscale_effnet.py seeds                          # mean ± sd over seeds, RS-Net's gaps paired by seed
 
 The pilot fine-tunes I-96 for one epoch on 600 train images per class and scores it on the other 100 per class
 (never on val), for each head ("new", "pretrained_rows") and BN handling ("update", "frozen"); the config then
@@ -207,9 +208,43 @@ def report(seed: int) -> None:
         print(markdown_table(["run", *(str(r) for r in T), "mean over S", "train s"], rows))
 
 
+def seeds_report() -> None:
+    """Every run's top-1 over the seeds it has (mean and sample standard deviation), and the RS-Net's gap to each
+    I-Net paired by seed (mean, and its smallest over the seeds), from realscale_finetune_seed*.json."""
+    import statistics
+
+    from flexres.engine.evaluate import markdown_table
+
+    by_seed = {int(f.stem.rsplit("seed", 1)[1]): json.loads(f.read_text())["runs"]
+               for f in sorted(RESULTS.glob("realscale_finetune_seed*.json"))}
+    labels = list(dict.fromkeys(label for runs in by_seed.values() for label in runs))
+
+    def cell(values: list[float], sign: str = "") -> str:
+        mean = format(statistics.mean(values), f"{sign}.1f")
+        return f"{mean} ± {statistics.stdev(values):.1f}" if len(values) > 1 else mean
+
+    rows = []
+    for label in labels:
+        seeds = sorted(s for s, runs in by_seed.items() if label in runs)
+        rows.append([f"{label} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})",
+                     *(cell([by_seed[s][label]["top1"][str(r)] for s in seeds]) for r in T)])
+    print(markdown_table(["run", *(str(r) for r in T)], rows))
+    print()
+    gaps = []
+    for label in labels:
+        if label == "RS-Net":
+            continue
+        seeds = sorted(s for s, runs in by_seed.items() if label in runs and "RS-Net" in runs)
+        if not seeds:
+            continue
+        diff = {r: [by_seed[s]["RS-Net"]["top1"][str(r)] - by_seed[s][label]["top1"][str(r)] for s in seeds] for r in T}
+        gaps.append([f"RS-Net - {label} ({len(seeds)} paired)", *(f"{cell(diff[r], '+')} (min {min(diff[r]):+.1f})" for r in T)])
+    print(markdown_table(["gap, points", *(str(r) for r in T)], gaps))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["asis", "pilot", "train", "eval", "report"])
+    p.add_argument("stage", choices=["asis", "pilot", "train", "eval", "report", "seeds"])
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "realscale")
     p.add_argument("--only", nargs="+")
     p.add_argument("--seed", type=int, default=0)
@@ -218,7 +253,7 @@ def main() -> None:
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     {"asis": lambda: asis(a.out), "pilot": lambda: pilot(a.out, a.grid), "train": lambda: train(a.out, a.only, a.seed, a.set),
-     "eval": lambda: eval_runs(a.out, a.seed, a.only), "report": lambda: report(a.seed)}[a.stage]()
+     "eval": lambda: eval_runs(a.out, a.seed, a.only), "report": lambda: report(a.seed), "seeds": seeds_report}[a.stage]()
 
 
 if __name__ == "__main__":
