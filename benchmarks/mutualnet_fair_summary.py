@@ -13,7 +13,8 @@ import json
 import re
 from pathlib import Path
 
-from flexres.analysis.table import pareto_front, select
+from flexres.operating_point import best_within as select
+from flexres.operating_point import pareto_front
 from flexres.engine.evaluate import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]

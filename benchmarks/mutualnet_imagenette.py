@@ -24,7 +24,8 @@ import torch  # noqa: E402
 from _common import train_once  # noqa: E402
 
 from flexres import api  # noqa: E402
-from flexres.analysis.table import pareto_front, select  # noqa: E402
+from flexres.operating_point import best_within as select  # noqa: E402
+from flexres.operating_point import pareto_front  # noqa: E402
 from flexres.engine.config import load_config  # noqa: E402
 from flexres.engine.evaluate import markdown_table  # noqa: E402
 
@@ -51,7 +52,7 @@ def main() -> None:
     args = p.parse_args()
     if not (args.data / "train").is_dir():
         raise SystemExit(f"no data at {args.data}; pass --data DIR")
-    from flexres.analysis.table import parse_range
+    from flexres.cli import parse_range
 
     sets = [f"epochs={args.epochs}", "progress=false", f"eval.calibration_images={args.calibration_images}"]
     sets += [f"batch_size={args.batch}"] if args.batch else []

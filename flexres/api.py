@@ -19,7 +19,6 @@ from safetensors import safe_open
 
 from .analysis import count_macs, count_params, measure_latency, meta_weight_ratios
 from .analysis.table import mark_pareto, read_table, scale_configurations, write_table
-from .analysis.table import select as select_row
 from .data import ImageFolderDataset, SubsetView, sample_data_dir, split_dir
 from .deploy.predict import parse_count
 from .engine.checkpoint import (
@@ -40,7 +39,7 @@ from .engine.trainer import train as train_run
 from .errors import ConfigError
 from .models.base import SAN_MODES
 from .notes import note
-from .operating_point import OperatingPoint
+from .operating_point import OperatingPoint, best_within
 
 __all__ = ["adapt", "demo", "evaluate", "export", "format_eval_report", "format_selection", "predict", "report", "select", "serve",
            "table", "train"]
@@ -390,7 +389,7 @@ def table(run: str | Path, data: str | Path | None = None, widths: Sequence[floa
 def select(run: str | Path, max_macs: float | str | None = None, max_latency_ms: float | None = None) -> dict[str, Any]:
     """The most accurate operating point of the run's query table (built by ``table``) within the budget; ``max_macs``
     a number or as the CLI takes it ("150M")."""
-    return select_row(read_table(resolve_checkpoint(run).parent), _count(max_macs), max_latency_ms)
+    return best_within(read_table(resolve_checkpoint(run).parent), _count(max_macs), max_latency_ms)
 
 
 def format_selection(row: dict[str, Any]) -> str:
@@ -455,9 +454,7 @@ def export(run: str | Path, resolution: int, width: float = 1.0, scales: Sequenc
         train_ds = ImageFolderDataset(split_dir(root, cfg["data"]["train_split"]))
         _ensure_calibrated(model, meta, ckpt, train_ds, [op], cfg["eval"]["calibration_images"], 256, cfg, str(root))
     ext = ".onnx" if format == "onnx" else ".pt"
-    tag = (f"{op.resolution}" + (f"_w{op.width:g}" if op.width != 1.0 else "")
-           + ("_s" + "-".join(f"{f:g}" for f in op.scales) if op.scales else ""))
-    path = Path(out) if out else ckpt.parent / "export" / f"{model.arch['name'].replace(':', '-')}_{tag}{'_int8' if int8 else ''}{ext}"
+    path = Path(out) if out else ckpt.parent / "export" / f"{model.arch['name'].replace(':', '-')}_{op.file_tag}{'_int8' if int8 else ''}{ext}"
     info = export_static(model, meta, op, format, path, bn_policy, scale_policy, fold_bn, data, int8=int8, int8_ranges=int8_ranges)
     return {"path": str(path), **info}
 

@@ -37,10 +37,23 @@ def resolution(text: str) -> int:
     return r
 
 
-def widths(text: str) -> list[float]:
-    """argparse type: START:STOP:STEP or one width (flexres.analysis.table.parse_range)."""
-    from .analysis.table import parse_range
+def parse_range(text: str) -> list[float]:
+    """'0.25:1.0:0.05' -> [0.25, 0.3, ..., 1.0] (both ends included); '0.5' -> [0.5]."""
+    parts = [float(p) for p in text.split(":")]
+    if len(parts) == 1:
+        return parts
+    if len(parts) != 3 or parts[2] <= 0 or parts[0] > parts[1]:
+        raise ValueError(f"expected START:STOP:STEP with START <= STOP and STEP > 0, got {text!r}")
+    start, stop, step = parts
+    n = int(round((stop - start) / step))
+    values = [round(start + i * step, 6) for i in range(n + 1)]
+    if abs(values[-1] - stop) > 1e-6:
+        values.append(stop)
+    return values
 
+
+def widths(text: str) -> list[float]:
+    """argparse type: START:STOP:STEP or one width (parse_range)."""
     try:
         return parse_range(text)
     except ValueError as e:

@@ -7,7 +7,9 @@ import torch.nn.functional as F
 import flexres
 from flexres import OperatingPoint
 from flexres.analysis import count_macs, count_params
-from flexres.analysis.table import pareto_front, parse_range, select
+from flexres.cli import parse_range
+from flexres.operating_point import best_within as select
+from flexres.operating_point import pareto_front
 from flexres.cli import main
 from flexres.methods import create_method
 from flexres.nn import calibrate_bn

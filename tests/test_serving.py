@@ -29,7 +29,7 @@ from flexres.serving.app import create_app
 from flexres.serving.engine import Overloaded, RequestError
 from flexres.serving.errors import Refused
 from flexres.serving.inference import run_batch
-from flexres.analysis.table import TABLE
+from flexres.operating_point import TABLE
 from flexres.serving.points import PointOptions, load_points
 
 pytestmark = pytest.mark.serve

@@ -6,9 +6,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..models import AdaptiveModel
-from ..nn.meta_conv import MetaConv2d
-from ..nn.slimmable import SlimmableBatchNorm2d, SlimmableConv2d, SlimmableLinear
-from ..nn.switchable_bn import SwitchableBatchNorm2d
+from ..nn.adaptive import deployed_params
 from ..operating_point import OperatingPoint
 
 
@@ -33,19 +31,4 @@ def count_params(model: AdaptiveModel, op: OperatingPoint | int | None = None) -
     if op is not None:
         with model.at(op, bn_policy="nearest"):
             return count_params(model)
-    total = 0
-    inner_bns = {id(b) for s in model.switchable_bns() for b in s.bns}
-    for m in model.modules():
-        if isinstance(m, SwitchableBatchNorm2d):
-            total += sum(p.numel() for p in m.bns[0].parameters())
-        elif isinstance(m, SlimmableBatchNorm2d):
-            total += 2 * m.active
-        elif isinstance(m, SlimmableConv2d):
-            total += m.active_out * (1 if m.depthwise else m.active_in) * m.kernel_size[0] * m.kernel_size[1]
-        elif isinstance(m, MetaConv2d):  # deployed as the one weight W(eps) it generates
-            total += m.A.numel()
-        elif isinstance(m, SlimmableLinear):
-            total += m.out_features * (m.active_in + 1)
-        elif id(m) not in inner_bns:  # the BN sets inside a SwitchableBatchNorm2d were counted above, once
-            total += sum(p.numel() for p in m.parameters(recurse=False))
-    return total
+    return deployed_params(model)

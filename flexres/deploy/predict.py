@@ -12,10 +12,10 @@ import torch
 from torch import Tensor
 
 from ..analysis import count_macs, measure_latency
-from ..analysis.table import TABLE, read_table, select
+from ..analysis.table import read_table
 from ..data import EvalTransform, UnreadableImageError, load_rgb, normalize_batch
 from ..engine.checkpoint import load_checkpoint, resolve_checkpoint
-from ..operating_point import OperatingPoint
+from ..operating_point import TABLE, OperatingPoint, best_within, evaluated_accuracy
 
 
 def parse_count(text: str) -> float:
@@ -48,19 +48,10 @@ def candidate_resolutions(model, meta: dict[str, Any]) -> list[int]:
     return sorted(set(model.train_resolutions) | set(evals), reverse=True)
 
 
-def known_accuracy(run_dir: Path) -> dict[int, float]:
-    """top-1 per resolution from the evaluations ``flexres eval`` saved in the run (best BN policy each)."""
-    acc: dict[int, float] = {}
-    for f in sorted(run_dir.glob("eval_*.json")):
-        for r, v in json.loads(f.read_text()).get("results", {}).items():
-            acc[int(r)] = max(acc.get(int(r), 0.0), v["top1"])
-    return acc
-
-
 def choose_resolution(model, meta: dict[str, Any], run_dir: Path, max_macs: float | None, max_latency_ms: float | None,
                       batch_size: int = 1) -> tuple[int, str]:
     """The best resolution under the budget: most accurate where ``flexres eval`` results exist, else the largest."""
-    acc = known_accuracy(run_dir)
+    acc = evaluated_accuracy(run_dir)
     rows = []
     for r in candidate_resolutions(model, meta):
         cost_ok = True
@@ -113,7 +104,7 @@ def load_predictor(target: str, resolution: int | None = None, max_macs: float |
         if max_macs is None and max_latency_ms is None:
             resolution, how = model.train_resolutions[0], "largest trained resolution"
         elif (run_dir / TABLE).is_file():  # the query table built by `flexres table`
-            row = select(read_table(run_dir), max_macs, max_latency_ms)
+            row = best_within(read_table(run_dir), max_macs, max_latency_ms)
             resolution, width, scales = row["resolution"], row["width"], row.get("scales")
             how = (f"{resolution} px, width {width:g}" + (f", scales {scales}" if scales else "")
                    + f": {row['macs'] / 1e6:.1f} MMACs; top-1 {row['top1']:.1f}% (flexres table)")

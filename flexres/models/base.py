@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..nn.adaptive import AdaptiveLayer, PointSetting, adaptive_layers
 from ..nn.meta_conv import MetaConv2d
 from ..nn.quantize import FULL_PRECISION, LQQuantizer, QuantConv2d, passing_uninitialized
 from ..nn.slimmable import SlimmableBatchNorm2d, SlimmableConv2d, SlimmableLinear, make_divisible, set_rounding
@@ -20,6 +21,7 @@ from ..operating_point import OperatingPoint
 __all__ = ["AdaptiveModel", "FeatureSequenceModel", "SAN_MODES", "load_single_bn_weights", "make_divisible"]
 
 ConvFactory = Callable[..., nn.Module]  # (cin, cout, kernel, stride, padding, groups=1) -> bias-free conv
+NormFactory = Callable[[int], nn.Module]  # channels -> normalisation layer
 SCALE_POLICIES = ("exact", "nearest")
 # SAN's three inference modes (Alg. 2-4) as (bn_policy, scale_policy).
 SAN_MODES = {
@@ -139,6 +141,12 @@ class AdaptiveModel(nn.Module):
     def trained_operating_points(self) -> tuple[OperatingPoint, ...]:
         return tuple(OperatingPoint(r) for r in self.train_resolutions)
 
+    def adaptive_layers(self) -> list[AdaptiveLayer]:
+        """Every layer that applies the operating point (flexres.nn.adaptive), in module order."""
+        if getattr(self, "_adaptive", None) is None:
+            self._adaptive = adaptive_layers(self)
+        return self._adaptive
+
     def switchable_bns(self) -> list[SwitchableBatchNorm2d]:
         if self._switchable is None:
             self._switchable = [m for m in self.modules() if isinstance(m, SwitchableBatchNorm2d)]
@@ -232,28 +240,14 @@ class AdaptiveModel(nn.Module):
             raise ValueError("bn_policy 'calibrate' re-estimates statistics under the weights generated at eps(T), so it "
                              "needs scale_policy 'exact' (SAN ideal inference)")
         self._check_operating_point(op)
-        scales = self.stage_scales(op)
+        eps = self.scale_resolution(op.resolution, scale) / self.scale_divisor if self.scale_divisor is not None else None
+        setting = PointSetting(self.resolve(op), self.stage_scales(op), tuple(self.train_resolutions), policy, eps)
         fell_back = False
-        resolved = self.resolve(op)
-        for bn in self.switchable_bns():
-            key = op.resolution if bn.scale_stage is None else factor_key(scales[bn.scale_stage])
-            fell_back |= bn.select(key, policy, bn.calibration_key(resolved)).fell_back
-        for resize, factor in zip(self.stage_resizers or [], scales):
-            resize.set_target(op.resolution, factor)
+        for layer in self.adaptive_layers():
+            fell_back |= layer.apply_point(setting)
         if fell_back:
             note(f"{op.resolution} px is outside the trained range [{min(self.train_resolutions)}, {max(self.train_resolutions)}]: "
                  "bn_policy 'interpolate' serves it with the nearest trained BN")
-        if self.width_range is not None:
-            for m in self.slimmable_modules():
-                m.set_width(op.width)
-                if isinstance(m, SlimmableBatchNorm2d):
-                    m.set_key(op.resolution, op.width)
-        for q in self.activation_quantizers():  # private activation bases switch with the resolution, as BNs do
-            q.select(nearest_index(op.resolution, self.train_resolutions))
-        if self.scale_divisor is not None:
-            eps = self.scale_resolution(op.resolution, scale) / self.scale_divisor
-            for conv in self.meta_convs():
-                conv.set_scale(eps)
         self.operating_point = op
         self.bn_policy = policy
         self.scale_policy = scale
@@ -304,11 +298,15 @@ class AdaptiveModel(nn.Module):
         set_rounding(self, rule)
         self.arch_defaults = {"channel_rounding": rule, **arch}
 
-    def layer_factories(self, meta_conv: bool = False, slimmable: bool = False, slim_divisor: int = 8) -> tuple[Callable, ConvFactory]:
-        """(norm, conv) factories: a BN per trained resolution with plain or SAN convs, or width-slimmable layers."""
+    def layer_factories(self, meta_conv: bool = False, slimmable: bool = False, slim_divisor: int = 8,
+                        norm_layer: NormFactory | None = None, conv_layer: ConvFactory | None = None) -> tuple[NormFactory, ConvFactory]:
+        """(norm, conv) factories: a BN per trained resolution with plain or SAN convs, or width-slimmable layers;
+        ``norm_layer`` / ``conv_layer``, when given, instead (any layer, adaptive ones through flexres.nn.adaptive)."""
         if slimmable:
-            return partial(SlimmableBatchNorm2d, divisor=slim_divisor), conv_factory(slimmable_divisor=slim_divisor)
-        return partial(SwitchableBatchNorm2d, resolutions=self.train_resolutions), conv_factory(meta_conv)
+            norm, conv = partial(SlimmableBatchNorm2d, divisor=slim_divisor), conv_factory(slimmable_divisor=slim_divisor)
+        else:
+            norm, conv = partial(SwitchableBatchNorm2d, resolutions=self.train_resolutions), conv_factory(meta_conv)
+        return norm_layer or norm, conv_layer or conv
 
     # --- forward ---
     def feature_blocks(self) -> list[tuple[int | None, Callable[[Tensor], Tensor]]]:

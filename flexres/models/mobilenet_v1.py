@@ -8,7 +8,7 @@ from torch import nn
 
 from ..nn.slimmable import SlimmableLinear, keep_full_width
 from ..nn.stage_resize import StageResize
-from .base import FeatureSequenceModel, make_divisible, resize_plan, scale_aware_norm
+from .base import ConvFactory, FeatureSequenceModel, NormFactory, make_divisible, resize_plan, scale_aware_norm
 from .mobilenet_v2 import ConvBNReLU
 from .registry import register_model
 
@@ -28,14 +28,15 @@ class MobileNetV1(FeatureSequenceModel):
     def __init__(self, num_classes: int = 1000, train_resolutions: list[int] | tuple[int, ...] = (224,), width_mult: float = 1.0,
                  dropout: float = 0.0, slimmable: bool = False, width_range: tuple[float, float] = (0.25, 1.0),
                  slim_divisor: int = 8, slim_head: bool = False, channel_rounding: str = "official", resizable: bool = False,
-                 scale_factors: tuple[float, ...] = (0.45, 0.65, 0.85, 1.0)) -> None:
+                 scale_factors: tuple[float, ...] = (0.45, 0.65, 0.85, 1.0), norm_layer: NormFactory | None = None,
+                 conv_layer: ConvFactory | None = None) -> None:
         super().__init__(train_resolutions, None, width_range if slimmable else None, scale_factors if resizable else None)
-        norm, conv = self.layer_factories(slimmable=slimmable, slim_divisor=slim_divisor)
+        norm, conv = self.layer_factories(slimmable=slimmable, slim_divisor=slim_divisor, norm_layer=norm_layer, conv_layer=conv_layer)
         self.resize_at, bn_stage, stage_strides = resize_plan([2] + [s for _, s in _BLOCKS])
         norms = [norm] * (len(_BLOCKS) + 1)
         if resizable:
             norms = [scale_aware_norm(self.scale_factors, st, self.train_resolutions) for st in bn_stage]
-            self.stage_resizers = nn.ModuleList(StageResize(st) for st in stage_strides)
+            self.stage_resizers = nn.ModuleList(StageResize(st, i) for i, st in enumerate(stage_strides))
         cin = make_divisible(32 * width_mult, 8)
         layers: list[nn.Module] = [ConvBNReLU(3, cin, 3, 2, norms[0], conv)]
         for c, s in _BLOCKS:

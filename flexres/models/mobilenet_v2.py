@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..nn.slimmable import SlimmableLinear, keep_full_width, set_channel_ratio
 from ..nn.stage_resize import StageResize
-from .base import ConvFactory, FeatureSequenceModel, make_divisible, resize_plan, scale_aware_norm
+from .base import ConvFactory, FeatureSequenceModel, NormFactory, make_divisible, resize_plan, scale_aware_norm
 from .registry import register_model
 
 # (expand ratio t, output channels c, repeats n, first stride s), MobileNetV2 Table 2.
@@ -65,17 +65,19 @@ class MobileNetV2(FeatureSequenceModel):
         slim_head: bool = False,
         resizable: bool = False,
         scale_factors: tuple[float, ...] = (0.45, 0.65, 0.85, 1.0),
+        norm_layer: NormFactory | None = None,
+        conv_layer: ConvFactory | None = None,
     ) -> None:
         super().__init__(train_resolutions, scale_divisor if meta_conv else None, width_range if slimmable else None,
                          scale_factors if resizable else None)
-        norm, conv = self.layer_factories(meta_conv, slimmable, slim_divisor)
+        norm, conv = self.layer_factories(meta_conv, slimmable, slim_divisor, norm_layer, conv_layer)
         cin = make_divisible(32 * width_mult, 8)
         last = make_divisible(1280 * max(1.0, width_mult), 8)
         strides = [2] + [s if i == 0 else 1 for _, _, n, s in _SETTINGS for i in range(n)] + [1]
         self.resize_at, bn_stage, stage_strides = resize_plan(strides)
         if resizable:  # scale-aware BN: each block's BNs keyed by the factor of the stage it runs in
             norms = [scale_aware_norm(self.scale_factors, st, self.train_resolutions) for st in bn_stage]
-            self.stage_resizers = nn.ModuleList(StageResize(st) for st in stage_strides)
+            self.stage_resizers = nn.ModuleList(StageResize(st, i) for i, st in enumerate(stage_strides))
         else:
             norms = [norm] * len(strides)
         features: list[nn.Module] = [ConvBNReLU(3, cin, 3, 2, norms[0], conv)]

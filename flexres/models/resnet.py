@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..nn.slimmable import SlimmableLinear
 from ..nn.stage_resize import StageResize
-from .base import AdaptiveModel, ConvFactory, make_divisible, scale_aware_norm
+from .base import AdaptiveModel, ConvFactory, NormFactory, make_divisible, scale_aware_norm
 from .registry import register_model
 
 
@@ -79,10 +79,12 @@ class ResNet(AdaptiveModel):
         w_bits: int = 32,
         a_bits: int = 32,
         activation_bases: str = "shared",
+        norm_layer: NormFactory | None = None,
+        conv_layer: ConvFactory | None = None,
     ) -> None:
         super().__init__(train_resolutions, scale_divisor if meta_conv else None, width_range if slimmable else None,
                          scale_factors if resizable else None)
-        norm, conv = self.layer_factories(meta_conv, slimmable, slim_divisor)
+        norm, conv = self.layer_factories(meta_conv, slimmable, slim_divisor, norm_layer, conv_layer)
         widths = [make_divisible(c * width_mult, 8) for c in (64, 128, 256, 512)]
         self.conv1 = conv(3, widths[0], 7, 2, 3)
         # LQ-Nets (quantized RS-Nets, RS-Nets Table 3): every conv after the stem quantized; stem and fc full precision.
@@ -108,7 +110,7 @@ class ResNet(AdaptiveModel):
                 cin = planes * block.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         if resizable:
-            self.stage_resizers = nn.ModuleList(StageResize(stride) for stride in (4, 8, 16, 32))
+            self.stage_resizers = nn.ModuleList(StageResize(stride, i) for i, stride in enumerate((4, 8, 16, 32)))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.num_features = cin
         self.fc = SlimmableLinear(cin, num_classes, slim_divisor) if slimmable else nn.Linear(cin, num_classes)

@@ -60,7 +60,7 @@ class ShuffleNetV2(AdaptiveModel):
         self.resize_at, bn_stage, stage_strides = resize_plan(strides)
         if resizable:
             norms = [scale_aware_norm(self.scale_factors, st, self.train_resolutions) for st in bn_stage]
-            self.stage_resizers = nn.ModuleList(StageResize(st) for st in stage_strides)
+            self.stage_resizers = nn.ModuleList(StageResize(st, i) for i, st in enumerate(stage_strides))
         else:
             norms = [partial(SwitchableBatchNorm2d, resolutions=self.train_resolutions)] * len(strides)
         self.conv1 = nn.Sequential(nn.Conv2d(3, widths[0], 3, 2, 1, bias=False), norms[0](widths[0]), nn.ReLU(inplace=True))

@@ -9,11 +9,7 @@ from torch import Tensor, nn
 from torch import fx
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from ..nn.meta_conv import MetaConv2d
-from ..nn.quantize import QuantConv2d
-from ..nn.slimmable import SlimmableBatchNorm2d, SlimmableConv2d, SlimmableLinear
-from ..nn.stage_resize import FixedResize, StageResize
-from ..nn.switchable_bn import SwitchableBatchNorm2d
+from ..nn.adaptive import make_static
 from ..operating_point import OperatingPoint
 from .base import AdaptiveModel
 
@@ -27,23 +23,6 @@ class StaticClassifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net.forward_head(self.net.forward_features(x))
-
-
-def _make_static(module: nn.Module) -> None:
-    """Swap every adaptive layer for the plain layer it currently computes."""
-    for name, child in module.named_children():
-        if isinstance(child, (SwitchableBatchNorm2d, SlimmableBatchNorm2d)):
-            setattr(module, name, child.to_batchnorm())
-        elif isinstance(child, QuantConv2d):  # LQ-Nets: quantized weights materialised, activations through fixed levels
-            setattr(module, name, child.to_static())
-        elif isinstance(child, (MetaConv2d, SlimmableConv2d)):
-            setattr(module, name, child.to_conv2d())
-        elif isinstance(child, SlimmableLinear):
-            setattr(module, name, child.to_linear())
-        elif isinstance(child, StageResize):
-            setattr(module, name, FixedResize(child.size) if child.size is not None else nn.Identity())
-        else:
-            _make_static(child)
 
 
 class _ConvLeafTracer(fx.Tracer):
@@ -83,6 +62,6 @@ def to_static(model: AdaptiveModel, op: OperatingPoint | int, bn_policy: str | N
     slimmable layers sliced, the selected BN); with ``fold_bn`` every BN is folded into its conv."""
     net = copy.deepcopy(model).eval()
     net.set_operating_point(op, bn_policy, scale_policy)
-    _make_static(net)
+    make_static(net)
     static = StaticClassifier(net).eval()
     return fold_batchnorms(static) if fold_bn else static

@@ -8,13 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .adaptive import AdaptiveLayer, PointSetting
+
 
 def scale_encoding(resolution: int, divisor: float = 320.0) -> float:
     """SAN's scale encoding eps(r) = r / divisor (the reference code's 320: 224 -> 0.7, 96 -> 0.3)."""
     return resolution / divisor
 
 
-class MetaConv2d(nn.Module):
+class MetaConv2d(nn.Module, AdaptiveLayer):
     """A conv layer with a per-layer affine weight generator (SAN Eq. 2a; the reference code's
     ``nn.Linear(1, Cout*Cin*k*k)``): ``A`` and ``B`` are shaped like the weight, W(eps) = A * eps + B.
 
@@ -71,6 +73,18 @@ class MetaConv2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.conv2d(x, self.weight_at(self.eps), None, self.stride, self.padding, 1, self.groups)
+
+    def apply_point(self, setting: PointSetting) -> bool:
+        if setting.scale_eps is None:
+            raise ValueError("a MetaConv2d generates its weight from the scale encoding: the model gave none (not a SAN model?)")
+        self.set_scale(setting.scale_eps)
+        return False
+
+    def to_static(self) -> nn.Module:
+        return self.to_conv2d()
+
+    def deployed_params(self) -> int:
+        return self.A.numel()  # one generated weight, the shape of A
 
     def to_conv2d(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` holding the weight generated at the current eps."""

@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UninitializedQuantizerError
+from .adaptive import AdaptiveLayer, PointSetting
+from .switchable_bn import nearest_index
 
 FULL_PRECISION = 32
 # Values accumulated per chunk in the QEM sums: bounds the float64 copy (8 bytes a value) whatever the layer's size;
@@ -101,7 +103,7 @@ def least_squares_basis(x: Tensor, codes: Tensor, basis: Tensor, signed: bool, r
     return best.to(x.dtype)
 
 
-class LQQuantizer(nn.Module):
+class LQQuantizer(nn.Module, AdaptiveLayer):
     """K-bit LQ-Nets quantizer of a tensor whose values split into ``groups`` (dim 0 of the grouped view).
 
     ``signed`` (weights): levels symmetric around 0, pure STE. Unsigned (activations): levels >= 0, input clipped to
@@ -130,6 +132,14 @@ class LQQuantizer(nn.Module):
         if not 0 <= index < self.basis.shape[0]:
             raise IndexError(f"basis {index} of {self.basis.shape[0]}")
         self.index = index
+
+    def apply_point(self, setting: PointSetting) -> bool:
+        if not self.signed and self.basis.shape[0] > 1:  # private activation bases switch with the resolution, as BNs do
+            self.select(nearest_index(setting.op.resolution, setting.train_resolutions))
+        return False
+
+    def deployed_params(self) -> int:
+        return 0  # deployed inside its convolution's static form (QuantConv2d.to_static)
 
     @torch.no_grad()
     def _initial_basis(self, x: Tensor) -> Tensor:
@@ -223,7 +233,7 @@ class FixedLevels(nn.Module):
         return "levels=[" + ", ".join(f"{v:.4g}" for v in self.levels) + "]"
 
 
-class QuantConv2d(nn.Conv2d):
+class QuantConv2d(nn.Conv2d, AdaptiveLayer):
     """A Conv2d whose input is quantized to ``a_bits`` (non-negative activations, one basis per layer or per trained
     resolution) and whose weight is quantized to ``w_bits`` (one basis per output channel), as LQ-Nets."""
 
@@ -235,6 +245,9 @@ class QuantConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+
+    def deployed_params(self) -> int:
+        return self.weight.numel() + (self.bias.numel() if self.bias is not None else 0)  # what to_static holds, untrained too
 
     @torch.no_grad()
     def to_static(self) -> nn.Module:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..operating_point import OperatingPoint
+from .adaptive import AdaptiveLayer, PointSetting
 from .switchable_bn import _MomentAccumulator
 
 
@@ -51,7 +52,7 @@ def slim_channels(channels: int, width: float, divisor: int = 8, ratio: int = 1,
     return min(channels, make_divisible(channels // ratio * width, divisor) * ratio)
 
 
-class SlimmableConv2d(nn.Conv2d):
+class SlimmableConv2d(nn.Conv2d, AdaptiveLayer):
     """nn.Conv2d whose active input/output channels follow the width.
 
     slim_in=False for the stem (3 RGB channels), slim_out=False for a full-size head. A depthwise conv
@@ -81,6 +82,13 @@ class SlimmableConv2d(nn.Conv2d):
         w = self.weight[: self.active_out, : self.active_in]
         return F.conv2d(x, w, None, self.stride, self.padding, 1, 1)
 
+    def apply_point(self, setting: PointSetting) -> bool:
+        self.set_width(setting.op.width)
+        return False
+
+    def to_static(self) -> nn.Module:
+        return self.to_conv2d()
+
     def to_conv2d(self) -> nn.Conv2d:
         groups = self.active_out if self.depthwise else 1
         conv = nn.Conv2d(self.active_in, self.active_out, self.kernel_size, self.stride, self.padding, groups=groups, bias=False)
@@ -89,7 +97,7 @@ class SlimmableConv2d(nn.Conv2d):
         return conv.to(self.weight.device)
 
 
-class SlimmableLinear(nn.Linear):
+class SlimmableLinear(nn.Linear, AdaptiveLayer):
     """nn.Linear on the first ``slim_channels(in_features, width)`` inputs (all of them with
     ``slim_in=False``); all outputs (the classes)."""
 
@@ -105,6 +113,13 @@ class SlimmableLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight[:, : self.active_in], self.bias)
 
+    def apply_point(self, setting: PointSetting) -> bool:
+        self.set_width(setting.op.width)
+        return False
+
+    def to_static(self) -> nn.Module:
+        return self.to_linear()
+
     def to_linear(self) -> nn.Linear:
         lin = nn.Linear(self.active_in, self.out_features)
         with torch.no_grad():
@@ -113,7 +128,7 @@ class SlimmableLinear(nn.Linear):
         return lin.to(self.weight.device)
 
 
-class SlimmableBatchNorm2d(nn.Module):
+class SlimmableBatchNorm2d(nn.Module, AdaptiveLayer):
     """BN over the first channels; shared affine parameters, statistics per (resolution, width).
 
     Training normalises with the batch's statistics. Evaluation needs post-statistics for the active
@@ -143,6 +158,17 @@ class SlimmableBatchNorm2d(nn.Module):
 
     def set_key(self, resolution: int, width: float) -> None:
         self.key = (int(resolution), float(width))
+
+    def apply_point(self, setting: PointSetting) -> bool:
+        self.set_width(setting.op.width)
+        self.set_key(setting.op.resolution, setting.op.width)
+        return False
+
+    def to_static(self) -> nn.Module:
+        return self.to_batchnorm()
+
+    def deployed_params(self) -> int:
+        return 2 * self.active  # the active channels' scale and shift (to_batchnorm needs statistics for the point)
 
     def forward(self, x: Tensor) -> Tensor:
         w, b = self.weight[: self.active], self.bias[: self.active]

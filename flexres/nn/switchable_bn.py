@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..operating_point import OperatingPoint
+from .adaptive import AdaptiveLayer, PointSetting
+from .stage_resize import factor_key
 
 # Calibrated statistics are stored per key: an input resolution, or (resolution, factors of stages 0..k) for a
 # scale-aware BN of a Resizable network's stage k.
@@ -99,7 +101,7 @@ class _MomentAccumulator:
         return mean, var.clamp_min(0)
 
 
-class SwitchableBatchNorm2d(nn.Module):
+class SwitchableBatchNorm2d(nn.Module, AdaptiveLayer):
     """A private ``nn.BatchNorm2d`` per trained resolution; ``bns[i]`` belongs to ``resolutions[i]``."""
 
     def __init__(self, num_features: int, resolutions: tuple[int, ...] | list[int], eps: float = 1e-5, momentum: float | None = 0.1):
@@ -170,6 +172,13 @@ class SwitchableBatchNorm2d(nn.Module):
             )
         w, b, mean, var = self.selected_parameters()
         return F.batch_norm(x, mean, var, w, b, False, 0.0, self.eps)
+
+    def apply_point(self, setting: PointSetting) -> bool:
+        key = setting.op.resolution if self.scale_stage is None else factor_key(setting.scales[self.scale_stage])
+        return self.select(key, setting.bn_policy, self.calibration_key(setting.op)).fell_back
+
+    def to_static(self) -> nn.Module:
+        return self.to_batchnorm()
 
     # --- calibration (driven by flexres.nn.calibrate_bn) ---
     def calibration_key(self, op: OperatingPoint) -> CalibrationKey:

@@ -14,10 +14,9 @@ import torch
 from torch import Tensor
 
 from ..analysis import count_macs
-from ..analysis.table import TABLE, pareto_front
-from ..deploy.predict import known_accuracy, load_predictor
+from ..deploy.predict import load_predictor
 from ..engine.checkpoint import load_checkpoint, resolve_checkpoint
-from ..operating_point import OperatingPoint
+from ..operating_point import OperatingPoint, measured_points, pareto_front
 
 EXPORTED_SUFFIXES = (".onnx", ".pt", ".ts")
 BACKENDS = ("torch", "ort")
@@ -48,12 +47,6 @@ def default_backend() -> str:
     return "ort" if importlib.util.find_spec("onnxruntime") is not None else "torch"
 
 
-def point_name(op: OperatingPoint) -> str:
-    """A short, unique label: '112px', '160px w0.5', '160px s0.45-1-1-1'."""
-    return (f"{op.resolution}px" + (f" w{op.width:g}" if op.width != 1.0 else "")
-            + (" s" + "-".join(f"{f:g}" for f in op.scales) if op.scales else ""))
-
-
 @dataclass
 class ServingPoint:
     """One operating point the server can run: what it is, what it costs, how accurate it is expected to be."""
@@ -75,7 +68,7 @@ class ServingPoint:
 
     @property
     def name(self) -> str:
-        return point_name(self.op)
+        return self.op.name
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "resolution": self.op.resolution, "width": self.op.width,
@@ -129,48 +122,35 @@ def _candidates(model, run_dir: Path, bn_policy: str | None) -> tuple[list[tuple
     Every trained resolution is served: accuracy ties (two resolutions at the same top-1) must never drop one the run
     was trained at. The Pareto points of the query table (widths, scales, untrained resolutions) are added to them."""
     found: dict[OperatingPoint, tuple[int, float | None, str]] = {}
-    table_file = run_dir / TABLE
-    if table_file.is_file():
-        table = json.loads(table_file.read_text())
-        policy, source = bn_policy or table.get("bn_policy") or "interpolate", "table"
-        rows = table["rows"]
-        ops = {(r["resolution"], r["width"], tuple(r["scales"]) if r.get("scales") else None): r for r in rows}
-        for r in pareto_front(rows):
-            op = OperatingPoint(r["resolution"], r["width"], tuple(r["scales"]) if r.get("scales") else None)
-            found[op] = (int(r["macs"]), r["top1"], "Pareto point of the query table")
-        accuracy = {res: r["top1"] for (res, w, sc), r in ops.items() if w == 1.0 and sc is None}
-    else:
-        policy, source = bn_policy or "interpolate", "eval"
-        accuracy = known_accuracy(run_dir)
-        rows = [{"resolution": r, "top1": a, "macs": count_macs(model, r)} for r, a in accuracy.items()]
-        for r in pareto_front(rows):
-            found[OperatingPoint(r["resolution"])] = (int(r["macs"]), r["top1"], "Pareto point of `flexres eval`")
-        if not accuracy:
-            source = "trained"
+    measured = measured_points(run_dir)
+    policy = bn_policy or measured.bn_policy or "interpolate"
+    rows = [r if "macs" in r else {**r, "macs": count_macs(model, OperatingPoint.of_row(r))} for r in measured.rows]
+    why = "Pareto point of the query table" if measured.source == "table" else "Pareto point of `flexres eval`"
+    for r in pareto_front(rows):
+        found[OperatingPoint.of_row(r)] = (int(r["macs"]), r["top1"], why)
     for r in model.train_resolutions:
         op = OperatingPoint(r)
         if model.width_range is not None and op not in found:
             continue  # a slimmable model's points are its table's (each needs post-statistics BN)
-        macs, top1, why = found.get(op, (count_macs(model, op), accuracy.get(r), "trained"))
+        macs, top1, why = found.get(op, (count_macs(model, op), measured.top1(op), "trained"))
         found[op] = (macs, top1, "trained" if why == "trained" else f"trained; {why}")
-    return [(op, macs, top1, why) for op, (macs, top1, why) in found.items()], policy, source
+    return [(op, macs, top1, why) for op, (macs, top1, why) in found.items()], policy, measured.source
 
 
 def _pick(candidates: list, names: Sequence[str] | None, run_dir: Path, model) -> list:
     """The candidates named by ``names`` ("224px", "160px w0.5", or a bare resolution "224", trained or not)."""
     if not names:
         return candidates
-    by_name = {point_name(c[0]): c for c in candidates}
+    by_point = {c[0]: c for c in candidates}
     picked = []
     for n in names:
-        key = f"{n}px" if str(n).isdigit() else str(n)
-        if key in by_name:
-            picked.append((*by_name[key][:3], "asked for"))
-        elif str(n).isdigit():  # an untrained resolution the BN policy serves
-            op = OperatingPoint(int(n))
+        op = OperatingPoint.parse(n)
+        if op in by_point:
+            picked.append((*by_point[op][:3], "asked for"))
+        elif op == OperatingPoint(op.resolution):  # an untrained resolution the BN policy serves
             picked.append((op, count_macs(model, op), None, "asked for"))
         else:
-            raise ValueError(f"{run_dir}: no operating point {n!r} to serve; known: {', '.join(by_name)}")
+            raise ValueError(f"{run_dir}: no operating point {n!r} to serve; known: {', '.join(o.name for o in by_point)}")
     return picked
 
 
@@ -180,8 +160,7 @@ def _onnx_runner(model, meta: dict[str, Any], run_dir: Path, op: OperatingPoint,
     from ..deploy.export import export
     from ..deploy.runtime import onnx_session, session_runner
 
-    name = point_name(op).replace(" ", "_")
-    path = run_dir / "serving" / f"{name}_{policy}{'_int8' if options.int8 else ''}.onnx"
+    path = run_dir / "serving" / f"{op.file_tag}_{policy}{'_int8' if options.int8 else ''}.onnx"
     info_file = Path(str(path) + ".json")
     ckpt = resolve_checkpoint(run_dir)
     fresh = path.is_file() and info_file.is_file() and path.stat().st_mtime > ckpt.stat().st_mtime
