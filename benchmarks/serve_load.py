@@ -136,10 +136,11 @@ def start_server(run: str, port: int, extra: list[str], code: Path | None = None
 
 
 def ramp_server(run: str, serve_args: list[str], images: list[tuple[bytes, str]], rates: list[float], seconds: float,
-                seed: int, threads: int = 1) -> tuple[list[dict], list[dict]]:
-    """Start `flexres serve run *serve_args`, ramp it, stop it: the steps and the points it served (its /points)."""
+                seed: int, threads: int = 1, code: Path | None = None) -> tuple[list[dict], list[dict]]:
+    """Start `flexres serve run *serve_args` (with the flexres package in ``code``, if given), ramp it, stop it: the
+    steps and the points it served (its /points)."""
     port = free_port()
-    proc = start_server(run, port, serve_args, threads=threads)
+    proc = start_server(run, port, serve_args, code=code, threads=threads)
     try:
         steps = asyncio.run(ramp(f"http://127.0.0.1:{port}", images, rates, seconds, seed))
         return steps, httpx.get(f"http://127.0.0.1:{port}/points").json()["points"]
@@ -193,6 +194,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--plot", type=Path)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--serve-arg", action="append", default=[], help="one more `flexres serve` argument (repeat it)")
+    p.add_argument("--code", type=Path, help="serve with the flexres package in this directory (an earlier commit)")
+    p.add_argument("--label", default="", help="recorded with the results (e.g. before, after)")
     args = p.parse_args()
     table = json.loads((Path(args.run) / "table.json").read_text())
     front = [r for r in table["rows"] if r.get("pareto_macs")]
@@ -203,10 +207,12 @@ def main() -> None:
     images = load_images(args.data, args.images, args.seed)
     result = {"date": str(date.today()), "machine": f"{platform.machine()}, {os.cpu_count()} cores", "run": str(args.run),
               "target_p95_ms": args.target_p95_ms, "seconds_per_step": args.seconds, "rates": args.rates, "modes": {},
-              "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}
+              "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "label": args.label,
+              "code": str(args.code) if args.code else "working tree"}
     for mode in args.modes:
         print(f"== {mode}: flexres serve {args.run} {' '.join(mode_args[mode])}", flush=True)
-        result["modes"][mode], points = ramp_server(str(args.run), mode_args[mode], images, args.rates, args.seconds, args.seed)
+        result["modes"][mode], points = ramp_server(str(args.run), [*mode_args[mode], *args.serve_arg], images, args.rates,
+                                                    args.seconds, args.seed, code=args.code)
         result.setdefault("points", points)
     result["breaks_target_at_rps"] = {mode: breaks_at(steps, args.target_p95_ms) for mode, steps in result["modes"].items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
