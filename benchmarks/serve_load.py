@@ -198,12 +198,12 @@ def main() -> None:
     p.add_argument("--code", type=Path, help="serve with the flexres package in this directory (an earlier commit)")
     p.add_argument("--label", default="", help="recorded with the results (e.g. before, after)")
     args = p.parse_args()
-    table = json.loads((Path(args.run) / "table.json").read_text())
-    front = [r for r in table["rows"] if r.get("pareto_macs")]
-    largest = max(front, key=lambda r: r["macs"])["resolution"]
-    smallest = min(front, key=lambda r: r["macs"])["resolution"]
-    mode_args = {"fixed-largest": ["--resolution", str(largest)], "fixed-smallest": ["--resolution", str(smallest)],
-                 "adaptive": ["--target-p95-ms", str(args.target_p95_ms)]}
+    mode_args = {"adaptive": ["--target-p95-ms", str(args.target_p95_ms)]}
+    if set(args.modes) - {"adaptive"}:  # the fixed modes serve the query table's largest and smallest Pareto points
+        table = json.loads((Path(args.run) / "table.json").read_text())
+        front = [r for r in table["rows"] if r.get("pareto_macs")]
+        mode_args["fixed-largest"] = ["--resolution", str(max(front, key=lambda r: r["macs"])["resolution"])]
+        mode_args["fixed-smallest"] = ["--resolution", str(min(front, key=lambda r: r["macs"])["resolution"])]
     images = load_images(args.data, args.images, args.seed)
     result = {"date": str(date.today()), "machine": f"{platform.machine()}, {os.cpu_count()} cores", "run": str(args.run),
               "target_p95_ms": args.target_p95_ms, "seconds_per_step": args.seconds, "rates": args.rates, "modes": {},
