@@ -11,9 +11,20 @@ from pathlib import Path
 from flexres.engine.checkpoint import SIDECAR
 from flexres.engine.trainer import train
 
-# The bundled configs name their data $FLEXRES_DATA/imagenette-224; in this project's workspace the datasets sit in
-# ../shared/data beside the repository.
-os.environ.setdefault("FLEXRES_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+IMAGENETTE = "$FLEXRES_DATA/imagenette-224"  # the benchmarks' data, as the bundled configs name it
+CAMVID = "$FLEXRES_DATA/camvid"
+
+
+def data_path(text: str | Path) -> Path:
+    """argparse type for --data (and its default): ``$FLEXRES_DATA/...`` expanded, a one-line error when unset. The
+    benchmarks name no path outside the repository: export FLEXRES_DATA=/path/to/datasets once, or pass --data."""
+    from flexres.engine.config import resolve_data_root
+    from flexres.errors import ConfigError
+
+    try:
+        return Path(resolve_data_root(text))
+    except ConfigError as e:
+        raise SystemExit(str(e)) from None
 
 
 def add_run_options(p) -> None:

@@ -14,7 +14,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from _common import add_run_options, train_once
+from _common import CAMVID, add_run_options, data_path, train_once
 
 from flexres import api
 from flexres.engine.config import load_config
@@ -35,7 +35,7 @@ def specs(out: Path, seed: int, extra: list[str]) -> dict[str, tuple[Path, list[
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "camvid")
+    p.add_argument("--data", type=data_path, default=CAMVID)
     p.add_argument("--out", type=Path, default=Path("runs/bench_camvid"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-only", action="store_true")

@@ -21,6 +21,7 @@ import torch
 
 from flexres import api
 from flexres.data import ImageFolderDataset
+from _common import data_path, IMAGENETTE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run")
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "imagenette-224"))
+    p.add_argument("--data", type=data_path, default=IMAGENETTE)
     p.add_argument("--resolution", type=int, help="default: the run's training resolution")
     p.add_argument("--one-by-one", type=int, default=16, help="configurations evaluated one by one (a seeded sample)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "config_tree_speed.json")

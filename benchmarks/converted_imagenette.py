@@ -23,14 +23,13 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from _common import train_once
+from _common import IMAGENETTE, data_path, train_once
 
 from flexres import api
 from flexres.engine.config import load_config
 from flexres.engine.evaluate import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenette-224"
 S = [112, 96, 80, 64, 48]
 T = [128, 112, 104, 96, 88, 80, 72, 64, 56, 48, 40]
 
@@ -60,7 +59,7 @@ def cpu_seconds(run: Path) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--data", type=data_path, default=IMAGENETTE)
     p.add_argument("--out", type=Path, default=Path("runs/bench_converted"))
     p.add_argument("--rsnet", type=Path, help="an RS-Net from scratch trained with configs/imagenette_rsnet_r18.yaml")
     p.add_argument("--train-only", nargs="+", choices=["finetune", "timm"])

@@ -24,14 +24,13 @@ from pathlib import Path
 
 import torch
 import yaml
-from _common import add_run_options, train_once
+from _common import IMAGENETTE, add_run_options, data_path, train_once
 
 from flexres import api
 from flexres.engine.config import load_config
 from flexres.engine.evaluate import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenette-224"
 S = [112, 96, 80, 64, 48]
 BITS = {"2/32": (2, 32), "2/2": (2, 2)}
 PRIVATE = "RS-Net-private"
@@ -84,7 +83,7 @@ def spread(values: list[float], sign: str = "") -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--data", type=data_path, default=IMAGENETTE)
     p.add_argument("--out", type=Path, default=Path("runs/bench_lq"))
     p.add_argument("--width", type=float, default=0.25)
     p.add_argument("--seed", type=int, default=0)

@@ -21,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from _common import train_once  # noqa: E402
+from _common import IMAGENETTE, data_path, train_once  # noqa: E402
 
 from flexres import api  # noqa: E402
 from flexres.operating_point import best_within as select  # noqa: E402
@@ -30,13 +30,12 @@ from flexres.engine.config import load_config  # noqa: E402
 from flexres.engine.evaluate import markdown_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenette-224"
 INETS = [(1.0, 112), (0.75, 96), (0.5, 80), (0.35, 64)]  # (width of the base, resolution)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--data", type=data_path, default=IMAGENETTE)
     p.add_argument("--out", type=Path, default=Path("runs/bench_mutualnet"))
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--widths", default="0.25:1.0:0.05")

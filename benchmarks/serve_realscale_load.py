@@ -22,6 +22,7 @@ from pathlib import Path
 
 from serve_flood import DEFAULT_IMAGE, commit, flood_server, machine
 from serve_load import ROOT, breaks_at, load_images, ramp_server
+from _common import data_path, IMAGENETTE
 
 BACKENDS = {"torch": ["--backend", "torch"], "ort": ["--backend", "ort"], "ort-int8": ["--backend", "ort", "--int8"]}
 
@@ -72,7 +73,7 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True)
-    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "imagenette-224")
+    p.add_argument("--data", type=data_path, default=IMAGENETTE)
     p.add_argument("--target-p95-ms", type=float, default=50.0)
     p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
     p.add_argument("--modes", nargs="+", default=["fixed:224", "fixed:96", "adaptive"])
@@ -99,7 +100,7 @@ def main() -> None:
             entry = {"serve_args": serve_args, "ramp": steps, "breaks_at_rps": breaks_at(steps, args.target_p95_ms),
                      "points": [pt.get("name") for pt in points]}
             if not args.no_flood:
-                entry["flood"] = flood_server(args.run, serve_args, args.connections, args.flood_seconds, DEFAULT_IMAGE,
+                entry["flood"] = flood_server(args.run, serve_args, args.connections, args.flood_seconds, data_path(DEFAULT_IMAGE),
                                               threads=args.threads)
             result["backends"].setdefault(backend, {})[mode] = entry
             result["summary"] = summary(result)

@@ -33,9 +33,9 @@ from flexres.data import (
 )
 from flexres.engine.evaluate import markdown_table
 from flexres.methods import create_method
+from _common import data_path, IMAGENETTE
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenette-224"
 S = [112, 96, 80, 64, 48]
 
 
@@ -64,7 +64,7 @@ def loader_throughput(root: Path, cache: bool, workers: int, images: int, batch:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--data", type=data_path, default=IMAGENETTE)
     p.add_argument("--out", type=Path, default=Path("runs/bench_throughput"))
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=8)
