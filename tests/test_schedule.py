@@ -4,7 +4,10 @@ import math
 
 import pytest
 
-from flexres.engine.trainer import lr_at, plan_steps
+from flexres.engine.config import ConfigError, make_config
+from flexres.engine.trainer import build_optimizer, lr_at, plan_steps
+from flexres.methods import create_method
+from tests.conftest import tiny_model
 
 
 def test_warmup_rises_linearly_to_the_peak_then_cosine_falls_to_zero():
@@ -53,3 +56,19 @@ def test_impossible_splits_are_refused_with_their_numbers():
         plan_steps(_t(batch_size=30), num_images=1000, world=4)
     with pytest.raises(ValueError, match=r"batch_size 64 is larger than the training set \(50 images\)"):
         plan_steps(_t(batch_size=64), num_images=50, world=1)
+
+
+def test_weight_decay_on_weights_spares_bn_biases_and_the_methods_scores():
+    model = tiny_model()
+    method = create_method("rsnet", resolutions=[64, 48, 32])
+    decay = {}
+    for on in ("all", "weights"):
+        opt = build_optimizer(make_config({"train": {"weight_decay": 1e-4, "weight_decay_on": on}}), model, method)
+        decay[on] = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+        assert set(decay[on]) == {id(p) for p in model.parameters()} | {id(p) for p in method.parameters()}  # each once
+    assert all(decay["all"][id(p)] == 1e-4 for p in model.parameters())
+    for name, p in model.named_parameters():  # conv and fc weights decay; BN scales and shifts, the fc bias do not
+        assert decay["weights"][id(p)] == (1e-4 if p.ndim >= 2 else 0.0), name
+    assert any(p.ndim == 1 for p in model.parameters()) and any(p.ndim == 4 for p in model.parameters())
+    with pytest.raises(ConfigError, match="train.weight_decay_on must be one of all, weights, got 'bn'"):
+        make_config({"train": {"weight_decay_on": "bn"}})

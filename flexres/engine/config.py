@@ -40,6 +40,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         # bn_stats: "update" (BN in training mode) or "frozen" (running statistics kept, affine parameters still
         # trained: the usual way to fine-tune a pretrained network on a few classes or small batches)
         "bn_stats": "update", "init_from": None, "eval_every": 1, "progress": True,
+        # weight_decay_on: "all" parameters, or "weights": convolution and linear weights only (tensors of 2 or more
+        # dimensions), no BN scales or shifts, biases or quantizer parameters (LQ-Nets' recipe; timm's default)
+        "weight_decay_on": "all",
     },
     "eval": {"resolutions": None, "bn_policy": "interpolate", "calibration_images": 2000, "batch_size": 256},
 }
@@ -52,7 +55,8 @@ NULLABLE: dict[tuple[str, str], tuple[str, ...]] = {
     ("train", "init_from"): ("str",), ("eval", "resolutions"): ("list of int",),
 }
 # Keys with a fixed set of values, checked with the types (before a run starts, not when it is evaluated).
-CHOICES: dict[tuple[str, str], tuple[str, ...]] = {("eval", "bn_policy"): BN_POLICIES}
+CHOICES: dict[tuple[str, str], tuple[str, ...]] = {("eval", "bn_policy"): BN_POLICIES, ("train", "bn_stats"): ("update", "frozen"),
+                                                   ("train", "weight_decay_on"): ("all", "weights")}
 
 __all__ = ["ConfigError", "DEFAULTS", "check_names", "load_config", "make_config"]
 
