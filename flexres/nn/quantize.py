@@ -138,8 +138,18 @@ class LQQuantizer(nn.Module, AdaptiveLayer):
             self.select(nearest_index(setting.op.resolution, setting.train_resolutions))
         return False
 
+    @torch.no_grad()
+    def to_static(self) -> nn.Module:
+        """An activation quantizer on its own (a pre-activation network's): the fixed levels of the selected basis."""
+        if self.signed:
+            raise NotImplementedError("a weight quantizer becomes plain weights inside its convolution (QuantConv2d.to_static)")
+        if not self.enabled:
+            return nn.Identity()
+        self.require_initialized()  # an unfitted basis has no levels
+        return FixedLevels(quantization_levels(self.basis[self.index], False)[0].tolist())
+
     def deployed_params(self) -> int:
-        return 0  # deployed inside its convolution's static form (QuantConv2d.to_static)
+        return 0  # levels are constants, not parameters
 
     @torch.no_grad()
     def _initial_basis(self, x: Tensor) -> Tensor:
