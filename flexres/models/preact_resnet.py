@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from ..nn.quantize import FULL_PRECISION, LQQuantizer
 from .base import AdaptiveModel, ConvFactory, NormFactory, make_divisible, quantized_conv_factory
 from .registry import register_model
+from .resnet import ResNet
 
 ActivationQuantizer = Callable[[], nn.Module]
 PREACT = ("bnrelu", "quantize", "none")  # what a block does to its input before conv1 (see the module docstring)
@@ -162,17 +163,14 @@ class PreActResNet(AdaptiveModel):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def stem(self, x: Tensor) -> Tensor:
-        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+    stem = ResNet.stem  # the same stem (conv1, bn1, relu, maxpool) and head (avgpool, fc) as the post-activation family
+    forward_head = ResNet.forward_head
 
     def feature_blocks(self) -> list[tuple[int | None, Callable[[Tensor], Tensor]]]:
         blocks: list[tuple[int | None, Callable[[Tensor], Tensor]]] = [(None, self.stem)]
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             blocks += [(None, blk) for blk in layer]
         return blocks
-
-    def forward_head(self, x: Tensor) -> Tensor:
-        return self.fc(self.avgpool(x).flatten(1))
 
 
 @register_model
