@@ -301,3 +301,70 @@ def test_an_untrained_quantizer_refuses_to_run_in_eval_except_when_measuring_cos
         materialize(model, 32)
     with pytest.raises(UninitializedQuantizerError):
         model.layer1[0].conv1.to_static()
+
+
+def _reference_step(x: torch.Tensor, basis: torch.Tensor, signed: bool, momentum: float = 0.9):
+    """LQ-Nets' quantizer step written from its equations: nearest level, STE (clipped for activations), and the QEM
+    basis update from per-code counts and sums accumulated one code at a time."""
+    flat = x.detach().float().reshape(basis.shape[0], -1)
+    q, codes = quantize_with(flat, basis, signed)
+    enc = encodings(basis.shape[1], signed).double()
+    counts = torch.stack([(codes == c).sum(1).double() for c in range(enc.shape[0])], 1)
+    sums = torch.stack([(flat.double() * (codes == c)).sum(1) for c in range(enc.shape[0])], 1)
+    btb = torch.einsum("gl,lk,lj->gkj", counts, enc, enc)
+    lam = 1e-6 * btb.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1.0)[:, None, None]
+    best = torch.linalg.solve(btb + lam * torch.eye(enc.shape[1], dtype=torch.float64),
+                              (sums @ enc + lam[:, :, 0] * basis.double()).unsqueeze(-1)).squeeze(-1).float()
+    top = float(quantization_levels(basis, False).max())
+    u = x if signed else x.clamp(0.0, top)
+    return q.reshape(x.shape) + (u - u.detach()), codes, momentum * basis + (1 - momentum) * best
+
+
+@pytest.mark.parametrize("signed, bits, groups, bases", [(True, 2, 8, 1), (False, 2, 1, 1), (False, 3, 1, 3), (True, 4, 4, 1)])
+def test_the_quantizer_step_equals_its_equations_outputs_codes_gradients_and_basis(signed, bits, groups, bases):
+    torch.manual_seed(3)
+    quant = LQQuantizer(bits, signed=signed, groups=groups, num_bases=bases).train()
+    quant.select(bases - 1)
+    shape = (groups, 16, 3, 3) if signed else (4, 6, 10, 10)
+    quant(torch.randn(shape) if signed else torch.relu(torch.randn(shape)))  # fits the basis
+    x = (torch.randn(shape) * 1.5 if signed else torch.relu(torch.randn(shape)) * 2).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    basis = quant.basis[bases - 1].clone()
+    out = quant(x)
+    want, codes, want_basis = _reference_step(x_ref, basis, signed)
+    torch.testing.assert_close(out, want)
+    assert torch.equal(nearest_codes(x.detach().reshape(groups, -1), basis, signed), codes)
+    torch.testing.assert_close(quant.basis[bases - 1], want_basis, atol=1e-6, rtol=1e-5)
+    g = torch.randn(shape)
+    out.backward(g)
+    want.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad)  # straight through, zero above the top level for activations
+
+
+def test_a_fitted_quantizer_never_reads_a_tensor_back_to_the_host(monkeypatch):
+    """On a GPU a read-back (bool(), float(), .item(), a solver's status check) waits for the device, once per layer and
+    step; the fitted quantizer's forward, training included, has none."""
+    quant = LQQuantizer(2, signed=False, num_bases=2).train()
+    quant(torch.rand(2, 4, 8, 8))
+    quant.select(1)
+    quant(torch.rand(2, 4, 8, 8))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("read back to the host")
+
+    for name in ("__bool__", "__float__", "__int__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    for index in (0, 1):
+        quant.select(index)
+        quant(torch.rand(2, 4, 8, 8, requires_grad=True)).sum().backward()
+
+
+def test_a_loaded_state_refreshes_which_bases_are_fitted():
+    trained = LQQuantizer(2, signed=False).train()
+    trained(torch.rand(2, 4, 8, 8))
+    fresh = LQQuantizer(2, signed=False).eval()
+    fresh.load_state_dict(trained.state_dict())
+    assert torch.equal(fresh(torch.ones(1, 4, 2, 2)), trained.eval()(torch.ones(1, 4, 2, 2)))
+    trained.load_state_dict(LQQuantizer(2, signed=False).state_dict())  # an unfitted state: refuses again
+    with pytest.raises(UninitializedQuantizerError):
+        trained(torch.ones(1, 4, 2, 2))

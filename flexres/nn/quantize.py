@@ -77,15 +77,15 @@ def level_counts_and_sums(x: Tensor, codes: Tensor, n_levels: int) -> tuple[Tens
     a large layer (a batch of activations, tens of millions of values) would bias the least-squares target. Chunked,
     so the float64 copy stays small."""
     g = x.shape[0]
-    counts = torch.zeros(g, n_levels, dtype=torch.float64, device=x.device)
-    sums = torch.zeros(g, n_levels, dtype=torch.float64, device=x.device)
-    one = torch.ones((), dtype=torch.float64, device=x.device)  # expanded below: counted without a tensor of ones
+    counts = torch.zeros(g * n_levels, dtype=torch.float64, device=x.device)
+    sums = torch.zeros(g * n_levels, dtype=torch.float64, device=x.device)
+    offset = (torch.arange(g, device=x.device) * n_levels).unsqueeze(1)  # group g's codes count in bins g*L ... g*L+L-1
     step = max(1, _ACCUMULATE_CHUNK // max(g, 1))
-    for start in range(0, x.shape[1], step):
-        c = codes[:, start : start + step]
-        counts.scatter_add_(1, c, one.expand(c.shape))
-        sums.scatter_add_(1, c, x[:, start : start + step].double())
-    return counts, sums
+    for start in range(0, x.shape[1], step):  # two kernels a chunk, whatever the number of groups
+        c = (codes[:, start : start + step] + offset).reshape(-1)
+        counts += torch.bincount(c, minlength=g * n_levels)
+        sums += torch.bincount(c, weights=x[:, start : start + step].reshape(-1).double(), minlength=g * n_levels)
+    return counts.view(g, n_levels), sums.view(g, n_levels)
 
 
 def least_squares_basis(x: Tensor, codes: Tensor, basis: Tensor, signed: bool, ridge: float = 1e-6) -> Tensor:
@@ -99,7 +99,8 @@ def least_squares_basis(x: Tensor, codes: Tensor, basis: Tensor, signed: bool, r
     btx = sums @ enc  # G x K
     lam = ridge * btb.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1.0)[:, None, None]
     eye = torch.eye(basis.shape[1], dtype=sums.dtype, device=x.device)
-    best = torch.linalg.solve(btb + lam * eye, (btx + lam[:, :, 0] * basis.to(sums)).unsqueeze(-1)).squeeze(-1)
+    # solve_ex: no check of the factorisation's status, which would wait for the device (the ridge keeps it regular)
+    best = torch.linalg.solve_ex(btb + lam * eye, (btx + lam[:, :, 0] * basis.to(sums)).unsqueeze(-1))[0].squeeze(-1)
     return best.to(x.dtype)
 
 
@@ -120,6 +121,10 @@ class LQQuantizer(nn.Module, AdaptiveLayer):
         self.register_buffer("basis", torch.zeros(num_bases, groups, k))
         self.register_buffer("initialized", torch.zeros(num_bases, dtype=torch.bool))
         self.index = 0
+        # Which bases are known fitted, mirrored on the host: reading the buffer in every forward would wait for the
+        # device each time (a GPU sync per layer and step). Only True is cached; a loaded state dict refreshes it.
+        self._fitted = [False] * num_bases
+        self.register_load_state_dict_post_hook(LQQuantizer._after_load)
         # Cost measurement only (MACs, latency, memory on zeros; passing_uninitialized): an unfitted basis passes its
         # input through there; anywhere else its outputs would silently be full precision, so it raises.
         self.pass_uninitialized = False
@@ -165,11 +170,20 @@ class LQQuantizer(nn.Module, AdaptiveLayer):
     def grouped(self, x: Tensor) -> Tensor:
         return x.reshape(self.groups, -1)
 
+    @staticmethod
+    def _after_load(module: LQQuantizer, incompatible_keys) -> None:
+        module._fitted = [bool(f) for f in module.initialized.tolist()]
+
+    def _is_fitted(self, i: int) -> bool:
+        if not self._fitted[i] and bool(self.initialized[i]):  # fitted elsewhere (a copy, a load): learn it once
+            self._fitted[i] = True
+        return self._fitted[i]
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return x
         i = self.index
-        if not bool(self.initialized[i]):
+        if not self._is_fitted(i):
             if not self.training:  # a basis fitted here, in eval, would stick to whatever input came first
                 if self.pass_uninitialized:
                     return x
@@ -177,17 +191,24 @@ class LQQuantizer(nn.Module, AdaptiveLayer):
             with torch.no_grad():
                 self.basis[i] = self._initial_basis(self.grouped(x.detach().float()))
                 self.initialized[i] = True
+                self._fitted[i] = True
         flat = self.grouped(x.detach().float())
         basis = self.basis[i].clone()  # the QEM update below writes self.basis in place: quantize and clip with one basis
-        q, codes = quantize_with(flat, basis, self.signed)
+        levels = quantization_levels(basis, self.signed)
+        codes = nearest_codes(flat, basis, self.signed)
+        q = levels.gather(1, codes)
         if self.training:
             with torch.no_grad():
                 best = least_squares_basis(flat, codes, basis, self.signed)
                 self.basis[i] = self.momentum * basis + (1 - self.momentum) * best
         q = q.reshape(x.shape).to(x.dtype)
-        # Straight-through: the value is exactly q (u - u.detach() is exactly 0), the gradient that of u.
-        u = x if self.signed else x.clamp(0.0, float(quantization_levels(basis, False).max()))
-        return q + (u - u.detach())
+        # Straight-through: the value is exactly q (x - x.detach() is exactly 0), the gradient 1, or for activations
+        # that of the clip to [0, top level] (as torch.clamp's: none at either end itself). The top stays a tensor: no
+        # wait for the device to read it.
+        ste = x - x.detach()
+        if not self.signed:
+            ste = ste * ((x > 0) & (x < levels.max().to(x.dtype)))
+        return q + ste
 
     def _uninitialized_message(self, index: int) -> str:
         kind = "weight" if self.signed else "activation"
