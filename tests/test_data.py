@@ -1,10 +1,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 from PIL import Image
 
 from flexres.data import EvalTransform, ImageFolderDataset, MultiResolutionCrop, UnreadableImageError, collate_skipping, load_rgb
-from flexres.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_batch
+from flexres.data import load_rgb as _load_rgb, sample_data_dir
+from flexres.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_batch, resize_batch
 
 
 def test_one_crop_feeds_every_resolution():
@@ -26,6 +29,30 @@ def test_one_crop_feeds_every_resolution():
         other = F.interpolate(t(img)[0][None].float(), size=24, mode="area")[0]
         diffs.append(float((other - common[0]).abs().mean()))
     assert max(diffs) > 5.0  # a fresh crop really differs
+
+
+def test_resizing_on_the_device_gives_the_cpu_paths_crops_within_interpolation_tolerance():
+    """The same crop (same random draws), resized to every resolution by each worker on the CPU, or to the largest by
+    the worker and to the rest by resize_batch on the device: equal up to resampling once more and uint8 rounding."""
+    files = sorted((sample_data_dir() / "train").rglob("*.JPEG"))[:6]
+    resolutions = [224, 192, 160, 128, 96]
+    cpu_t, dev_t = MultiResolutionCrop(resolutions), MultiResolutionCrop(resolutions, on_device=True)
+    for k, f in enumerate(files):
+        img = _load_rgb(str(f))
+        torch.manual_seed(k)
+        on_cpu = cpu_t(img)
+        torch.manual_seed(k)
+        (big,) = dev_t(img)
+        assert big.shape[-1] == 224 and torch.equal(big, on_cpu[0])  # the largest is the CPU path's own
+        on_dev = resize_batch(big[None], resolutions)
+        for r, a, b in zip(resolutions, on_cpu, on_dev):
+            assert b.shape == (1, 3, r, r) and b.dtype == torch.float32
+            diff = (a.float() - b[0]).abs()
+            # the yardstick: how much two reasonable resizes of the same crop differ (bicubic vs bilinear)
+            cubic = TF.resize(big, [r, r], interpolation=InterpolationMode.BICUBIC, antialias=True).float()
+            yardstick = (cubic - TF.resize(big, [r, r], antialias=True).float()).abs().mean()
+            assert diff.mean() <= 2 * yardstick + 0.25, (f.name, r, float(diff.mean()), float(yardstick))
+            assert torch.quantile(diff.flatten(), 0.99) < 16
 
 
 def test_eval_transform_resizes_then_center_crops():
@@ -90,3 +117,25 @@ def test_skip_unreadable_drops_and_reports(tmp_path):
 def test_missing_folder_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         ImageFolderDataset(tmp_path / "nope")
+
+
+def test_a_run_resizes_on_the_device_when_asked(small_data, tmp_path):
+    import flexres
+
+    cfg = {"model": {"name": "resnet18", "width_mult": 0.25}, "method": {"name": "rsnet", "resolutions": [64, 48, 32]},
+           "data": {"root": str(small_data), "cache": True, "num_workers": 0, "resize_on": "device"},
+           "train": {"epochs": 1, "batch_size": 6, "lr": 0.01, "progress": False, "eval_every": 0}}
+    seen = []
+    original = MultiResolutionCrop.__call__
+
+    def spy(self, img):
+        out = original(self, img)
+        seen.append(tuple(o.shape[-1] for o in out))
+        return out
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(MultiResolutionCrop, "__call__", spy):
+        metrics = flexres.train(cfg, tmp_path / "run", log=lambda s: None)
+    assert seen and set(seen) == {(64,)}  # the loader sent one crop per image, at the largest resolution
+    assert set(metrics["train_top1"]) == {"64", "48", "32"}  # and the step saw every resolution

@@ -31,6 +31,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         # segmentation: root/<split>/images + labels and root/classes.tsv (flexres.data.segmentation); square training
         # crops of seg_scale x the short side, so a random zoom, resized to every training resolution
         "task": "classification", "seg_scale": [0.5, 1.0],
+        # resize_on: "cpu" (each loader worker resizes its crop to every training resolution) or "device" (workers
+        # resize it to the largest only; the others are made from it on the training device, a batch at a time)
+        "resize_on": "cpu",
     },
     "train": {
         "epochs": 120, "batch_size": 256, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False,
@@ -56,7 +59,8 @@ NULLABLE: dict[tuple[str, str], tuple[str, ...]] = {
 }
 # Keys with a fixed set of values, checked with the types (before a run starts, not when it is evaluated).
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {("eval", "bn_policy"): BN_POLICIES, ("train", "bn_stats"): ("update", "frozen"),
-                                                   ("train", "weight_decay_on"): ("all", "weights")}
+                                                   ("train", "weight_decay_on"): ("all", "weights"),
+                                                   ("data", "resize_on"): ("cpu", "device")}
 
 __all__ = ["ConfigError", "DEFAULTS", "check_names", "load_config", "make_config"]
 

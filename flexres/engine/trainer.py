@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from ..data import ImageFolderDataset, MultiResolutionCrop, collate_skipping, normalize_batch, read_class_names, split_dir
+from ..data import (ImageFolderDataset, MultiResolutionCrop, collate_skipping, normalize_batch, read_class_names, resize_batch,
+                    split_dir)
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import ConfigError
 from .config import resolve_data_root
@@ -429,7 +430,10 @@ def train_micro_batch(batch: dict[str, Any], step: int, i: int, epoch: int, last
     method.progress = step / plan.total_steps
     device = procs.device
     labels = batch["labels"].to(device, non_blocking=True)
-    inputs = tuple(normalize_batch(x.to(device, non_blocking=True), trainee.mean, trainee.std) for x in batch["inputs"])
+    inputs = tuple(x.to(device, non_blocking=True) for x in batch["inputs"])
+    if cfg["data"]["resize_on"] == "device" and labels.dim() == 1:  # one crop at the largest resolution came
+        inputs = resize_batch(inputs[0], method.resolutions)
+    inputs = tuple(normalize_batch(x, trainee.mean, trainee.std) for x in inputs)
     if trainee.channels_last:
         inputs = tuple(x.contiguous(memory_format=torch.channels_last) for x in inputs)
     with sync:
@@ -579,13 +583,16 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
 
         if method.name not in ("individual", "parallel", "rsnet"):
             raise ConfigError(f"method {method.name!r} trains classifiers; segmentation has individual, parallel and rsnet")
+        if d["resize_on"] != "cpu":
+            raise ConfigError("data.resize_on: device resizes classification crops; segmentation resizes on the cpu")
         if getattr(model, "task", "classification") != "segmentation":
             raise ConfigError(f"data.task is segmentation but {cfg['model']['name']} is a classifier (use seg_resnet18, ...)")
         method.ignore_index = train_ds.info.ignore_index
         train_ds.transform = JointMultiResolutionCrop(method.resolutions, d["seg_scale"], hflip=d["hflip"])
         names = train_ds.classes
     else:
-        train_ds.transform = MultiResolutionCrop(method.resolutions, d["scale"], d["ratio"], hflip=d["hflip"])
+        train_ds.transform = MultiResolutionCrop(method.resolutions, d["scale"], d["ratio"], hflip=d["hflip"],
+                                                 on_device=d["resize_on"] == "device")
         names = class_names(d, train_ds.classes)  # checked before anything is written
     plan = plan_steps(t, len(train_ds), procs.world)
     start_epoch = restore(cfg, out_dir, trainee, log) if resume else 0
