@@ -39,3 +39,16 @@ def test_the_data_default_needs_flexres_data_and_says_so(monkeypatch, tmp_path):
     monkeypatch.setenv("FLEXRES_DATA", str(tmp_path))
     assert data_path(IMAGENETTE) == tmp_path / "imagenette-224"
     assert data_path(tmp_path / "elsewhere") == tmp_path / "elsewhere"  # --data DIR as given
+
+
+@pytest.mark.slow
+def test_the_gpu_measurement_script_runs_end_to_end_on_the_cpu(tmp_path):
+    """The GPU table is produced only where a GPU is lent; its script must not rot meanwhile: one tiny step per row."""
+    out = tmp_path / "gpu.json"
+    subprocess.run([sys.executable, "-m", "benchmarks", "gpu_scale", "--device", "cpu", "--batch", "1", "--warmup", "0",
+                    "--steps", "1", "--workers", "0", "--only", "model", "lq22", "lq22-sync", "stream-dev", "--data",
+                    str(ROOT / "flexres" / "sample_data" / "imagenette-tiny"), "--out", str(out)], cwd=ROOT, check=True, capture_output=True)
+    import json
+
+    rows = json.loads(out.read_text())["img_s"]
+    assert set(rows) == {"model", "lq22", "lq22-sync", "stream-dev"} and all(v > 0 for v in rows.values())
