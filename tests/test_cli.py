@@ -52,9 +52,11 @@ def test_train_then_eval_end_to_end(tmp_path, small_data, config, capsys):
     assert any(k.startswith("44/") for k in cal) and not any(k.startswith("48/") for k in cal)
 
 
-def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path, small_data, config, capsys):
+@pytest.mark.parametrize("loading", [[], ["--set", "data.persistent_workers=true", "--set", "data.num_workers=2"]],
+                         ids=["loaders-per-epoch", "persistent-workers"])
+def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path, small_data, config, capsys, loading):
     full, split = tmp_path / "full", tmp_path / "split"
-    args = ["train", "--config", str(config), "--data", str(small_data), "--set", "epochs=3"]
+    args = ["train", "--config", str(config), "--data", str(small_data), "--set", "epochs=3", *loading]
     assert main(args + ["--out", str(full)]) == 0
     assert main(args + ["--out", str(split), "--stop-after-epochs", "1"]) == 0
     assert json.loads((split / "checkpoint.json").read_text())["epoch"] == 1

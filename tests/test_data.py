@@ -139,3 +139,26 @@ def test_a_run_resizes_on_the_device_when_asked(small_data, tmp_path):
         metrics = flexres.train(cfg, tmp_path / "run", log=lambda s: None)
     assert seen and set(seen) == {(64,)}  # the loader sent one crop per image, at the largest resolution
     assert set(metrics["train_top1"]) == {"64", "48", "32"}  # and the step saw every resolution
+
+
+def test_keyed_samples_are_the_same_whichever_worker_makes_them_and_differ_by_epoch(small_data):
+    from torch.utils.data import DataLoader
+
+    from flexres.data import KeyedSampler
+
+    ds = ImageFolderDataset(small_data / "train", transform=MultiResolutionCrop([48, 32]), progress=False)
+
+    def epoch_batches(workers: int, epoch: int, loader=None):
+        if loader is None:
+            loader = DataLoader(ds, batch_size=4, sampler=KeyedSampler(len(ds), seed=5), num_workers=workers,
+                                collate_fn=collate_skipping, persistent_workers=workers > 0)
+        loader.sampler.set_epoch(epoch)
+        return loader, [(b["inputs"][0], b["labels"]) for b in loader]
+
+    _, inline = epoch_batches(0, 1)
+    persistent, first = epoch_batches(2, 0)
+    _, again = epoch_batches(2, 1, persistent)  # the same worker processes, a second epoch
+    for (x, y), (x2, y2) in zip(inline, again):
+        assert torch.equal(y, y2) and torch.equal(x, x2)  # same order, same crops
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(first, again))  # another epoch, other draws
+    assert sorted(int(v) for _, y in first for v in y) == sorted(label for _, label in ds.samples)  # every sample once

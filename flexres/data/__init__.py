@@ -1,5 +1,6 @@
 from .dataset import (
     ImageFolderDataset,
+    KeyedSampler,
     SubsetView,
     UnreadableImageError,
     collate_skipping,
@@ -13,6 +14,6 @@ from .transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, MultiResolut
 
 __all__ = [
     "EvalTransform", "IMAGENET_MEAN", "IMAGENET_STD", "ImageFolderDataset", "MultiResolutionCrop", "SubsetView",
-    "UnreadableImageError", "collate_skipping", "load_rgb", "normalize_batch", "read_class_names", "resize_batch", "sample_data_dir",
+    "KeyedSampler", "UnreadableImageError", "collate_skipping", "load_rgb", "normalize_batch", "read_class_names", "resize_batch", "sample_data_dir",
     "sample_segmentation_dir", "split_dir",
 ]

@@ -7,9 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, Sampler, default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
@@ -84,12 +85,21 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Any, int] | tuple[None, str]:
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[Any, int] | tuple[None, str]:
+        """``index``, or (seed, index) from a KeyedSampler: the transform's random draws then come from that seed,
+        so a sample's augmentation does not depend on which worker made it, or on what that worker made before."""
+        seed, index = index if isinstance(index, tuple) else (None, index)
         path, label = self.samples[index]
         img = self._cache[index] if self._cache is not None else self._load(path)
         if img is None:
             return None, path  # dropped by collate_skipping, which counts it
-        return (self.transform(img) if self.transform is not None else img), label
+        if self.transform is None:
+            return img, label
+        if seed is None:
+            return self.transform(img), label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(img), label
 
 
 def collate_skipping(batch: list[tuple[Any, Any]]) -> dict[str, Any]:
@@ -161,6 +171,34 @@ class SubsetView(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int | tuple[int, int]):
+        if isinstance(i, tuple):  # (seed, position) from a KeyedSampler
+            return self.base[(i[0], self.indices[i[1]])]
         return self.base[self.indices[i]]
 
+
+
+class KeyedSampler(Sampler):
+    """Training order for loaders that live the whole run (persistent workers): yields (seed, index), the seed of each
+    sample's augmentation a function of (run seed, epoch, index) alone. So the crops of an epoch do not depend on the
+    number of workers, on what a worker made before, or on where a run resumed. The order is a shuffle seeded by
+    (seed, epoch), or ``base``'s (a DistributedSampler: this replica's shard)."""
+
+    def __init__(self, size: int, seed: int, base: Sampler | None = None) -> None:
+        self.size, self.seed, self.base, self.epoch = size, seed, base, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if self.base is not None:
+            self.base.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base) if self.base is not None else self.size
+
+    def __iter__(self):
+        if self.base is not None:
+            order = list(self.base)
+        else:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)).tolist()
+        for index in order:
+            yield ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % 2**63, index

@@ -34,6 +34,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         # resize_on: "cpu" (each loader worker resizes its crop to every training resolution) or "device" (workers
         # resize it to the largest only; the others are made from it on the training device, a batch at a time)
         "resize_on": "cpu",
+        # persistent_workers: loader processes live the whole run (no start-up per epoch); each sample's augmentation is
+        # then seeded by (seed, epoch, index), so it is the same whichever worker makes it and wherever a run resumes.
+        # prefetch_factor: batches each persistent worker prepares ahead.
+        "persistent_workers": False, "prefetch_factor": 2,
     },
     "train": {
         "epochs": 120, "batch_size": 256, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False,

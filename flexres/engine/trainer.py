@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from ..data import (ImageFolderDataset, MultiResolutionCrop, collate_skipping, normalize_batch, read_class_names, resize_batch,
+from ..data import (ImageFolderDataset, KeyedSampler, MultiResolutionCrop, collate_skipping, normalize_batch, read_class_names, resize_batch,
                     split_dir)
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import ConfigError
@@ -38,7 +38,7 @@ from .evaluate import calibrate, evaluate, evaluate_segmentation
 
 # Keys that may change between a run and its resume without changing the result.
 _RESUME_FREE = {("train", "progress"), ("train", "eval_every"), ("train", "device"), ("data", "root"), ("data", "num_workers"),
-                ("data", "cache"), ("data", "class_names")}
+                ("data", "cache"), ("data", "class_names"), ("data", "prefetch_factor")}
 
 
 class TrainStep(nn.Module):
@@ -161,6 +161,19 @@ class CompileOrFallback(nn.Module):
             except Exception as e:  # noqa: BLE001
                 self._fail(e)
         return self.module(*args)
+
+
+def run_loaders(dataset, seed: int, rank: int, world: int, accumulate: int, micro_batch: int, workers: int, pin: bool,
+                prefetch: int) -> list[DataLoader]:
+    """One loader per micro-batch, made once for the whole run (data.persistent_workers): KeyedSamplers give each
+    epoch its order and each sample the seed of its augmentation, so the workers can live across epochs."""
+    replicas = world * accumulate
+    samplers = [KeyedSampler(len(dataset), seed, None if replicas == 1 else
+                             DistributedSampler(dataset, num_replicas=replicas, rank=rank * accumulate + k, shuffle=True,
+                                                seed=seed, drop_last=True)) for k in range(accumulate)]
+    return [DataLoader(dataset, batch_size=micro_batch, sampler=s, num_workers=workers, collate_fn=collate_skipping, drop_last=True,
+                       pin_memory=pin, persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None)
+            for s in samplers]
 
 
 def epoch_loaders(dataset, seed: int, epoch: int, gen: torch.Generator, rank: int, world: int, accumulate: int,
@@ -378,14 +391,19 @@ def freeze_bn_statistics(model: nn.Module) -> None:
 
 
 def run_epoch(epoch: int, cfg: dict[str, Any], train_ds: ImageFolderDataset, trainee: Trainee, plan: StepPlan,
-              procs: Processes) -> EpochTotals:
-    """One epoch of optimiser steps; everything random derives from (seed, epoch), so a resumed run replays it."""
+              procs: Processes, loaders: list[DataLoader] | None = None) -> EpochTotals:
+    """One epoch of optimiser steps; everything random derives from (seed, epoch), so a resumed run replays it.
+    ``loaders``: the run's persistent loaders (run_loaders), else this epoch's are made here."""
     t, d = cfg["train"], cfg["data"]
     epoch_seed = t["seed"] * 100003 + epoch + procs.rank * 7919  # each DDP rank its own augmentation stream
     seed_everything(epoch_seed)
-    gen = torch.Generator().manual_seed(epoch_seed)
-    loaders = epoch_loaders(train_ds, t["seed"], epoch, gen, procs.rank, procs.world, plan.accumulate, plan.micro_batch,
-                            d["num_workers"], procs.device.type == "cuda")
+    if loaders is not None:
+        for loader in loaders:
+            loader.sampler.set_epoch(epoch)
+    else:
+        gen = torch.Generator().manual_seed(epoch_seed)
+        loaders = epoch_loaders(train_ds, t["seed"], epoch, gen, procs.rank, procs.world, plan.accumulate, plan.micro_batch,
+                                d["num_workers"], procs.device.type == "cuda")
     trainee.step_module.train()
     if t.get("bn_stats", "update") == "frozen":
         freeze_bn_statistics(trainee.model)
@@ -583,8 +601,8 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
 
         if method.name not in ("individual", "parallel", "rsnet"):
             raise ConfigError(f"method {method.name!r} trains classifiers; segmentation has individual, parallel and rsnet")
-        if d["resize_on"] != "cpu":
-            raise ConfigError("data.resize_on: device resizes classification crops; segmentation resizes on the cpu")
+        if d["resize_on"] != "cpu" or d["persistent_workers"]:
+            raise ConfigError("data.resize_on: device and data.persistent_workers are for classification data")
         if getattr(model, "task", "classification") != "segmentation":
             raise ConfigError(f"data.task is segmentation but {cfg['model']['name']} is a classifier (use seg_resnet18, ...)")
         method.ignore_index = train_ds.info.ignore_index
@@ -609,9 +627,13 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
     last: dict[str, Any] = {}
     end_epoch = t["epochs"] if stop_after_epochs is None else min(t["epochs"], start_epoch + stop_after_epochs)
     started = time.time()
+    loaders = None
+    if d["persistent_workers"]:
+        loaders = run_loaders(train_ds, t["seed"], procs.rank, procs.world, plan.accumulate, plan.micro_batch,
+                              d["num_workers"], procs.device.type == "cuda", d["prefetch_factor"])
     for epoch in range(start_epoch, end_epoch):
         t0 = time.time()
-        totals = run_epoch(epoch, cfg, train_ds, trainee, plan, procs)
+        totals = run_epoch(epoch, cfg, train_ds, trainee, plan, procs, loaders)
         elapsed = time.time() - t0
         reduce_over_ranks(totals, procs)
         last = epoch_metrics(epoch, totals, elapsed, method)
