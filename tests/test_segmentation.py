@@ -186,3 +186,54 @@ def test_report_shows_miou_and_the_example_at_every_resolution(tmp_path):
     index = flexres.report(tmp_path / "run", data, tmp_path / "report", [48, 40, 32])
     page = index.read_text()
     assert "mean IoU (%)" in page and "segmentation_run.png" in page and (tmp_path / "report" / "segmentation_run.png").stat().st_size > 0
+
+
+def test_a_segmenter_starts_from_a_classification_rsnets_backbone(tmp_path, small_data):
+    """RS-Nets App. B segments from a pretrained backbone: the encoder takes every backbone tensor of a classification
+    RS-Net (each of the segmenter's resolutions the BN of the classifier's nearest one), the decoder stays fresh, the
+    classifier's fc is listed unused, and the segmenter then trains."""
+    from flexres.engine.checkpoint import load_backbone
+
+    flexres.train({"model": {"name": "resnet18", "width_mult": 0.25}, "method": {"name": "rsnet", "resolutions": [64, 48]},
+                   "data": {"root": str(small_data), "cache": True, "num_workers": 0},
+                   "train": {"epochs": 1, "batch_size": 6, "lr": 0.05, "progress": False, "eval_every": 0}},
+                  tmp_path / "cls", log=lambda s: None)
+    classifier, _ = flexres.load_checkpoint(tmp_path / "cls")
+    seg = flexres.create_model("seg_resnet18", num_classes=11, train_resolutions=[80, 56, 40], width_mult=0.25)
+    decoder_before = {k: v.clone() for k, v in seg.state_dict().items() if k.startswith(("laterals", "fuse", "classifier"))}
+    got = load_backbone(seg, tmp_path / "cls")
+    assert got["fresh"] == ["classifier", "fuse", "laterals"] and got["unused"] == ["fc.bias", "fc.weight"]
+    src, dst = classifier.state_dict(), seg.state_dict()
+    assert torch.equal(dst["stem_conv.weight"], src["conv1.weight"])
+    assert torch.equal(dst["layer3.1.conv2.weight"], src["layer3.1.conv2.weight"])
+    for i, nearest in ((0, 0), (1, 0), (2, 1)):  # 80 -> 64 px BN; 56, a tie, -> the larger, 64; 40 -> 48
+        assert torch.equal(dst[f"layer2.0.bn1.bns.{i}.running_mean"], src[f"layer2.0.bn1.bns.{nearest}.running_mean"])
+        assert torch.equal(dst[f"stem_bn.bns.{i}.weight"], src[f"bn1.bns.{nearest}.weight"])
+    assert all(torch.equal(dst[k], v) for k, v in decoder_before.items())
+    data = tmp_path / "camvid"
+    shutil.copytree(sample_segmentation_dir(), data)
+    metrics = flexres.train({"model": {"name": "seg_resnet18", "width_mult": 0.25, "backbone_from": str(tmp_path / "cls")},
+                             "method": {"name": "rsnet", "resolutions": [64, 48]},
+                             "data": {"root": str(data), "task": "segmentation", "cache": True, "num_workers": 0},
+                             "train": {"epochs": 1, "batch_size": 4, "lr": 0.05, "progress": False, "eval_every": 0}},
+                            tmp_path / "seg", log=lambda s: None)
+    assert set(metrics["train_top1"]) == {"64", "48"}
+
+
+def test_a_resnet_weights_file_initialises_the_backbone_and_a_reshaped_key_is_named(tmp_path):
+    from safetensors.torch import save_file
+    from torchvision.models import resnet18
+
+    from flexres.engine.checkpoint import load_backbone
+    from flexres.errors import CheckpointMismatchError
+
+    weights = resnet18().state_dict()  # torchvision's layout (timm's resnet18 has the same names)
+    save_file(weights, str(tmp_path / "r18.safetensors"))
+    seg = flexres.create_model("seg_resnet18", num_classes=11, train_resolutions=[64, 48])
+    got = load_backbone(seg, tmp_path / "r18.safetensors")
+    assert got["unused"] == ["fc.bias", "fc.weight"] and got["loaded"] > 100
+    assert torch.equal(seg.state_dict()["layer4.1.bn2.bns.1.weight"], weights["layer4.1.bn2.weight"])  # one BN, every resolution
+    weights["layer2.0.downsample.0.weight"] = weights["layer2.0.downsample.0.weight"][:, :32].contiguous()
+    save_file(weights, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(CheckpointMismatchError, match=r"layer2\.0\.downsample\.0\.weight: source \(128, 32, 1, 1\)"):
+        load_backbone(seg, tmp_path / "bad.safetensors")

@@ -352,6 +352,63 @@ def load_into(model: AdaptiveModel, path: str | Path) -> dict[str, Any]:
     return meta
 
 
+# A classification ResNet's layer names -> a segmenter's backbone (flexres.models.segmentation): the stem is renamed,
+# the stages keep theirs, the classifier has no counterpart.
+_BACKBONE_RENAMES = (("conv1.", "stem_conv."), ("bn1.", "stem_bn."))
+_BACKBONE_PARTS = ("stem_conv.", "stem_bn.", "layer1.", "layer2.", "layer3.", "layer4.")
+
+
+def load_backbone(model: AdaptiveModel, source: str | Path) -> dict[str, Any]:
+    """Initialise a segmenter's encoder from a classifier; its decoder stays fresh. ``source``: a flexres run or
+    checkpoint of the same backbone family (its switchable BNs too: each of the segmenter's resolutions takes the BN of
+    the source's nearest trained resolution), or a weights file of the torchvision / timm ResNet layout (one BN each).
+    Every backbone tensor must be filled with the right shape, or CheckpointMismatchError names it; returns what was
+    loaded, what stays fresh and what of the source went unused."""
+    from ..nn.switchable_bn import nearest_index
+
+    path = Path(source)
+    if path.suffix in (".safetensors", ".pt", ".pth", ".bin") and not (path.parent / SIDECAR).exists():
+        from ..models.pretrained import read_state_dict
+
+        state, resolutions = read_state_dict(path), None
+    else:
+        tensors, meta = read_checkpoint(resolve_checkpoint(path))
+        state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        resolutions = meta.get("train_resolutions")
+    renamed = {}
+    for k, v in state.items():
+        for old, new in _BACKBONE_RENAMES:
+            if k.startswith(old):
+                k = new + k[len(old):]
+        renamed[k] = v
+    own = model.state_dict()
+    targets = [k for k in own if k.startswith(_BACKBONE_PARTS)]
+    loaded, used, problems = {}, set(), []
+    for k in targets:
+        key = k
+        if ".bns." in k:  # a switchable BN of the segmenter: from the source's BN of the nearest resolution, or its one BN
+            head, rest = k.split(".bns.", 1)
+            index, tail = rest.split(".", 1)
+            r = model.train_resolutions[int(index)]
+            key = (f"{head}.bns.{nearest_index(r, tuple(resolutions))}.{tail}" if resolutions and f"{head}.bns.0.{tail}" in renamed
+                   else f"{head}.{tail}")
+        if key not in renamed:
+            problems.append(f"{k} (looked for {key})")
+            continue
+        if renamed[key].shape != own[k].shape:
+            problems.append(f"{k}: source {tuple(renamed[key].shape)}, model {tuple(own[k].shape)}")
+            continue
+        loaded[k] = renamed[key]
+        used.add(key)
+    if problems:
+        raise CheckpointMismatchError(f"{source} cannot initialise this backbone: {len(problems)} tensors missing or "
+                                      f"reshaped, e.g. {problems[0]}" + (f"; {problems[1]}" if len(problems) > 1 else ""))
+    model.load_state_dict(loaded, strict=False)
+    fresh = sorted({k.split(".")[0] for k in own if k not in loaded})
+    unused = sorted(k for k in renamed if k not in used and not k.endswith("num_batches_tracked"))
+    return {"loaded": len(loaded), "fresh": fresh, "unused": unused}
+
+
 def load_training_state(path: str | Path, model: AdaptiveModel, method: nn.Module,
                         optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     ckpt = resolve_checkpoint(path)

@@ -21,7 +21,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # (.safetensors, or a PyTorch state dict read with weights_only) or an installed package that ships one.
     # head: "new" (a fresh classifier when the file's has another number of classes) or "pretrained_rows" (the rows of
     # the file's ImageNet classifier named by the data's class folders, ImageNet wnids such as Imagenette's).
-    "model": {"name": "resnet18", "width_mult": 1.0, "num_classes": None, "pretrained": None, "head": "new", "kwargs": {}},
+    # backbone_from (segmenters): a classification run or ResNet weights file whose backbone initialises the encoder
+    "model": {"name": "resnet18", "width_mult": 1.0, "num_classes": None, "pretrained": None, "head": "new", "kwargs": {},
+              "backbone_from": None},
     "method": {"name": "rsnet", "resolutions": [224, 192, 160, 128, 96], "kwargs": {}},
     "data": {
         "root": None, "train_split": "train", "val_split": "val", "cache": False, "num_workers": 4,
@@ -59,7 +61,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 NULLABLE: dict[tuple[str, str], tuple[str, ...]] = {
     ("model", "num_classes"): ("int",), ("model", "pretrained"): ("bool", "str"), ("data", "root"): ("str",),
     ("data", "crop_fraction"): ("float",), ("data", "class_names"): ("list", "str"), ("train", "lr_milestones"): ("list of float",),
-    ("train", "init_from"): ("str",), ("eval", "resolutions"): ("list of int",),
+    ("train", "init_from"): ("str",), ("model", "backbone_from"): ("str",), ("eval", "resolutions"): ("list of int",),
 }
 # Keys with a fixed set of values, checked with the types (before a run starts, not when it is evaluated).
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {("eval", "bn_policy"): BN_POLICIES, ("train", "bn_stats"): ("update", "frozen"),

@@ -32,7 +32,7 @@ from .config import resolve_data_root
 from ..methods import Method, create_method
 from ..models import AdaptiveModel, create_model
 from ..version import __version__
-from .checkpoint import CHECKPOINT, load_into, load_training_state, save_checkpoint
+from .checkpoint import CHECKPOINT, load_backbone, load_into, load_training_state, save_checkpoint
 from .config import check_names
 from .evaluate import calibrate, evaluate, evaluate_segmentation
 
@@ -320,6 +320,13 @@ def build_trainee(cfg: dict[str, Any], num_classes: int, procs: Processes, resum
     if t["init_from"] and not resume:  # start from trained weights, e.g. to fine-tune a Resizable-NAS pick
         meta = load_into(model, t["init_from"])
         log(f"initialised the model from {t['init_from']} (epoch {meta.get('epoch')})")
+    backbone = cfg["model"].get("backbone_from")
+    if backbone and not resume:  # a segmenter's encoder from a classifier (RS-Nets App. B: ImageNet-pretrained)
+        if getattr(model, "task", "classification") != "segmentation":
+            raise ConfigError("model.backbone_from initialises a segmenter's encoder; for a classifier use train.init_from")
+        got = load_backbone(model, resolve_data_root(backbone))
+        log(f"backbone from {backbone}: {got['loaded']} tensors; fresh: {', '.join(got['fresh'])}; unused from the "
+            f"source: {', '.join(got['unused']) or 'none'}")
     model.to(procs.device)
     method.to(procs.device)
     # NHWC is faster on CPUs too (oneDNN): 1.3x for ResNet-18 x0.25, 1.4-1.6x for MobileNetV2 (BENCHMARKS.md).
