@@ -34,6 +34,7 @@ from .engine.checkpoint import (
 from .engine.config import DEFAULTS, apply_overrides, load_config, make_config
 from .engine.evaluate import calibrate, evaluate_configurations, format_table, hit_miss_matrix
 from .engine.evaluate import evaluate as evaluate_model
+from .engine.run import RunInfo
 from .engine.trainer import saved_progress
 from .engine.trainer import train as train_run
 from .errors import ConfigError
@@ -78,14 +79,14 @@ def _ensure_calibrated(model, meta: dict[str, Any], ckpt: Path, train_ds, points
 
 def _normalization(meta: dict[str, Any]) -> dict[str, Any]:
     """The mean and std the run was trained with (a pretrained timm / torchvision model's own), for evaluation."""
-    norm = meta.get("normalization") or {}
-    return {"mean": norm.get("mean"), "std": norm.get("std")}
+    pre = RunInfo.from_meta(meta).preprocessing
+    return {"mean": pre.mean, "std": pre.std}
 
 
 def _run_bn_policy(meta: dict[str, Any], given: str | None = None) -> str:
     """The BN policy for untrained resolutions: ``given`` (the caller's, e.g. ``--bn``), else the run's recorded
     ``eval.bn_policy``, else the default."""
-    return given or (meta.get("config") or {}).get("eval", {}).get("bn_policy") or DEFAULTS["eval"]["bn_policy"]
+    return given or RunInfo.from_meta(meta).bn_policy
 
 
 def _metadata(run: str | Path) -> dict[str, Any]:
@@ -129,7 +130,7 @@ def _json_matrix(m: dict[int, dict[int, float]]) -> dict[str, dict[str, float]]:
 
 
 def _class_names(meta: dict[str, Any]) -> list[str]:
-    return meta.get("class_names") or meta.get("classes") or []
+    return RunInfo.from_meta(meta).class_names
 
 
 def _per_class_top1(correct: torch.Tensor, labels: torch.Tensor, names: list[str]) -> dict[str, float]:
@@ -187,9 +188,10 @@ def evaluate(runs: str | Path | Sequence[str | Path], data: str | Path | None = 
             points = [OperatingPoint(r, width) for r in res_list if slimmable or r not in model.train_resolutions]
             _ensure_calibrated(model, meta, ckpt, train_ds, points, calibration_images or cfg["eval"]["calibration_images"],
                                batch_size, cfg, str(data), workers)
-        results = evaluate_model(model, val, res_list, policy, batch_size, meta.get("crop_fraction", 0.875), progress=progress,
+        pre = RunInfo.from_meta(meta).preprocessing
+        results = evaluate_model(model, val, res_list, policy, batch_size, pre.crop_fraction, progress=progress,
                                  scale_policy=scale_policy, workers=workers, width=width, note=note,
-                                 interpolation=meta.get("interpolation", "bilinear"), **_normalization(meta))
+                                 interpolation=pre.interpolation, **_normalization(meta))
         label = Path(run).name if Path(run).is_dir() else Path(run).parent.name
         if label in report["runs"]:  # two runs with one folder name: tell them apart by their parent
             label = str(Path(ckpt.parent.parent.name) / ckpt.parent.name)
@@ -364,7 +366,7 @@ def table(run: str | Path, data: str | Path | None = None, widths: Sequence[floa
     if tree and configs != [None] and bn_policy != "calibrate" and model.width_range is None:
         # Resizable: every configuration at once, shared stages computed once (flexres.models.config_tree).
         per_res = {r: evaluate_configurations(model, val, r, configs, bn_policy, batch_size=min(batch_size, 64),
-                                              crop_fraction=meta.get("crop_fraction", 0.875), workers=workers) for r in res_list}
+                                              crop_fraction=RunInfo.from_meta(meta).preprocessing.crop_fraction, workers=workers) for r in res_list}
         for sc in configs:
             add_rows(1.0, sc, {r: per_res[r][sc] for r in res_list})
     else:
@@ -377,9 +379,10 @@ def table(run: str | Path, data: str | Path | None = None, widths: Sequence[floa
             _ensure_calibrated(model, meta, ckpt, train_ds, points, calibration_images or cfg["eval"]["calibration_images"],
                                batch_size, cfg, str(data), workers)
         for w, sc in itertools.product(widths, configs):
-            add_rows(w, sc, evaluate_model(model, val, res_list, bn_policy, batch_size, meta.get("crop_fraction", 0.875),
+            pre = RunInfo.from_meta(meta).preprocessing
+            add_rows(w, sc, evaluate_model(model, val, res_list, bn_policy, batch_size, pre.crop_fraction,
                                            workers=workers, width=w, scales=sc, note=note,
-                                           interpolation=meta.get("interpolation", "bilinear"), **_normalization(meta)))
+                                           interpolation=pre.interpolation, **_normalization(meta)))
     mark_pareto(rows)
     if write:
         write_table(rows, ckpt.parent, {"data": str(data), "bn_policy": bn_policy, "latency_batch": 1})

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from ..analysis import count_macs, count_params
-from ..data import EvalTransform, ImageFolderDataset, load_rgb, normalize_batch, sample_data_dir
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..data import EvalTransform, ImageFolderDataset, load_rgb, sample_data_dir
+from ..engine.run import RunInfo
 from ..errors import ConfigError, MissingFileError, ParityError
 from ..models import AdaptiveModel
 from ..models.static import StaticClassifier, to_static
@@ -24,7 +24,7 @@ from ..operating_point import OperatingPoint
 from ..parity import RELATIVE_TOLERANCE, check_parity
 from ..version import __version__
 
-__all__ = ["PARITY_TOLERANCE", "StaticClassifier", "export", "export_packed", "preprocessing", "reference_images", "to_static",
+__all__ = ["PARITY_TOLERANCE", "StaticClassifier", "export", "export_packed", "reference_images", "to_static",
            "torchscript_quietly"]
 
 PARITY_TOLERANCE = RELATIVE_TOLERANCE  # of the logit scale: flexres.parity judges every exported file
@@ -64,14 +64,6 @@ def reference_images(resolution: int, data: str | Path | None, count: int = 8, c
     return torch.stack([t(load_rgb(ds.samples[i][0])) for i in range(0, len(ds), step)[:count]])
 
 
-def preprocessing(resolution: int, meta: dict[str, Any]) -> dict[str, Any]:
-    crop_fraction = meta.get("crop_fraction", 0.875)
-    norm = meta.get("normalization", {})
-    return {"resolution": resolution, "resize_short_side": int(resolution / crop_fraction), "center_crop": resolution,
-            "interpolation": meta.get("interpolation", "bilinear"), "antialias": True, "input": "RGB, float, N x 3 x H x W",
-            "mean": norm.get("mean", [0.485, 0.456, 0.406]), "std": norm.get("std", [0.229, 0.224, 0.225])}
-
-
 def calibration_batches(resolution: int, meta: dict[str, Any], data: str | Path | None, images: int = 128,
                         batch: int = 32, seed: int = 0) -> list[Tensor]:
     """Normalised training images at ``resolution`` (the eval transform of the run), for int8 calibration: ``images``
@@ -79,16 +71,14 @@ def calibration_batches(resolution: int, meta: dict[str, Any], data: str | Path 
     from ..data import ImageFolderDataset, split_dir
     from ..engine.config import resolve_data_root
 
-    cfg = meta.get("config") or {}
-    root = data or (cfg.get("data") or {}).get("root")
+    info = RunInfo.from_meta(meta)
+    root = data or info.data_root
     if not root or not Path(resolve_data_root(root)).is_dir():
         raise MissingFileError(f"int8 calibration reads training images: the run's data ({root}) is not here; pass data (a folder)")
-    ds = ImageFolderDataset(split_dir(resolve_data_root(root), (cfg.get("data") or {}).get("train_split", "train")), progress=False)
+    ds = ImageFolderDataset(split_dir(resolve_data_root(root), info.train_split), progress=False)
     pick = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:images].tolist()
-    t = EvalTransform(resolution, meta.get("crop_fraction", 0.875), meta.get("interpolation", "bilinear"))
-    norm = meta.get("normalization", {})
-    x = torch.stack([t(load_rgb(ds.samples[i][0])) for i in pick])
-    x = normalize_batch(x, norm.get("mean", IMAGENET_MEAN), norm.get("std", IMAGENET_STD))
+    t = info.preprocessing.transform(resolution)
+    x = info.preprocessing.normalize(torch.stack([t(load_rgb(ds.samples[i][0])) for i in pick]))
     return list(x.split(batch))
 
 
@@ -107,8 +97,8 @@ def export(model: AdaptiveModel, meta: dict[str, Any], op: OperatingPoint | int,
     out = Path(out)
     model = model.cpu().eval()
     static = to_static(model, op, bn_policy, scale_policy, fold_bn)
-    images = normalize_batch(reference_images(op.resolution, data, crop_fraction=meta.get("crop_fraction", 0.875),
-                                                interpolation=meta.get("interpolation", "bilinear")))
+    pre = RunInfo.from_meta(meta).preprocessing
+    images = pre.normalize(reference_images(op.resolution, data, crop_fraction=pre.crop_fraction, interpolation=pre.interpolation))
     with model.at(op, bn_policy=bn_policy, scale_policy=scale_policy):
         expected = model(images)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -140,7 +130,7 @@ def export(model: AdaptiveModel, meta: dict[str, Any], op: OperatingPoint | int,
     info = {
         "format": fmt, "file": out.name, "files": [f.name for f in files], "int8": int8, "operating_point": {"resolution": op.resolution, "width": op.width, "scales": op.scales},
         "bn_policy": model.bn_policy if bn_policy is None else bn_policy, "scale_policy": scale_policy, "bn_folded": fold_bn,
-        "preprocessing": preprocessing(op.resolution, meta), "classes": meta.get("classes"),
+        "preprocessing": pre.describe(op.resolution), "classes": meta.get("classes"),
         "class_names": meta.get("class_names"),
         "macs": count_macs(model, op), "params": sum(p.numel() for p in static.parameters()) if not fold_bn else
         count_params(model, op),
@@ -167,9 +157,8 @@ def export_packed(run: str | Path, out: str | Path, data: str | Path | None = No
     packed_model, _ = load_checkpoint(out)
     diff = 0.0
     for r in model.train_resolutions:
-        x = normalize_batch(reference_images(r, data, crop_fraction=meta.get("crop_fraction", 0.875),
-                                                     interpolation=meta.get("interpolation", "bilinear")),
-                            *(meta.get("normalization", {}).get(k, d) for k, d in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD))))
+        pre = RunInfo.from_meta(meta).preprocessing
+        x = pre.normalize(reference_images(r, data, crop_fraction=pre.crop_fraction, interpolation=pre.interpolation))
         model.set_operating_point(r)
         packed_model.set_operating_point(r)
         parity = _check_file(out, packed_model(x), model(x), f"the packed model does not match the trained one at {r} px",

@@ -15,6 +15,7 @@ from ..analysis import count_macs, measure_latency
 from ..analysis.table import read_table
 from ..data import EvalTransform, UnreadableImageError, load_rgb, normalize_batch
 from ..engine.checkpoint import load_checkpoint, resolve_checkpoint
+from ..engine.run import RunInfo
 from ..operating_point import TABLE, OperatingPoint, best_within, evaluated_accuracy
 
 
@@ -115,11 +116,10 @@ def load_predictor(target: str, resolution: int | None = None, max_macs: float |
         raise ValueError(f"{op} has no post-statistics BN in {run_dir}; compute it with `flexres table {run_dir} --data DIR` "
                          f"or `flexres eval {run_dir} --data DIR --width {width:g} --resolutions {resolution}`")
     model.set_operating_point(op, bn_policy=bn_policy)
-    norm = meta.get("normalization", {})
-    classes = meta.get("classes") or []
-    return Predictor(model, resolution, classes, meta.get("class_names") or classes, norm.get("mean", [0.485, 0.456, 0.406]),
-                     norm.get("std", [0.229, 0.224, 0.225]), meta.get("crop_fraction", 0.875), f"{run_dir.name} at {how}",
-                     meta.get("interpolation", "bilinear"))
+    info = RunInfo.from_meta(meta)
+    pre = info.preprocessing
+    return Predictor(model, resolution, info.classes, info.class_names, pre.mean, pre.std, pre.crop_fraction,
+                     f"{run_dir.name} at {how}", pre.interpolation)
 
 
 def file_error(path: str, e: Exception) -> str:
@@ -172,8 +172,8 @@ def segment_files(model, meta: dict[str, Any], files: list[str], resolution: int
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    names, colors = meta.get("class_names") or meta.get("classes") or [], [tuple(c) for c in meta.get("class_colors") or []]
-    norm = meta.get("normalization", {})
+    info = RunInfo.from_meta(meta)
+    names, colors = info.class_names, info.class_colors
     model.eval().set_operating_point(resolution, bn_policy=bn_policy)
     results = []
     for f in files:
@@ -183,10 +183,10 @@ def segment_files(model, meta: dict[str, Any], files: list[str], resolution: int
             results.append({"file": f, "error": file_error(f, e)})
             continue
         x, _ = SegmentationEvalTransform(resolution)(img, torch.zeros(1, 1, 1, dtype=torch.uint8))
-        x = normalize_batch(x[None], norm.get("mean", [0.485, 0.456, 0.406]), norm.get("std", [0.229, 0.224, 0.225]))
+        x = info.preprocessing.normalize(x[None])
         logits = torch.nn.functional.interpolate(model(x).float(), size=img.shape[-2:], mode="bilinear", align_corners=False)
         pred = logits.argmax(1)[0]
-        mask = colorize(pred, colors, meta.get("ignore_index", 255))
+        mask = colorize(pred, colors, info.ignore_index)
         overlay = (alpha * mask.float() + (1 - alpha) * img.float()).round().to(torch.uint8)
         stem = Path(f).stem
         paths = {"mask": out_dir / f"{stem}_mask.png", "overlay": out_dir / f"{stem}_overlay.png"}

@@ -16,6 +16,7 @@ from torch import Tensor
 from ..analysis import count_macs
 from ..deploy.predict import load_predictor
 from ..engine.checkpoint import load_checkpoint, resolve_checkpoint
+from ..engine.run import RunInfo
 from ..operating_point import OperatingPoint, measured_points, pareto_front
 
 EXPORTED_SUFFIXES = (".onnx", ".pt", ".ts")
@@ -179,9 +180,9 @@ def points_from_run(target: str | Path, options: PointOptions | str | None = Non
     model, meta = load_checkpoint(target)
     model.eval()
     run_dir = resolve_checkpoint(target).parent
-    norm = meta.get("normalization", {})
-    common = {"crop_fraction": meta.get("crop_fraction", 0.875), "mean": norm.get("mean", (0.485, 0.456, 0.406)),
-              "std": norm.get("std", (0.229, 0.224, 0.225)), "interpolation": meta.get("interpolation", "bilinear"),
+    info = RunInfo.from_meta(meta)
+    pre = info.preprocessing
+    common = {"crop_fraction": pre.crop_fraction, "mean": pre.mean, "std": pre.std, "interpolation": pre.interpolation,
               "backend": options.backend + ("-int8" if options.int8 else "")}
     candidates, policy, source = _candidates(model, run_dir, options.bn_policy)
     found = _pick(candidates, options.points, run_dir, model)
@@ -193,8 +194,7 @@ def points_from_run(target: str | Path, options: PointOptions | str | None = Non
     for op, macs, top1, why in found:
         run = _onnx_runner(model, meta, run_dir, op, policy, options) if options.backend == "ort" else _run_at(model, op, policy)
         points.append(ServingPoint(op, int(macs), top1, run, why=why, **common))
-    classes = meta.get("classes") or []
-    return PointSet(points, classes, meta.get("class_names") or classes, f"{run_dir.name} ({model.arch['name']})", source)
+    return PointSet(points, info.classes, info.class_names, f"{run_dir.name} ({model.arch['name']})", source)
 
 
 def points_from_exports(files: Sequence[str | Path]) -> PointSet:
