@@ -176,6 +176,7 @@ def test_frozen_bn_statistics_stay_while_the_affine_parameters_train(data, tmp_p
         flexres.train(cfg, tmp_path / "run2", log=lambda s: None)
 
 
+@pytest.mark.slow
 def test_checkpoint_rebuilds_the_same_model_and_it_exports(data, tmp_path):
     arch = "timm:mobilenetv3_small_050"
     flexres.train(train_cfg(arch, data), tmp_path / "run", log=lambda s: None)

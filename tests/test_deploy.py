@@ -19,6 +19,7 @@ def trained_like(name):
     return distinct_bn_statistics(flexres.create_model(name, num_classes=10, train_resolutions=[96, 64], width_mult=0.25))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "san_resnet18", "san_mobilenet_v2"])
 def test_onnx_and_torchscript_exports_match_the_adaptive_model_on_real_images(tmp_path, name):
     model = trained_like(name)
@@ -210,6 +211,7 @@ def test_report_writes_its_figures_and_page(run_dir, tmp_path):
     assert page.count("<img") == 4 and "bn_statistics_run.png" in page
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["us_mobilenet_v2", "mobilenet_v1", "resizable_resnet18"])
 def test_export_parity_for_slimmable_and_resizable_families(tmp_path, name):
     from flexres import OperatingPoint

@@ -14,6 +14,8 @@ from flexres.engine.config import make_config
 from flexres.engine.trainer import train
 from flexres.methods import Method, StepOutput, register_method
 
+pytestmark = pytest.mark.slow  # each test starts torchrun processes
+
 CONFIG = """
 model: {name: resnet18, width_mult: 0.25}
 method: {name: rsnet, resolutions: [48, 32]}

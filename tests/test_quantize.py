@@ -204,6 +204,7 @@ def test_bit_packing_round_trips_and_uses_bits_per_code(bits):
     assert torch.equal(unpack_bits(packed, bits, 1001), codes)
 
 
+@pytest.mark.slow
 def test_packed_export_loads_to_the_same_outputs_everywhere(sample, tmp_path):
     import flexres
 

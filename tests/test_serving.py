@@ -328,6 +328,7 @@ def test_page_and_side_by_side_endpoint(client):
         assert len(probs) == 5 and probs == sorted(probs, reverse=True) and 0.5 <= sum(probs) <= 1.0 + 1e-3
 
 
+@pytest.mark.slow
 def test_serving_exported_models_gives_the_exported_points(run_dir, tmp_path):
     run, data = run_dir
     files = [flexres.export(run, r, out=tmp_path / f"m{r}.onnx", data=data)["path"] for r in (64, 48)]
@@ -434,6 +435,7 @@ def test_the_event_loop_lag_is_measured_and_published_but_refuses_nothing():
     assert published >= 0.1
 
 
+@pytest.mark.slow
 def test_a_child_process_serves_the_same_predictions_as_the_inference_thread(run_dir):
     """`flexres serve` runs batches in a child process by default (a flood of refusals holds the server's GIL): the
     child loads the same run, and every point's top-k and the latency model's measurements come back from it. When the
@@ -478,6 +480,7 @@ def test_a_child_process_serves_the_same_predictions_as_the_inference_thread(run
     assert [c["class"] for c in served["top"]] == [c["class"] for c in here[points.points[0].name][0]]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from Linux /proc")
 def test_closing_the_inference_process_ends_it_and_releases_its_semaphores(run_dir, monkeypatch):
     """close() ends the process even when it hangs (here: stopped, as a process stuck in a batch would be), and returns
@@ -542,6 +545,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from Linux /proc")
 def test_a_hung_inference_process_is_killed_and_replaced_after_the_batch_timeout(run_dir):
     """A child that stops answering (here: SIGSTOP) would hold its batch and every later one forever: after
@@ -578,6 +582,7 @@ def test_a_hung_inference_process_is_killed_and_replaced_after_the_batch_timeout
         ProcessInference(run_dir[0], batch_timeout_s=0)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process parents from Linux /proc")
 def test_flexres_serve_predicts_over_http_and_its_inference_process_ends_with_it(run_dir, tmp_path):
     """A real `flexres serve` on 127.0.0.1 (batches in its child process) answers /health and /predict; killed with
@@ -663,6 +668,7 @@ def test_int8_export_calibrates_on_training_images_and_keeps_most_top1(run_dir, 
     assert served.points[0].backend == "ort-int8"
 
 
+@pytest.mark.slow
 def test_a_calibration_shared_by_resolutions_is_the_union_of_their_ranges(run_dir, tmp_path):
     from onnxruntime.quantization.calibrate import load_tensors_data
 
