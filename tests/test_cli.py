@@ -168,7 +168,7 @@ def test_eval_defaults_to_the_data_the_runs_were_trained_on(tmp_path, small_data
 
 
 def test_resume_of_a_finished_run_says_so_and_trains_nothing(tmp_path, small_data, config, capsys, monkeypatch):
-    import flexres.engine.trainer as trainer
+    from flexres.engine.tasks import Classification
 
     out = tmp_path / "run"
     base = ["train", "--config", str(config), "--data", str(small_data), "--out", str(out), "--set", "epochs=1"]
@@ -179,7 +179,7 @@ def test_resume_of_a_finished_run_says_so_and_trains_nothing(tmp_path, small_dat
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run read its data again to train no epoch")
 
-    monkeypatch.setattr(trainer, "load_datasets", no_training)
+    monkeypatch.setattr(Classification, "datasets", no_training)
     assert main(base + ["--resume"]) == 0
     assert f"{out} is finished (1 of 1 epochs); nothing to resume" in capsys.readouterr().out
     assert (out / "checkpoint.safetensors").read_bytes() == saved
@@ -247,12 +247,12 @@ def test_config_errors_name_file_line_key_and_type_and_write_nothing(tmp_path, s
 
 
 def test_names_are_checked_before_the_datasets_are_read(tmp_path, small_data, config, capsys, monkeypatch):
-    import flexres.engine.trainer as trainer
+    from flexres.engine.tasks import Classification
 
     def too_late(*args, **kwargs):
         raise AssertionError("the datasets were read before the names were checked")
 
-    monkeypatch.setattr(trainer, "load_datasets", too_late)
+    monkeypatch.setattr(Classification, "datasets", too_late)
     base = ["train", "--config", str(config), "--data", str(small_data), "--out", str(tmp_path / "run")]
     for sets, expected in ((["model.name=timm:notamodel", "model.width_mult=0.5"], "unknown timm model 'notamodel'"),
                            (["model.name=resnet81"], "unknown model 'resnet81'"),

@@ -134,12 +134,13 @@ def test_train_evaluate_and_reload_a_segmentation_rsnet(tmp_path):
            "data": {"root": str(data), "task": "segmentation", "cache": True, "num_workers": 0},
            "train": {"epochs": 2, "batch_size": 4, "lr": 0.05, "progress": False, "eval_every": 1}}
     metrics = flexres.train(cfg, tmp_path / "run", log=lambda s: None)
-    assert set(metrics["val_top1"]) == {"64", "48"} and metrics["task"] == "segmentation"
-    assert all(0 <= v <= 100 for v in metrics["train_top1"].values())  # pixel accuracy, per image
+    assert set(metrics["val_miou"]) == {"64", "48"} and metrics["task"] == "segmentation"  # metrics named as they are
+    assert "val_top1" not in metrics and "train_top1" not in metrics
+    assert all(0 <= v <= 100 for v in metrics["train_pixel_accuracy"].values())  # pixel accuracy, per image
     rep = flexres.evaluate(tmp_path / "run", data, [64, 56, 48])
     res = rep["runs"]["run"]["results"]
     assert set(res) == {"64", "56", "48"} and res["48"]["macs"] < res["64"]["macs"]
-    assert res["64"]["miou"] == metrics["val_top1"]["64"]  # the trainer's validation is this evaluation
+    assert res["64"]["miou"] == metrics["val_miou"]["64"]  # the trainer's validation is this evaluation
     assert "mean IoU %" in flexres.format_eval_report(rep)
     cal = flexres.evaluate(tmp_path / "run", data, [56], "calibrate")["runs"]["run"]["results"]["56"]
     assert "calibrat" in cal["bn"] and (tmp_path / "run" / "bn_calibration.safetensors").is_file()
@@ -217,7 +218,7 @@ def test_a_segmenter_starts_from_a_classification_rsnets_backbone(tmp_path, smal
                              "data": {"root": str(data), "task": "segmentation", "cache": True, "num_workers": 0},
                              "train": {"epochs": 1, "batch_size": 4, "lr": 0.05, "progress": False, "eval_every": 0}},
                             tmp_path / "seg", log=lambda s: None)
-    assert set(metrics["train_top1"]) == {"64", "48"}
+    assert set(metrics["train_pixel_accuracy"]) == {"64", "48"}
 
 
 def test_a_resnet_weights_file_initialises_the_backbone_and_a_reshaped_key_is_named(tmp_path):

@@ -24,8 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from ..data import (ImageFolderDataset, KeyedSampler, MultiResolutionCrop, collate_skipping, normalize_batch, read_class_names, resize_batch,
-                    split_dir)
+from ..data import ImageFolderDataset, KeyedSampler, collate_skipping, normalize_batch, read_class_names, resize_batch
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import ConfigError
 from .config import resolve_data_root
@@ -34,7 +33,7 @@ from ..models import AdaptiveModel, create_model
 from ..version import __version__
 from .checkpoint import CHECKPOINT, load_backbone, load_into, load_training_state, save_checkpoint
 from .config import check_names
-from .evaluate import calibrate, evaluate, evaluate_segmentation
+from .tasks import Task, get_task
 
 # Keys that may change between a run and its resume without changing the result.
 _RESUME_FREE = {("train", "progress"), ("train", "eval_every"), ("train", "device"), ("data", "root"), ("data", "num_workers"),
@@ -276,29 +275,6 @@ def start_processes(t: dict[str, Any]) -> Processes:
     return Processes(distributed, dist.get_rank() if distributed else 0, dist.get_world_size() if distributed else 1, device)
 
 
-def load_datasets(d: dict[str, Any], t: dict[str, Any], procs: Processes,
-                  log: Callable[[str], None]) -> tuple[ImageFolderDataset, ImageFolderDataset | None]:
-    if d["task"] == "segmentation":
-        from ..data.segmentation import SegmentationDataset
-
-        train_ds = SegmentationDataset(split_dir(d["root"], d["train_split"]), cache=d["cache"])
-        train_ds.unreadable = []
-        val_dir = Path(d["root"]) / d["val_split"]
-        val_ds = SegmentationDataset(val_dir, cache=d["cache"]) if t["eval_every"] and val_dir.is_dir() else None
-        return train_ds, val_ds
-    if d["task"] != "classification":
-        raise ConfigError(f"data.task must be 'classification' or 'segmentation', got {d['task']!r}")
-    train_ds = ImageFolderDataset(split_dir(d["root"], d["train_split"]), cache=d["cache"],
-                                  skip_unreadable=d["skip_unreadable"], progress=t["progress"] and procs.is_main)
-    if train_ds.unreadable:
-        log(f"skipping {len(train_ds.unreadable)} unreadable training images, e.g. {train_ds.unreadable[0]}")
-    val_ds = None
-    if t["eval_every"] and (Path(d["root"]) / d["val_split"]).is_dir():
-        val_ds = ImageFolderDataset(split_dir(d["root"], d["val_split"]), cache=d["cache"],
-                                    skip_unreadable=d["skip_unreadable"], progress=False)
-    return train_ds, val_ds
-
-
 def class_names(d: dict[str, Any], folders: list[str]) -> list[str] | None:
     """data.class_names (a list, or the path of a classes.tsv) or the classes.tsv at the data root, in label order."""
     given = d.get("class_names")
@@ -472,12 +448,9 @@ def train_micro_batch(batch: dict[str, Any], step: int, i: int, epoch: int, last
     totals.sums["loss"] += loss.item() * n
     for name, v in terms.items():
         totals.sums[name] += v.item() * n
+    task = get_task(cfg["data"]["task"])
     for r, z in logits.items():
-        if labels.dim() == 3:  # segmentation: pixel accuracy over the valid pixels, weighted by images like top-1
-            valid = labels != method.ignore_index
-            totals.correct[r] += float(((z.argmax(1) == labels) & valid).sum() / valid.sum().clamp_min(1)) * n
-        else:
-            totals.correct[r] += int((z.argmax(1) == labels).sum())
+        totals.correct[r] += task.correct(z, labels, method)
     return loss.item()
 
 
@@ -494,45 +467,28 @@ def reduce_over_ranks(totals: EpochTotals, procs: Processes) -> None:
     totals.seen = int(packed[-1])
 
 
-def epoch_metrics(epoch: int, totals: EpochTotals, elapsed: float, method: Method) -> dict[str, Any]:
+def epoch_metrics(epoch: int, totals: EpochTotals, elapsed: float, method: Method, task: Task) -> dict[str, Any]:
     seen = max(totals.seen, 1)
     return {
         "epoch": epoch + 1, "lr": totals.lr, "images": totals.seen, "seconds": round(elapsed, 2),
         "images_per_s": round(totals.seen / max(elapsed, 1e-9), 1),
         **{f"loss_{k}" if k != "loss" else "loss": round(v / seen, 5) for k, v in totals.sums.items()},
-        "train_top1": {str(r): round(100.0 * c / seen, 2) for r, c in sorted(totals.correct.items(), reverse=True)},
+        "task": task.name,
+        task.train_metric: {str(r): round(100.0 * c / seen, 2) for r, c in sorted(totals.correct.items(), reverse=True)},
         **method.log_values(),
     }
 
 
-def validate(cfg: dict[str, Any], model: AdaptiveModel, method: Method, train_ds: ImageFolderDataset,
-             val_ds: ImageFolderDataset) -> dict[str, float]:
-    """Val top-1 at the trained resolutions (slimmable models: full width, post-statistics BN from the current weights)."""
-    t, d = cfg["train"], cfg["data"]
-    if d["task"] == "segmentation":  # val mIoU
-        pre = model_preprocessing(model)
-        res = evaluate_segmentation(model, val_ds, list(method.resolutions), mean=pre["mean"], std=pre["std"])
-        return {str(r): round(v["miou"], 2) for r, v in res.items()}
-    if model.width_range is not None:
-        model.clear_calibration()
-        calibrate(model, train_ds, list(method.resolutions), min(cfg["eval"]["calibration_images"], 1000),
-                  cfg["eval"]["batch_size"], d["scale"], d["ratio"], seed=t["seed"])
-    pre = model_preprocessing(model)
-    res = evaluate(model, val_ds, list(method.resolutions), crop_fraction=d["crop_fraction"], batch_size=cfg["eval"]["batch_size"],
-                   mean=pre["mean"], std=pre["std"], interpolation=pre["interpolation"])
-    model.clear_calibration()
-    return {str(r): round(v["top1"], 2) for r, v in res.items()}
-
-
 def epoch_line(m: dict[str, Any], total_epochs: int, seconds_left: float) -> str:
     """The one line a person reads per epoch; metrics.jsonl keeps everything."""
+    task = get_task(m.get("task", "classification"))
     terms = [f"{k[5:]} {v:.3f}" for k, v in m.items() if k.startswith("loss_")]
     loss = (f"loss {m['loss']:.3f}" if "loss" in m else "no readable images") + (f" ({', '.join(terms)})" if terms else "")
-    seg = m.get("task") == "segmentation"  # train_top1 is pixel accuracy, val_top1 mIoU
-    top1 = " ".join(f"{r}px {v:.1f}" for r, v in m["train_top1"].items())
-    val = f"  val {'mIoU' if seg else 'top-1'} " + " ".join(f"{r}px {v:.1f}" for r, v in m["val_top1"].items()) if "val_top1" in m else ""
+    train = " ".join(f"{r}px {v:.1f}" for r, v in m[task.train_metric].items())
+    val = (f"  val {task.val_label} " + " ".join(f"{r}px {v:.1f}" for r, v in m[task.val_metric].items())
+           if task.val_metric in m else "")
     eta = f"{int(seconds_left // 60)}m{int(seconds_left % 60):02d}s" if seconds_left >= 60 else f"{seconds_left:.0f}s"
-    return (f"epoch {m['epoch']}/{total_epochs}  {loss}  train {'pixel acc' if seg else 'top-1'} {top1}{val}  lr {m['lr']:.4g}  "
+    return (f"epoch {m['epoch']}/{total_epochs}  {loss}  train {task.train_label} {train}{val}  lr {m['lr']:.4g}  "
             f"{m['images_per_s']:.0f} img/s  ETA {eta}")
 
 
@@ -594,7 +550,8 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
     d["root"] = resolve_data_root(d["root"])  # recorded expanded, so the run says which folder it read
     procs = start_processes(t)
     seed_everything(t["seed"])
-    train_ds, val_ds = load_datasets(d, t, procs, log)
+    task = get_task(d["task"])
+    train_ds, val_ds = task.datasets(d, t, t["progress"] and procs.is_main, log)
     num_classes = cfg["model"]["num_classes"] or len(train_ds.classes)
     if num_classes != len(train_ds.classes):
         raise ValueError(f"model.num_classes={num_classes} but {train_ds.root} has {len(train_ds.classes)} classes")
@@ -602,23 +559,7 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
     model, method = trainee.model, trainee.method
     if d["crop_fraction"] is None:  # resolved here, so the run's config.yaml and sidecar say what was used
         d["crop_fraction"] = model_preprocessing(model)["crop_fraction"]
-    segmentation = d["task"] == "segmentation"
-    if segmentation:
-        from ..data.segmentation import JointMultiResolutionCrop
-
-        if method.name not in ("individual", "parallel", "rsnet"):
-            raise ConfigError(f"method {method.name!r} trains classifiers; segmentation has individual, parallel and rsnet")
-        if d["resize_on"] != "cpu" or d["persistent_workers"]:
-            raise ConfigError("data.resize_on: device and data.persistent_workers are for classification data")
-        if getattr(model, "task", "classification") != "segmentation":
-            raise ConfigError(f"data.task is segmentation but {cfg['model']['name']} is a classifier (use seg_resnet18, ...)")
-        method.ignore_index = train_ds.info.ignore_index
-        train_ds.transform = JointMultiResolutionCrop(method.resolutions, d["seg_scale"], hflip=d["hflip"])
-        names = train_ds.classes
-    else:
-        train_ds.transform = MultiResolutionCrop(method.resolutions, d["scale"], d["ratio"], hflip=d["hflip"],
-                                                 on_device=d["resize_on"] == "device")
-        names = class_names(d, train_ds.classes)  # checked before anything is written
+    names = task.prepare(cfg, model, method, train_ds)
     plan = plan_steps(t, len(train_ds), procs.world)
     start_epoch = restore(cfg, out_dir, trainee, log) if resume else 0
     metrics_path = prepare_run_dir(cfg, out_dir, resume, start_epoch) if procs.is_main else out_dir / "metrics.jsonl"
@@ -628,8 +569,7 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
         "classes": train_ds.classes, "class_names": names,
         "normalization": {"mean": trainee.mean, "std": trainee.std},
         "crop_fraction": d["crop_fraction"], "interpolation": model_preprocessing(model)["interpolation"], "config": cfg,
-        "task": d["task"],
-        **({"class_colors": [list(c) for c in train_ds.info.colors], "ignore_index": train_ds.info.ignore_index} if segmentation else {}),
+        **task.record(train_ds),
     }
     last: dict[str, Any] = {}
     end_epoch = t["epochs"] if stop_after_epochs is None else min(t["epochs"], start_epoch + stop_after_epochs)
@@ -643,15 +583,13 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
         totals = run_epoch(epoch, cfg, train_ds, trainee, plan, procs, loaders)
         elapsed = time.time() - t0
         reduce_over_ranks(totals, procs)
-        last = epoch_metrics(epoch, totals, elapsed, method)
-        if segmentation:  # train_top1: pixel accuracy; val_top1: mIoU (metrics keep their names across tasks)
-            last["task"] = "segmentation"
+        last = epoch_metrics(epoch, totals, elapsed, method, task)
         unreadable = sorted(set(totals.skipped) | set(train_ds.unreadable))
         if unreadable:
             last["skipped_unreadable"] = len(unreadable)
             log(f"epoch {epoch + 1}: skipped {len(unreadable)} unreadable images, e.g. {unreadable[0]}")
         if procs.is_main and val_ds is not None and ((epoch + 1) % t["eval_every"] == 0 or epoch + 1 == t["epochs"]):
-            last["val_top1"] = validate(cfg, model, method, train_ds, val_ds)
+            last[task.val_metric] = task.validate(cfg, model, method, train_ds, val_ds, model_preprocessing(model))
         if procs.is_main:
             save_checkpoint(out_dir, model, dict(sidecar_base, epoch=epoch + 1, metrics=last,
                                                  grad_scaler=trainee.scaler.state_dict() if trainee.use_amp else None),
