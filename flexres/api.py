@@ -539,14 +539,14 @@ def report(runs: str | Path | Sequence[str | Path], data: str | Path, out: str |
            bn_policy: str | None = None, latency: bool = False) -> Path:
     """Plots (accuracy vs cost, train x test heatmap, BN statistics) and an HTML page in ``out``; returns its index.html.
     ``bn_policy`` None: each run's ``eval.bn_policy``."""
-    from .deploy.report import write_report
+    from .analysis.report import write_report
 
     runs = [runs] if isinstance(runs, (str, Path)) else list(runs)
     rep = evaluate(runs, data, resolutions, bn_policy, latency=latency)
     loaded = {label: load_checkpoint(run) for label, run in zip(rep["runs"], runs)}
     extra = []
     if rep.get("task") == "segmentation":  # one validation image segmented at every evaluated resolution, per run
-        from .deploy.report import plot_segmentation_examples
+        from .analysis.report import plot_segmentation_examples
 
         image = sorted((Path(data) / "val" / "images").iterdir())[0]
         Path(out).mkdir(parents=True, exist_ok=True)
