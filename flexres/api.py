@@ -20,6 +20,7 @@ from safetensors import safe_open
 from .analysis import count_macs, count_params, measure_latency, meta_weight_ratios
 from .analysis.table import mark_pareto, read_table, scale_configurations, write_table
 from .data import ImageFolderDataset, SubsetView, sample_data_dir, split_dir
+from .deploy.export import EXPORTED_SUFFIXES, FORMAT_SUFFIX
 from .deploy.predict import parse_count
 from .engine.checkpoint import (
     CALIBRATION,
@@ -457,7 +458,7 @@ def export(run: str | Path, resolution: int, width: float = 1.0, scales: Sequenc
             raise ConfigError(f"{op} of this slimmable model needs post-statistics BN from training images: pass data (a folder)")
         train_ds = ImageFolderDataset(split_dir(root, cfg["data"]["train_split"]))
         _ensure_calibrated(model, meta, ckpt, train_ds, [op], cfg["eval"]["calibration_images"], 256, cfg, str(root))
-    ext = ".onnx" if format == "onnx" else ".pt"
+    ext = FORMAT_SUFFIX.get(format, ".pt")
     path = Path(out) if out else ckpt.parent / "export" / f"{model.arch['name'].replace(':', '-')}_{op.file_tag}{'_int8' if int8 else ''}{ext}"
     info = export_static(model, meta, op, format, path, bn_policy, scale_policy, fold_bn, data, int8=int8, int8_ranges=int8_ranges)
     return {"path": str(path), **info}
@@ -475,7 +476,7 @@ def predict(model: str | Path, images: Sequence[str | Path], resolution: int | N
     from .deploy.predict import load_predictor, predict_files, segment_files
 
     max_macs = _count(max_macs)
-    if Path(model).suffix not in (".onnx", ".pt", ".ts"):
+    if Path(model).suffix not in EXPORTED_SUFFIXES:
         net, meta = load_checkpoint(model)
         bn_policy = _run_bn_policy(meta, bn_policy)
         if meta.get("task") == "segmentation":

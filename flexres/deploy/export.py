@@ -24,7 +24,11 @@ from ..operating_point import OperatingPoint
 from ..parity import RELATIVE_TOLERANCE, check_parity
 from ..version import __version__
 
-__all__ = ["PARITY_TOLERANCE", "StaticClassifier", "export", "export_packed", "reference_images", "to_static",
+# File suffix per export format; every suffix a static model can have (TorchScript's alternative ".ts" included).
+FORMAT_SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
+EXPORTED_SUFFIXES = (".onnx", ".pt", ".ts")
+
+__all__ = ["EXPORTED_SUFFIXES", "FORMAT_SUFFIX", "PARITY_TOLERANCE", "StaticClassifier", "export", "export_packed", "reference_images", "to_static",
            "torchscript_quietly"]
 
 PARITY_TOLERANCE = RELATIVE_TOLERANCE  # of the logit scale: flexres.parity judges every exported file

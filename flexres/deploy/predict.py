@@ -16,6 +16,7 @@ from ..analysis.table import read_table
 from ..data import EvalTransform, UnreadableImageError, load_rgb, normalize_batch
 from ..engine.checkpoint import load_checkpoint, resolve_checkpoint
 from ..engine.run import RunInfo
+from .export import EXPORTED_SUFFIXES
 from ..operating_point import TABLE, OperatingPoint, best_within, evaluated_accuracy
 
 
@@ -79,7 +80,7 @@ def choose_resolution(model, meta: dict[str, Any], run_dir: Path, max_macs: floa
 def load_predictor(target: str, resolution: int | None = None, max_macs: float | None = None,
                    max_latency_ms: float | None = None, bn_policy: str = "interpolate", width: float = 1.0) -> Predictor:
     path = Path(target)
-    if path.suffix in (".onnx", ".pt", ".ts"):
+    if path.suffix in EXPORTED_SUFFIXES:
         info = json.loads(Path(str(path) + ".json").read_text())
         r = info["operating_point"]["resolution"]
         if resolution not in (None, r) or max_macs is not None or max_latency_ms is not None:

@@ -14,12 +14,12 @@ import torch
 from torch import Tensor
 
 from ..analysis import count_macs
+from ..deploy.export import EXPORTED_SUFFIXES
 from ..deploy.predict import load_predictor
 from ..engine.checkpoint import load_checkpoint, resolve_checkpoint
 from ..engine.run import RunInfo
 from ..operating_point import OperatingPoint, measured_points, pareto_front
 
-EXPORTED_SUFFIXES = (".onnx", ".pt", ".ts")
 BACKENDS = ("torch", "ort")
 
 
