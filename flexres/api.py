@@ -548,12 +548,13 @@ def report(runs: str | Path | Sequence[str | Path], data: str | Path, out: str |
     extra = []
     if rep.get("task") == "segmentation":  # one validation image segmented at every evaluated resolution, per run
         from .analysis.report import plot_segmentation_examples
+        from .deploy.predict import segment_files
 
         image = sorted((Path(data) / "val" / "images").iterdir())[0]
         Path(out).mkdir(parents=True, exist_ok=True)
         for label, (model, meta) in loaded.items():
             res = sorted((int(r) for r in rep["runs"][label]["results"]), reverse=True)
-            figure = plot_segmentation_examples(model, meta, image, res, label, Path(out))
+            figure = plot_segmentation_examples(model, meta, image, res, label, Path(out), segment_files)
             extra.append((f"Segmentation at every resolution: {label}", figure))
     return write_report(rep, {label: m for label, (m, _) in loaded.items()}, out, extra)
 

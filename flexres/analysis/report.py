@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import matplotlib
@@ -100,13 +101,12 @@ def plot_bn_statistics(model: AdaptiveModel, label: str, out: Path) -> Path:
 
 
 def plot_segmentation_examples(model: AdaptiveModel, meta: dict[str, Any], image: str | Path, resolutions: list[int], label: str,
-                               out: Path) -> Path:
-    """One image segmented at every resolution, side by side with the image (masks at the image's own size)."""
+                               out: Path, segment_files: Callable[..., list[dict[str, Any]]]) -> Path:
+    """One image segmented at every resolution, side by side with the image (masks at the image's own size).
+    ``segment_files``: flexres.deploy.predict's (deploy sits above analysis, so the caller passes it in)."""
     import tempfile
 
     from PIL import Image
-
-    from .predict import segment_files
 
     with tempfile.TemporaryDirectory() as tmp:
         masks = [(r, segment_files(model, meta, [str(image)], r, Path(tmp) / str(r))[0]) for r in resolutions]
