@@ -193,7 +193,7 @@ def evaluate(runs: str | Path | Sequence[str | Path], data: str | Path | None = 
         pre = RunInfo.from_meta(meta).preprocessing
         results = evaluate_model(model, val, res_list, policy, batch_size, pre.crop_fraction, progress=progress,
                                  scale_policy=scale_policy, workers=workers, width=width, note=note,
-                                 interpolation=pre.interpolation, **_normalization(meta))
+                                 interpolation=pre.interpolation, mean=pre.mean, std=pre.std)
         label = Path(run).name if Path(run).is_dir() else Path(run).parent.name
         if label in report["runs"]:  # two runs with one folder name: tell them apart by their parent
             label = str(Path(ckpt.parent.parent.name) / ckpt.parent.name)
@@ -345,6 +345,7 @@ def table(run: str | Path, data: str | Path | None = None, widths: Sequence[floa
     model, meta = load_checkpoint(run)
     cfg = meta.get("config") or make_config()
     bn_policy = _run_bn_policy(meta, bn_policy)
+    pre = RunInfo.from_meta(meta).preprocessing
     data = data or _recorded_data([run])
     widths = list(widths)
     if model.width_range is None and widths != [1.0]:
@@ -368,7 +369,7 @@ def table(run: str | Path, data: str | Path | None = None, widths: Sequence[floa
     if tree and configs != [None] and bn_policy != "calibrate" and model.width_range is None:
         # Resizable: every configuration at once, shared stages computed once (flexres.models.config_tree).
         per_res = {r: evaluate_configurations(model, val, r, configs, bn_policy, batch_size=min(batch_size, 64),
-                                              crop_fraction=RunInfo.from_meta(meta).preprocessing.crop_fraction, workers=workers) for r in res_list}
+                                              crop_fraction=pre.crop_fraction, workers=workers) for r in res_list}
         for sc in configs:
             add_rows(1.0, sc, {r: per_res[r][sc] for r in res_list})
     else:
@@ -381,10 +382,9 @@ def table(run: str | Path, data: str | Path | None = None, widths: Sequence[floa
             _ensure_calibrated(model, meta, ckpt, train_ds, points, calibration_images or cfg["eval"]["calibration_images"],
                                batch_size, cfg, str(data), workers)
         for w, sc in itertools.product(widths, configs):
-            pre = RunInfo.from_meta(meta).preprocessing
             add_rows(w, sc, evaluate_model(model, val, res_list, bn_policy, batch_size, pre.crop_fraction,
                                            workers=workers, width=w, scales=sc, note=note,
-                                           interpolation=pre.interpolation, **_normalization(meta)))
+                                           interpolation=pre.interpolation, mean=pre.mean, std=pre.std))
     mark_pareto(rows)
     if write:
         write_table(rows, ckpt.parent, {"data": str(data), "bn_policy": bn_policy, "latency_batch": 1})

@@ -155,13 +155,14 @@ def export_packed(run: str | Path, out: str | Path, data: str | Path | None = No
 
     model, meta = load_checkpoint(run)
     tensors, layout = pack_state(model)
-    keep = ("arch", "train_resolutions", "method", "classes", "class_names", "normalization", "crop_fraction", "epoch", "flexres_version")
+    keep = ("arch", "train_resolutions", "method", "classes", "class_names", "normalization", "crop_fraction", "interpolation",
+            "task", "epoch", "flexres_version")
     out = Path(out)
     save_tensors(out, tensors, {**{k: meta[k] for k in keep if k in meta}, "format": PACKED, "packed": layout})
     packed_model, _ = load_checkpoint(out)
     diff = 0.0
+    pre = RunInfo.from_meta(meta).preprocessing
     for r in model.train_resolutions:
-        pre = RunInfo.from_meta(meta).preprocessing
         x = pre.normalize(reference_images(r, data, crop_fraction=pre.crop_fraction, interpolation=pre.interpolation))
         model.set_operating_point(r)
         packed_model.set_operating_point(r)

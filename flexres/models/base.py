@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ..nn.adaptive import AdaptiveLayer, PointSetting, adaptive_layers
 from ..nn.meta_conv import MetaConv2d
 from ..nn.quantize import FULL_PRECISION, LQQuantizer, QuantConv2d, passing_uninitialized
-from ..nn.slimmable import SlimmableBatchNorm2d, SlimmableConv2d, SlimmableLinear, make_divisible, set_rounding
+from ..nn.slimmable import SlimmableBatchNorm2d, SlimmableConv2d, make_divisible, set_rounding
 from ..nn.stage_resize import factor_key
 from ..nn.switchable_bn import BN_POLICIES, SwitchableBatchNorm2d, nearest_index
 from ..notes import note
@@ -134,7 +134,6 @@ class AdaptiveModel(nn.Module):
         self.stage_resizers: nn.ModuleList | None = None
         self._switchable: list[SwitchableBatchNorm2d] | None = None
         self._meta: list[MetaConv2d] | None = None
-        self._slimmable: list[nn.Module] | None = None
 
     # --- operating point ---
     @property
@@ -151,12 +150,6 @@ class AdaptiveModel(nn.Module):
         if self._switchable is None:
             self._switchable = [m for m in self.modules() if isinstance(m, SwitchableBatchNorm2d)]
         return self._switchable
-
-    def slimmable_modules(self) -> list[nn.Module]:
-        if self._slimmable is None:
-            kinds = (SlimmableConv2d, SlimmableLinear, SlimmableBatchNorm2d)
-            self._slimmable = [m for m in self.modules() if isinstance(m, kinds)]
-        return self._slimmable
 
     def activation_quantizers(self) -> list[LQQuantizer]:
         """LQ-Nets activation quantizers with one basis per trained resolution (none in a full-precision model)."""
