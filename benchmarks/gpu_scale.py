@@ -9,8 +9,10 @@ Rows (RS-Net ResNet-50, S = 224, 192, 160, 128, 96, full MRED, AMP, channels_las
   stream-cpu  JPEGs read and decoded by --workers processes each step (no cache), crops resized to every S on the CPU
   stream-dev  the same, each crop resized to 224 only and to the rest of S on the GPU (data.resize_on: device)
   lq22        the quantized RS-Net (LQ-Nets 2/2 weights and activations), model only, the quantizer as it is now
-  lq22-sync   the same with the quantizer's forward as it was before issue 30 (a read-back to the host per layer and
-              step), to show what removing them buys; target: lq22 >= 50 % of the fp32 model row
+              (one fused step per call, no read-back to the host)
+  lq22-compiled  the same with compile_quantizers (the quantizer step through torch.compile: fused kernels)
+  lq22-sync   the same with the quantizer's forward as it was before issue 30 (its equations step by step, a read-back
+              to the host per layer and step), to show what the fused step buys; target: lq22 >= 50 % of the model row
 Images/s counts images per step (each trained at all five resolutions), after --warmup steps, over --steps steps.
 """
 
@@ -32,16 +34,19 @@ from torch.utils.data import DataLoader
 from flexres.data import ImageFolderDataset, MultiResolutionCrop, collate_skipping, normalize_batch, resize_batch
 from flexres.engine.config import make_config
 from flexres.engine.trainer import TrainStep, build_model_and_method
-from flexres.nn.quantize import LQQuantizer, least_squares_basis, quantization_levels, quantize_with
+from flexres.nn.quantize import LQQuantizer, compile_quantizers, least_squares_basis, quantization_levels, quantize_with
 
 S = [224, 192, 160, 128, 96]
+ROWS = ["model", "cached", "stream-cpu", "stream-dev", "lq22", "lq22-compiled", "lq22-sync"]
 
 
-def build(quantized: bool, device: torch.device):
+def build(quantized: bool, device: torch.device, compiled: bool = False):
     kwargs = {"w_bits": 2, "a_bits": 2, "activation_bases": "shared"} if quantized else {}
     cfg = make_config({"model": {"name": "resnet50", "kwargs": kwargs}, "method": {"name": "rsnet", "resolutions": S,
                                                                                    "kwargs": {"mred": "full"}}})
     model, method = build_model_and_method(cfg, num_classes=1000, pretrained=False)
+    if compiled:
+        compile_quantizers(model)
     model.to(device, memory_format=torch.channels_last)
     step = TrainStep(model, method).to(device)
     if dist.is_initialized():
@@ -126,7 +131,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--only", nargs="+", choices=["model", "cached", "stream-cpu", "stream-dev", "lq22", "lq22-sync"])
+    p.add_argument("--only", nargs="+", choices=ROWS)
     p.add_argument("--out", type=Path)
     p.add_argument("--device", default="cuda", help="cuda; cpu only to check the script itself (tiny --batch)")
     a = p.parse_args()
@@ -138,11 +143,11 @@ def main() -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if a.device == "cuda" else torch.device(a.device)
     torch.backends.cudnn.benchmark = True
     rows: dict[str, float] = {}
-    wanted = a.only or ["model", "cached", "stream-cpu", "stream-dev", "lq22", "lq22-sync"]
+    wanted = a.only or ROWS
     world = dist.get_world_size() if dist.is_initialized() else 1
     for name in wanted:
         t0 = time.time()
-        step, opt = build(name.startswith("lq22"), device)
+        step, opt = build(name.startswith("lq22"), device, compiled=name == "lq22-compiled")
         if name == "model" or name.startswith("lq22"):
             original = LQQuantizer.forward
             if name == "lq22-sync":

@@ -17,10 +17,12 @@ from flexres.nn.quantize import (
     encodings,
     least_squares_basis,
     level_counts_and_sums,
+    compile_quantizers,
     nearest_codes,
     quantization_error,
     quantization_levels,
     quantize_with,
+    quantizer_step,
 )
 
 
@@ -74,6 +76,16 @@ def test_basis_update_accumulates_more_values_than_float32_can_count():
     assert sums[0, 1].item() == pytest.approx(n * x[0, 0].double().item(), rel=1e-12)
     best = least_squares_basis(x, codes, torch.tensor([[0.5]]), signed=True)
     assert best.dtype == torch.float32 and best.item() == pytest.approx(value, rel=1e-5)
+
+
+def test_the_fused_step_counts_more_values_than_float32_can_and_sums_them_as_float64_does():
+    # The same 20M values through the training step: per-chunk float32 bins added in float64 count exactly.
+    n, value = (1 << 24) + (1 << 22), 0.3
+    x = torch.full((1, 1), value).expand(1, n)
+    basis = torch.tensor([[0.5]])
+    q, top, best = quantizer_step(x, basis, encodings(1, True), fit=True)
+    assert torch.equal(q, torch.full((1, n), 0.5)) and top.item() == 0.5
+    assert best.dtype == torch.float32 and best.item() == pytest.approx(value, rel=1e-5)  # as the reference
 
 
 @pytest.mark.parametrize("signed, bits", [(True, 2), (True, 3), (False, 2), (False, 4)])
@@ -183,6 +195,29 @@ def test_quantized_resnet_trains_with_every_resolution_recipe(method, bases, sam
     model.set_operating_point(res[0])
     with torch.no_grad():
         assert torch.equal(model(x), again(x))
+
+
+@pytest.mark.slow
+def test_a_run_with_compiled_quantizers_trains_the_same_as_an_eager_one(sample, tmp_path):
+    """train.compile_quantizers: same data, seed and steps, so the trained bases and weights agree with the eager run's
+    to float rounding (the compiled step sums in another order)."""
+    import flexres
+
+    def run(name: str, compiled: bool):
+        cfg = {"model": {"name": "resnet18", "width_mult": 0.25, "kwargs": {"w_bits": 2, "a_bits": 2}},
+               "method": {"name": "rsnet", "resolutions": [32, 24]}, "data": {"root": str(sample), "cache": True, "num_workers": 0},
+               "train": {"epochs": 1, "batch_size": 50, "lr": 0.02, "progress": False, "eval_every": 0, "amp": False,
+                         "channels_last": False, "compile_quantizers": compiled}}
+        lines = []
+        flexres.train(cfg, tmp_path / name, log=lines.append)
+        return flexres.load_checkpoint(tmp_path / name)[0], lines
+
+    eager, _ = run("eager", False)
+    compiled, lines = run("compiled", True)
+    assert any("38 quantizers compiled" in line for line in lines)  # 19 convolutions: a weight and an activation each
+    want, got = eager.state_dict(), compiled.state_dict()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=1e-4, rtol=1e-3, msg=key)
 
 
 def test_quantization_options_are_checked():
@@ -369,3 +404,49 @@ def test_a_loaded_state_refreshes_which_bases_are_fitted():
     trained.load_state_dict(LQQuantizer(2, signed=False).state_dict())  # an unfitted state: refuses again
     with pytest.raises(UninitializedQuantizerError):
         trained(torch.ones(1, 4, 2, 2))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_a_channels_last_tensor_is_quantized_in_place_of_its_layout_with_the_same_values_and_gradients(signed):
+    torch.manual_seed(0)
+    shape = (8, 6, 3, 3) if signed else (2, 6, 5, 7)
+    quant = LQQuantizer(2, signed=signed, groups=8 if signed else 1).train()
+    quant(torch.randn(shape) if signed else torch.rand(shape))
+    twin = LQQuantizer(2, signed=signed, groups=8 if signed else 1).train()
+    twin.load_state_dict(quant.state_dict())
+    x = (torch.randn(shape) * 2).requires_grad_()
+    x_nhwc = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    out, out_nhwc = quant(x), twin(x_nhwc)
+    assert out_nhwc.is_contiguous(memory_format=torch.channels_last)  # no copy to NCHW and back
+    assert torch.equal(out, out_nhwc)
+    torch.testing.assert_close(quant.basis, twin.basis, atol=1e-7, rtol=1e-6)  # summed in another order
+    g = torch.randn(shape)
+    out.backward(g)
+    out_nhwc.backward(g)
+    assert torch.equal(x.grad, x_nhwc.grad)
+
+
+@pytest.mark.slow
+def test_the_compiled_quantizer_step_equals_the_eager_one():
+    """compile_quantizers: torch.compile of the step (fused kernels on a GPU) gives the eager step's outputs, gradients
+    and basis update, training and eval, for weights (8 groups) and activations."""
+    torch.manual_seed(1)
+    for signed, groups, shape in ((True, 8, (8, 4, 3, 3)), (False, 1, (2, 4, 6, 6))):
+        eager = LQQuantizer(2, signed=signed, groups=groups).train()
+        eager(torch.randn(shape).relu() + (0 if not signed else torch.randn(shape)))
+        compiled = LQQuantizer(2, signed=signed, groups=groups).train()
+        compiled.load_state_dict(eager.state_dict())
+        assert compile_quantizers(nn.Sequential(compiled)) == 1
+        for trial in range(2):
+            x = (torch.randn(shape) * 2).requires_grad_()
+            x_c = x.detach().clone().requires_grad_()
+            out, out_c = eager(x), compiled(x_c)
+            torch.testing.assert_close(out_c, out)
+            torch.testing.assert_close(compiled.basis, eager.basis, atol=1e-6, rtol=1e-5)
+            g = torch.randn(shape)
+            out.backward(g)
+            out_c.backward(g)
+            torch.testing.assert_close(x_c.grad, x.grad)
+        eager.eval(), compiled.eval()
+        x = torch.randn(shape)
+        torch.testing.assert_close(compiled(x), eager(x))

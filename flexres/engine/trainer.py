@@ -27,12 +27,12 @@ from tqdm import tqdm
 from ..data import ImageFolderDataset, KeyedSampler, collate_skipping, normalize_batch, read_class_names, resize_batch
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import ConfigError
-from .config import resolve_data_root
 from ..methods import Method, create_method
 from ..models import AdaptiveModel, create_model
+from ..nn.quantize import compile_quantizers
 from ..version import __version__
 from .checkpoint import CHECKPOINT, load_backbone, load_into, load_training_state, save_checkpoint
-from .config import check_names
+from .config import check_names, resolve_data_root
 from .tasks import Task, get_task
 
 # Keys that may change between a run and its resume without changing the result.
@@ -308,6 +308,8 @@ def build_trainee(cfg: dict[str, Any], num_classes: int, procs: Processes, resum
     # NHWC is faster on CPUs too (oneDNN): 1.3x for ResNet-18 x0.25, 1.4-1.6x for MobileNetV2 (BENCHMARKS.md).
     if t["channels_last"]:
         model.to(memory_format=torch.channels_last)
+    if t["compile_quantizers"]:
+        log(f"train.compile_quantizers: {compile_quantizers(model)} quantizers compiled at their first call")
     if t["sync_bn"] and model.width_range is not None:
         raise ConfigError("train.sync_bn: slimmable models normalise with per-batch statistics of their own layer "
                           "(SlimmableBatchNorm2d) and cannot be synchronised; leave sync_bn off")

@@ -10,6 +10,7 @@ from .quantize import (
     FixedLevels,
     LQQuantizer,
     QuantConv2d,
+    compile_quantizers,
     encodings,
     is_quantized,
     least_squares_basis,
@@ -36,7 +37,7 @@ from .switchable_bn import BN_POLICIES, BNChoice, SwitchableBatchNorm2d, nearest
 
 __all__ = [
     "AdaptiveLayer", "PointSetting", "adaptive_layers", "deployed_params", "make_static",
-    "FULL_PRECISION", "FixedLevels", "LQQuantizer", "QuantConv2d", "encodings", "is_quantized", "least_squares_basis",
+    "FULL_PRECISION", "FixedLevels", "LQQuantizer", "QuantConv2d", "compile_quantizers", "encodings", "is_quantized", "least_squares_basis",
     "level_counts_and_sums", "nearest_codes", "passing_uninitialized", "quantization_error", "quantization_levels", "quantize_with",
     "BN_POLICIES", "BNChoice", "CalibratableModel", "FixedResize", "MetaConv2d", "SlimmableBatchNorm2d", "SlimmableConv2d",
     "SlimmableLinear", "StageResize", "SwitchableBatchNorm2d", "calibrate_bn", "factor_key", "keep_full_width", "make_divisible",

@@ -13,6 +13,7 @@ per trained resolution: ``num_bases``, selected like a switchable BN).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -27,6 +28,7 @@ FULL_PRECISION = 32
 # Values accumulated per chunk in the QEM sums: bounds the float64 copy (8 bytes a value) whatever the layer's size;
 # 2 MB chunks were no slower than one copy of a million activations on a CPU (and cost few launches on a GPU).
 _ACCUMULATE_CHUNK = 1 << 18
+_SUM_CHUNK_BITS = 10  # 2^10 values summed in float32 per bin by the quantizer's step before the float64 total
 
 
 def encodings(bits: int, signed: bool) -> Tensor:
@@ -47,16 +49,7 @@ def nearest_codes(x: Tensor, basis: Tensor, signed: bool) -> Tensor:
     order = levels.argsort(dim=1)
     sorted_levels = levels.gather(1, order)
     thresholds = (sorted_levels[:, 1:] + sorted_levels[:, :-1]) / 2  # G x (L - 1)
-    if thresholds.shape[1] <= 15:
-        # rank = how many thresholds lie below the value; up to 4 bits a few in-place comparisons are about 10x faster
-        # on a CPU than searchsorted's binary search per value (activations: a million values per layer and step)
-        rank = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
-        for j in range(thresholds.shape[1]):
-            rank += x > thresholds[:, j : j + 1]
-        rank = rank.long()
-    else:
-        rank = torch.searchsorted(thresholds.contiguous(), x.contiguous())  # position among the sorted levels
-    return order.gather(1, rank)
+    return order.gather(1, _rank(x, thresholds))  # the rank among the sorted levels, as a code
 
 
 def quantize_with(x: Tensor, basis: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
@@ -93,15 +86,108 @@ def least_squares_basis(x: Tensor, codes: Tensor, basis: Tensor, signed: bool, r
     so the cost is one pass over x. A tiny ridge towards the current ``basis`` keeps a direction no value constrains
     (a bit that is the same for every value) where it was instead of letting it jump."""
     counts, sums = level_counts_and_sums(x, codes, 2 ** basis.shape[1])
-    # The K x K system is tiny: solved in the float64 of the sums, only the basis goes back to the input's dtype.
-    enc = encodings(basis.shape[1], signed).to(sums)  # L x K
+    return _solve_basis(counts, sums, basis, encodings(basis.shape[1], signed).to(sums), ridge)
+
+
+def _solve_basis(counts: Tensor, sums: Tensor, basis: Tensor, enc: Tensor, ridge: float = 1e-6) -> Tensor:
+    """The normal equations of QEM from the per-code ``counts`` and ``sums`` (G x L, float64) and the encodings ``enc``
+    (L x K). The K x K system is tiny: solved in float64, only the basis goes back to ``basis``'s dtype."""
     btb = torch.einsum("gl,lk,lj->gkj", counts, enc, enc)  # G x K x K
     btx = sums @ enc  # G x K
     lam = ridge * btb.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1.0)[:, None, None]
-    eye = torch.eye(basis.shape[1], dtype=sums.dtype, device=x.device)
+    eye = torch.eye(basis.shape[1], dtype=sums.dtype, device=sums.device)
     # solve_ex: no check of the factorisation's status, which would wait for the device (the ridge keeps it regular)
     best = torch.linalg.solve_ex(btb + lam * eye, (btx + lam[:, :, 0] * basis.to(sums)).unsqueeze(-1))[0].squeeze(-1)
-    return best.to(x.dtype)
+    return best.to(basis.dtype)
+
+
+def quantizer_step(flat: Tensor, basis: Tensor, enc: Tensor, fit: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The quantizer's hot path in one function: (quantized ``flat`` (G x N), the top level, and with ``fit`` the QEM
+    least-squares basis). The arithmetic of quantize_with and least_squares_basis, the reference functions above,
+    arranged for few kernels: the levels sorted once, each value ranked among them by comparisons with the midpoints,
+    the quantized value read from the sorted levels by rank, and the per-code statistics summed by rank
+    (_rank_counts_and_sums) and mapped to codes on the G x L table. ``enc`` (L x K) is the module's cached
+    ``encodings`` on the device, so nothing is built on the host per call. Pure, so ``torch.compile`` can fuse it."""
+    levels = basis @ enc.T  # G x L
+    sorted_levels, order = levels.sort(dim=1)
+    thresholds = (sorted_levels[:, 1:] + sorted_levels[:, :-1]) / 2
+    rank = _rank(flat, thresholds)
+    q = sorted_levels.gather(1, rank)
+    top = sorted_levels[:, -1].max()
+    if not fit:
+        return q, top, None
+    counts, sums = _rank_counts_and_sums(flat, rank, sorted_levels.shape[1])
+    # rank j of group g is code order[g, j]: scatter the statistics back to code order for the normal equations
+    best = _solve_basis(counts.new_zeros(counts.shape).scatter_(1, order, counts),
+                        sums.new_zeros(sums.shape).scatter_(1, order, sums), basis, enc.to(torch.float64))
+    return q, top, best
+
+
+def _rank_counts_and_sums(flat: Tensor, rank: Tensor, n_levels: int) -> tuple[Tensor, Tensor]:
+    """Per group, how many values of ``flat`` (G x N) have each rank, and their sum (G x L each, float64), in a fixed
+    number of kernels whatever N. Each value counts in the bin of its rank within its chunk of 2^_SUM_CHUNK_BITS values:
+    float32 counts a chunk exactly and sums it closely (2^10 values, far from float32's 2^24 limit), and the chunks
+    are added in float64, so a layer of tens of millions of values is counted exactly (level_counts_and_sums, the
+    reference, converts every value to float64 instead)."""
+    g, n = flat.shape
+    chunks = ((n - 1) >> _SUM_CHUNK_BITS) + 1
+    # a shift, not // : torch.compile (dynamic shapes, CPU, torch 2.14) mis-compiles an arange floor-divided by a constant
+    bins = rank + n_levels * (torch.arange(n, device=flat.device) >> _SUM_CHUNK_BITS)
+    counts = flat.new_zeros(g, chunks * n_levels).scatter_add_(1, bins, flat.new_ones(()).expand(g, n))
+    sums = flat.new_zeros(g, chunks * n_levels).scatter_add_(1, bins, flat)
+    return (counts.view(g, chunks, n_levels).sum(1, dtype=torch.float64),
+            sums.view(g, chunks, n_levels).sum(1, dtype=torch.float64))
+
+
+def _rank(x: Tensor, thresholds: Tensor) -> Tensor:
+    """How many of the sorted ``thresholds`` (G x (L - 1)) lie below each value of ``x`` (G x N), as int64."""
+    if thresholds.shape[1] > 15:
+        return torch.searchsorted(thresholds.contiguous(), x.contiguous())
+    # up to 4 bits a few in-place comparisons are about 10x faster on a CPU than searchsorted's binary search per value
+    rank = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
+    for j in range(thresholds.shape[1]):
+        rank += x > thresholds[:, j : j + 1]
+    return rank.long()
+
+
+def _channels_last(x: Tensor) -> bool:
+    """Whether ``x`` is laid out as N H W C (and not also plainly contiguous): flattening its N H W C permutation is
+    then a view, not a copy, and dim 0 (samples of an activation, output channels of a weight) stays the outermost."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+@functools.cache
+def _compiled_quantizer_step():
+    return torch.compile(quantizer_step, dynamic=True)
+
+
+def compile_quantizers(model: nn.Module) -> int:
+    """Run every LQ quantizer of ``model`` through a torch.compile'd quantizer_step (fused kernels on a GPU); returns
+    how many. Compiles lazily at the first call; outputs equal the eager step's (tests/test_quantize.py)."""
+    quantizers = [m for m in model.modules() if isinstance(m, LQQuantizer) and m.enabled]
+    for m in quantizers:
+        m.compile_step = True
+    return len(quantizers)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the quantized values ``q``. Backward: the gradient of the identity (weights, ``top`` None) or of the
+    clip of ``x`` to [0, top] (activations): 1 strictly inside, 0 outside and at either end, as torch.clamp's. One node
+    and, for activations, the mask made from the saved input only when a gradient is asked for."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, q: Tensor, top: Tensor | None) -> Tensor:
+        ctx.clipped = top is not None
+        if ctx.clipped:
+            ctx.save_for_backward(x, top)
+        return q.view_as(q)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        if not ctx.clipped:
+            return grad, None, None
+        x, top = ctx.saved_tensors
+        return grad * ((x > 0) & (x < top)), None, None
 
 
 class LQQuantizer(nn.Module, AdaptiveLayer):
@@ -120,7 +206,10 @@ class LQQuantizer(nn.Module, AdaptiveLayer):
         k = bits if bits != FULL_PRECISION else 1
         self.register_buffer("basis", torch.zeros(num_bases, groups, k))
         self.register_buffer("initialized", torch.zeros(num_bases, dtype=torch.bool))
+        # The encodings, built once and moved with the module: building them per call costs host work and a copy.
+        self.register_buffer("codebook", encodings(k, signed), persistent=False)
         self.index = 0
+        self.compile_step = False  # run quantizer_step through torch.compile (compile_quantizers)
         # Which bases are known fitted, mirrored on the host: reading the buffer in every forward would wait for the
         # device each time (a GPU sync per layer and step). Only True is cached; a loaded state dict refreshes it.
         self._fitted = [False] * num_bases
@@ -192,23 +281,19 @@ class LQQuantizer(nn.Module, AdaptiveLayer):
                 self.basis[i] = self._initial_basis(self.grouped(x.detach().float()))
                 self.initialized[i] = True
                 self._fitted[i] = True
-        flat = self.grouped(x.detach().float())
-        basis = self.basis[i].clone()  # the QEM update below writes self.basis in place: quantize and clip with one basis
-        levels = quantization_levels(basis, self.signed)
-        codes = nearest_codes(flat, basis, self.signed)
-        q = levels.gather(1, codes)
-        if self.training:
-            with torch.no_grad():
-                best = least_squares_basis(flat, codes, basis, self.signed)
-                self.basis[i] = self.momentum * basis + (1 - self.momentum) * best
-        q = q.reshape(x.shape).to(x.dtype)
-        # Straight-through: the value is exactly q (x - x.detach() is exactly 0), the gradient 1, or for activations
-        # that of the clip to [0, top level] (as torch.clamp's: none at either end itself). The top stays a tensor: no
-        # wait for the device to read it.
-        ste = x - x.detach()
-        if not self.signed:
-            ste = ste * ((x > 0) & (x < levels.max().to(x.dtype)))
-        return q + ste
+        step = _compiled_quantizer_step() if self.compile_step else quantizer_step
+        nhwc = _channels_last(x)
+        values = x.detach().float()
+        values = values.permute(0, 2, 3, 1) if nhwc else values
+        q, top, best = step(self.grouped(values), self.basis[i], self.codebook, self.training)
+        if best is not None:
+            with torch.no_grad():  # m v + (1 - m) v*
+                self.basis[i].lerp_(best, 1 - self.momentum)
+        q = q.view(values.shape)
+        q = (q.permute(0, 3, 1, 2) if nhwc else q).to(x.dtype)
+        # Straight-through: the value is exactly q; the gradient 1, or for activations that of the clip to [0, top]. The
+        # top stays a tensor: no wait for the device to read it.
+        return _StraightThrough.apply(x, q, None if self.signed else top.to(x.dtype))
 
     def _uninitialized_message(self, index: int) -> str:
         kind = "weight" if self.signed else "activation"
