@@ -7,7 +7,8 @@ packed file's accuracy against the training-time model's.
     python benchmarks/lq_imagenette.py --out runs/bench_lq --json benchmarks/results/lq_imagenette.json   # evaluate
     python benchmarks/lq_imagenette.py --seeds-table benchmarks/results/lq_imagenette_2-32{,_seed1,_seed2}.json
 
-Model: configs/imagenette_lq_rsnet_r18.yaml at ResNet-18 x0.25 (--width; x0.25 is the fp32 protocol's width, section 1
+Model: configs/imagenette_lq_rsnet_r18.yaml (--config; configs/imagenette_lq22_preact_rsnet_r18.yaml is LQ-Nets'
+pre-activation network with its recipe, for 2/2) at ResNet-18 x0.25 (--width; x0.25 is the fp32 protocol's width, section 1
 of BENCHMARKS.md, and 2-bit training still learns there), seed with --seed. --only LABEL... trains a subset (one
 process per core: OMP_NUM_THREADS=1 each). --only RS-Net-private trains a seventh run, the RS-Net with one activation
 basis per resolution (the authors share one); the evaluation adds it as a column when it is there.
@@ -85,6 +86,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=data_path, default=IMAGENETTE)
     p.add_argument("--out", type=Path, default=Path("runs/bench_lq"))
+    p.add_argument("--config", type=Path, default=ROOT / "configs" / "imagenette_lq_rsnet_r18.yaml",
+                   help="the RS-Net's config; the I-Nets are the same at one resolution")
     p.add_argument("--width", type=float, default=0.25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-only", nargs="+", choices=list(BITS))
@@ -103,7 +106,7 @@ def main() -> None:
                     continue
                 if run_width(out) not in (None, args.width):  # the run folders do not name the width
                     raise SystemExit(f"{out} was trained at width {run_width(out)}, not --width {args.width}: use another --out")
-                cfg = load_config(ROOT / "configs" / "imagenette_lq_rsnet_r18.yaml", sets + [f"model.width_mult={args.width}"])
+                cfg = load_config(args.config, sets + [f"model.width_mult={args.width}"])
                 cfg["data"]["root"] = str(args.data)
                 train_once(f"{setting} {label}", cfg, out, cfg["train"]["epochs"])
         return
