@@ -162,3 +162,25 @@ def test_keyed_samples_are_the_same_whichever_worker_makes_them_and_differ_by_ep
         assert torch.equal(y, y2) and torch.equal(x, x2)  # same order, same crops
     assert not all(torch.equal(a[0], b[0]) for a, b in zip(first, again))  # another epoch, other draws
     assert sorted(int(v) for _, y in first for v in y) == sorted(label for _, label in ds.samples)  # every sample once
+
+
+def test_the_streaming_loader_yields_the_cached_folders_samples(small_data):
+    """No decoded cache, JPEGs read by two worker processes (the large-data pipeline) against the in-memory folder
+    dataset read inline: the same images, labels and crops, batch by batch."""
+    from torch.utils.data import DataLoader
+
+    from flexres.data import KeyedSampler
+
+    def batches(cache: bool, workers: int):
+        ds = ImageFolderDataset(small_data / "train", transform=MultiResolutionCrop([48, 32], on_device=True), cache=cache,
+                                progress=False)
+        assert ds.cached == cache
+        loader = DataLoader(ds, batch_size=4, sampler=KeyedSampler(len(ds), seed=2), num_workers=workers,
+                            collate_fn=collate_skipping, persistent_workers=workers > 0, prefetch_factor=2 if workers else None)
+        loader.sampler.set_epoch(3)
+        return [(b["inputs"][0], b["labels"]) for b in loader]
+
+    cached, streamed = batches(True, 0), batches(False, 2)
+    assert len(cached) == len(streamed) == 3
+    for (x, y), (x2, y2) in zip(cached, streamed):
+        assert torch.equal(y, y2) and torch.equal(x, x2)
