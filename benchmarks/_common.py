@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -29,8 +28,19 @@ def data_path(text: str | Path) -> Path:
 
 def add_run_options(p) -> None:
     """``--only`` and ``--set``, for scripts whose trainings are spread over processes (one label each)."""
-    p.add_argument("--only", nargs="+", metavar="LABEL", help="train only these runs (I-112, RS-Net, ...): to spread them over processes")
-    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for every run (e.g. train.amp=false)")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        metavar="LABEL",
+        help="train only these runs (I-112, RS-Net, ...): to spread them over processes",
+    )
+    p.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides for every run (e.g. train.amp=false)",
+    )
 
 
 def train_once(label: str, cfg: dict, out: Path, epochs: int) -> float:
@@ -56,5 +66,6 @@ def gap_row(label: str, res: int, runs: list[dict], inets: list[dict]) -> list[s
 
 def evaluated_after(report: Path | None, run_dirs: list[Path]) -> bool:
     """Whether ``report`` (an earlier evaluation, for ``--reuse``) was written after every run's checkpoint."""
-    return report is not None and all(report.stat().st_mtime > (Path(d) / "checkpoint.safetensors").stat().st_mtime
-                                      for d in run_dirs)
+    return report is not None and all(
+        report.stat().st_mtime > (Path(d) / "checkpoint.safetensors").stat().st_mtime for d in run_dirs
+    )

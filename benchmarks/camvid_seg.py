@@ -1,7 +1,8 @@
 """Resolution-switchable segmentation on CamVid (RS-Nets App. B / Table 7, issue 14): I-Nets at each training
 resolution against the RS-Net, at trained and unseen resolutions, with BN interpolation and calibration.
 
-    python benchmarks/camvid_seg.py --out runs/bench_camvid --train-only    # 3 I-Nets + RS-Net, configs/camvid_rsnet_seg_r18.yaml
+    python benchmarks/camvid_seg.py --out runs/bench_camvid --train-only    # 3 I-Nets + RS-Net,
+                                                                            # configs/camvid_rsnet_seg_r18.yaml
     python benchmarks/camvid_seg.py --out runs/bench_camvid --json benchmarks/results/camvid_seg.json   # evaluate
 """
 
@@ -28,7 +29,10 @@ def specs(out: Path, seed: int, extra: list[str]) -> dict[str, tuple[Path, list[
     cfg = load_config(CONFIG)
     base = [f"seed={seed}", "progress=false", *extra]
     inet = ["method.name=individual", "method.kwargs={}"]
-    s = {f"I-{r}": (out / f"seed{seed}" / f"I-{r}", base + inet + [f"method.resolutions=[{r}]"]) for r in cfg["method"]["resolutions"]}
+    s = {
+        f"I-{r}": (out / f"seed{seed}" / f"I-{r}", base + inet + [f"method.resolutions=[{r}]"])
+        for r in cfg["method"]["resolutions"]
+    }
     s["RS-Net"] = (out / f"seed{seed}" / "RS-Net", base)
     return s
 
@@ -52,13 +56,22 @@ def main() -> None:
             train_once(label, cfg, out, cfg["train"]["epochs"])
         return
     res = load_config(CONFIG)["eval"]["resolutions"]
-    result = {"date": str(date.today()), "machine": platform.machine(), "torch": torch.__version__, "seed": args.seed, "policies": {}}
+    result = {
+        "date": str(date.today()),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "seed": args.seed,
+        "policies": {},
+    }
     lines = []
     for policy in ("interpolate", "calibrate"):
         rep = api.evaluate([str(d) for d, _ in runs.values()], args.data, res, policy)
         result["policies"][policy] = {label: rep["runs"][key]["results"] for label, key in zip(runs, rep["runs"])}
         for metric in ("miou", "pixel_acc", "mean_acc"):
-            rows = [[label] + [f"{rep['runs'][key]['results'][str(r)][metric]:.1f}" for r in res] for label, key in zip(runs, rep["runs"])]
+            rows = [
+                [label] + [f"{rep['runs'][key]['results'][str(r)][metric]:.1f}" for r in res]
+                for label, key in zip(runs, rep["runs"])
+            ]
             lines += [f"{metric}, BN {policy}:", "", markdown_table(["run", *map(str, res)], rows), ""]
     print("\n".join(lines))
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -28,9 +28,15 @@ def main() -> None:
         first = next(iter(runs.values()))
         resolutions = list(first)
         macs = [f"{first[r]['macs'] / 1e9:.2f}" for r in resolutions]
-        print(f"BN {policy}, {len(seeds)} seeds (GMACs per image: {', '.join(f'{r}: {m}' for r, m in zip(resolutions, macs))}):\n")
+        print(
+            f"BN {policy}, {len(seeds)} seeds "
+            f"(GMACs per image: {', '.join(f'{r}: {m}' for r, m in zip(resolutions, macs))}):\n"
+        )
         for metric in ("miou", "pixel_acc", "mean_acc"):
-            rows = [[label] + [cell([s["policies"][policy][label][r][metric] for s in seeds]) for r in resolutions] for label in runs]
+            rows = [
+                [label] + [cell([s["policies"][policy][label][r][metric] for s in seeds]) for r in resolutions]
+                for label in runs
+            ]
             print(f"{metric}:\n\n{markdown_table(['run', *resolutions], rows)}\n")
         rows = []
         for label in (label for label in runs if label.startswith("I-")):  # each I-Net at its own resolution

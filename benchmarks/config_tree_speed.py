@@ -5,7 +5,8 @@ val split evaluated as a prefix tree, and the one-by-one evaluation of a seeded 
 (all 256 one by one take most of an hour on 2 cores); checks that the sampled configurations' accuracies
 are identical both ways and writes the figures as JSON.
 
-    python benchmarks/config_tree_speed.py RUN [--data DIR] [--one-by-one 16] [--out benchmarks/results/config_tree_speed.json]
+    python benchmarks/config_tree_speed.py RUN [--data DIR] [--one-by-one 16]
+        [--out benchmarks/results/config_tree_speed.json]
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from _common import IMAGENETTE, data_path
 
 from flexres import api
 from flexres.data import ImageFolderDataset
-from _common import data_path, IMAGENETTE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +37,9 @@ def main() -> None:
     args = p.parse_args()
     model, _ = api.load_checkpoint(args.run)
     res = [args.resolution or model.train_resolutions[0]]
-    api.table(args.run, args.data, resolutions=res, scales="1", write=False)  # warm caches (decoded images) for both timings
+    api.table(
+        args.run, args.data, resolutions=res, scales="1", write=False
+    )  # warm caches (decoded images) for both timings
 
     t0 = time.perf_counter()
     tree = api.table(args.run, args.data, resolutions=res, scales="all", write=False)
@@ -46,17 +49,28 @@ def main() -> None:
     flat_s = time.perf_counter() - t0
 
     by_scales = {tuple(r["scales"]): r for r in tree}
-    same = all(by_scales[tuple(r["scales"])]["top1"] == r["top1"] and by_scales[tuple(r["scales"])]["top5"] == r["top5"]
-               for r in flat)
+    same = all(
+        by_scales[tuple(r["scales"])]["top1"] == r["top1"] and by_scales[tuple(r["scales"])]["top5"] == r["top5"]
+        for r in flat
+    )
     images = len(ImageFolderDataset(Path(args.data) / "val"))
     report = {
-        "date": str(date.today()), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "run": args.run, "resolution": res[0], "val_images": images,
-        "tree": {"configurations": len(tree), "seconds": round(tree_s, 1),
-                 "image_configurations_per_s": round(len(tree) * images / tree_s)},
-        "one_by_one": {"configurations": len(flat), "seconds": round(flat_s, 1),
-                       "image_configurations_per_s": round(len(flat) * images / flat_s),
-                       "projected_seconds_for_all": round(flat_s / len(flat) * len(tree))},
+        "date": str(date.today()),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "run": args.run,
+        "resolution": res[0],
+        "val_images": images,
+        "tree": {
+            "configurations": len(tree),
+            "seconds": round(tree_s, 1),
+            "image_configurations_per_s": round(len(tree) * images / tree_s),
+        },
+        "one_by_one": {
+            "configurations": len(flat),
+            "seconds": round(flat_s, 1),
+            "image_configurations_per_s": round(len(flat) * images / flat_s),
+            "projected_seconds_for_all": round(flat_s / len(flat) * len(tree)),
+        },
         "identical_accuracies": same,
         "top1_range": [min(r["top1"] for r in tree), max(r["top1"] for r in tree)],
     }

@@ -36,14 +36,27 @@ T = [128, 112, 104, 96, 88, 80, 72, 64, 56, 48, 40]
 
 def specs(out: Path, rsnet: Path | None) -> dict[str, dict]:
     """label -> config, overrides, run directory, group."""
-    s = {"I-112": {"config": "imagenette_individual_r18.yaml", "sets": [], "group": "finetune"},
-         "RS-Net fine-tuned (5 ep)": {"config": "imagenette_finetune_rsnet_r18.yaml",
-                                      "sets": [f"train.init_from={out / 'I-112'}"], "group": "finetune", "after": "I-112"},
-         "RS-Net from scratch (20 ep)": {"config": "imagenette_rsnet_r18.yaml", "sets": [], "group": "finetune"},
-         "timm mbv3 RS-Net": {"config": "imagenette_rsnet_timm_mbv3.yaml", "sets": [], "group": "timm"}}
-    s.update({f"timm mbv3 I-{r}": {"config": "imagenette_rsnet_timm_mbv3.yaml",
-                                   "sets": ["method.name=individual", f"method.resolutions=[{r}]", "method.kwargs={}"], "group": "timm"}
-              for r in S})
+    s = {
+        "I-112": {"config": "imagenette_individual_r18.yaml", "sets": [], "group": "finetune"},
+        "RS-Net fine-tuned (5 ep)": {
+            "config": "imagenette_finetune_rsnet_r18.yaml",
+            "sets": [f"train.init_from={out / 'I-112'}"],
+            "group": "finetune",
+            "after": "I-112",
+        },
+        "RS-Net from scratch (20 ep)": {"config": "imagenette_rsnet_r18.yaml", "sets": [], "group": "finetune"},
+        "timm mbv3 RS-Net": {"config": "imagenette_rsnet_timm_mbv3.yaml", "sets": [], "group": "timm"},
+    }
+    s.update(
+        {
+            f"timm mbv3 I-{r}": {
+                "config": "imagenette_rsnet_timm_mbv3.yaml",
+                "sets": ["method.name=individual", f"method.resolutions=[{r}]", "method.kwargs={}"],
+                "group": "timm",
+            }
+            for r in S
+        }
+    )
     for label, spec in s.items():
         spec["dir"] = out / label.replace(" ", "_").replace("(", "").replace(")", "")
     if rsnet is not None:
@@ -54,7 +67,11 @@ def specs(out: Path, rsnet: Path | None) -> dict[str, dict]:
 
 def cpu_seconds(run: Path) -> float:
     """Training time: the sum of the epochs' wall seconds in metrics.jsonl."""
-    return sum(json.loads(line).get("seconds", 0.0) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip())
+    return sum(
+        json.loads(line).get("seconds", 0.0)
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if line.strip()
+    )
 
 
 def main() -> None:
@@ -78,20 +95,32 @@ def main() -> None:
     results = {}
     for (label, spec), key in zip(have.items(), rep["runs"]):
         r = rep["runs"][key]
-        results[label] = {"top1": {str(t): round(r["results"][str(t)]["top1"], 2) for t in T},
-                          "macs": {str(t): r["results"][str(t)].get("macs") for t in T},
-                          "train_seconds": round(cpu_seconds(spec["dir"]), 1), "config": spec["config"], "sets": spec["sets"]}
+        results[label] = {
+            "top1": {str(t): round(r["results"][str(t)]["top1"], 2) for t in T},
+            "macs": {str(t): r["results"][str(t)].get("macs") for t in T},
+            "train_seconds": round(cpu_seconds(spec["dir"]), 1),
+            "config": spec["config"],
+            "sets": spec["sets"],
+        }
     header = ["run", *map(str, T), "mean over S", "train s"]
     rows = []
     for label, r in results.items():
         mean_s = sum(r["top1"][str(t)] for t in S) / len(S)
         rows.append([label, *(f"{r['top1'][str(t)]:.1f}" for t in T), f"{mean_s:.2f}", f"{r['train_seconds']:.0f}"])
-    text = (f"Date {date.today()}; {platform.machine()}, torch {torch.__version__}; top-1 % on the {rep.get('images', 3000)} val "
-            "images, BN interpolation between trained resolutions (the nearest BN outside)\n\n" + markdown_table(header, rows))
+    text = (
+        f"Date {date.today()}; {platform.machine()}, torch {torch.__version__}; "
+        f"top-1 % on the {rep.get('images', 3000)} val "
+        "images, BN interpolation between trained resolutions (the nearest BN outside)\n\n"
+        + markdown_table(header, rows)
+    )
     print(text)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"date": str(date.today()), "machine": platform.machine(), "resolutions": T, "runs": results},
-                                    indent=1) + "\n")
+    args.json.write_text(
+        json.dumps(
+            {"date": str(date.today()), "machine": platform.machine(), "resolutions": T, "runs": results}, indent=1
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -23,14 +23,14 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from PIL import Image
 from _common import IMAGENETTE, data_path
+from PIL import Image
 
 from flexres.data import MultiResolutionCrop, load_rgb
 
 SETS = {"RS-Net S = 224 ... 96": [224, 192, 160, 128, 96], "I-Net 224": [224]}
-# ImageNet's training JPEGs average about 400 x 350 px (most are 500 x 375 or 375 x 500); imagenette-224's are 224 x 224,
-# so each is also measured re-encoded at 500 x 375 (quality 90), which costs what an ImageNet decode costs.
+# ImageNet's training JPEGs average about 400 x 350 px (most are 500 x 375 or 375 x 500); imagenette-224's are
+# 224 x 224, so each is also measured re-encoded at 500 x 375 (quality 90), which costs what an ImageNet decode costs.
 IMAGENET_SIZE = (500, 375)
 # timm's benchmark.py, ResNet-50 training with AMP and channels_last on one A100: about 2,600 img/s
 # (huggingface/pytorch-image-models issue 1491). An H100 is faster, so the workers below are a lower bound for it.
@@ -55,7 +55,9 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)
     files = sorted((a.data / "train").rglob("*.JPEG"))
-    files = [files[i] for i in torch.randperm(len(files), generator=torch.Generator().manual_seed(0))[: a.images].tolist()]
+    files = [
+        files[i] for i in torch.randperm(len(files), generator=torch.Generator().manual_seed(0))[: a.images].tolist()
+    ]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         large = []
@@ -68,13 +70,26 @@ def main() -> None:
                 step_img_s = a.reference_img_s / sum((r / 224) ** 2 for r in s)  # a step at S costs its pixels
                 for where in ("cpu", "device") if len(s) > 1 else ("cpu",):
                     rate = worker_rate(chosen, s, where == "device")
-                    rows.append({"jpeg": size, "set": name, "resolutions": s, "resize_on": where,
-                                 "img_s_per_worker": round(rate, 1), "step_img_s": round(step_img_s),
-                                 "workers_needed": round(step_img_s / rate, 1)})
+                    rows.append(
+                        {
+                            "jpeg": size,
+                            "set": name,
+                            "resolutions": s,
+                            "resize_on": where,
+                            "img_s_per_worker": round(rate, 1),
+                            "step_img_s": round(step_img_s),
+                            "workers_needed": round(step_img_s / rate, 1),
+                        }
+                    )
                     print(rows[-1], flush=True)
-    report = {"date": str(date.today()), "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-              "images": len(files), "data": "imagenette-224 train JPEGs (224 x 224), and the same re-encoded at 500 x 375",
-              "reference_img_s_224": a.reference_img_s, "rows": rows}
+    report = {
+        "date": str(date.today()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "images": len(files),
+        "data": "imagenette-224 train JPEGs (224 x 224), and the same re-encoded at 500 x 375",
+        "reference_img_s_224": a.reference_img_s,
+        "rows": rows,
+    }
     if a.out:
         a.out.write_text(json.dumps(report, indent=2) + "\n")
 

@@ -80,8 +80,16 @@ def main() -> None:
             plain = to_static(rsnet, r, fold_bn=False)
             folded = to_static(rsnet, r)
             onnx_path = args.out / f"rsnet_{r}.onnx"
-            torch.onnx.export(folded, (x[:1],), str(onnx_path), input_names=["image"], output_names=["logits"],
-                              dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, dynamo=True, verbose=False)
+            torch.onnx.export(
+                folded,
+                (x[:1],),
+                str(onnx_path),
+                input_names=["image"],
+                output_names=["logits"],
+                dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+                dynamo=True,
+                verbose=False,
+            )
             sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
             xn = x.numpy()
             rows[(batch, r)] = {
@@ -92,18 +100,52 @@ def main() -> None:
                 "onnxruntime": time_call(lambda: sess.run(None, {"image": xn}), 5, args.repeats),
             }
             print(batch, r, {k: round(v, 3) for k, v in rows[(batch, r)].items()}, flush=True)
-    report = {"date": str(date.today()), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-              f"onnxruntime {ort.__version__}", "switching": part_a,
-              "latency_ms": {f"{b}x{r}": v for (b, r), v in rows.items()}}
+    report = {
+        "date": str(date.today()),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"onnxruntime {ort.__version__}",
+        "switching": part_a,
+        "latency_ms": {f"{b}x{r}": v for (b, r), v in rows.items()},
+    }
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
-    lines = [f"Date {report['date']}; {report['machine']}.", "",
-             f"(a) switching the RS-Net to another resolution: median {sw:.1f} us; loading that resolution's I-Net checkpoint: "
-             f"median {ld:.2f} ms; loading costs {ld * 1000 / sw:.0f}x the switch.", "",
-             "(b) median latency (ms) per forward, ResNet-18 x0.25, 10 classes:", ""]
-    table = [[str(b), str(r), f"{v['macs'] / 1e6:.1f}", f"{v['adaptive']:.2f}", f"{v['plain']:.2f}", f"{v['folded']:.2f}",
-              f"{v['onnxruntime']:.2f}", f"{v['adaptive'] / v['plain']:.2f}"] for (b, r), v in rows.items()]
-    lines.append(markdown_table(["batch", "resolution", "MMACs", "adaptive (switchable BN)", "static, plain Conv/BN/Linear",
-                                 "static, BN folded", "ONNX Runtime (folded)", "adaptive / plain"], table))
+    lines = [
+        f"Date {report['date']}; {report['machine']}.",
+        "",
+        f"(a) switching the RS-Net to another resolution: median {sw:.1f} us; "
+        "loading that resolution's I-Net checkpoint: "
+        f"median {ld:.2f} ms; loading costs {ld * 1000 / sw:.0f}x the switch.",
+        "",
+        "(b) median latency (ms) per forward, ResNet-18 x0.25, 10 classes:",
+        "",
+    ]
+    table = [
+        [
+            str(b),
+            str(r),
+            f"{v['macs'] / 1e6:.1f}",
+            f"{v['adaptive']:.2f}",
+            f"{v['plain']:.2f}",
+            f"{v['folded']:.2f}",
+            f"{v['onnxruntime']:.2f}",
+            f"{v['adaptive'] / v['plain']:.2f}",
+        ]
+        for (b, r), v in rows.items()
+    ]
+    lines.append(
+        markdown_table(
+            [
+                "batch",
+                "resolution",
+                "MMACs",
+                "adaptive (switchable BN)",
+                "static, plain Conv/BN/Linear",
+                "static, BN folded",
+                "ONNX Runtime (folded)",
+                "adaptive / plain",
+            ],
+            table,
+        )
+    )
     (args.out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -42,8 +42,12 @@ ROWS = ["model", "cached", "stream-cpu", "stream-dev", "lq22", "lq22-compiled", 
 
 def build(quantized: bool, device: torch.device, compiled: bool = False):
     kwargs = {"w_bits": 2, "a_bits": 2, "activation_bases": "shared"} if quantized else {}
-    cfg = make_config({"model": {"name": "resnet50", "kwargs": kwargs}, "method": {"name": "rsnet", "resolutions": S,
-                                                                                   "kwargs": {"mred": "full"}}})
+    cfg = make_config(
+        {
+            "model": {"name": "resnet50", "kwargs": kwargs},
+            "method": {"name": "rsnet", "resolutions": S, "kwargs": {"mred": "full"}},
+        }
+    )
     model, method = build_model_and_method(cfg, num_classes=1000, pretrained=False)
     if compiled:
         compile_quantizers(model)
@@ -56,7 +60,8 @@ def build(quantized: bool, device: torch.device, compiled: bool = False):
 
 
 def timed_steps(step, opt, batches, warmup: int, steps: int, device: torch.device) -> float:
-    """Images/s of ``steps`` training steps after ``warmup``; ``batches`` yields (inputs tuple, labels) on ``device``."""
+    """Images/s of ``steps`` training steps after ``warmup``; ``batches`` yields (inputs tuple, labels) on
+    ``device``."""
     cuda = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     it = iter(batches)
@@ -84,8 +89,12 @@ def sync(device: torch.device) -> None:
 
 def random_batches(batch: int, device: torch.device):
     x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
-    inputs = tuple(torch.nn.functional.interpolate(x, size=(r, r), mode="bilinear", antialias=True).contiguous(
-        memory_format=torch.channels_last) for r in S)
+    inputs = tuple(
+        torch.nn.functional.interpolate(x, size=(r, r), mode="bilinear", antialias=True).contiguous(
+            memory_format=torch.channels_last
+        )
+        for r in S
+    )
     labels = torch.randint(0, 1000, (batch,), device=device)
     while True:
         yield inputs, labels
@@ -93,15 +102,26 @@ def random_batches(batch: int, device: torch.device):
 
 def loader_batches(ds, batch: int, workers: int, on_device: bool, device: torch.device):
     ds.transform = MultiResolutionCrop(S, on_device=on_device)
-    loader = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, collate_fn=collate_skipping, drop_last=True,
-                        pin_memory=True, persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+    loader = DataLoader(
+        ds,
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        collate_fn=collate_skipping,
+        drop_last=True,
+        pin_memory=True,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
     while True:
         for b in loader:
             xs = tuple(x.to(device, non_blocking=True) for x in b["inputs"])  # uint8 over the bus
             if on_device:
                 xs = resize_batch(xs[0], S)
-            yield (tuple(normalize_batch(x).contiguous(memory_format=torch.channels_last) for x in xs),
-                   (b["labels"] % 1000).to(device, non_blocking=True))
+            yield (
+                tuple(normalize_batch(x).contiguous(memory_format=torch.channels_last) for x in xs),
+                (b["labels"] % 1000).to(device, non_blocking=True),
+            )
 
 
 def legacy_forward(self: LQQuantizer, x: torch.Tensor) -> torch.Tensor:
@@ -118,7 +138,9 @@ def legacy_forward(self: LQQuantizer, x: torch.Tensor) -> torch.Tensor:
     q, codes = quantize_with(flat, basis, self.signed)
     if self.training:
         with torch.no_grad():
-            self.basis[i] = self.momentum * basis + (1 - self.momentum) * least_squares_basis(flat, codes, basis, self.signed)
+            self.basis[i] = self.momentum * basis + (1 - self.momentum) * least_squares_basis(
+                flat, codes, basis, self.signed
+            )
     q = q.reshape(x.shape).to(x.dtype)
     u = x if self.signed else x.clamp(0.0, float(quantization_levels(basis, False).max()))
     return q + (u - u.detach())
@@ -158,8 +180,14 @@ def main() -> None:
                 LQQuantizer.forward = original
         else:
             ds = ImageFolderDataset(a.data / "train", cache=name == "cached", progress=False)
-            rate = timed_steps(step, opt, loader_batches(ds, a.batch, a.workers, name == "stream-dev", device), a.warmup,
-                               a.steps, device)
+            rate = timed_steps(
+                step,
+                opt,
+                loader_batches(ds, a.batch, a.workers, name == "stream-dev", device),
+                a.warmup,
+                a.steps,
+                device,
+            )
         rows[name] = round(rate * world, 1)
         print(f"{name:11s} {rows[name]:8.1f} img/s  ({time.time() - t0:.0f} s)", flush=True)
         del step, opt
@@ -170,10 +198,16 @@ def main() -> None:
         for name, v in rows.items():
             print(f"| {name} | {v:.0f} | {100 * v / rows['model']:.0f} % |")
     if not dist.is_initialized() or dist.get_rank() == 0:
-        report = {"date": str(date.today()), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none (cpu)",
-                  "gpus": world,
-                  "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}", "batch": a.batch,
-                  "workers": a.workers, "resolutions": S, "img_s": rows}
+        report = {
+            "date": str(date.today()),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none (cpu)",
+            "gpus": world,
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+            "batch": a.batch,
+            "workers": a.workers,
+            "resolutions": S,
+            "img_s": rows,
+        }
         if a.out:
             a.out.write_text(json.dumps(report, indent=2) + "\n")
     if dist.is_initialized():

@@ -60,7 +60,10 @@ def main() -> None:
     args = p.parse_args()
     rows, results = [], {}
     for label, name, width, kwargs, op in MODELS:
-        steps = {fmt: stepper(name, width, kwargs, op, args.batch, fmt == "channels_last") for fmt in ("contiguous", "channels_last")}
+        steps = {
+            fmt: stepper(name, width, kwargs, op, args.batch, fmt == "channels_last")
+            for fmt in ("contiguous", "channels_last")
+        }
         for fn in steps.values():  # warm-up: oneDNN picks its kernels on the first calls
             fn()
             fn()
@@ -72,13 +75,25 @@ def main() -> None:
                 times[fmt].append(time.perf_counter() - t0)
         ips = {fmt: args.batch / statistics.median(t) for fmt, t in times.items()}
         results[label] = ips
-        rows.append([label, f"{ips['contiguous']:.0f}", f"{ips['channels_last']:.0f}", f"{ips['channels_last'] / ips['contiguous']:.2f}"])
+        rows.append(
+            [
+                label,
+                f"{ips['contiguous']:.0f}",
+                f"{ips['channels_last']:.0f}",
+                f"{ips['channels_last'] / ips['contiguous']:.2f}",
+            ]
+        )
         print(rows[-1], flush=True)
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    md = [f"Date {date.today()}; {machine}; batch {args.batch}; median of {args.repeats} interleaved steps.", "",
-          markdown_table(["model @ 112 px", "contiguous img/s", "channels_last img/s", "speed-up"], rows)]
+    md = [
+        f"Date {date.today()}; {machine}; batch {args.batch}; median of {args.repeats} interleaved steps.",
+        "",
+        markdown_table(["model @ 112 px", "contiguous img/s", "channels_last img/s", "speed-up"], rows),
+    ]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.json").write_text(json.dumps({"date": str(date.today()), "machine": machine, "img_per_s": results}, indent=2))
+    (args.out / "report.json").write_text(
+        json.dumps({"date": str(date.today()), "machine": machine, "img_per_s": results}, indent=2)
+    )
     (args.out / "report.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

@@ -13,9 +13,9 @@ import json
 import re
 from pathlib import Path
 
+from flexres.engine.evaluate import markdown_table
 from flexres.operating_point import best_within as select
 from flexres.operating_point import pareto_front
-from flexres.engine.evaluate import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,17 +72,35 @@ def main() -> None:
                 except ValueError:
                     pass
             lr_m, best = max(picks.items(), key=lambda kv: kv[1]["top1"])
-            best_rows.append([str(epochs), label, f"{inet['top1']:.1f} (lr {lr_i:g}; sweep: "
-                              + ", ".join(f"{lr:g}: {i['top1']:.1f}" for lr, i in sorted(inets.items())) + ")",
-                              f"{point(best)} (lr {lr_m:g})", f"{best['top1'] - inet['top1']:+.1f}"])
+            best_rows.append(
+                [
+                    str(epochs),
+                    label,
+                    f"{inet['top1']:.1f} (lr {lr_i:g}; sweep: "
+                    + ", ".join(f"{lr:g}: {i['top1']:.1f}" for lr, i in sorted(inets.items()))
+                    + ")",
+                    f"{point(best)} (lr {lr_m:g})",
+                    f"{best['top1'] - inet['top1']:+.1f}",
+                ]
+            )
     print("\nEach at its best lr of the sweep {0.1, 0.05} (only the lrs each was trained at):\n")
     print(markdown_table(["epochs", "I-Net", "I-Net top-1", "MutualNet within its MACs", "gap"], best_rows))
 
     for (epochs, lr), rep in sorted(reports.items()):
-        print(f"\nMutualNet's accuracy-vs-MACs frontier, {epochs} epochs at lr {lr:g} (of {len(rep['tables']['MutualNet'])} points):\n")
+        print(
+            f"\nMutualNet's accuracy-vs-MACs frontier, {epochs} epochs at lr {lr:g} "
+            f"(of {len(rep['tables']['MutualNet'])} points):\n"
+        )
         front = pareto_front(rep["tables"]["MutualNet"])
-        print(markdown_table(["MMACs", "width", "px", "top-1"],
-                             [[f"{r['macs'] / 1e6:.2f}", f"{r['width']:g}", str(r["resolution"]), f"{r['top1']:.1f}"] for r in front]))
+        print(
+            markdown_table(
+                ["MMACs", "width", "px", "top-1"],
+                [
+                    [f"{r['macs'] / 1e6:.2f}", f"{r['width']:g}", str(r["resolution"]), f"{r['top1']:.1f}"]
+                    for r in front
+                ],
+            )
+        )
         walls = ", ".join(f"{k} {v:.0f}" for k, v in rep["wall_s"].items())
         print(f"\n({rep['date']}; {rep['machine']}; wall s: {walls})")
 

@@ -1,15 +1,17 @@
-"""The LQ quantizer's cost in kernels: operators dispatched per quantizer call and per 2/2 RS-Net step, and CPU step time.
+"""The LQ quantizer's cost in kernels: operators dispatched per quantizer call and per 2/2 RS-Net step, and CPU step
+time.
 
     python -m benchmarks quantizer_kernels --out benchmarks/results/quantizer_kernels.json
 
 On a GPU each dispatched operator is at least one kernel launch (about 5 us of host time each), so the count is what
 makes a quantized step wait on the host. Counted with a TorchDispatchMode, which sees the operators that run after
-autograd and decomposition (views, which launch nothing, left out): forward and backward of one training step. Rows: one 2-bit activation quantizer (one
-basis, a 64 x 64 x 28 x 28 input) and one 2-bit weight quantizer (a 256 x 256 x 3 x 3 conv), each as a training call
-(QEM update and backward) and an eval call; then the RS-Net ResNet-50 step with five resolutions (batch 2, at S / 4 = 56 ... 24
-to keep the CPU time short; the count does not depend on the size), fp32 and LQ 2/2. The step time is measured
-on this machine's CPU at the same sizes (median of --repeats steps after one warm-up); with --compiled also for the
-2/2 step with its quantizers through torch.compile (compile_quantizers; its kernels are not operators, so no count).
+autograd and decomposition (views, which launch nothing, left out): forward and backward of one training step. Rows: one
+2-bit activation quantizer (one basis, a 64 x 64 x 28 x 28 input) and one 2-bit weight quantizer (a 256 x 256 x 3 x 3
+conv), each as a training call (QEM update and backward) and an eval call; then the RS-Net ResNet-50 step with five
+resolutions (batch 2, at S / 4 = 56 ... 24 to keep the CPU time short; the count does not depend on the size), fp32 and
+LQ 2/2. The step time is measured on this machine's CPU at the same sizes (median of --repeats steps after one warm-up);
+with --compiled also for the 2/2 step with its quantizers through torch.compile (compile_quantizers; its kernels are
+not operators, so no count).
 """
 
 from __future__ import annotations
@@ -55,12 +57,17 @@ def count(fn) -> Counter[str]:
 def quantizer_calls() -> dict[str, int]:
     torch.manual_seed(0)
     rows = {}
-    for kind, signed, groups, shape in (("activation", False, 1, (64, 64, 28, 28)), ("weight", True, 256, (256, 256, 3, 3))):
+    for kind, signed, groups, shape in (
+        ("activation", False, 1, (64, 64, 28, 28)),
+        ("weight", True, 256, (256, 256, 3, 3)),
+    ):
         quant = LQQuantizer(2, signed=signed, groups=groups).train()
         x = torch.randn(shape)
         quant(x if signed else x.relu())  # fits the basis: the counts below are of a fitted quantizer
         xg = (x if signed else x.relu()).requires_grad_()
-        rows[f"{kind} quantizer, training (forward + backward)"] = sum(count(lambda: quant(xg).sum().backward()).values())
+        rows[f"{kind} quantizer, training (forward + backward)"] = sum(
+            count(lambda: quant(xg).sum().backward()).values()
+        )
         quant.eval()
         with torch.no_grad():
             rows[f"{kind} quantizer, eval"] = sum(count(lambda: quant(x)).values())
@@ -69,8 +76,12 @@ def quantizer_calls() -> dict[str, int]:
 
 def build_step(quantized: bool, compiled: bool = False):
     kwargs = {"w_bits": 2, "a_bits": 2, "activation_bases": "shared"} if quantized else {}
-    cfg = make_config({"model": {"name": "resnet50", "kwargs": kwargs},
-                       "method": {"name": "rsnet", "resolutions": SMALL, "kwargs": {"mred": "full"}}})
+    cfg = make_config(
+        {
+            "model": {"name": "resnet50", "kwargs": kwargs},
+            "method": {"name": "rsnet", "resolutions": SMALL, "kwargs": {"mred": "full"}},
+        }
+    )
     model, method = build_model_and_method(cfg, num_classes=1000, pretrained=False)
     if compiled:
         compile_quantizers(model)
@@ -114,8 +125,13 @@ def main() -> None:
     p.add_argument("--label", default="", help="a name for this measurement in the JSON (e.g. the commit)")
     p.add_argument("--out", type=Path, help="JSON file; an existing one gets this --label added")
     a = p.parse_args()
-    report = {"date": str(date.today()), "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads", "ops_per_call": quantizer_calls(), "steps": step_rows(a.repeats, a.compiled)}
+    report = {
+        "date": str(date.today()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        "ops_per_call": quantizer_calls(),
+        "steps": step_rows(a.repeats, a.compiled),
+    }
     for name, n in report["ops_per_call"].items():
         print(f"{name:50s} {n:6d} ops")
     for name, row in report["steps"].items():

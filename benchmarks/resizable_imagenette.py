@@ -58,14 +58,28 @@ def main() -> None:
     p.add_argument("--batch", type=int)
     p.add_argument("--seed", type=int, default=0, help="train.seed of every run (a seed repeat of the protocol)")
     p.add_argument("--configs", default="all", help="configurations in the tables: 'all' (256) or N sampled")
-    p.add_argument("--random-configs", help="configurations for the random-sampling run's table (default: as --configs)")
+    p.add_argument(
+        "--random-configs", help="configurations for the random-sampling run's table (default: as --configs)"
+    )
     p.add_argument("--label-images", type=int, default=2000)
-    p.add_argument("--skip", nargs="+", default=[], metavar="LABEL",
-                   help="runs to leave out (e.g. fixed-0.65-0.65-0.65-0.65): not trained, not in the report")
-    p.add_argument("--score-only", action="store_true",
-                   help="only run every configuration of the finished fair and random runs (kept for the report) and exit")
-    p.add_argument("--train-only", nargs="+", metavar="LABEL",
-                   help="only train these runs (fair, random, aug, fixed-1-1-1-1, ...) and exit: to spread them over processes")
+    p.add_argument(
+        "--skip",
+        nargs="+",
+        default=[],
+        metavar="LABEL",
+        help="runs to leave out (e.g. fixed-0.65-0.65-0.65-0.65): not trained, not in the report",
+    )
+    p.add_argument(
+        "--score-only",
+        action="store_true",
+        help="only run every configuration of the finished fair and random runs (kept for the report) and exit",
+    )
+    p.add_argument(
+        "--train-only",
+        nargs="+",
+        metavar="LABEL",
+        help="only train these runs (fair, random, aug, fixed-1-1-1-1, ...) and exit: to spread them over processes",
+    )
     args = p.parse_args()
     runs = {
         "fair": {"sampling": "fair"},
@@ -112,46 +126,87 @@ def main() -> None:
     # and the validation scores of every Adapt budget (d) are all read from these matrices.
     cands, random_cands = candidates(args.configs), candidates(args.random_configs or args.configs)
     fair_scores = score_all(fair_model, args.out / "fair", cands, val, args.out / "scores_fair_val.pt", res)
-    train_scores = score_all(fair_model, args.out / "fair", cands, SubsetView(train_ds, pick), args.out / "scores_fair_train.pt", res)
+    train_scores = score_all(
+        fair_model, args.out / "fair", cands, SubsetView(train_ds, pick), args.out / "scores_fair_train.pt", res
+    )
     scored = {"fair": (cands, fair_scores)}
     for k, model in random_models.items():
-        scored[k] = (random_cands, score_all(model, args.out / k, random_cands, val, args.out / f"scores_{k}_val.pt", res))
+        scored[k] = (
+            random_cands,
+            score_all(model, args.out / k, random_cands, val, args.out / f"scores_{k}_val.pt", res),
+        )
     if args.score_only:
         return
-    tables = {k: [{"scales": list(sc), "top1": 100 * float(sv.correct[:, i].float().mean()), "macs": c.macs[i]}
-                  for i, sc in enumerate(c.scales)]
-              for k, (c, sv) in scored.items()}
+    tables = {
+        k: [
+            {"scales": list(sc), "top1": 100 * float(sv.correct[:, i].float().mean()), "macs": c.macs[i]}
+            for i, sc in enumerate(c.scales)
+        ]
+        for k, (c, sv) in scored.items()
+    }
     (args.out / "tables.json").write_text(json.dumps(tables, indent=1))
 
     per_fixed = {}  # each network trained alone, evaluated at its own configuration
     for sc in fixed:
         model, _ = load_checkpoint(args.out / fixed_label(sc))
         per_fixed[sc] = evaluate(model, val, [res], scales=sc)[res]["top1"]
-    aug_top1 = evaluate(load_checkpoint(args.out / "aug")[0], val, [res], scales=(1.0,) * 4)[res]["top1"] if "aug" in runs else None
+    aug_top1 = (
+        evaluate(load_checkpoint(args.out / "aug")[0], val, [res], scales=(1.0,) * 4)[res]["top1"]
+        if "aug" in runs
+        else None
+    )
 
     def at(table, sc, key="top1"):
         return next(r[key] for r in table if tuple(r["scales"]) == sc)
 
-    lines = [f"Date {date.today()}; {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-             f"{args.epochs} epochs; "
-             "wall s: " + ", ".join(f"{k} {v:.0f}" for k, v in walls.items()), "",
-             "(a) Sub-networks of the fair-sampling run vs networks trained alone at that configuration (top-1 %):", "",
-             markdown_table(["configuration", "MMACs", "trained alone", "resizable (fair) sub-network", "gain"],
-                            [["-".join(f"{f:g}" for f in sc), f"{at(tables['fair'], sc, 'macs') / 1e6:.1f}", f"{per_fixed[sc]:.1f}",
-                              f"{at(tables['fair'], sc):.1f}", f"{at(tables['fair'], sc) - per_fixed[sc]:+.1f}"] for sc in fixed]), ""]
+    lines = [
+        f"Date {date.today()}; {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"{args.epochs} epochs; "
+        "wall s: " + ", ".join(f"{k} {v:.0f}" for k, v in walls.items()),
+        "",
+        "(a) Sub-networks of the fair-sampling run vs networks trained alone at that configuration (top-1 %):",
+        "",
+        markdown_table(
+            ["configuration", "MMACs", "trained alone", "resizable (fair) sub-network", "gain"],
+            [
+                [
+                    "-".join(f"{f:g}" for f in sc),
+                    f"{at(tables['fair'], sc, 'macs') / 1e6:.1f}",
+                    f"{per_fixed[sc]:.1f}",
+                    f"{at(tables['fair'], sc):.1f}",
+                    f"{at(tables['fair'], sc) - per_fixed[sc]:+.1f}",
+                ]
+                for sc in fixed
+            ],
+        ),
+        "",
+    ]
     summary = []
     for k, t in tables.items():
         accs = [r["top1"] for r in t]
         summary.append([k, str(len(accs)), f"{statistics.mean(accs):.2f}", f"{min(accs):.1f}", f"{max(accs):.1f}"])
     fair_at = {tuple(r["scales"]): r["top1"] for r in tables["fair"]}
-    lines += ["(b) Fair vs random sampling, over the evaluated configurations:", "",
-              markdown_table(["sampling", "configurations", "mean top-1", "min", "max"], summary), ""]
+    lines += [
+        "(b) Fair vs random sampling, over the evaluated configurations:",
+        "",
+        markdown_table(["sampling", "configurations", "mean top-1", "min", "max"], summary),
+        "",
+    ]
     for k in random_models:
         both = [(fair_at[tuple(r["scales"])], r["top1"]) for r in tables[k] if tuple(r["scales"]) in fair_at]
-        lines += [f"On the {len(both)} configurations fair and {k} both hold: fair above {k} at {sum(f > r for f, r in both)}; "
-                  f"mean top-1 fair {statistics.mean(f for f, _ in both):.2f}, {k} {statistics.mean(r for _, r in both):.2f}.", ""]
+        lines += [
+            f"On the {len(both)} configurations fair and {k} both hold: "
+            f"fair above {k} at {sum(f > r for f, r in both)}; "
+            f"mean top-1 fair {statistics.mean(f for f, _ in both):.2f}, "
+            f"{k} {statistics.mean(r for _, r in both):.2f}.",
+            "",
+        ]
     if aug_top1 is not None:
-        lines += [f"(c) Resizable-Aug at all 1.0: {aug_top1:.1f}% vs plain training (fixed all 1.0): {per_fixed[(1.0,) * 4]:.1f}%.", ""]
+        lines += [
+            f"(c) Resizable-Aug at all 1.0: {aug_top1:.1f}% vs plain training "
+            f"(fixed all 1.0): {per_fixed[(1.0,) * 4]:.1f}%.",
+            "",
+        ]
 
     ordered = sorted(cands.macs)
     adapt_rows = []
@@ -159,19 +214,67 @@ def main() -> None:
         budget = ordered[int(q * (len(ordered) - 1))]
         sub, cols = cands.within(budget)
         rep = compare_adapt_nas(sub, train_scores.subset(cols), fair_scores.subset(cols))
-        adapt_rows.append([f"{budget / 1e6:.1f}", str(len(cols)), f"{rep['adapt']['top1']:.1f}", f"{rep['adapt']['mean_macs'] / 1e6:.1f}",
-                           f"{(rep['adapt']['mean_macs'] + rep['probe_macs']) / 1e6:.1f}", f"{rep['nas']['top1']:.1f}",
-                           f"{rep['nas']['macs'] / 1e6:.1f}", f"{rep['oracle_top1']:.1f}"])
-    lines += ["(d) Resizable-Adapt vs NAS (best single configuration under the same budget, picked on the labelled training images):",
-              "", markdown_table(["budget (MMACs)", "candidates", "Adapt top-1", "Adapt mean MMACs", "+ probe pass", "NAS top-1",
-                                  "NAS MMACs", "oracle"], adapt_rows)]
+        adapt_rows.append(
+            [
+                f"{budget / 1e6:.1f}",
+                str(len(cols)),
+                f"{rep['adapt']['top1']:.1f}",
+                f"{rep['adapt']['mean_macs'] / 1e6:.1f}",
+                f"{(rep['adapt']['mean_macs'] + rep['probe_macs']) / 1e6:.1f}",
+                f"{rep['nas']['top1']:.1f}",
+                f"{rep['nas']['macs'] / 1e6:.1f}",
+                f"{rep['oracle_top1']:.1f}",
+            ]
+        )
+    lines += [
+        "(d) Resizable-Adapt vs NAS (best single configuration under the same budget, "
+        "picked on the labelled training images):",
+        "",
+        markdown_table(
+            [
+                "budget (MMACs)",
+                "candidates",
+                "Adapt top-1",
+                "Adapt mean MMACs",
+                "+ probe pass",
+                "NAS top-1",
+                "NAS MMACs",
+                "oracle",
+            ],
+            adapt_rows,
+        ),
+    ]
     (args.out / "report.md").write_text("\n".join(lines) + "\n")
-    summary = {"date": str(date.today()), "epochs": args.epochs, "resolution": res, "walls": walls,
-               "trained_alone": {fixed_label(sc): per_fixed[sc] for sc in fixed},
-               "fair_at_uniform": {fixed_label(sc): at(tables["fair"], sc) for sc in fixed},
-               "sampling": {k: {"configurations": len(t), "mean_top1": statistics.mean(r["top1"] for r in t)} for k, t in tables.items()},
-               "aug_top1": aug_top1, "adapt": [dict(zip(["budget_mmacs", "candidates", "adapt_top1", "adapt_mmacs", "with_probe_mmacs",
-                                                          "nas_top1", "nas_mmacs", "oracle_top1"], row)) for row in adapt_rows]}
+    summary = {
+        "date": str(date.today()),
+        "epochs": args.epochs,
+        "resolution": res,
+        "walls": walls,
+        "trained_alone": {fixed_label(sc): per_fixed[sc] for sc in fixed},
+        "fair_at_uniform": {fixed_label(sc): at(tables["fair"], sc) for sc in fixed},
+        "sampling": {
+            k: {"configurations": len(t), "mean_top1": statistics.mean(r["top1"] for r in t)} for k, t in tables.items()
+        },
+        "aug_top1": aug_top1,
+        "adapt": [
+            dict(
+                zip(
+                    [
+                        "budget_mmacs",
+                        "candidates",
+                        "adapt_top1",
+                        "adapt_mmacs",
+                        "with_probe_mmacs",
+                        "nas_top1",
+                        "nas_mmacs",
+                        "oracle_top1",
+                    ],
+                    row,
+                )
+            )
+            for row in adapt_rows
+        ],
+    }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print("\n".join(lines))
 

@@ -14,10 +14,11 @@ import json
 from datetime import date
 from pathlib import Path
 
+from _common import IMAGENETTE, data_path
+
 from flexres.data import ImageFolderDataset
 from flexres.engine.checkpoint import load_checkpoint
 from flexres.engine.evaluate import evaluate, markdown_table
-from _common import data_path, IMAGENETTE
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIFORM = [(1.0,) * 4, (0.85,) * 4, (0.65,) * 4, (0.45,) * 4]
@@ -37,12 +38,26 @@ def main() -> None:
         alone, _ = load_checkpoint(run / "fixed-1-1-1-1")
         res = fair.train_resolutions[0]
         epochs = meta["config"]["train"]["epochs"]
-        fair_acc = {"-".join(f"{f:g}" for f in sc): evaluate(fair, val, [res], scales=sc)[res]["top1"] for sc in UNIFORM}
+        fair_acc = {
+            "-".join(f"{f:g}" for f in sc): evaluate(fair, val, [res], scales=sc)[res]["top1"] for sc in UNIFORM
+        }
         alone_acc = evaluate(alone, val, [res], scales=UNIFORM[0])[res]["top1"]
         result["runs"][str(run)] = {"epochs": epochs, "fair": fair_acc, "trained_alone_1": alone_acc}
-        rows.append([str(epochs), f"{alone_acc:.1f}", f"{fair_acc['1-1-1-1']:.1f}", f"{fair_acc['1-1-1-1'] - alone_acc:+.1f}",
-                     *(f"{fair_acc[k]:.1f}" for k in ("0.85-0.85-0.85-0.85", "0.65-0.65-0.65-0.65", "0.45-0.45-0.45-0.45"))])
-    print(markdown_table(["epochs", "trained alone (1.0)", "fair sub-network (1.0)", "gap", "fair 0.85", "fair 0.65", "fair 0.45"], rows))
+        rows.append(
+            [
+                str(epochs),
+                f"{alone_acc:.1f}",
+                f"{fair_acc['1-1-1-1']:.1f}",
+                f"{fair_acc['1-1-1-1'] - alone_acc:+.1f}",
+                *(f"{fair_acc[k]:.1f}" for k in ("0.85-0.85-0.85-0.85", "0.65-0.65-0.65-0.65", "0.45-0.45-0.45-0.45")),
+            ]
+        )
+    print(
+        markdown_table(
+            ["epochs", "trained alone (1.0)", "fair sub-network (1.0)", "gap", "fair 0.85", "fair 0.65", "fair 0.45"],
+            rows,
+        )
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
 

@@ -34,8 +34,10 @@ def run_specs(which: list[str]) -> list[tuple[str, str, list[str]]]:
     specs = [(f"I-{r}", "imagenette_individual_r18.yaml", [f"method.resolutions=[{r}]"]) for r in S]
     specs += [("parallel", "imagenette_parallel_r18.yaml", []), ("RS-Net", "imagenette_rsnet_r18.yaml", [])]
     # The papers' summed loss (Eq. 2) at the protocol's learning rate, for comparison with the configs' mean.
-    specs += [("parallel-sum", "imagenette_parallel_r18.yaml", ["method.kwargs={reduction: sum}"]),
-              ("RS-Net-sum", "imagenette_rsnet_r18.yaml", ["method.kwargs={mred: full, reduction: sum}"])]
+    specs += [
+        ("parallel-sum", "imagenette_parallel_r18.yaml", ["method.kwargs={reduction: sum}"]),
+        ("RS-Net-sum", "imagenette_rsnet_r18.yaml", ["method.kwargs={mred: full, reduction: sum}"]),
+    ]
     return [s for s in specs if not which or s[0] in which]
 
 
@@ -52,7 +54,9 @@ def train_all(args: argparse.Namespace, seed: int) -> dict[str, float]:
             continue
         t0 = time.time()
         print(f"== training {label} (seed {seed}) -> {out}", flush=True)
-        train(cfg, out, resume=(out / "checkpoint.safetensors").exists(), log=lambda s: print("  " + s[:200], flush=True))
+        train(
+            cfg, out, resume=(out / "checkpoint.safetensors").exists(), log=lambda s: print("  " + s[:200], flush=True)
+        )
         walls[label] = round(time.time() - t0, 1)
         wall_file.write_text(json.dumps({"seconds": walls[label]}))
     return walls
@@ -64,12 +68,18 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench_rsnet")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--runs", nargs="*", default=[], help="subset of run labels (I-112 ... parallel RS-Net parallel-sum RS-Net-sum)")
+    p.add_argument(
+        "--runs", nargs="*", default=[], help="subset of run labels (I-112 ... parallel RS-Net parallel-sum RS-Net-sum)"
+    )
     p.add_argument("--skip-calibrate", action="store_true")
     p.add_argument("--policies", nargs="+", help="BN policies to evaluate (default interpolate nearest calibrate)")
     p.add_argument("--test-resolutions", type=int, nargs="+", default=T)
-    p.add_argument("--reuse", type=Path, help="an earlier report.json: a seed's evaluation is taken from it when it covers "
-                                               "every requested run and test resolution under that policy")
+    p.add_argument(
+        "--reuse",
+        type=Path,
+        help="an earlier report.json: a seed's evaluation is taken from it when it covers "
+        "every requested run and test resolution under that policy",
+    )
     p.add_argument("--render", type=Path, metavar="REPORT_JSON", help="only re-render a report.json into its report.md")
     args = p.parse_args()
     if args.render:
@@ -78,8 +88,14 @@ def main() -> None:
     if not args.data.is_dir():
         raise SystemExit(f"no data at {args.data}; pass --data DIR (an ImageFolder root with train/ and val/)")
     torch.set_num_threads(torch.get_num_threads())
-    report = {"date": str(date.today()), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-              "data": str(args.data), "epochs": args.epochs, "test_resolutions": args.test_resolutions, "seeds": {}}
+    report = {
+        "date": str(date.today()),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "data": str(args.data),
+        "epochs": args.epochs,
+        "test_resolutions": args.test_resolutions,
+        "seeds": {},
+    }
     for seed in args.seeds:
         walls = train_all(args, seed)
         runs = [str(Path(args.out) / f"seed{seed}" / label) for label, _, _ in run_specs(args.runs)]
@@ -88,7 +104,9 @@ def main() -> None:
         for policy in policies:
             labels = [Path(r).name for r in runs]
             done = prior.get(str(seed), {}).get(policy, {})
-            covered = all(lb in done and all(str(r) in done[lb]["results"] for r in args.test_resolutions) for lb in labels)
+            covered = all(
+                lb in done and all(str(r) in done[lb]["results"] for r in args.test_resolutions) for lb in labels
+            )
             if covered and evaluated_after(args.reuse, runs):
                 per_seed[policy] = {lb: done[lb] for lb in labels}
                 if "hit_miss_individual" in prior[str(seed)]:
@@ -129,26 +147,50 @@ def render(report: dict) -> str:
             wall = statistics.mean(report["seeds"][s]["wall_s"].get(label, float("nan")) for s in seeds)
             rows.append([label] + cells + [f"{mean_s:.2f}", f"{wall:.0f}"])
         n_images = report["seeds"][seeds[0]][policy][labels[0]]["results"][str(T[0])]["n"]
-        lines += ["", f"Top-1 % on {n_images} val images, "
-                  f"unseen resolutions served by bn_policy={policy} (I-Nets have one BN set), seeds {', '.join(seeds)}:", ""]
+        lines += [
+            "",
+            f"Top-1 % on {n_images} val images, "
+            f"unseen resolutions served by bn_policy={policy} (I-Nets have one BN set), seeds {', '.join(seeds)}:",
+            "",
+        ]
         lines.append(markdown_table(["run"] + [str(r) for r in T] + ["mean over S", "train wall s"], rows))
     paired = paired_gaps(report, seeds)
     if paired:
-        lines += ["", "Each multi-resolution run minus the I-Net of a resolution, at that resolution, seed by seed "
-                  "(the RS-Nets claim: above every I-Net at its own resolution):", ""]
+        lines += [
+            "",
+            "Each multi-resolution run minus the I-Net of a resolution, at that resolution, seed by seed "
+            "(the RS-Nets claim: above every I-Net at its own resolution):",
+            "",
+        ]
         lines.append(markdown_table(["run", "resolution"] + [f"seed {s}" for s in seeds] + ["mean ± std"], paired))
     rs = report["seeds"][seeds[0]].get("interpolate", {}).get("RS-Net")
     if rs:
-        lines += ["", "RS-Net hit/miss (% right at column resolution, wrong at row resolution; RS-Nets Table 1), seed "
-                  f"{seeds[0]}:", ""]
+        lines += [
+            "",
+            "RS-Net hit/miss (% right at column resolution, wrong at row resolution; RS-Nets Table 1), seed "
+            f"{seeds[0]}:",
+            "",
+        ]
         hm = rs["hit_miss"]
-        lines.append(markdown_table(["wrong at \\ right at"] + [str(r) for r in S],
-                                    [[str(j)] + ["-" if i == j else f"{hm[str(j)][str(i)]:.1f}" for i in S] for j in S]))
+        lines.append(
+            markdown_table(
+                ["wrong at \\ right at"] + [str(r) for r in S],
+                [[str(j)] + ["-" if i == j else f"{hm[str(j)][str(i)]:.1f}" for i in S] for j in S],
+            )
+        )
     individual = report["seeds"][seeds[0]].get("hit_miss_individual")
     if individual:
-        lines += ["", f"I-Nets, each at its own resolution (the 'individual' block of RS-Nets Table 1), seed {seeds[0]}:", ""]
-        lines.append(markdown_table(["wrong at \\ right at"] + [str(r) for r in S],
-                                    [[str(j)] + ["-" if i == j else f"{individual[str(j)][str(i)]:.1f}" for i in S] for j in S]))
+        lines += [
+            "",
+            f"I-Nets, each at its own resolution (the 'individual' block of RS-Nets Table 1), seed {seeds[0]}:",
+            "",
+        ]
+        lines.append(
+            markdown_table(
+                ["wrong at \\ right at"] + [str(r) for r in S],
+                [[str(j)] + ["-" if i == j else f"{individual[str(j)][str(i)]:.1f}" for i in S] for j in S],
+            )
+        )
     return "\n".join(lines) + "\n"
 
 

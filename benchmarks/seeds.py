@@ -20,9 +20,10 @@ import statistics
 from datetime import date
 from pathlib import Path
 
+from _common import IMAGENETTE, data_path
+
 from flexres import api
 from flexres.engine.checkpoint import load_checkpoint
-from _common import data_path, IMAGENETTE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,20 +37,38 @@ def main() -> None:
     p.add_argument("--calibration-images", type=int, help="post-statistics BN on this many training images first")
     p.add_argument("--out", type=Path, required=True, help="the JSON to write (benchmarks/results/...)")
     args = p.parse_args()
-    report = {"date": str(date.today()), "resolution": args.resolution, "width": args.width,
-              "calibration_images": args.calibration_images, "groups": {}}
+    report = {
+        "date": str(date.today()),
+        "resolution": args.resolution,
+        "width": args.width,
+        "calibration_images": args.calibration_images,
+        "groups": {},
+    }
     for spec in args.runs:
         label, runs = spec.split("=", 1)
         top1 = []
         for run in runs.split(","):
             slimmable = load_checkpoint(run)[0].width_range is not None
-            rep = api.evaluate(run, args.data, [args.resolution], width=args.width if slimmable else 1.0,
-                               calibration_images=args.calibration_images)
+            rep = api.evaluate(
+                run,
+                args.data,
+                [args.resolution],
+                width=args.width if slimmable else 1.0,
+                calibration_images=args.calibration_images,
+            )
             top1.append(next(iter(rep["runs"].values()))["results"][str(args.resolution)]["top1"])
-        report["groups"][label] = {"runs": runs.split(","), "top1": top1, "mean": round(statistics.mean(top1), 2),
-                                   "std": round(statistics.stdev(top1), 2) if len(top1) > 1 else None}
-        print(f"{label}: " + ", ".join(f"{v:.1f}" for v in top1) + f"  mean {report['groups'][label]['mean']:.2f}"
-              + (f" +- {report['groups'][label]['std']:.2f}" if len(top1) > 1 else ""))
+        report["groups"][label] = {
+            "runs": runs.split(","),
+            "top1": top1,
+            "mean": round(statistics.mean(top1), 2),
+            "std": round(statistics.stdev(top1), 2) if len(top1) > 1 else None,
+        }
+        print(
+            f"{label}: "
+            + ", ".join(f"{v:.1f}" for v in top1)
+            + f"  mean {report['groups'][label]['mean']:.2f}"
+            + (f" +- {report['groups'][label]['std']:.2f}" if len(top1) > 1 else "")
+        )
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 
 

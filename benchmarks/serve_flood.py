@@ -56,8 +56,11 @@ def scrape(url: str) -> dict[str, float]:
 
 def quantile_ms(diff: dict[str, float], histogram: str, q: float) -> float | None:
     """The q-quantile (ms) of the observations a histogram gained, interpolated linearly within its bucket."""
-    buckets = sorted((float(m.group(1)), n) for k, n in diff.items()
-                     if (m := re.fullmatch(rf'{histogram}_bucket\{{le="([^"]+)"\}}', k)))
+    buckets = sorted(
+        (float(m.group(1)), n)
+        for k, n in diff.items()
+        if (m := re.fullmatch(rf'{histogram}_bucket\{{le="([^"]+)"\}}', k))
+    )
     if not buckets or buckets[-1][1] <= 0:
         return None
     want, lower, below = q * buckets[-1][1], 0.0, 0.0
@@ -72,39 +75,67 @@ def quantile_ms(diff: dict[str, float], histogram: str, q: float) -> float | Non
 
 def flood(wrk: str, url: str, lua: Path, connections: int, seconds: float) -> dict:
     before = scrape(url)
-    out = subprocess.run([wrk, "-t1", f"-c{connections}", f"-d{seconds:g}s", "-s", str(lua), f"{url}/predict"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [wrk, "-t1", f"-c{connections}", f"-d{seconds:g}s", "-s", str(lua), f"{url}/predict"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     after = scrape(url)
     client = json.loads(out.split("FLOOD ", 1)[1].splitlines()[0])
     diff = {k: after[k] - before.get(k, 0.0) for k in after}
     s = client["seconds"]
-    per_s = {m.group(1): round(n / s, 1) for k, n in diff.items()
-             if (m := re.fullmatch(r'flexres_requests_total\{endpoint="predict",status="(\d+)"\}', k)) and n}
-    points = {m.group(1): n for k, n in diff.items() if (m := re.fullmatch(r'flexres_operating_point_total\{point="([^"]+)"\}', k)) and n}
+    per_s = {
+        m.group(1): round(n / s, 1)
+        for k, n in diff.items()
+        if (m := re.fullmatch(r'flexres_requests_total\{endpoint="predict",status="(\d+)"\}', k)) and n
+    }
+    points = {
+        m.group(1): n
+        for k, n in diff.items()
+        if (m := re.fullmatch(r'flexres_operating_point_total\{point="([^"]+)"\}', k)) and n
+    }
     batches = diff.get("flexres_batch_size_count", 0.0)
-    row = {"connections": connections, "wrk": client, "answered_per_s": per_s,
-           "predictions_per_s": per_s.get("200", 0.0), "refusals_per_s": per_s.get("503", 0.0),
-           "ok_p50_ms": quantile_ms(diff, "flexres_request_latency_seconds", 0.5),
-           "ok_p99_ms": quantile_ms(diff, "flexres_request_latency_seconds", 0.99),
-           "refused_p50_ms": quantile_ms(diff, "flexres_refusal_latency_seconds", 0.5),  # absent before issue 31
-           "refused_p99_ms": quantile_ms(diff, "flexres_refusal_latency_seconds", 0.99),
-           "mean_batch": round(diff.get("flexres_batch_size_sum", 0.0) / batches, 2) if batches else None,
-           "points_share": {p: round(n / sum(points.values()), 3) for p, n in sorted(points.items())}}
+    row = {
+        "connections": connections,
+        "wrk": client,
+        "answered_per_s": per_s,
+        "predictions_per_s": per_s.get("200", 0.0),
+        "refusals_per_s": per_s.get("503", 0.0),
+        "ok_p50_ms": quantile_ms(diff, "flexres_request_latency_seconds", 0.5),
+        "ok_p99_ms": quantile_ms(diff, "flexres_request_latency_seconds", 0.99),
+        "refused_p50_ms": quantile_ms(diff, "flexres_refusal_latency_seconds", 0.5),  # absent before issue 31
+        "refused_p99_ms": quantile_ms(diff, "flexres_refusal_latency_seconds", 0.99),
+        "mean_batch": round(diff.get("flexres_batch_size_sum", 0.0) / batches, 2) if batches else None,
+        "points_share": {p: round(n / sum(points.values()), 3) for p, n in sorted(points.items())},
+    }
     ms = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
-    print(f"{connections:4d} connections: 200/s {row['predictions_per_s']:7.1f}  503/s {row['refusals_per_s']:7.1f}  "
-          f"200s p50/p99 {ms(row['ok_p50_ms'])}/{ms(row['ok_p99_ms'])} ms  503s p50/p99 {ms(row['refused_p50_ms'])}/"
-          f"{ms(row['refused_p99_ms'])} ms (server)  all p50/p99 {client['p50_ms']:.0f}/{client['p99_ms']:.0f} ms (wrk)  "
-          f"batch {row['mean_batch']}  points {row['points_share']}", flush=True)
+    print(
+        f"{connections:4d} connections: 200/s {row['predictions_per_s']:7.1f}  503/s {row['refusals_per_s']:7.1f}  "
+        f"200s p50/p99 {ms(row['ok_p50_ms'])}/{ms(row['ok_p99_ms'])} ms  503s p50/p99 {ms(row['refused_p50_ms'])}/"
+        f"{ms(row['refused_p99_ms'])} ms (server)  all p50/p99 {client['p50_ms']:.0f}/{client['p99_ms']:.0f} ms (wrk)  "
+        f"batch {row['mean_batch']}  points {row['points_share']}",
+        flush=True,
+    )
     return row
 
 
-def flood_server(run: str, serve_args: list[str], connections: list[int], seconds: float, image: Path,
-                 code: Path | None = None, threads: int = 1) -> list[dict]:
-    """Start `flexres serve run *serve_args`, flood it at each connection count, stop it; the rows, each with its goodput
-    as a share of the best at any lower concurrency."""
+def flood_server(
+    run: str,
+    serve_args: list[str],
+    connections: list[int],
+    seconds: float,
+    image: Path,
+    code: Path | None = None,
+    threads: int = 1,
+) -> list[dict]:
+    """Start `flexres serve run *serve_args`, flood it at each connection count, stop it; the rows, each with its
+    goodput as a share of the best at any lower concurrency."""
     wrk = shutil.which("wrk")
     if wrk is None:
-        raise SystemExit("wrk is not installed (Debian/Ubuntu: apt install wrk); this benchmark needs a C load generator")
+        raise SystemExit(
+            "wrk is not installed (Debian/Ubuntu: apt install wrk); this benchmark needs a C load generator"
+        )
     if not image.is_file():
         raise SystemExit(f"--image {image} is not a file")
     port = free_port()
@@ -127,8 +158,14 @@ def flood_server(run: str, serve_args: list[str], connections: list[int], second
     for row in rows:
         row["goodput_vs_best_lower"] = round(row["predictions_per_s"] / best, 3) if best else None
         best = max(best, row["predictions_per_s"])
-    print("goodput / best at lower concurrency: "
-          + ", ".join(f"{r['connections']}: {r['goodput_vs_best_lower']:.0%}" for r in rows if r["goodput_vs_best_lower"] is not None))
+    print(
+        "goodput / best at lower concurrency: "
+        + ", ".join(
+            f"{r['connections']}: {r['goodput_vs_best_lower']:.0%}"
+            for r in rows
+            if r["goodput_vs_best_lower"] is not None
+        )
+    )
     return rows
 
 
@@ -147,13 +184,27 @@ def main() -> None:
     args = p.parse_args()
     if args.code is not None and not (args.code / "flexres" / "__init__.py").is_file():
         raise SystemExit(f"--code {args.code} holds no flexres package")
-    rows = flood_server(args.run, ["--target-p95-ms", f"{args.target_p95_ms:g}", "--inference", args.inference, *args.serve_arg],
-                        args.connections, args.seconds, args.image, code=args.code)
-    result = {"date": date.today().isoformat(), "machine": machine(), "label": args.label,
-              "code": str(args.code) if args.code else f"working tree at {commit()}",
-              "run": args.run, "target_p95_ms": args.target_p95_ms, "seconds": args.seconds, "inference": args.inference,
-              "serve_args": args.serve_arg, "http_parser": "httptools" if importlib.util.find_spec("httptools") else "h11",
-              "rows": rows}
+    rows = flood_server(
+        args.run,
+        ["--target-p95-ms", f"{args.target_p95_ms:g}", "--inference", args.inference, *args.serve_arg],
+        args.connections,
+        args.seconds,
+        args.image,
+        code=args.code,
+    )
+    result = {
+        "date": date.today().isoformat(),
+        "machine": machine(),
+        "label": args.label,
+        "code": str(args.code) if args.code else f"working tree at {commit()}",
+        "run": args.run,
+        "target_p95_ms": args.target_p95_ms,
+        "seconds": args.seconds,
+        "inference": args.inference,
+        "serve_args": args.serve_arg,
+        "http_parser": "httptools" if importlib.util.find_spec("httptools") else "h11",
+        "rows": rows,
+    }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
@@ -164,7 +215,9 @@ def machine() -> str:
 
 
 def commit() -> str:
-    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Load ramp against `flexres serve` on 127.0.0.1: fixed largest point, fixed smallest point, and adaptive (a p95 target).
+"""Load ramp against `flexres serve` on 127.0.0.1: fixed largest point, fixed smallest point, and adaptive (a p95
+target).
 
 For each mode the script starts a server on the run, waits for /health, then offers an open-loop Poisson load that
 steps up through --rates (requests/s, each for --seconds), posting real validation JPEGs. It records, per step: client
@@ -30,7 +31,7 @@ from datetime import date
 from pathlib import Path
 
 import httpx
-from _common import data_path, IMAGENETTE
+from _common import IMAGENETTE, data_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,12 +68,24 @@ async def ramp(url: str, images: list[tuple[bytes, str]], rates: list[float], se
                 try:
                     r = await client.post("/predict", content=img, headers={"content-type": "image/jpeg"})
                     body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
-                    records.append({"ms": (time.perf_counter() - t0) * 1000, "status": r.status_code, "done": time.perf_counter(),
-                                    "point": body.get("operating_point", {}).get("name"),
-                                    "expected_top1": body.get("operating_point", {}).get("expected_top1"),
-                                    "correct": body["top"][0]["class"] == label if "top" in body else None})
+                    records.append(
+                        {
+                            "ms": (time.perf_counter() - t0) * 1000,
+                            "status": r.status_code,
+                            "done": time.perf_counter(),
+                            "point": body.get("operating_point", {}).get("name"),
+                            "expected_top1": body.get("operating_point", {}).get("expected_top1"),
+                            "correct": body["top"][0]["class"] == label if "top" in body else None,
+                        }
+                    )
                 except httpx.HTTPError as e:
-                    records.append({"ms": (time.perf_counter() - t0) * 1000, "status": type(e).__name__, "done": time.perf_counter()})
+                    records.append(
+                        {
+                            "ms": (time.perf_counter() - t0) * 1000,
+                            "status": type(e).__name__,
+                            "done": time.perf_counter(),
+                        }
+                    )
 
             tasks, start, k = [], time.perf_counter(), 0
             next_at = start
@@ -86,25 +99,39 @@ async def ramp(url: str, images: list[tuple[bytes, str]], rates: list[float], se
                 next_at += rng.expovariate(rate)
             sent_s = time.perf_counter() - start
             await asyncio.gather(*tasks)
-            window_s = max(r["done"] for r in records) - start  # answers that arrive after the step still count, over their time
+            window_s = (
+                max(r["done"] for r in records) - start
+            )  # answers that arrive after the step still count, over their time
             ok = [r for r in records if r["status"] == 200]
             lat = [r["ms"] for r in ok]
             points: dict[str, int] = {}
             for r in ok:
                 points[r["point"]] = points.get(r["point"], 0) + 1
             exp = [r["expected_top1"] for r in ok if r["expected_top1"] is not None]
-            steps.append({
-                "offered_rps": rate, "sent": len(records), "sent_rps": round(len(records) / sent_s, 1),
-                "answered": len(ok), "throughput_rps": round(len(ok) / window_s, 1),
-                "refused_503": sum(r["status"] == 503 for r in records),
-                "errors": sum(r["status"] not in (200, 503) for r in records),
-                "p50_ms": percentile(lat, 50), "p95_ms": percentile(lat, 95), "p99_ms": percentile(lat, 99),
-                "expected_top1": statistics.mean(exp) if exp else None,
-                "top1": 100 * statistics.mean(r["correct"] for r in ok) if ok else None, "points": points})
+            steps.append(
+                {
+                    "offered_rps": rate,
+                    "sent": len(records),
+                    "sent_rps": round(len(records) / sent_s, 1),
+                    "answered": len(ok),
+                    "throughput_rps": round(len(ok) / window_s, 1),
+                    "refused_503": sum(r["status"] == 503 for r in records),
+                    "errors": sum(r["status"] not in (200, 503) for r in records),
+                    "p50_ms": percentile(lat, 50),
+                    "p95_ms": percentile(lat, 95),
+                    "p99_ms": percentile(lat, 99),
+                    "expected_top1": statistics.mean(exp) if exp else None,
+                    "top1": 100 * statistics.mean(r["correct"] for r in ok) if ok else None,
+                    "points": points,
+                }
+            )
             s = steps[-1]
-            print(f"  {rate:6.0f} req/s offered: {s['throughput_rps']:6.1f} answered/s, 503 {s['refused_503']:4d}, "
-                  f"p50 {s['p50_ms'] or 0:7.1f} p95 {s['p95_ms'] or 0:7.1f} p99 {s['p99_ms'] or 0:7.1f} ms, "
-                  f"expected top-1 {s['expected_top1'] or 0:.1f}, top-1 {s['top1'] or 0:.1f}", flush=True)
+            print(
+                f"  {rate:6.0f} req/s offered: {s['throughput_rps']:6.1f} answered/s, 503 {s['refused_503']:4d}, "
+                f"p50 {s['p50_ms'] or 0:7.1f} p95 {s['p95_ms'] or 0:7.1f} p99 {s['p99_ms'] or 0:7.1f} ms, "
+                f"expected top-1 {s['expected_top1'] or 0:.1f}, top-1 {s['top1'] or 0:.1f}",
+                flush=True,
+            )
             await asyncio.sleep(1.0)  # let the queue drain between steps
     return steps
 
@@ -136,8 +163,16 @@ def start_server(run: str, port: int, extra: list[str], code: Path | None = None
     raise RuntimeError("server did not come up within 300 s")
 
 
-def ramp_server(run: str, serve_args: list[str], images: list[tuple[bytes, str]], rates: list[float], seconds: float,
-                seed: int, threads: int = 1, code: Path | None = None) -> tuple[list[dict], list[dict]]:
+def ramp_server(
+    run: str,
+    serve_args: list[str],
+    images: list[tuple[bytes, str]],
+    rates: list[float],
+    seconds: float,
+    seed: int,
+    threads: int = 1,
+    code: Path | None = None,
+) -> tuple[list[dict], list[dict]]:
     """Start `flexres serve run *serve_args` (with the flexres package in ``code``, if given), ramp it, stop it: the
     steps and the points it served (its /points)."""
     port = free_port()
@@ -170,8 +205,12 @@ def plot(result: dict, path: Path) -> None:
         b.plot(x, [s["expected_top1"] for s in steps], marker="o", label=f"{mode} (expected)")
         b.plot(x, [s["top1"] for s in steps], marker="x", linestyle=":", label=f"{mode} (measured)")
     a.axhline(result["target_p95_ms"], color="grey", linestyle="--", label="p95 target")
-    a.set(xscale="log", yscale="log", xlabel="offered load (requests/s)", ylabel="p95 latency (ms)", title="p95 latency")
-    b.set(xscale="log", xlabel="offered load (requests/s)", ylabel="top-1 % of answered requests", title="accuracy served")
+    a.set(
+        xscale="log", yscale="log", xlabel="offered load (requests/s)", ylabel="p95 latency (ms)", title="p95 latency"
+    )
+    b.set(
+        xscale="log", xlabel="offered load (requests/s)", ylabel="top-1 % of answered requests", title="accuracy served"
+    )
     for ax in (a, b):  # label the offered rates themselves; log-axis minor labels overlap
         ax.set_xticks(result["rates"], [f"{r:g}" for r in result["rates"]])
         ax.xaxis.set_minor_formatter(NullFormatter())
@@ -206,16 +245,33 @@ def main() -> None:
         mode_args["fixed-largest"] = ["--resolution", str(max(front, key=lambda r: r["macs"])["resolution"])]
         mode_args["fixed-smallest"] = ["--resolution", str(min(front, key=lambda r: r["macs"])["resolution"])]
     images = load_images(args.data, args.images, args.seed)
-    result = {"date": str(date.today()), "machine": f"{platform.machine()}, {os.cpu_count()} cores", "run": str(args.run),
-              "target_p95_ms": args.target_p95_ms, "seconds_per_step": args.seconds, "rates": args.rates, "modes": {},
-              "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "label": args.label,
-              "code": str(args.code) if args.code else "working tree"}
+    result = {
+        "date": str(date.today()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "run": str(args.run),
+        "target_p95_ms": args.target_p95_ms,
+        "seconds_per_step": args.seconds,
+        "rates": args.rates,
+        "modes": {},
+        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "label": args.label,
+        "code": str(args.code) if args.code else "working tree",
+    }
     for mode in args.modes:
         print(f"== {mode}: flexres serve {args.run} {' '.join(mode_args[mode])}", flush=True)
-        result["modes"][mode], points = ramp_server(str(args.run), [*mode_args[mode], *args.serve_arg], images, args.rates,
-                                                    args.seconds, args.seed, code=args.code)
+        result["modes"][mode], points = ramp_server(
+            str(args.run),
+            [*mode_args[mode], *args.serve_arg],
+            images,
+            args.rates,
+            args.seconds,
+            args.seed,
+            code=args.code,
+        )
         result.setdefault("points", points)
-    result["breaks_target_at_rps"] = {mode: breaks_at(steps, args.target_p95_ms) for mode, steps in result["modes"].items()}
+    result["breaks_target_at_rps"] = {
+        mode: breaks_at(steps, args.target_p95_ms) for mode, steps in result["modes"].items()
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     if args.plot:

@@ -22,11 +22,10 @@ import tempfile
 import time
 from datetime import date
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch.utils.data import DataLoader, Subset
-
-from types import SimpleNamespace
 
 from flexres.data import EvalTransform, ImageFolderDataset, normalize_batch
 from flexres.engine.checkpoint import load_checkpoint
@@ -34,7 +33,11 @@ from flexres.engine.config import resolve_data_root
 from flexres.serving.inference import time_batch
 from flexres.serving.points import PointOptions, load_points
 
-BACKENDS = {"torch": PointOptions(backend="torch"), "ort": PointOptions(backend="ort"), "ort-int8": PointOptions(backend="ort", int8=True)}
+BACKENDS = {
+    "torch": PointOptions(backend="torch"),
+    "ort": PointOptions(backend="ort"),
+    "ort-int8": PointOptions(backend="ort", int8=True),
+}
 
 
 def accuracy(points, meta, val: ImageFolderDataset, pick: list[int]) -> dict[str, float]:
@@ -58,13 +61,17 @@ def int8_calibration(run: Path, meta: dict, val: ImageFolderDataset, pick: list[
 
     floats = load_points(run, PointOptions(backend="ort", threads=threads))
     work.mkdir(parents=True, exist_ok=True)
-    fp32 = {p.name: next(f for f in sorted((run / "serving").glob(f"{p.name}_*.onnx")) if not f.stem.endswith("_int8"))
-            for p in floats.points}  # the float files load_points exported (or found) for the ort backend
+    fp32 = {
+        p.name: next(f for f in sorted((run / "serving").glob(f"{p.name}_*.onnx")) if not f.stem.endswith("_int8"))
+        for p in floats.points
+    }  # the float files load_points exported (or found) for the ort backend
     own = {}
     for p in floats.points:  # per resolution: each point calibrated at its own resolution, its ranges kept
         own[p.name] = work / f"{p.name}_ranges.json"
         own[p.name].unlink(missing_ok=True)
-        quantize_int8(fp32[p.name], work / f"{p.name}_own.onnx", calibration_batches(p.resolution, meta, None), ranges=own[p.name])
+        quantize_int8(
+            fp32[p.name], work / f"{p.name}_own.onnx", calibration_batches(p.resolution, meta, None), ranges=own[p.name]
+        )
     shared = merge_ranges(list(own.values()), work / "shared_ranges.json")
     out = {}
     for kind in ("own", "shared"):
@@ -73,8 +80,15 @@ def int8_calibration(run: Path, meta: dict, val: ImageFolderDataset, pick: list[
             path = work / f"{p.name}_{kind}.onnx"
             if kind == "shared":
                 quantize_int8(fp32[p.name], path, ranges=shared)
-            served.append(SimpleNamespace(name=p.name, resolution=p.resolution, crop_fraction=p.crop_fraction,
-                                          interpolation=p.interpolation, run=session_runner(onnx_session(path, threads))))
+            served.append(
+                SimpleNamespace(
+                    name=p.name,
+                    resolution=p.resolution,
+                    crop_fraction=p.crop_fraction,
+                    interpolation=p.interpolation,
+                    run=session_runner(onnx_session(path, threads)),
+                )
+            )
         top1 = accuracy(SimpleNamespace(points=served), meta, val, pick)
         out["per_resolution" if kind == "own" else "shared"] = {"top1": top1}
         print(kind, out, flush=True)
@@ -92,10 +106,18 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     _, meta = load_checkpoint(a.run)
-    val = ImageFolderDataset(Path(resolve_data_root(meta["config"]["data"]["root"])) / "val", cache=True, progress=False)
+    val = ImageFolderDataset(
+        Path(resolve_data_root(meta["config"]["data"]["root"])) / "val", cache=True, progress=False
+    )
     pick = torch.randperm(len(val), generator=torch.Generator().manual_seed(0))[: a.val_images].tolist()
-    report = {"date": str(date.today()), "machine": f"{platform.node()} ({os.cpu_count()} cores, torch {torch.__version__})",
-              "threads": a.threads, "run": str(a.run), "val_images": len(pick), "backends": {}}
+    report = {
+        "date": str(date.today()),
+        "machine": f"{platform.node()} ({os.cpu_count()} cores, torch {torch.__version__})",
+        "threads": a.threads,
+        "run": str(a.run),
+        "val_images": len(pick),
+        "backends": {},
+    }
     if a.int8_calibration:
         with tempfile.TemporaryDirectory() as work:  # the int8 files and range caches: only their top-1 is kept
             report["int8_calibration"] = int8_calibration(a.run, meta, val, pick, a.threads, Path(work))
@@ -105,11 +127,20 @@ def main() -> None:
         t0 = time.time()
         points = load_points(a.run, PointOptions(**{**BACKENDS[name].__dict__, "threads": a.threads}))
         build_s = round(time.time() - t0, 1)
-        lat = {p.name: {"batch1_ms": round(time_batch(points, p.name, 1), 2), "batch8_ms": round(time_batch(points, p.name, 8), 2)}
-               for p in points.points}
+        lat = {
+            p.name: {
+                "batch1_ms": round(time_batch(points, p.name, 1), 2),
+                "batch8_ms": round(time_batch(points, p.name, 8), 2),
+            }
+            for p in points.points
+        }
         acc = accuracy(points, meta, val, pick) if name != "torch" else {}
-        report["backends"][name] = {"start_s": build_s, "latency": lat, "top1": acc,
-                                    "macs": {p.name: p.macs for p in points.points}}
+        report["backends"][name] = {
+            "start_s": build_s,
+            "latency": lat,
+            "top1": acc,
+            "macs": {p.name: p.macs for p in points.points},
+        }
         print(name, json.dumps(report["backends"][name]), flush=True)
         a.out.write_text(json.dumps(report, indent=2) + "\n")
 

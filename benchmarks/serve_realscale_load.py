@@ -20,9 +20,9 @@ import sys
 from datetime import date
 from pathlib import Path
 
+from _common import IMAGENETTE, data_path
 from serve_flood import DEFAULT_IMAGE, commit, flood_server, machine
-from serve_load import ROOT, breaks_at, load_images, ramp_server
-from _common import data_path, IMAGENETTE
+from serve_load import breaks_at, load_images, ramp_server
 
 BACKENDS = {"torch": ["--backend", "torch"], "ort": ["--backend", "ort"], "ort-int8": ["--backend", "ort", "--int8"]}
 
@@ -39,10 +39,14 @@ def summary(result: dict) -> dict:
     """Break points per backend and mode, and the two ratios the issue asks for (None where a mode never broke)."""
     breaks = {b: {m: r["breaks_at_rps"] for m, r in modes.items()} for b, modes in result["backends"].items()}
     ratio = lambda a, b: round(a / b, 2) if a and b else None  # noqa: E731
-    out = {"breaks_at_rps": breaks,
-           "adaptive_vs_fixed224": {b: ratio(m.get("adaptive"), m.get("fixed:224")) for b, m in breaks.items()}}
+    out = {
+        "breaks_at_rps": breaks,
+        "adaptive_vs_fixed224": {b: ratio(m.get("adaptive"), m.get("fixed:224")) for b, m in breaks.items()},
+    }
     if "torch" in breaks:
-        out["vs_torch"] = {b: {m: ratio(v, breaks["torch"].get(m)) for m, v in m_.items()} for b, m_ in breaks.items() if b != "torch"}
+        out["vs_torch"] = {
+            b: {m: ratio(v, breaks["torch"].get(m)) for m, v in m_.items()} for b, m_ in breaks.items() if b != "torch"
+        }
     return out
 
 
@@ -57,7 +61,9 @@ def plot(result: dict, path: Path) -> None:
     for ax, backend in zip(axes[0], backends):
         for mode, r in result["backends"][backend].items():
             steps = r.get("ramp") or []
-            ax.plot([s["offered_rps"] for s in steps], [s["p95_ms"] or float("nan") for s in steps], marker="o", label=mode)
+            ax.plot(
+                [s["offered_rps"] for s in steps], [s["p95_ms"] or float("nan") for s in steps], marker="o", label=mode
+            )
         ax.axhline(result["target_p95_ms"], color="grey", linestyle="--", label="p95 target")
         ax.set(xscale="log", yscale="log", xlabel="offered load (requests/s)", title=backend)
         ax.set_xticks(result["rates"], [f"{r:g}" for r in result["rates"]])
@@ -88,24 +94,45 @@ def main() -> None:
     p.add_argument("--plot", type=Path)
     args = p.parse_args()
     images = load_images(args.data, args.images)
-    result = {"date": date.today().isoformat(), "machine": machine(), "code": commit(), "run": args.run,
-              "target_p95_ms": args.target_p95_ms, "threads": args.threads, "rates": args.rates,
-              "seconds_per_step": args.seconds, "flood_seconds": args.flood_seconds,
-              "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "backends": {}}
+    result = {
+        "date": date.today().isoformat(),
+        "machine": machine(),
+        "code": commit(),
+        "run": args.run,
+        "target_p95_ms": args.target_p95_ms,
+        "threads": args.threads,
+        "rates": args.rates,
+        "seconds_per_step": args.seconds,
+        "flood_seconds": args.flood_seconds,
+        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "backends": {},
+    }
     for backend in args.backends:
         for mode in args.modes:
             serve_args = [*BACKENDS[backend], *mode_args(mode, args.target_p95_ms), "--threads", str(args.threads)]
             print(f"== {backend} {mode}: flexres serve {args.run} {' '.join(serve_args)}", flush=True)
             steps, points = ramp_server(args.run, serve_args, images, args.rates, args.seconds, 0, threads=args.threads)
-            entry = {"serve_args": serve_args, "ramp": steps, "breaks_at_rps": breaks_at(steps, args.target_p95_ms),
-                     "points": [pt.get("name") for pt in points]}
+            entry = {
+                "serve_args": serve_args,
+                "ramp": steps,
+                "breaks_at_rps": breaks_at(steps, args.target_p95_ms),
+                "points": [pt.get("name") for pt in points],
+            }
             if not args.no_flood:
-                entry["flood"] = flood_server(args.run, serve_args, args.connections, args.flood_seconds, data_path(DEFAULT_IMAGE),
-                                              threads=args.threads)
+                entry["flood"] = flood_server(
+                    args.run,
+                    serve_args,
+                    args.connections,
+                    args.flood_seconds,
+                    data_path(DEFAULT_IMAGE),
+                    threads=args.threads,
+                )
             result["backends"].setdefault(backend, {})[mode] = entry
             result["summary"] = summary(result)
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(result, indent=1) + "\n")  # after every mode: a stopped run keeps what it has
+            args.out.write_text(
+                json.dumps(result, indent=1) + "\n"
+            )  # after every mode: a stopped run keeps what it has
     print(json.dumps(result["summary"], indent=1))
     if args.plot:
         plot(result, args.plot)

@@ -22,6 +22,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from _common import IMAGENETTE, data_path
 from torch.utils.data import DataLoader, Subset
 
 import flexres
@@ -33,7 +34,6 @@ from flexres.data import (
 )
 from flexres.engine.evaluate import markdown_table
 from flexres.methods import create_method
-from _common import data_path, IMAGENETTE
 
 ROOT = Path(__file__).resolve().parents[1]
 S = [112, 96, 80, 64, 48]
@@ -83,8 +83,11 @@ def main() -> None:
 
     ds = ImageFolderDataset(train_root, transform=MultiResolutionCrop(S), progress=False)
     batches = []
-    for b in DataLoader(Subset(ds, list(range(0, len(ds), max(1, len(ds) // (3 * args.batch))))[: 3 * args.batch]),
-                        batch_size=args.batch, collate_fn=collate_skipping):
+    for b in DataLoader(
+        Subset(ds, list(range(0, len(ds), max(1, len(ds) // (3 * args.batch))))[: 3 * args.batch]),
+        batch_size=args.batch,
+        collate_fn=collate_skipping,
+    ):
         batches.append((tuple(normalize_batch(x) for x in b["inputs"]), b["labels"]))
 
     def stepper(arch: str, method_name: str, resolutions: list[int]):
@@ -129,17 +132,34 @@ def main() -> None:
             ratios[f"{arch} / {m}"] = med[m] / single_sum
         print(arch, {k: round(v, 4) for k, v in med.items()}, flush=True)
 
-    report = {"date": str(date.today()), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-              "batch": args.batch, "loader_images_per_s": loader, "model": results, "multi_over_sum_of_singles": ratios}
+    report = {
+        "date": str(date.today()),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "batch": args.batch,
+        "loader_images_per_s": loader,
+        "model": results,
+        "multi_over_sum_of_singles": ratios,
+    }
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
-    lines = [f"Date {report['date']}; {report['machine']}; batch {args.batch}; medians of {args.repeats} interleaved repeats.", "",
-             "Loader only (multi-resolution pipeline, 5 resolutions per image):", "",
-             markdown_table(["pipeline", "images/s"], [[k, f"{v:.0f}"] for k, v in loader.items()]), "",
-             "Model only (one training step: forward, backward, SGD step; images/s = batch / step time):", "",
-             markdown_table(["model / recipe", "step (s)", "images/s"], [[k, f"{v['step_s']:.3f}", f"{v['images_per_s']:.0f}"]
-                                                                        for k, v in results.items()]), "",
-             "Multi-resolution step / sum of the five single-resolution steps (target <= 1.05):", "",
-             markdown_table(["model / recipe", "ratio"], [[k, f"{v:.3f}"] for k, v in ratios.items()])]
+    lines = [
+        f"Date {report['date']}; {report['machine']}; batch {args.batch}; "
+        f"medians of {args.repeats} interleaved repeats.",
+        "",
+        "Loader only (multi-resolution pipeline, 5 resolutions per image):",
+        "",
+        markdown_table(["pipeline", "images/s"], [[k, f"{v:.0f}"] for k, v in loader.items()]),
+        "",
+        "Model only (one training step: forward, backward, SGD step; images/s = batch / step time):",
+        "",
+        markdown_table(
+            ["model / recipe", "step (s)", "images/s"],
+            [[k, f"{v['step_s']:.3f}", f"{v['images_per_s']:.0f}"] for k, v in results.items()],
+        ),
+        "",
+        "Multi-resolution step / sum of the five single-resolution steps (target <= 1.05):",
+        "",
+        markdown_table(["model / recipe", "ratio"], [[k, f"{v:.3f}"] for k, v in ratios.items()]),
+    ]
     (args.out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

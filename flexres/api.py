@@ -43,13 +43,32 @@ from .models.base import SAN_MODES
 from .notes import note
 from .operating_point import OperatingPoint, best_within
 
-__all__ = ["adapt", "demo", "evaluate", "export", "format_eval_report", "format_selection", "predict", "report", "select", "serve",
-           "table", "train"]
+__all__ = [
+    "adapt",
+    "demo",
+    "evaluate",
+    "export",
+    "format_eval_report",
+    "format_selection",
+    "predict",
+    "report",
+    "select",
+    "serve",
+    "table",
+    "train",
+]
 
 
-def train(config: str | Path | dict[str, Any], out: str | Path | None = None, *, data: str | None = None,
-          overrides: Sequence[str] = (), resume: bool = False, stop_after_epochs: int | None = None,
-          log: Callable[[str], None] = print) -> dict[str, Any]:
+def train(
+    config: str | Path | dict[str, Any],
+    out: str | Path | None = None,
+    *,
+    data: str | None = None,
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+    stop_after_epochs: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Train a recipe (a YAML file or a config dict) into ``out`` (default ``runs/<config name>``); returns the
     last epoch's metrics. ``overrides`` are ``key=value`` strings as ``--set`` takes them."""
     if isinstance(config, dict):
@@ -64,17 +83,39 @@ def train(config: str | Path | dict[str, Any], out: str | Path | None = None, *,
     return {"run": str(out), **metrics}
 
 
-def _ensure_calibrated(model, meta: dict[str, Any], ckpt: Path, train_ds, points: list, num_images: int, batch_size: int,
-                       cfg: dict[str, Any], data: str, workers: int = 0) -> None:
+def _ensure_calibrated(
+    model,
+    meta: dict[str, Any],
+    ckpt: Path,
+    train_ds,
+    points: list,
+    num_images: int,
+    batch_size: int,
+    cfg: dict[str, Any],
+    data: str,
+    workers: int = 0,
+) -> None:
     """Calibrate the points not yet in the run's cache and save the cache with the run."""
     if meta.get("calibration", {}).get("num_images") not in (None, num_images):
         clear_calibration(model)  # computed from another number of images: not what was asked for
-    new = calibrate(model, train_ds, points, num_images, batch_size, cfg["data"]["scale"], cfg["data"]["ratio"], workers=workers,
-                    **_normalization(meta),
-                    note=note)
+    new = calibrate(
+        model,
+        train_ds,
+        points,
+        num_images,
+        batch_size,
+        cfg["data"]["scale"],
+        cfg["data"]["ratio"],
+        workers=workers,
+        **_normalization(meta),
+        note=note,
+    )
     if new:
-        save_calibration(model, ckpt.parent / CALIBRATION, {"num_images": num_images, "data": data,
-                                                              "checkpoint_digest": meta["checkpoint_digest"]})
+        save_calibration(
+            model,
+            ckpt.parent / CALIBRATION,
+            {"num_images": num_images, "data": data, "checkpoint_digest": meta["checkpoint_digest"]},
+        )
         meta["calibration"] = {"num_images": num_images}
 
 
@@ -101,9 +142,9 @@ def _metadata(run: str | Path) -> dict[str, Any]:
 
 
 def _recorded_data(runs: Sequence[str | Path]) -> str:
-    """The data root the runs were trained on (their config's ``data.root``), for a command given no data. Checked before
-    anything is read: an error naming the run when one records none, two runs name different roots (one report, one
-    data set), or the folder is gone (moved, or a relative path read from another directory)."""
+    """The data root the runs were trained on (their config's ``data.root``), for a command given no data. Checked
+    before anything is read: an error naming the run when one records none, two runs name different roots (one report,
+    one data set), or the folder is gone (moved, or a relative path read from another directory)."""
     roots = []
     for run in runs:
         root = (_metadata(run).get("config") or {}).get("data", {}).get("root")
@@ -113,11 +154,14 @@ def _recorded_data(runs: Sequence[str | Path]) -> str:
     first, root = roots[0]
     for run, other in roots[1:]:
         if Path(other).resolve() != Path(root).resolve():
-            raise ConfigError(f"{run} was trained on {other} but {first} on {root}: pass data (--data DIR) to evaluate "
-                              "them on one set")
+            raise ConfigError(
+                f"{run} was trained on {other} but {first} on {root}: pass data (--data DIR) to evaluate "
+                "them on one set"
+            )
     if not Path(root).is_dir():
-        raise ConfigError(f"{first} was trained on {root}, which is not a folder here: pass data (--data DIR, an ImageFolder "
-                          "root)")
+        raise ConfigError(
+            f"{first} was trained on {root}, which is not a folder here: pass data (--data DIR, an ImageFolder root)"
+        )
     return str(root)
 
 
@@ -143,17 +187,30 @@ def _per_class_top1(correct: torch.Tensor, labels: torch.Tensor, names: list[str
     return out
 
 
-def evaluate(runs: str | Path | Sequence[str | Path], data: str | Path | None = None, resolutions: Sequence[int] | None = None,
-             bn_policy: str | None = None, *, scale_policy: str | None = None, san_mode: str | None = None, width: float = 1.0,
-             calibration_images: int | None = None, batch_size: int = 256, split: str = "val", workers: int = 0,
-             latency: bool = False, save: bool = False, progress: bool = False) -> dict[str, Any]:
+def evaluate(
+    runs: str | Path | Sequence[str | Path],
+    data: str | Path | None = None,
+    resolutions: Sequence[int] | None = None,
+    bn_policy: str | None = None,
+    *,
+    scale_policy: str | None = None,
+    san_mode: str | None = None,
+    width: float = 1.0,
+    calibration_images: int | None = None,
+    batch_size: int = 256,
+    split: str = "val",
+    workers: int = 0,
+    latency: bool = False,
+    save: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Evaluate each run at each resolution (default: the run's ``eval.resolutions``).
 
     Returns ``{"data", "bn_policy", "scale_policy", "runs": {label: {"results": {resolution: {"top1", "top5",
     "n", "bn", "macs", "latency_ms", "per_class_top1"}}, "hit_miss", ...}}}``, the JSON ``flexres eval --json``
-    writes. ``bn_policy`` None: each run's ``eval.bn_policy`` (``_run_bn_policy``); the report's ``bn_policy`` then names
-    the policies used, and each run's entry its own. ``san_mode`` (proxy / ideal / data-free) sets both policies for
-    SAN models. With ``save`` each run keeps its evaluation (``eval_<policy>.json``), from which ``predict`` picks
+    writes. ``bn_policy`` None: each run's ``eval.bn_policy`` (``_run_bn_policy``); the report's ``bn_policy`` then
+    names the policies used, and each run's entry its own. ``san_mode`` (proxy / ideal / data-free) sets both policies
+    for SAN models. With ``save`` each run keeps its evaluation (``eval_<policy>.json``), from which ``predict`` picks
     points under a budget. ``data`` None: the data root the runs were trained on (all of them the same one).
     """
     if san_mode:
@@ -173,27 +230,56 @@ def evaluate(runs: str | Path | Sequence[str | Path], data: str | Path | None = 
     policies = []
     for run in runs:
         model, meta = load_checkpoint(run)
-        model.to(memory_format=torch.channels_last)  # evaluation runs NHWC: 3x faster than NCHW for EfficientNet-Lite0 here
+        model.to(
+            memory_format=torch.channels_last
+        )  # evaluation runs NHWC: 3x faster than NCHW for EfficientNet-Lite0 here
         policy = _run_bn_policy(meta, bn_policy)
         policies.append(policy)
         classes = meta.get("classes")
         if classes and classes != val.classes:
             diff = next((f"{a!r} vs {b!r}" for a, b in zip(classes, val.classes) if a != b), "")
-            raise CheckpointMismatchError(f"{run} was trained on {len(classes)} classes but {val.root} has "
-                                          f"{len(val.classes)}{'; first difference: ' + diff if diff else ''}")
-        res_list = list(resolutions or meta.get("config", {}).get("eval", {}).get("resolutions") or model.train_resolutions)
+            raise CheckpointMismatchError(
+                f"{run} was trained on {len(classes)} classes but {val.root} has "
+                f"{len(val.classes)}{'; first difference: ' + diff if diff else ''}"
+            )
+        res_list = list(
+            resolutions or meta.get("config", {}).get("eval", {}).get("resolutions") or model.train_resolutions
+        )
         cfg = meta.get("config") or make_config()
         ckpt = resolve_checkpoint(run)
         slimmable = model.width_range is not None
         if policy == "calibrate" or slimmable:  # slimmable models always need post-statistics BN
             train_ds = train_ds or ImageFolderDataset(split_dir(data, cfg["data"]["train_split"]), progress=progress)
             points = [OperatingPoint(r, width) for r in res_list if slimmable or r not in model.train_resolutions]
-            _ensure_calibrated(model, meta, ckpt, train_ds, points, calibration_images or cfg["eval"]["calibration_images"],
-                               batch_size, cfg, str(data), workers)
+            _ensure_calibrated(
+                model,
+                meta,
+                ckpt,
+                train_ds,
+                points,
+                calibration_images or cfg["eval"]["calibration_images"],
+                batch_size,
+                cfg,
+                str(data),
+                workers,
+            )
         pre = RunInfo.from_meta(meta).preprocessing
-        results = evaluate_model(model, val, res_list, policy, batch_size, pre.crop_fraction, progress=progress,
-                                 scale_policy=scale_policy, workers=workers, width=width, note=note,
-                                 interpolation=pre.interpolation, mean=pre.mean, std=pre.std)
+        results = evaluate_model(
+            model,
+            val,
+            res_list,
+            policy,
+            batch_size,
+            pre.crop_fraction,
+            progress=progress,
+            scale_policy=scale_policy,
+            workers=workers,
+            width=width,
+            note=note,
+            interpolation=pre.interpolation,
+            mean=pre.mean,
+            std=pre.std,
+        )
         label = Path(run).name if Path(run).is_dir() else Path(run).parent.name
         if label in report["runs"]:  # two runs with one folder name: tell them apart by their parent
             label = str(Path(ckpt.parent.parent.name) / ckpt.parent.name)
@@ -201,30 +287,56 @@ def evaluate(runs: str | Path | Sequence[str | Path], data: str | Path | None = 
             own_resolution[model.train_resolutions[0]] = results[model.train_resolutions[0]]["correct"]
         names = _class_names(meta) or val.classes
         report["runs"][label] = {
-            "checkpoint": str(ckpt), "train_resolutions": list(model.train_resolutions), "bn_policy": policy,
-            "method": meta.get("method", {}), "epoch": meta.get("epoch"), "params": count_params(model),
-            "results": {str(r): {"top1": round(v["top1"], 2), "top5": round(v["top5"], 2), "n": v["n"], "bn": v["bn"],
-                                 "macs": count_macs(model, OperatingPoint(r, width)),
-                                 "latency_ms": round(measure_latency(model, OperatingPoint(r, width)), 3) if latency else None,
-                                 "per_class_top1": _per_class_top1(v["correct"], labels, names)}
-                        for r, v in results.items()},
-            "hit_miss": _json_matrix(hit_miss_matrix({r: v["correct"] for r, v in results.items() if r in model.train_resolutions})),
+            "checkpoint": str(ckpt),
+            "train_resolutions": list(model.train_resolutions),
+            "bn_policy": policy,
+            "method": meta.get("method", {}),
+            "epoch": meta.get("epoch"),
+            "params": count_params(model),
+            "results": {
+                str(r): {
+                    "top1": round(v["top1"], 2),
+                    "top5": round(v["top5"], 2),
+                    "n": v["n"],
+                    "bn": v["bn"],
+                    "macs": count_macs(model, OperatingPoint(r, width)),
+                    "latency_ms": round(measure_latency(model, OperatingPoint(r, width)), 3) if latency else None,
+                    "per_class_top1": _per_class_top1(v["correct"], labels, names),
+                }
+                for r, v in results.items()
+            },
+            "hit_miss": _json_matrix(
+                hit_miss_matrix({r: v["correct"] for r, v in results.items() if r in model.train_resolutions})
+            ),
         }
         ratios = meta_weight_ratios(model)
         if ratios:  # SAN App. B
-            report["runs"][label]["meta_weight_ratio"] = {"mean": round(sum(ratios.values()) / len(ratios), 4),
-                                                          "per_layer": {k: round(v, 4) for k, v in ratios.items()}}
+            report["runs"][label]["meta_weight_ratio"] = {
+                "mean": round(sum(ratios.values()) / len(ratios), 4),
+                "per_layer": {k: round(v, 4) for k, v in ratios.items()},
+            }
         if save:  # kept with the run: `flexres predict --max-macs` picks the most accurate point from it
             name = f"eval_{policy}" + (f"_{scale_policy}" if scale_policy else "") + ".json"
-            (ckpt.parent / name).write_text(json.dumps({"data": str(data), "split": split, **report["runs"][label]}, indent=2) + "\n")
+            (ckpt.parent / name).write_text(
+                json.dumps({"data": str(data), "split": split, **report["runs"][label]}, indent=2) + "\n"
+            )
     if len(own_resolution) > 1:  # RS-Nets Table 1, "individual" block: each I-Net at its own resolution
-        report["hit_miss_individual"] = _json_matrix(hit_miss_matrix(dict(sorted(own_resolution.items(), reverse=True))))
+        report["hit_miss_individual"] = _json_matrix(
+            hit_miss_matrix(dict(sorted(own_resolution.items(), reverse=True)))
+        )
     report["bn_policy"] = "/".join(dict.fromkeys(policies)) or bn_policy
     return report
 
 
-def _evaluate_segmentation(runs: list, data: str | Path, resolutions: Sequence[int] | None, bn_policy: str | None, split: str,
-                           save: bool, progress: bool) -> dict[str, Any]:
+def _evaluate_segmentation(
+    runs: list,
+    data: str | Path,
+    resolutions: Sequence[int] | None,
+    bn_policy: str | None,
+    split: str,
+    save: bool,
+    progress: bool,
+) -> dict[str, Any]:
     """``evaluate`` for segmentation runs: pixel accuracy, mean class accuracy, mIoU and per-class IoU (RS-Nets
     Table 7) at each resolution (the short side), with the MACs of an image of the split's aspect."""
     from .data.segmentation import SegmentationDataset
@@ -233,7 +345,13 @@ def _evaluate_segmentation(runs: list, data: str | Path, resolutions: Sequence[i
     val = SegmentationDataset(split_dir(data, split), cache=True)
     h, w = val[0][0].shape[-2:]
     aspect = max(h, w) / min(h, w)
-    report: dict[str, Any] = {"data": str(data), "bn_policy": bn_policy, "scale_policy": None, "task": "segmentation", "runs": {}}
+    report: dict[str, Any] = {
+        "data": str(data),
+        "bn_policy": bn_policy,
+        "scale_policy": None,
+        "task": "segmentation",
+        "runs": {},
+    }
     policies = []
     for run in runs:
         model, meta = load_checkpoint(run)
@@ -242,27 +360,56 @@ def _evaluate_segmentation(runs: list, data: str | Path, resolutions: Sequence[i
         if meta.get("task") != "segmentation":
             raise ConfigError(f"{run} is a classifier: evaluate segmentation and classification runs separately")
         if meta.get("classes") and meta["classes"] != val.classes:
-            raise CheckpointMismatchError(f"{run} was trained on classes {meta['classes']} but {val.root.parent} has {val.classes}")
-        res_list = list(resolutions or meta.get("config", {}).get("eval", {}).get("resolutions") or model.train_resolutions)
+            raise CheckpointMismatchError(
+                f"{run} was trained on classes {meta['classes']} but {val.root.parent} has {val.classes}"
+            )
+        res_list = list(
+            resolutions or meta.get("config", {}).get("eval", {}).get("resolutions") or model.train_resolutions
+        )
         ckpt = resolve_checkpoint(run)
         if policy == "calibrate":  # statistics at each untrained resolution from training crops, as for classifiers
             cfg = meta.get("config") or make_config()
             train_ds = SegmentationDataset(split_dir(data, cfg["data"]["train_split"]), cache=True)
             points = [OperatingPoint(r) for r in res_list if r not in model.train_resolutions]
-            _ensure_calibrated(model, meta, ckpt, train_ds, points, cfg["eval"]["calibration_images"], 16,
-                               {**cfg, "data": {**cfg["data"], "scale": cfg["data"]["seg_scale"]}}, str(data), 0)
+            _ensure_calibrated(
+                model,
+                meta,
+                ckpt,
+                train_ds,
+                points,
+                cfg["eval"]["calibration_images"],
+                16,
+                {**cfg, "data": {**cfg["data"], "scale": cfg["data"]["seg_scale"]}},
+                str(data),
+                0,
+            )
         results = evaluate_segmentation(model, val, res_list, policy, progress=progress, **_normalization(meta))
         label = Path(run).name if Path(run).is_dir() else Path(run).parent.name
         if label in report["runs"]:
             label = str(Path(ckpt.parent.parent.name) / ckpt.parent.name)
         report["runs"][label] = {
-            "checkpoint": str(ckpt), "train_resolutions": list(model.train_resolutions), "bn_policy": policy,
-            "method": meta.get("method", {}), "epoch": meta.get("epoch"), "params": count_params(model),
-            "results": {str(r): {**{k: round(v[k], 2) for k in ("pixel_acc", "mean_acc", "miou")}, "per_class_iou": v["per_class_iou"],
-                                 "n": v["n"], "bn": v["bn"], "macs": count_macs(model, r, aspect)} for r, v in results.items()}}
+            "checkpoint": str(ckpt),
+            "train_resolutions": list(model.train_resolutions),
+            "bn_policy": policy,
+            "method": meta.get("method", {}),
+            "epoch": meta.get("epoch"),
+            "params": count_params(model),
+            "results": {
+                str(r): {
+                    **{k: round(v[k], 2) for k in ("pixel_acc", "mean_acc", "miou")},
+                    "per_class_iou": v["per_class_iou"],
+                    "n": v["n"],
+                    "bn": v["bn"],
+                    "macs": count_macs(model, r, aspect),
+                }
+                for r, v in results.items()
+            },
+        }
         if save:
             name = f"eval_{policy}.json"
-            (ckpt.parent / name).write_text(json.dumps({"data": str(data), "split": split, **report["runs"][label]}, indent=2) + "\n")
+            (ckpt.parent / name).write_text(
+                json.dumps({"data": str(data), "split": split, **report["runs"][label]}, indent=2) + "\n"
+            )
     report["bn_policy"] = "/".join(dict.fromkeys(policies)) or bn_policy
     return report
 
@@ -271,23 +418,47 @@ def _format_segmentation_report(report: dict[str, Any]) -> str:
     runs = report["runs"]
     all_res = sorted({int(r) for run in runs.values() for r in run["results"]}, reverse=True)
     out = []
-    for key, title in (("miou", "mean IoU %"), ("pixel_acc", "pixel accuracy %"), ("mean_acc", "mean class accuracy %")):
-        rows = [[label] + [f"{run['results'][str(r)][key]:.1f}{'*' if r in run['train_resolutions'] else ''}"
-                           if str(r) in run["results"] else "" for r in all_res] for label, run in runs.items()]
+    for key, title in (
+        ("miou", "mean IoU %"),
+        ("pixel_acc", "pixel accuracy %"),
+        ("mean_acc", "mean class accuracy %"),
+    ):
+        rows = [
+            [label]
+            + [
+                f"{run['results'][str(r)][key]:.1f}{'*' if r in run['train_resolutions'] else ''}"
+                if str(r) in run["results"]
+                else ""
+                for r in all_res
+            ]
+            for label, run in runs.items()
+        ]
         note_ = f"* trained resolution, the short side; unseen ones served by bn_policy={report['bn_policy']}"
         out += [format_table(["run"] + [str(r) for r in all_res], rows, title=f"{title} ({note_})"), ""]
     first = next(iter(runs.values()))
-    out.append(format_table(["resolution"] + [str(r) for r in all_res],
-                            [["MMACs"] + [f"{first['results'][str(r)]['macs'] / 1e6:.1f}" if str(r) in first["results"] else ""
-                                          for r in all_res]],
-                            title=f"cost of {next(iter(runs))} per image: {first['params'] / 1e6:.3f} M params deployed"))
+    out.append(
+        format_table(
+            ["resolution"] + [str(r) for r in all_res],
+            [
+                ["MMACs"]
+                + [
+                    f"{first['results'][str(r)]['macs'] / 1e6:.1f}" if str(r) in first["results"] else ""
+                    for r in all_res
+                ]
+            ],
+            title=f"cost of {next(iter(runs))} per image: {first['params'] / 1e6:.3f} M params deployed",
+        )
+    )
     return "\n".join(out)
 
 
 def _format_hit_miss(hm: dict[str, dict[str, float]], title: str) -> str:
     res = list(hm)
-    return format_table(["wrong at \\ right at"] + res, [[j] + [("-" if i == j else f"{hm[j][i]:.1f}") for i in res] for j in res],
-                        title=title)
+    return format_table(
+        ["wrong at \\ right at"] + res,
+        [[j] + [("-" if i == j else f"{hm[j][i]:.1f}") for i in res] for j in res],
+        title=title,
+    )
 
 
 def format_eval_report(report: dict[str, Any]) -> str:
@@ -308,33 +479,71 @@ def format_eval_report(report: dict[str, Any]) -> str:
         s = [run["results"][str(r)]["top1"] for r in run["train_resolutions"] if str(r) in run["results"]]
         cells.append(f"{sum(s) / len(s):.2f}" if s else "")
         rows.append([label] + cells)
-    policy = f"bn_policy={report['bn_policy']}" + (f", scale_policy={report['scale_policy']}" if report.get("scale_policy") else "")
+    policy = f"bn_policy={report['bn_policy']}" + (
+        f", scale_policy={report['scale_policy']}" if report.get("scale_policy") else ""
+    )
     out = [format_table(header, rows, title=f"top-1 % (* trained resolution; unseen ones served by {policy})")]
     first = next(iter(runs.values()))
     out.append("")
-    out.append(format_table(["resolution"] + [str(r) for r in all_res],
-                            [["MMACs"] + [f"{first['results'][str(r)]['macs'] / 1e6:.1f}" if str(r) in first["results"] else ""
-                                          for r in all_res]],
-                            title=f"cost of {next(iter(runs))}: {first['params'] / 1e6:.3f} M params deployed"))
+    out.append(
+        format_table(
+            ["resolution"] + [str(r) for r in all_res],
+            [
+                ["MMACs"]
+                + [
+                    f"{first['results'][str(r)]['macs'] / 1e6:.1f}" if str(r) in first["results"] else ""
+                    for r in all_res
+                ]
+            ],
+            title=f"cost of {next(iter(runs))}: {first['params'] / 1e6:.3f} M params deployed",
+        )
+    )
     for label, run in runs.items():
         if len(run["hit_miss"]) > 1:
-            out += ["", _format_hit_miss(run["hit_miss"], f"{label}: % of val images right at one resolution and wrong at another "
-                                                          "(RS-Nets Table 1)")]
+            out += [
+                "",
+                _format_hit_miss(
+                    run["hit_miss"],
+                    f"{label}: % of val images right at one resolution and wrong at another (RS-Nets Table 1)",
+                ),
+            ]
     for label, run in runs.items():
         if "meta_weight_ratio" in run:
             r = run["meta_weight_ratio"]["per_layer"]
-            out += ["", f"{label}: SAN meta weights, mean|A| / mean|B| per layer (App. B): mean {run['meta_weight_ratio']['mean']:.3f}, "
-                        f"min {min(r.values()):.3f} ({min(r, key=r.get)}), max {max(r.values()):.3f} ({max(r, key=r.get)})"]
+            out += [
+                "",
+                f"{label}: SAN meta weights, mean|A| / mean|B| per layer (App. B): "
+                f"mean {run['meta_weight_ratio']['mean']:.3f}, "
+                f"min {min(r.values()):.3f} ({min(r, key=r.get)}), max {max(r.values()):.3f} ({max(r, key=r.get)})",
+            ]
     if "hit_miss_individual" in report:
-        out += ["", _format_hit_miss(report["hit_miss_individual"], "single-resolution runs, each at its own resolution: "
-                                                                    "% right at one and wrong at another (RS-Nets Table 1)")]
+        out += [
+            "",
+            _format_hit_miss(
+                report["hit_miss_individual"],
+                "single-resolution runs, each at its own resolution: "
+                "% right at one and wrong at another (RS-Nets Table 1)",
+            ),
+        ]
     return "\n".join(out)
 
 
-def table(run: str | Path, data: str | Path | None = None, widths: Sequence[float] = (1.0,), resolutions: Sequence[int] | None = None,
-          *, scales: str | None = None, bn_policy: str | None = None, latency: bool = False, calibration_images: int | None = None,
-          batch_size: int = 256, workers: int = 0, write: bool = True, progress: Callable[[str], None] | None = None,
-          tree: bool = True) -> list[dict[str, Any]]:
+def table(
+    run: str | Path,
+    data: str | Path | None = None,
+    widths: Sequence[float] = (1.0,),
+    resolutions: Sequence[int] | None = None,
+    *,
+    scales: str | None = None,
+    bn_policy: str | None = None,
+    latency: bool = False,
+    calibration_images: int | None = None,
+    batch_size: int = 256,
+    workers: int = 0,
+    write: bool = True,
+    progress: Callable[[str], None] | None = None,
+    tree: bool = True,
+) -> list[dict[str, Any]]:
     """The query table (MutualNet Sec. 3.4, Resizable-NAS): accuracy, MACs, params (and latency) of every
     (width, resolution[, scaling configuration]); slimmable models get post-statistics BN. With ``write``
     the run keeps it (``table.json`` / ``.csv`` / ``.md``) for ``select`` and ``predict``. ``scales``:
@@ -359,32 +568,82 @@ def table(run: str | Path, data: str | Path | None = None, widths: Sequence[floa
     def add_rows(w: float, sc: tuple[float, ...] | None, results: dict[int, dict[str, Any]]) -> None:
         for r, v in results.items():
             op = OperatingPoint(r, w, sc)
-            rows.append({"width": w, "resolution": r, "scales": list(sc) if sc else None, "top1": round(v["top1"], 2),
-                         "top5": round(v["top5"], 2), "macs": count_macs(model, op), "params": count_params(model, op),
-                         "latency_ms": round(measure_latency(model, op), 3) if latency else None})
+            rows.append(
+                {
+                    "width": w,
+                    "resolution": r,
+                    "scales": list(sc) if sc else None,
+                    "top1": round(v["top1"], 2),
+                    "top5": round(v["top5"], 2),
+                    "macs": count_macs(model, op),
+                    "params": count_params(model, op),
+                    "latency_ms": round(measure_latency(model, op), 3) if latency else None,
+                }
+            )
         if progress:
             tag = f"width {w:g}" + (f", scales {sc}" if sc else "")
             progress(f"{tag}: " + ", ".join(f"{r}px {v['top1']:.1f}%" for r, v in results.items()))
 
     if tree and configs != [None] and bn_policy != "calibrate" and model.width_range is None:
         # Resizable: every configuration at once, shared stages computed once (flexres.models.config_tree).
-        per_res = {r: evaluate_configurations(model, val, r, configs, bn_policy, batch_size=min(batch_size, 64),
-                                              crop_fraction=pre.crop_fraction, workers=workers) for r in res_list}
+        per_res = {
+            r: evaluate_configurations(
+                model,
+                val,
+                r,
+                configs,
+                bn_policy,
+                batch_size=min(batch_size, 64),
+                crop_fraction=pre.crop_fraction,
+                workers=workers,
+            )
+            for r in res_list
+        }
         for sc in configs:
             add_rows(1.0, sc, {r: per_res[r][sc] for r in res_list})
     else:
         # Post-statistics BN for slimmable models; with bn_policy calibrate, every untrained resolution and
         # (Resizable) every scaling configuration gets its own statistics. All calibrated (and saved) at once.
-        points = [OperatingPoint(r, w, sc) for w, sc in itertools.product(widths, configs) for r in res_list
-                  if model.width_range or (bn_policy == "calibrate" and (r not in model.train_resolutions or sc is not None))]
+        points = [
+            OperatingPoint(r, w, sc)
+            for w, sc in itertools.product(widths, configs)
+            for r in res_list
+            if model.width_range or (bn_policy == "calibrate" and (r not in model.train_resolutions or sc is not None))
+        ]
         if points:
             train_ds = ImageFolderDataset(split_dir(data, cfg["data"]["train_split"]))
-            _ensure_calibrated(model, meta, ckpt, train_ds, points, calibration_images or cfg["eval"]["calibration_images"],
-                               batch_size, cfg, str(data), workers)
+            _ensure_calibrated(
+                model,
+                meta,
+                ckpt,
+                train_ds,
+                points,
+                calibration_images or cfg["eval"]["calibration_images"],
+                batch_size,
+                cfg,
+                str(data),
+                workers,
+            )
         for w, sc in itertools.product(widths, configs):
-            add_rows(w, sc, evaluate_model(model, val, res_list, bn_policy, batch_size, pre.crop_fraction,
-                                           workers=workers, width=w, scales=sc, note=note,
-                                           interpolation=pre.interpolation, mean=pre.mean, std=pre.std))
+            add_rows(
+                w,
+                sc,
+                evaluate_model(
+                    model,
+                    val,
+                    res_list,
+                    bn_policy,
+                    batch_size,
+                    pre.crop_fraction,
+                    workers=workers,
+                    width=w,
+                    scales=sc,
+                    note=note,
+                    interpolation=pre.interpolation,
+                    mean=pre.mean,
+                    std=pre.std,
+                ),
+            )
     mark_pareto(rows)
     if write:
         write_table(rows, ckpt.parent, {"data": str(data), "bn_policy": bn_policy, "latency_batch": 1})
@@ -399,13 +658,24 @@ def select(run: str | Path, max_macs: float | str | None = None, max_latency_ms:
 
 def format_selection(row: dict[str, Any]) -> str:
     lat = f", {row['latency_ms']:.2f} ms" if row.get("latency_ms") is not None else ""
-    where = f"width {row['width']:g} at {row['resolution']} px" + (f", scales {row['scales']}" if row.get("scales") else "")
-    return (f"{where}: top-1 {row['top1']:.2f}% (top-5 {row['top5']:.2f}%), "
-            f"{row['macs'] / 1e6:.1f} MMACs, {row['params'] / 1e6:.3f} M params{lat}")
+    where = f"width {row['width']:g} at {row['resolution']} px" + (
+        f", scales {row['scales']}" if row.get("scales") else ""
+    )
+    return (
+        f"{where}: top-1 {row['top1']:.2f}% (top-5 {row['top5']:.2f}%), "
+        f"{row['macs'] / 1e6:.1f} MMACs, {row['params'] / 1e6:.3f} M params{lat}"
+    )
 
 
-def adapt(run: str | Path, max_macs: float | str, data: str | Path | None = None, configs: str = "all", label_images: int = 2000,
-          epochs: int = 30, resolution: int | None = None) -> dict[str, Any]:
+def adapt(
+    run: str | Path,
+    max_macs: float | str,
+    data: str | Path | None = None,
+    configs: str = "all",
+    label_images: int = 2000,
+    epochs: int = 30,
+    resolution: int | None = None,
+) -> dict[str, Any]:
     """Resizable-Adapt: train a router that picks a scaling configuration per image under ``max_macs``, and
     compare it with the best single configuration (NAS). The run keeps the router and ``adapt.json``. ``max_macs``: a
     number or as the CLI takes it ("25M"); ``data`` None: the run's data root."""
@@ -421,7 +691,9 @@ def adapt(run: str | Path, max_macs: float | str, data: str | Path | None = None
     train_ds = ImageFolderDataset(split_dir(data, cfg["data"]["train_split"]))
     pick = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(0))[:label_images].tolist()
     val = ImageFolderDataset(split_dir(data, cfg["data"]["val_split"]), cache="auto")
-    rep = adapt_report(model, SubsetView(train_ds, pick), val, resolution or model.train_resolutions[0], candidates, max_macs, epochs)
+    rep = adapt_report(
+        model, SubsetView(train_ds, pick), val, resolution or model.train_resolutions[0], candidates, max_macs, epochs
+    )
     run_dir = resolve_checkpoint(run).parent
     router = rep.pop("router")
     rep.pop("chosen_macs")
@@ -430,16 +702,29 @@ def adapt(run: str | Path, max_macs: float | str, data: str | Path | None = None
     return rep
 
 
-def export(run: str | Path, resolution: int, width: float = 1.0, scales: Sequence[float] | None = None, format: str = "onnx",
-           out: str | Path | None = None, *, bn_policy: str | None = None, scale_policy: str | None = None, fold_bn: bool = True,
-           data: str | Path | None = None, int8: bool = False, int8_ranges: str | Path | None = None) -> dict[str, Any]:
+def export(
+    run: str | Path,
+    resolution: int,
+    width: float = 1.0,
+    scales: Sequence[float] | None = None,
+    format: str = "onnx",
+    out: str | Path | None = None,
+    *,
+    bn_policy: str | None = None,
+    scale_policy: str | None = None,
+    fold_bn: bool = True,
+    data: str | Path | None = None,
+    int8: bool = False,
+    int8_ranges: str | Path | None = None,
+) -> dict[str, Any]:
     """Write one operating point as a static ONNX or TorchScript model (plus ``<file>.json``), checked against
     the adaptive model on real images; returns that JSON with ``path`` added. ``format="packed"`` writes the whole
-    quantized model (every resolution) with its LQ-Nets weights as bit-packed codes, loadable by every command. Slimmable models get
-    post-statistics BN from ``data``'s training images first, when the run has none for the point. ``bn_policy`` None: the
-    run's ``eval.bn_policy``. ``int8``: the ONNX file quantized by ONNX Runtime, calibrated on the run's (or ``data``'s)
-    training images at this resolution; ``int8_ranges``: an activation-range file, used when it exists (one calibration
-    shared by resolutions: ``flexres.deploy.runtime.merge_ranges``), else written with this resolution's ranges."""
+    quantized model (every resolution) with its LQ-Nets weights as bit-packed codes, loadable by every command.
+    Slimmable models get post-statistics BN from ``data``'s training images first, when the run has none for the point.
+    ``bn_policy`` None: the run's ``eval.bn_policy``. ``int8``: the ONNX file quantized by ONNX Runtime, calibrated on
+    the run's (or ``data``'s) training images at this resolution; ``int8_ranges``: an activation-range file, used when
+    it exists (one calibration shared by resolutions: ``flexres.deploy.runtime.merge_ranges``), else written with this
+    resolution's ranges."""
     from .deploy import export as export_static
 
     if format == "packed":
@@ -455,24 +740,43 @@ def export(run: str | Path, resolution: int, width: float = 1.0, scales: Sequenc
         cfg = meta.get("config") or make_config()
         root = data or cfg["data"]["root"]
         if not root or not Path(root).is_dir():
-            raise ConfigError(f"{op} of this slimmable model needs post-statistics BN from training images: pass data (a folder)")
+            raise ConfigError(
+                f"{op} of this slimmable model needs post-statistics BN from training images: pass data (a folder)"
+            )
         train_ds = ImageFolderDataset(split_dir(root, cfg["data"]["train_split"]))
         _ensure_calibrated(model, meta, ckpt, train_ds, [op], cfg["eval"]["calibration_images"], 256, cfg, str(root))
     ext = FORMAT_SUFFIX.get(format, ".pt")
-    path = Path(out) if out else ckpt.parent / "export" / f"{model.arch['name'].replace(':', '-')}_{op.file_tag}{'_int8' if int8 else ''}{ext}"
-    info = export_static(model, meta, op, format, path, bn_policy, scale_policy, fold_bn, data, int8=int8, int8_ranges=int8_ranges)
+    path = (
+        Path(out)
+        if out
+        else ckpt.parent
+        / "export"
+        / f"{model.arch['name'].replace(':', '-')}_{op.file_tag}{'_int8' if int8 else ''}{ext}"
+    )
+    info = export_static(
+        model, meta, op, format, path, bn_policy, scale_policy, fold_bn, data, int8=int8, int8_ranges=int8_ranges
+    )
     return {"path": str(path), **info}
 
 
-def predict(model: str | Path, images: Sequence[str | Path], resolution: int | None = None, *, max_macs: float | str | None = None,
-            max_latency_ms: float | None = None, width: float = 1.0, bn_policy: str | None = None, topk: int = 5,
-            out: str | Path | None = None) -> dict[str, Any]:
+def predict(
+    model: str | Path,
+    images: Sequence[str | Path],
+    resolution: int | None = None,
+    *,
+    max_macs: float | str | None = None,
+    max_latency_ms: float | None = None,
+    width: float = 1.0,
+    bn_policy: str | None = None,
+    topk: int = 5,
+    out: str | Path | None = None,
+) -> dict[str, Any]:
     """Classify image files with a run (at ``resolution``, or the best point under a budget) or an exported
     model. Returns ``{"model", "resolution", "predictions": [{"file", "top": [{"label", "class", "name",
     "probability"}, ...]} or {"file", "error"}]}``: one bad file does not stop the others. A segmentation run writes
     a colour mask and an overlay PNG per image into ``out`` (default ./segmentation) instead: predictions are then
-    ``{"file", "mask", "overlay", "classes": {name: % of the image}}``. ``bn_policy`` None: the run's ``eval.bn_policy``.
-    ``max_macs``: a number or as the CLI takes it ("150M")."""
+    ``{"file", "mask", "overlay", "classes": {name: % of the image}}``. ``bn_policy`` None: the run's
+    ``eval.bn_policy``. ``max_macs``: a number or as the CLI takes it ("150M")."""
     from .deploy.predict import load_predictor, predict_files, segment_files
 
     max_macs = _count(max_macs)
@@ -482,22 +786,44 @@ def predict(model: str | Path, images: Sequence[str | Path], resolution: int | N
         if meta.get("task") == "segmentation":
             r = resolution or net.train_resolutions[0]
             out = Path(out or "segmentation")
-            return {"model": f"{Path(model).name} at {r} px (short side)", "resolution": r,
-                    "predictions": segment_files(net, meta, [str(f) for f in images], r, out, bn_policy)}
+            return {
+                "model": f"{Path(model).name} at {r} px (short side)",
+                "resolution": r,
+                "predictions": segment_files(net, meta, [str(f) for f in images], r, out, bn_policy),
+            }
     if width != 1.0 and resolution is None:
         raise ConfigError("width goes with resolution (a budget picks both)")
     # an exported model was exported at one BN policy: bn_policy does not apply to it
-    predictor = load_predictor(str(model), resolution, max_macs, max_latency_ms, bn_policy or DEFAULTS["eval"]["bn_policy"], width)
+    predictor = load_predictor(
+        str(model), resolution, max_macs, max_latency_ms, bn_policy or DEFAULTS["eval"]["bn_policy"], width
+    )
     results = predict_files(predictor, [str(f) for f in images], topk)
     return {"model": predictor.description, "resolution": predictor.resolution, "predictions": results}
 
 
-def serve(targets: str | Path | Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000, *,
-          target_p95_ms: float | None = None, resolution: int | None = None, max_batch: int = 8, max_wait_ms: float = 2.0,
-          max_queue: int = 256, max_upload_mb: float = 20.0, max_pixels: float = 40e6, bn_policy: str | None = None,
-          inference: str = "process", batch_timeout_s: float = 30.0, backend: str | None = None, int8: bool = False,
-          points: Sequence[str] | None = None, threads: int | None = None, data: str | Path | None = None,
-          max_refusals_per_s: float | None = 1000.0, log: Callable[[str], None] = print) -> None:
+def serve(
+    targets: str | Path | Sequence[str | Path],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    target_p95_ms: float | None = None,
+    resolution: int | None = None,
+    max_batch: int = 8,
+    max_wait_ms: float = 2.0,
+    max_queue: int = 256,
+    max_upload_mb: float = 20.0,
+    max_pixels: float = 40e6,
+    bn_policy: str | None = None,
+    inference: str = "process",
+    batch_timeout_s: float = 30.0,
+    backend: str | None = None,
+    int8: bool = False,
+    points: Sequence[str] | None = None,
+    threads: int | None = None,
+    data: str | Path | None = None,
+    max_refusals_per_s: float | None = 1000.0,
+    log: Callable[[str], None] = print,
+) -> None:
     """Serve a run (its query table's Pareto points, else its evaluated or trained resolutions) or exported models
     over HTTP until interrupted: ``POST /predict``, ``POST /predict/all``, ``GET /health``, ``/points``, ``/metrics``
     and a page at ``/``. With ``target_p95_ms`` the server lowers the operating point as its queue grows and raises
@@ -519,27 +845,48 @@ def serve(targets: str | Path | Sequence[str | Path], host: str = "127.0.0.1", p
         raise ConfigError(f"inference must be 'process' or 'thread', got {inference!r}")
     from .serving.points import PointOptions, default_backend
 
-    options = ServeOptions(target_p95_ms, resolution, max_batch, max_wait_ms, max_queue,
-                           max_refusals_per_s=max_refusals_per_s or None)
-    point_options = PointOptions(bn_policy, backend or default_backend(), int8, tuple(str(p) for p in points) if points else None,
-                                 str(data) if data else None, threads)
+    options = ServeOptions(
+        target_p95_ms, resolution, max_batch, max_wait_ms, max_queue, max_refusals_per_s=max_refusals_per_s or None
+    )
+    point_options = PointOptions(
+        bn_policy,
+        backend or default_backend(),
+        int8,
+        tuple(str(p) for p in points) if points else None,
+        str(data) if data else None,
+        threads,
+    )
     points = load_points(targets, point_options)
-    runner = ProcessInference(targets, point_options, batch_timeout_s=batch_timeout_s) if inference == "process" else None
+    runner = (
+        ProcessInference(targets, point_options, batch_timeout_s=batch_timeout_s) if inference == "process" else None
+    )
     engine = ServingEngine(points, options, inference=runner)
     app = create_app(engine=engine, max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=int(max_pixels))
     info = engine.describe()
-    log(f"serving {info['model']} on http://{host}:{port} ({info['mode']}"
-        + (f", p95 target {target_p95_ms:g} ms" if target_p95_ms else "") + f"); {len(info['points'])} operating points:")
+    log(
+        f"serving {info['model']} on http://{host}:{port} ({info['mode']}"
+        + (f", p95 target {target_p95_ms:g} ms" if target_p95_ms else "")
+        + f"); {len(info['points'])} operating points:"
+    )
     for pt in info["points"]:
         acc = f"top-1 {pt['expected_top1']:.1f}%" if pt["expected_top1"] is not None else "accuracy not measured"
-        log(f"  {pt['name']:>20}  {pt['macs'] / 1e6:7.1f} MMACs  {pt['latency_ms_batch1']:6.2f} ms  {acc}  [{pt['backend']}; {pt['why']}]")
+        log(
+            f"  {pt['name']:>20}  {pt['macs'] / 1e6:7.1f} MMACs  {pt['latency_ms_batch1']:6.2f} ms  "
+            f"{acc}  [{pt['backend']}; {pt['why']}]"
+        )
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
-def report(runs: str | Path | Sequence[str | Path], data: str | Path, out: str | Path, resolutions: Sequence[int] | None = None,
-           bn_policy: str | None = None, latency: bool = False) -> Path:
-    """Plots (accuracy vs cost, train x test heatmap, BN statistics) and an HTML page in ``out``; returns its index.html.
-    ``bn_policy`` None: each run's ``eval.bn_policy``."""
+def report(
+    runs: str | Path | Sequence[str | Path],
+    data: str | Path,
+    out: str | Path,
+    resolutions: Sequence[int] | None = None,
+    bn_policy: str | None = None,
+    latency: bool = False,
+) -> Path:
+    """Plots (accuracy vs cost, train x test heatmap, BN statistics) and an HTML page in ``out``; returns its
+    index.html. ``bn_policy`` None: each run's ``eval.bn_policy``."""
     from .analysis.report import write_report
 
     runs = [runs] if isinstance(runs, (str, Path)) else list(runs)
@@ -561,23 +908,36 @@ def report(runs: str | Path | Sequence[str | Path], data: str | Path, out: str |
 
 def demo(out: str | Path = "runs/demo", epochs: int = 60, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train a small RS-Net (ResNet-18 x0.25, full MRED) on the bundled sample and evaluate it at trained,
-    between and outside resolutions; returns the ``evaluate`` report. A finished run already in ``out`` is reused, and an
-    interrupted one continued, each said in the log."""
+    between and outside resolutions; returns the ``evaluate`` report. A finished run already in ``out`` is reused, and
+    an interrupted one continued, each said in the log."""
     data = sample_data_dir()
     out = Path(out)
-    cfg = make_config({
-        "model": {"name": "resnet18", "width_mult": 0.25},
-        "method": {"name": "rsnet", "resolutions": [96, 80, 64, 48], "kwargs": {"mred": "full"}},
-        "data": {"root": str(data), "cache": True, "num_workers": 0},
-        "train": {"epochs": epochs, "batch_size": 20, "lr": 0.02, "nesterov": True, "weight_decay": 5e-4,
-                  "warmup_epochs": 2, "eval_every": 0, "progress": False},
-    })
+    cfg = make_config(
+        {
+            "model": {"name": "resnet18", "width_mult": 0.25},
+            "method": {"name": "rsnet", "resolutions": [96, 80, 64, 48], "kwargs": {"mred": "full"}},
+            "data": {"root": str(data), "cache": True, "num_workers": 0},
+            "train": {
+                "epochs": epochs,
+                "batch_size": 20,
+                "lr": 0.02,
+                "nesterov": True,
+                "weight_decay": 5e-4,
+                "warmup_epochs": 2,
+                "eval_every": 0,
+                "progress": False,
+            },
+        }
+    )
     log(f"flexres demo: RS-Net (ResNet-18 x0.25, full MRED) on {data} (10 classes, 100 train / 100 val images)")
     progress = saved_progress(out)
     if progress is not None and progress[0] >= progress[1]:
         # A second `flexres demo` must not pass the first one's run off as freshly trained (in 0 s).
-        log(f"reusing the finished run in {out} (trained for {progress[0]} epoch{'s' * (progress[0] != 1)}; delete it or pass "
-            "--out to train again)")
+        log(
+            f"reusing the finished run in {out} "
+            f"(trained for {progress[0]} epoch{'s' * (progress[0] != 1)}; delete it or pass "
+            "--out to train again)"
+        )
     else:
         t0 = time.time()
         train_run(cfg, out, resume=progress is not None, log=log)  # an interrupted demo continues ("resuming ...")

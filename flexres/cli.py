@@ -32,8 +32,10 @@ def resolution(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"resolution {text!r} is not a whole number of pixels") from None
     if not 1 <= r <= MAX_RESOLUTION:
-        raise argparse.ArgumentTypeError(f"resolution {r} px is outside 1..{MAX_RESOLUTION} px (the CLI's maximum; "
-                                         "call flexres.evaluate from Python for larger inputs)")
+        raise argparse.ArgumentTypeError(
+            f"resolution {r} px is outside 1..{MAX_RESOLUTION} px (the CLI's maximum; "
+            "call flexres.evaluate from Python for larger inputs)"
+        )
     return r
 
 
@@ -57,7 +59,9 @@ def widths(text: str) -> list[float]:
     try:
         return parse_range(text)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{text!r} is not START:STOP:STEP or one width, e.g. 0.25:1.0:0.05 ({e})") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not START:STOP:STEP or one width, e.g. 0.25:1.0:0.05 ({e})"
+        ) from None
 
 
 def _print_json(obj, path: str | None = None) -> None:
@@ -70,18 +74,36 @@ def _print_json(obj, path: str | None = None) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    metrics = api.train(args.config, args.out, data=args.data, overrides=args.set, resume=args.resume,
-                        stop_after_epochs=args.stop_after_epochs)
+    metrics = api.train(
+        args.config,
+        args.out,
+        data=args.data,
+        overrides=args.set,
+        resume=args.resume,
+        stop_after_epochs=args.stop_after_epochs,
+    )
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run saved in {metrics['run']}")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    report = api.evaluate(args.runs, args.data, args.resolutions, args.bn, scale_policy=args.scale,
-                          san_mode=args.san_mode, width=args.width, calibration_images=args.calibration_images,
-                          batch_size=args.batch_size, split=args.split, workers=args.workers, latency=args.latency, save=True,
-                          progress=True)
+    report = api.evaluate(
+        args.runs,
+        args.data,
+        args.resolutions,
+        args.bn,
+        scale_policy=args.scale,
+        san_mode=args.san_mode,
+        width=args.width,
+        calibration_images=args.calibration_images,
+        batch_size=args.batch_size,
+        split=args.split,
+        workers=args.workers,
+        latency=args.latency,
+        save=True,
+        progress=True,
+    )
     print(api.format_eval_report(report))
     if args.json:
         print()
@@ -90,9 +112,20 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _table(args: argparse.Namespace) -> int:
-    rows = api.table(args.run, args.data, args.widths, args.resolutions, scales=args.scales, bn_policy=args.bn,
-                     latency=args.latency, calibration_images=args.calibration_images, batch_size=args.batch_size,
-                     workers=args.workers, progress=print, tree=not args.one_by_one)
+    rows = api.table(
+        args.run,
+        args.data,
+        args.widths,
+        args.resolutions,
+        scales=args.scales,
+        bn_policy=args.bn,
+        latency=args.latency,
+        calibration_images=args.calibration_images,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        progress=print,
+        tree=not args.one_by_one,
+    )
     run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
     print((run_dir / "table.md").read_text())
     if args.json:
@@ -114,10 +147,16 @@ def _select(args: argparse.Namespace) -> int:
 def _adapt(args: argparse.Namespace) -> int:
     rep = api.adapt(args.run, args.max_macs, args.data, args.configs, args.label_images, args.epochs, args.resolution)
     a, n = rep["adapt"], rep["nas"]
-    print(f"Resizable-Adapt under {rep['budget_macs'] / 1e6:.1f} MMACs ({rep['candidates']} candidate configurations, router trained "
-          f"on {rep['train_images']} images):")
-    print(f"  adapt : top-1 {a['top1']:.2f}%  mean {a['mean_macs'] / 1e6:.1f} MMACs per image (max {a['max_macs'] / 1e6:.1f}), "
-          f"{a['configs_used']} configurations used; + probe pass {rep['probe_macs'] / 1e6:.1f} MMACs")
+    print(
+        f"Resizable-Adapt under {rep['budget_macs'] / 1e6:.1f} MMACs "
+        f"({rep['candidates']} candidate configurations, router trained "
+        f"on {rep['train_images']} images):"
+    )
+    print(
+        f"  adapt : top-1 {a['top1']:.2f}%  mean {a['mean_macs'] / 1e6:.1f} MMACs per image "
+        f"(max {a['max_macs'] / 1e6:.1f}), "
+        f"{a['configs_used']} configurations used; + probe pass {rep['probe_macs'] / 1e6:.1f} MMACs"
+    )
     print(f"  NAS   : top-1 {n['top1']:.2f}%  {n['macs'] / 1e6:.1f} MMACs, scales {n['scales']}")
     print(f"  oracle: top-1 {rep['oracle_top1']:.2f}% (the best candidate per image)")
     return 0
@@ -126,26 +165,58 @@ def _adapt(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     if args.format == "packed":
         info = api.export(args.run, 0, format="packed", out=args.out, data=args.data)
-        print(f"wrote {info['path']}: {info['bytes'] / 1e6:.3f} MB ({info['quantized_weights']:,} weights at {info['bits']} bits, "
-              f"fp32 tensors {info['fp32_tensor_bytes'] / 1e6:.3f} MB), resolutions {info['resolutions']}; max |difference| to "
-              f"the trained model {info['parity_max_abs_diff']:.1e}")
+        print(
+            f"wrote {info['path']}: {info['bytes'] / 1e6:.3f} MB "
+            f"({info['quantized_weights']:,} weights at {info['bits']} bits, "
+            f"fp32 tensors {info['fp32_tensor_bytes'] / 1e6:.3f} MB), resolutions {info['resolutions']}; "
+            "max |difference| to "
+            f"the trained model {info['parity_max_abs_diff']:.1e}"
+        )
         return 0
     if args.resolution is None:
         raise ConfigError("--resolution is required for onnx and torchscript exports (one operating point)")
-    info = api.export(args.run, args.resolution, args.width, args.scales, args.format, args.out, bn_policy=args.bn,
-                      scale_policy=args.scale, fold_bn=not args.no_fold_bn, data=args.data, int8=args.int8,
-                      int8_ranges=args.int8_ranges)
+    info = api.export(
+        args.run,
+        args.resolution,
+        args.width,
+        args.scales,
+        args.format,
+        args.out,
+        bn_policy=args.bn,
+        scale_policy=args.scale,
+        fold_bn=not args.no_fold_bn,
+        data=args.data,
+        int8=args.int8,
+        int8_ranges=args.int8_ranges,
+    )
     out = info["path"]
-    print(f"wrote {', '.join(info['files'])} in {Path(out).parent} and {Path(out).name}.json: {info['macs'] / 1e6:.1f} MMACs, "
-          f"{info['params'] / 1e6:.3f} M params, max |difference| to the adaptive model {info['parity_max_abs_diff']:.1e} on "
-          f"{info['parity_images']} real images"
-          + (f"; int8 keeps the float model's top-1 on {100 * info['int8_top1_agreement']:.0f}% of them" if args.int8 else ""))
+    print(
+        f"wrote {', '.join(info['files'])} in {Path(out).parent} and {Path(out).name}.json: "
+        f"{info['macs'] / 1e6:.1f} MMACs, "
+        f"{info['params'] / 1e6:.3f} M params, "
+        f"max |difference| to the adaptive model {info['parity_max_abs_diff']:.1e} on "
+        f"{info['parity_images']} real images"
+        + (
+            f"; int8 keeps the float model's top-1 on {100 * info['int8_top1_agreement']:.0f}% of them"
+            if args.int8
+            else ""
+        )
+    )
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
-    result = api.predict(args.model, args.images, args.resolution, max_macs=args.max_macs,
-                         max_latency_ms=args.max_latency_ms, width=args.width, bn_policy=args.bn, topk=args.topk, out=args.out)
+    result = api.predict(
+        args.model,
+        args.images,
+        args.resolution,
+        max_macs=args.max_macs,
+        max_latency_ms=args.max_latency_ms,
+        width=args.width,
+        bn_policy=args.bn,
+        topk=args.topk,
+        out=args.out,
+    )
     if args.json:
         _print_json(result)
     else:
@@ -168,11 +239,27 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    api.serve(args.targets, args.host, args.port, target_p95_ms=args.target_p95_ms, resolution=args.resolution,
-              max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_upload_mb=args.max_upload_mb,
-              max_pixels=args.max_pixels, bn_policy=args.bn, inference=args.inference,
-              batch_timeout_s=args.batch_timeout_s, backend=args.backend, int8=args.int8, points=args.points,
-              threads=args.threads, data=args.data, max_refusals_per_s=args.max_refusals_per_s)
+    api.serve(
+        args.targets,
+        args.host,
+        args.port,
+        target_p95_ms=args.target_p95_ms,
+        resolution=args.resolution,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        max_upload_mb=args.max_upload_mb,
+        max_pixels=args.max_pixels,
+        bn_policy=args.bn,
+        inference=args.inference,
+        batch_timeout_s=args.batch_timeout_s,
+        backend=args.backend,
+        int8=args.int8,
+        points=args.points,
+        threads=args.threads,
+        data=args.data,
+        max_refusals_per_s=args.max_refusals_per_s,
+    )
     return 0
 
 
@@ -192,21 +279,39 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="ImageFolder root with train/ and val/ (overrides data.root)")
     t.add_argument("--out", help="run directory (default runs/<config name>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. epochs=5")
-    t.add_argument("--stop-after-epochs", type=int, help="end this process after N epochs (continue later with --resume)")
+    t.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. epochs=5"
+    )
+    t.add_argument(
+        "--stop-after-epochs", type=int, help="end this process after N epochs (continue later with --resume)"
+    )
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="evaluate runs at any list of resolutions")
     e.add_argument("runs", nargs="+", help="run directories or checkpoint files")
     e.add_argument("--data", help="ImageFolder root (its val/ split is used; default: the runs' data.root)")
     e.add_argument("--split", default="val")
-    e.add_argument("--resolutions", type=resolution, nargs="+", help="test resolutions (default: the run's eval.resolutions)")
-    e.add_argument("--bn", choices=BN_POLICIES, help="BN policy for untrained resolutions (default: the run's eval.bn_policy)")
-    e.add_argument("--scale", choices=SCALE_POLICIES, help="SAN models: weights from eps(T) ('exact', default) or from the "
-                   "nearest trained resolution's eps ('nearest')")
-    e.add_argument("--san-mode", choices=list(SAN_MODES), help="SAN inference: proxy = --bn nearest --scale nearest; ideal = "
-                   "--bn calibrate --scale exact; data-free = --bn interpolate --scale exact")
-    e.add_argument("--workers", type=int, default=0, help="data-loading processes (for sets too large to cache in memory)")
+    e.add_argument(
+        "--resolutions", type=resolution, nargs="+", help="test resolutions (default: the run's eval.resolutions)"
+    )
+    e.add_argument(
+        "--bn", choices=BN_POLICIES, help="BN policy for untrained resolutions (default: the run's eval.bn_policy)"
+    )
+    e.add_argument(
+        "--scale",
+        choices=SCALE_POLICIES,
+        help="SAN models: weights from eps(T) ('exact', default) or from the "
+        "nearest trained resolution's eps ('nearest')",
+    )
+    e.add_argument(
+        "--san-mode",
+        choices=list(SAN_MODES),
+        help="SAN inference: proxy = --bn nearest --scale nearest; ideal = "
+        "--bn calibrate --scale exact; data-free = --bn interpolate --scale exact",
+    )
+    e.add_argument(
+        "--workers", type=int, default=0, help="data-loading processes (for sets too large to cache in memory)"
+    )
     e.add_argument("--width", type=float, default=1.0, help="slimmable models: the width to evaluate")
     e.add_argument("--calibration-images", type=int, help="images for --bn calibrate (default eval.calibration_images)")
     e.add_argument("--batch-size", type=int, default=256)
@@ -220,10 +325,18 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--widths", type=widths, default="1.0", help="START:STOP:STEP or one value, e.g. 0.25:1.0:0.05")
     tb.add_argument("--resolutions", type=resolution, nargs="+")
     tb.add_argument("--latency", action="store_true", help="also measure batch-1 latency on this machine")
-    tb.add_argument("--bn", choices=BN_POLICIES, help="resolution-switchable models: BN policy (default: the run's eval.bn_policy)")
-    tb.add_argument("--scales", help="resizable models (Resizable-NAS): 'all' scaling configurations, or N sampled (seeded)")
-    tb.add_argument("--one-by-one", action="store_true", help="resizable models: run each configuration on its own instead of "
-                    "the prefix tree (same results, slower; for checking)")
+    tb.add_argument(
+        "--bn", choices=BN_POLICIES, help="resolution-switchable models: BN policy (default: the run's eval.bn_policy)"
+    )
+    tb.add_argument(
+        "--scales", help="resizable models (Resizable-NAS): 'all' scaling configurations, or N sampled (seeded)"
+    )
+    tb.add_argument(
+        "--one-by-one",
+        action="store_true",
+        help="resizable models: run each configuration on its own instead of "
+        "the prefix tree (same results, slower; for checking)",
+    )
     tb.add_argument("--calibration-images", type=int)
     tb.add_argument("--batch-size", type=int, default=256)
     tb.add_argument("--workers", type=int, default=0)
@@ -238,34 +351,56 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--json", action="store_true", help="print the row as JSON (what flexres.select returns)")
     sl.set_defaults(func=_select)
 
-    ad = sub.add_parser("adapt", help="Resizable-Adapt: a per-image choice of scaling configuration under a MACs budget")
+    ad = sub.add_parser(
+        "adapt", help="Resizable-Adapt: a per-image choice of scaling configuration under a MACs budget"
+    )
     ad.add_argument("run")
     ad.add_argument("--data", help="ImageFolder root (default: the run's data.root)")
     ad.add_argument("--max-macs", required=True, help="no image may cost more, e.g. 25M")
     ad.add_argument("--configs", default="all", help="'all' scaling configurations, or N sampled (seeded)")
-    ad.add_argument("--label-images", type=int, default=2000, help="training images labelled with their best configuration")
+    ad.add_argument(
+        "--label-images", type=int, default=2000, help="training images labelled with their best configuration"
+    )
     ad.add_argument("--epochs", type=int, default=30, help="router training epochs")
     ad.add_argument("--resolution", type=resolution)
     ad.set_defaults(func=_adapt)
 
-    x = sub.add_parser("export", help="export one operating point as a static ONNX or TorchScript model, or a quantized "
-                                      "model bit-packed (--format packed, every resolution)")
+    x = sub.add_parser(
+        "export",
+        help="export one operating point as a static ONNX or TorchScript model, or a quantized "
+        "model bit-packed (--format packed, every resolution)",
+    )
     x.add_argument("run", help="run directory or checkpoint")
     x.add_argument("--resolution", type=resolution, help="the operating point (onnx, torchscript)")
     x.add_argument("--width", type=float, default=1.0)
     x.add_argument("--scales", type=float, nargs="+")
     x.add_argument("--format", choices=["onnx", "torchscript", "packed"], default="onnx")
     x.add_argument("--out", help="output file (default RUN/export/<arch>_<res>.onnx|.pt)")
-    x.add_argument("--bn", choices=BN_POLICIES, help="BN policy when the resolution was not trained (default: the run's "
-                   "eval.bn_policy)")
+    x.add_argument(
+        "--bn",
+        choices=BN_POLICIES,
+        help="BN policy when the resolution was not trained (default: the run's eval.bn_policy)",
+    )
     x.add_argument("--scale", choices=SCALE_POLICIES, help="SAN models: eps(T) ('exact') or the nearest trained eps")
-    x.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm2d layers instead of folding them into the convs")
-    x.add_argument("--int8", action="store_true", help="onnx: quantize to int8 (ONNX Runtime static, QDQ), calibrated on "
-                   "128 training images at this resolution (the run's data, or --data)")
-    x.add_argument("--data", help="images for the parity check (default: the bundled sample); with --int8, the data "
-                   "whose training images calibrate it (default: the run's)")
-    x.add_argument("--int8-ranges", help="--int8: an activation-range file; an existing one is used instead of "
-                   "calibrating (one calibration shared by resolutions), a new one receives this resolution's ranges")
+    x.add_argument(
+        "--no-fold-bn", action="store_true", help="keep BatchNorm2d layers instead of folding them into the convs"
+    )
+    x.add_argument(
+        "--int8",
+        action="store_true",
+        help="onnx: quantize to int8 (ONNX Runtime static, QDQ), calibrated on "
+        "128 training images at this resolution (the run's data, or --data)",
+    )
+    x.add_argument(
+        "--data",
+        help="images for the parity check (default: the bundled sample); with --int8, the data "
+        "whose training images calibrate it (default: the run's)",
+    )
+    x.add_argument(
+        "--int8-ranges",
+        help="--int8: an activation-range file; an existing one is used instead of "
+        "calibrating (one calibration shared by resolutions), a new one receives this resolution's ranges",
+    )
     x.set_defaults(func=_export)
 
     pr = sub.add_parser("predict", help="classify image files")
@@ -276,7 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--max-macs", help="budget in MACs, e.g. 150M")
     budget.add_argument("--max-latency-ms", type=float, help="budget in milliseconds (batch 1, measured here)")
     pr.add_argument("--width", type=float, default=1.0, help="slimmable models: the width to run at with --resolution")
-    pr.add_argument("--bn", choices=BN_POLICIES, help="runs: BN policy at an untrained resolution (default: the run's eval.bn_policy)")
+    pr.add_argument(
+        "--bn",
+        choices=BN_POLICIES,
+        help="runs: BN policy at an untrained resolution (default: the run's eval.bn_policy)",
+    )
     pr.add_argument("--topk", type=int, default=5)
     pr.add_argument("--json", action="store_true", help="print JSON instead of text")
     pr.add_argument("--out", help="segmentation runs: folder for the mask and overlay PNGs (default ./segmentation)")
@@ -287,7 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--data", required=True, help="ImageFolder root to evaluate on (val split)")
     rp.add_argument("--out", required=True, help="output folder")
     rp.add_argument("--resolutions", type=resolution, nargs="+")
-    rp.add_argument("--bn", choices=BN_POLICIES, help="BN policy for untrained resolutions (default: each run's eval.bn_policy)")
+    rp.add_argument(
+        "--bn", choices=BN_POLICIES, help="BN policy for untrained resolutions (default: each run's eval.bn_policy)"
+    )
     rp.add_argument("--latency", action="store_true", help="also plot accuracy vs measured latency")
     rp.set_defaults(func=_report)
 
@@ -295,29 +436,55 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("targets", nargs="+", help="a run directory or checkpoint, or exported .onnx / .pt files")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--target-p95-ms", type=float, help="adaptive mode: keep p95 latency under this by lowering the point")
+    sv.add_argument(
+        "--target-p95-ms", type=float, help="adaptive mode: keep p95 latency under this by lowering the point"
+    )
     sv.add_argument("--resolution", type=resolution, help="fixed mode: the resolution for requests that name none")
     sv.add_argument("--max-batch", type=int, default=8, help="largest dynamic batch")
     sv.add_argument("--max-wait-ms", type=float, default=2.0, help="longest wait for a batch to fill")
     sv.add_argument("--max-queue", type=int, default=256, help="queued requests beyond this get 503")
-    sv.add_argument("--max-refusals-per-s", type=float, default=1000.0, help="503s answered per second; beyond it "
-                    "refusals wait their turn (at most 0.5 s), which bounds what clients that re-send at once cost; "
-                    "0: answer every refusal at once")
+    sv.add_argument(
+        "--max-refusals-per-s",
+        type=float,
+        default=1000.0,
+        help="503s answered per second; beyond it "
+        "refusals wait their turn (at most 0.5 s), which bounds what clients that re-send at once cost; "
+        "0: answer every refusal at once",
+    )
     sv.add_argument("--max-upload-mb", type=float, default=20.0)
     sv.add_argument("--max-pixels", type=float, default=40e6)
     sv.add_argument("--bn", choices=BN_POLICIES, help="BN policy (default: the query table's, else interpolate)")
-    sv.add_argument("--backend", choices=("ort", "torch"), help="ort: each point an ONNX Runtime session of its static "
-                    "model (default when onnxruntime is installed); torch: the adaptive model in eager PyTorch")
-    sv.add_argument("--int8", action="store_true", help="ort: int8 sessions, calibrated per resolution on training images")
-    sv.add_argument("--points", nargs="+", metavar="POINT", help="serve only these points ('224px', '160px w0.5', or a "
-                    "resolution); default: every trained resolution plus the query table's Pareto points")
+    sv.add_argument(
+        "--backend",
+        choices=("ort", "torch"),
+        help="ort: each point an ONNX Runtime session of its static "
+        "model (default when onnxruntime is installed); torch: the adaptive model in eager PyTorch",
+    )
+    sv.add_argument(
+        "--int8", action="store_true", help="ort: int8 sessions, calibrated per resolution on training images"
+    )
+    sv.add_argument(
+        "--points",
+        nargs="+",
+        metavar="POINT",
+        help="serve only these points ('224px', '160px w0.5', or a "
+        "resolution); default: every trained resolution plus the query table's Pareto points",
+    )
     sv.add_argument("--threads", type=int, help="ort: intra-op threads per session (default: the usable cores)")
     sv.add_argument("--data", help="--int8: the data whose training images calibrate it (default: the run's)")
-    sv.add_argument("--inference", choices=("process", "thread"), default="process",
-                    help="run batches in a child process (default: keeps serving under a flood of requests) or on a thread")
-    sv.add_argument("--batch-timeout-s", type=float, default=30.0,
-                    help="--inference process: a child that answers no batch within this is killed and replaced "
-                         "(the batch gets 503); its start-up after a restart does not count")
+    sv.add_argument(
+        "--inference",
+        choices=("process", "thread"),
+        default="process",
+        help="run batches in a child process (default: keeps serving under a flood of requests) or on a thread",
+    )
+    sv.add_argument(
+        "--batch-timeout-s",
+        type=float,
+        default=30.0,
+        help="--inference process: a child that answers no batch within this is killed and replaced "
+        "(the batch gets 503); its start-up after a restart does not count",
+    )
     sv.set_defaults(func=_serve)
 
     d = sub.add_parser("demo", help="train and evaluate a small RS-Net on the bundled sample images (CPU, minutes)")
@@ -373,8 +540,12 @@ def _raise_lines(path: str) -> frozenset[int]:
         tree = ast.parse(Path(path).read_text())
     except (OSError, SyntaxError, ValueError):
         return frozenset()
-    return frozenset(line for node in ast.walk(tree) if isinstance(node, ast.Raise)
-                     for line in range(node.lineno, (node.end_lineno or node.lineno) + 1))
+    return frozenset(
+        line
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Raise)
+        for line in range(node.lineno, (node.end_lineno or node.lineno) + 1)
+    )
 
 
 def _message(e: BaseException) -> str:

@@ -50,8 +50,11 @@ class OperatingPoint:
     def name(self) -> str:
         """The one label of a point, in messages, the server's API and file names: '112px', '160px w0.5',
         '160px s0.45-1-1-1'."""
-        return (f"{self.resolution}px" + (f" w{self.width:g}" if self.width != 1.0 else "")
-                + (" s" + "-".join(f"{s:g}" for s in self.scales) if self.scales is not None else ""))
+        return (
+            f"{self.resolution}px"
+            + (f" w{self.width:g}" if self.width != 1.0 else "")
+            + (" s" + "-".join(f"{s:g}" for s in self.scales) if self.scales is not None else "")
+        )
 
     @property
     def file_tag(self) -> str:
@@ -63,14 +66,20 @@ class OperatingPoint:
         """The inverse of ``name``; a bare resolution ('224' or 224) is also accepted."""
         m = re.fullmatch(r"(\d+)(?:px)?(?:[ _]w([\d.]+))?(?:[ _]s([\d.]+(?:-[\d.]+)*))?", str(text).strip())
         if not m:
-            raise ValueError(f"{text!r} is not an operating point (e.g. '224px', '160px w0.5', '160px s0.5-1-1-1', '224')")
+            raise ValueError(
+                f"{text!r} is not an operating point (e.g. '224px', '160px w0.5', '160px s0.5-1-1-1', '224')"
+            )
         res, width, scales = m.groups()
-        return cls(int(res), float(width) if width else 1.0, tuple(float(f) for f in scales.split("-")) if scales else None)
+        return cls(
+            int(res), float(width) if width else 1.0, tuple(float(f) for f in scales.split("-")) if scales else None
+        )
 
     @classmethod
     def of_row(cls, row: dict[str, Any]) -> OperatingPoint:
         """The point of a query-table row (resolution, width, scales)."""
-        return cls(int(row["resolution"]), float(row.get("width", 1.0)), tuple(row["scales"]) if row.get("scales") else None)
+        return cls(
+            int(row["resolution"]), float(row.get("width", 1.0)), tuple(row["scales"]) if row.get("scales") else None
+        )
 
     def __str__(self) -> str:
         return self.name
@@ -86,7 +95,9 @@ def pareto_front(rows: list[dict[str, Any]], cost: str = "macs") -> list[dict[st
     return front
 
 
-def best_within(rows: list[dict[str, Any]], max_macs: float | None = None, max_latency_ms: float | None = None) -> dict[str, Any]:
+def best_within(
+    rows: list[dict[str, Any]], max_macs: float | None = None, max_latency_ms: float | None = None
+) -> dict[str, Any]:
     """The most accurate point within the budget (a point of the Pareto frontier)."""
     if (max_macs is None) == (max_latency_ms is None):
         raise ValueError("give exactly one budget: max_macs or max_latency_ms")
@@ -99,8 +110,10 @@ def best_within(rows: list[dict[str, Any]], max_macs: float | None = None, max_l
         cheapest = front[0]
         shown = f"{budget / 1e6:.1f} MMACs" if cost == "macs" else f"{budget:g} ms"
         have = f"{cheapest['macs'] / 1e6:.1f} MMACs" if cost == "macs" else f"{cheapest['latency_ms']:.2f} ms"
-        raise ValueError(f"no operating point fits a budget of {shown}: the cheapest in the table, width {cheapest['width']:g} at "
-                         f"{cheapest['resolution']} px, costs {have}")
+        raise ValueError(
+            f"no operating point fits a budget of {shown}: the cheapest in the table, width {cheapest['width']:g} at "
+            f"{cheapest['resolution']} px, costs {have}"
+        )
     return max(fits, key=lambda r: (r["top1"], -r[cost]))
 
 
@@ -137,5 +150,7 @@ def measured_points(run_dir: str | Path) -> MeasuredPoints:
         return MeasuredPoints("table", t["rows"], t.get("bn_policy"))
     acc = evaluated_accuracy(run_dir)
     if acc:
-        return MeasuredPoints("eval", [{"resolution": r, "width": 1.0, "scales": None, "top1": a} for r, a in acc.items()])
+        return MeasuredPoints(
+            "eval", [{"resolution": r, "width": 1.0, "scales": None, "top1": a} for r, a in acc.items()]
+        )
     return MeasuredPoints("trained", [])

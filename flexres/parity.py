@@ -3,7 +3,8 @@
 An absolute tolerance does not fit every model: float32 round-off grows with the logits (BN folding, another runtime's
 kernels), so the difference is judged relative to the logit scale. A quantized model adds a discrete effect: an
 activation a hair from a level threshold may land on the other level after round-off, moving the logits far more than
-round-off alone; that is accepted (up to a bound no wrong conversion stays under) when every image keeps its top-1 class.
+round-off alone; that is accepted (up to a bound no wrong conversion stays under) when every image keeps its top-1
+class.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from torch import Tensor
 from .errors import ParityError
 
 RELATIVE_TOLERANCE = 1e-4  # round-off: float32 differences are ~1e-6 of the logit scale, a wrong weight ~1e-1
-QUANTIZED_RELATIVE_TOLERANCE = 1e-2  # a few activations across a level threshold; a full-precision or wrong-basis copy moves more
+QUANTIZED_RELATIVE_TOLERANCE = (
+    1e-2  # a few activations across a level threshold; a full-precision or wrong-basis copy moves more
+)
 
 
 @dataclass(frozen=True)
@@ -50,5 +53,7 @@ def check_parity(got: Tensor, expected: Tensor, what: str, quantized: bool = Fal
     top1 = f", top-1 differs on {p.top1_disagreements} of {p.images} inputs" if quantized else ""
     tol = QUANTIZED_RELATIVE_TOLERANCE if quantized and p.top1_disagreements == 0 else RELATIVE_TOLERANCE
     end = f"; {consequence}" if consequence else ""
-    raise ParityError(f"{what}: max |diff| {p.max_abs_diff:.2e} is {p.relative_diff:.2e} of the logit scale "
-                      f"(tolerance {tol:.0e}){top1}{end}")
+    raise ParityError(
+        f"{what}: max |diff| {p.max_abs_diff:.2e} is {p.relative_diff:.2e} of the logit scale "
+        f"(tolerance {tol:.0e}){top1}{end}"
+    )

@@ -58,4 +58,6 @@ def distinct_bn_statistics(model):
 
 
 def tiny_model(name="resnet18", resolutions=(64, 48, 32), num_classes=5, **kw):
-    return flexres.create_model(name, num_classes=num_classes, train_resolutions=list(resolutions), width_mult=0.25, **kw)
+    return flexres.create_model(
+        name, num_classes=num_classes, train_resolutions=list(resolutions), width_mult=0.25, **kw
+    )

@@ -45,8 +45,13 @@ class ResolutionGainNorm(nn.BatchNorm2d, AdaptiveLayer):
 
 @register_model
 def gain_resnet18(train_resolutions=(224,), **kwargs) -> ResNet:
-    return ResNet(BasicBlock, [2, 2, 2, 2], train_resolutions=train_resolutions,
-                  norm_layer=lambda c: ResolutionGainNorm(c, tuple(train_resolutions)), **kwargs)
+    return ResNet(
+        BasicBlock,
+        [2, 2, 2, 2],
+        train_resolutions=train_resolutions,
+        norm_layer=lambda c: ResolutionGainNorm(c, tuple(train_resolutions)),
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +59,16 @@ def gain_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("gain")
     data = root / "data"
     shutil.copytree(sample_data_dir(), data)
-    flexres.train({"model": {"name": "gain_resnet18", "width_mult": 0.25}, "method": {"name": "rsnet", "resolutions": [64, 48]},
-                   "data": {"root": str(data), "cache": True, "num_workers": 0},
-                   "train": {"epochs": 1, "batch_size": 25, "lr": 0.05, "progress": False, "eval_every": 0}},
-                  root / "run", log=lambda s: None)
+    flexres.train(
+        {
+            "model": {"name": "gain_resnet18", "width_mult": 0.25},
+            "method": {"name": "rsnet", "resolutions": [64, 48]},
+            "data": {"root": str(data), "cache": True, "num_workers": 0},
+            "train": {"epochs": 1, "batch_size": 25, "lr": 0.05, "progress": False, "eval_every": 0},
+        },
+        root / "run",
+        log=lambda s: None,
+    )
     return root / "run", data
 
 

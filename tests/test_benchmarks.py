@@ -13,7 +13,9 @@ SCRIPTS = sorted(p for p in (ROOT / "benchmarks").glob("*.py") if not p.stem.sta
 
 
 def test_python_m_benchmarks_lists_every_script_and_refuses_an_unknown_one():
-    out = subprocess.run([sys.executable, "-m", "benchmarks"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     listed = {line.split()[0] for line in out.splitlines()[2:] if line.strip()}
     assert listed == {p.stem for p in SCRIPTS} and len(listed) >= 15
     bad = subprocess.run([sys.executable, "-m", "benchmarks", "nonesuch"], cwd=ROOT, capture_output=True, text=True)
@@ -45,9 +47,36 @@ def test_the_data_default_needs_flexres_data_and_says_so(monkeypatch, tmp_path):
 def test_the_gpu_measurement_script_runs_end_to_end_on_the_cpu(tmp_path):
     """The GPU table is produced only where a GPU is lent; its script must not rot meanwhile: one tiny step per row."""
     out = tmp_path / "gpu.json"
-    subprocess.run([sys.executable, "-m", "benchmarks", "gpu_scale", "--device", "cpu", "--batch", "1", "--warmup", "0",
-                    "--steps", "1", "--workers", "0", "--only", "model", "lq22", "lq22-sync", "stream-dev", "--data",
-                    str(ROOT / "flexres" / "sample_data" / "imagenette-tiny"), "--out", str(out)], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "gpu_scale",
+            "--device",
+            "cpu",
+            "--batch",
+            "1",
+            "--warmup",
+            "0",
+            "--steps",
+            "1",
+            "--workers",
+            "0",
+            "--only",
+            "model",
+            "lq22",
+            "lq22-sync",
+            "stream-dev",
+            "--data",
+            str(ROOT / "flexres" / "sample_data" / "imagenette-tiny"),
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     import json
 
     rows = json.loads(out.read_text())["img_s"]

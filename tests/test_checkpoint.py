@@ -20,18 +20,25 @@ def test_round_trip_gives_identical_outputs_at_every_resolution(tmp_path):
         with model.at(r), loaded.at(r):
             torch.testing.assert_close(loaded(xr), model(xr), rtol=0, atol=0)
     sidecar = json.loads((tmp_path / "checkpoint.json").read_text())
-    assert sidecar["arch"] == {"name": "resnet18", "kwargs": {"num_classes": 5, "train_resolutions": [64, 48, 32], "width_mult": 0.25}}
+    assert sidecar["arch"] == {
+        "name": "resnet18",
+        "kwargs": {"num_classes": 5, "train_resolutions": [64, 48, 32], "width_mult": 0.25},
+    }
 
 
 def test_other_resolutions_fail_naming_the_mismatch(tmp_path):
     save_checkpoint(tmp_path, tiny_model(resolutions=(64, 48, 32)), {"epoch": 1})
-    with pytest.raises(CheckpointMismatchError, match=r"trained resolutions: checkpoint has \[64, 48, 32\], model has \[64, 32\]"):
+    with pytest.raises(
+        CheckpointMismatchError, match=r"trained resolutions: checkpoint has \[64, 48, 32\], model has \[64, 32\]"
+    ):
         load_into(tiny_model(resolutions=(64, 32)), tmp_path)
 
 
 def test_other_architecture_fails_naming_the_mismatch(tmp_path):
     save_checkpoint(tmp_path, tiny_model("resnet18"), {"epoch": 1})
-    with pytest.raises(CheckpointMismatchError, match=r"architecture: checkpoint is 'resnet18', model is 'mobilenet_v2'") as e:
+    with pytest.raises(
+        CheckpointMismatchError, match=r"architecture: checkpoint is 'resnet18', model is 'mobilenet_v2'"
+    ) as e:
         load_into(tiny_model("mobilenet_v2"), tmp_path)
     assert "keys missing from the checkpoint: classifier.1.bias" in str(e.value)
 

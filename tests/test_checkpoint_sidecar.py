@@ -8,7 +8,13 @@ import torch
 
 import flexres
 import flexres.engine.checkpoint as ck
-from flexres.engine.checkpoint import CheckpointMismatchError, load_checkpoint, load_into, load_training_state, save_checkpoint
+from flexres.engine.checkpoint import (
+    CheckpointMismatchError,
+    load_checkpoint,
+    load_into,
+    load_training_state,
+    save_checkpoint,
+)
 
 
 def tiny():
@@ -34,7 +40,9 @@ def set_width(data, width=0.5):
 LOADERS = {
     "load_checkpoint": lambda run: load_checkpoint(run),
     "load_into": lambda run: load_into(tiny(), run),
-    "load_training_state": lambda run: load_training_state(run, tiny(), torch.nn.Module(), torch.optim.SGD(tiny().parameters(), lr=0.1)),
+    "load_training_state": lambda run: load_training_state(
+        run, tiny(), torch.nn.Module(), torch.optim.SGD(tiny().parameters(), lr=0.1)
+    ),
 }
 
 
@@ -54,8 +62,10 @@ def test_an_edited_width_fails_in_every_loader_naming_both_files_and_the_key(tmp
 def test_an_edited_architecture_name_is_named(tmp_path):
     run = saved_run(tmp_path)
     edit_sidecar(run, lambda d: d["arch"].update(name="mobilenet_v2"))
-    with pytest.raises(CheckpointMismatchError,
-                       match=r'arch\.name: checkpoint\.safetensors has "resnet18", checkpoint\.json has "mobilenet_v2"'):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r'arch\.name: checkpoint\.safetensors has "resnet18", checkpoint\.json has "mobilenet_v2"',
+    ):
         load_checkpoint(run)
 
 
@@ -78,14 +88,19 @@ def test_keys_only_one_side_has_are_ignored_at_the_top_level_but_not_inside_a_va
     edit_sidecar(run, lambda d: (d.update(note="best run so far"), d.pop("train_resolutions")))
     assert load_checkpoint(run)[1]["epoch"] == 1
     edit_sidecar(run, lambda d: d["arch"]["kwargs"].pop("width_mult"))
-    with pytest.raises(CheckpointMismatchError, match=r"arch\.kwargs\.width_mult: checkpoint\.safetensors has 0\.25, "
-                                                      r"checkpoint\.json has \(absent\)"):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"arch\.kwargs\.width_mult: checkpoint\.safetensors has 0\.25, "
+        r"checkpoint\.json has \(absent\)",
+    ):
         load_checkpoint(run)
 
 
 def test_long_values_are_truncated_and_every_differing_key_is_listed(tmp_path):
     run = saved_run(tmp_path, classes=[f"class_{i}" for i in range(3)])
-    edit_sidecar(run, lambda d: (d.update(classes=[f"a_much_longer_class_name_{i}" for i in range(50)], epoch=7), set_width(d)))
+    edit_sidecar(
+        run, lambda d: (d.update(classes=[f"a_much_longer_class_name_{i}" for i in range(50)], epoch=7), set_width(d))
+    )
     with pytest.raises(CheckpointMismatchError) as e:
         load_checkpoint(run)
     msg = str(e.value)

@@ -28,7 +28,9 @@ def config(tmp_path):
 
 def test_train_then_eval_end_to_end(tmp_path, small_data, config, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--config", str(config), "--data", str(small_data), "--out", str(out), "--set", "epochs=2"]) == 0
+    assert (
+        main(["train", "--config", str(config), "--data", str(small_data), "--out", str(out), "--set", "epochs=2"]) == 0
+    )
     lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2]
     for m in lines:
@@ -52,8 +54,11 @@ def test_train_then_eval_end_to_end(tmp_path, small_data, config, capsys):
     assert any(k.startswith("44/") for k in cal) and not any(k.startswith("48/") for k in cal)
 
 
-@pytest.mark.parametrize("loading", [[], ["--set", "data.persistent_workers=true", "--set", "data.num_workers=2"]],
-                         ids=["loaders-per-epoch", "persistent-workers"])
+@pytest.mark.parametrize(
+    "loading",
+    [[], ["--set", "data.persistent_workers=true", "--set", "data.num_workers=2"]],
+    ids=["loaders-per-epoch", "persistent-workers"],
+)
 def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path, small_data, config, capsys, loading):
     full, split = tmp_path / "full", tmp_path / "split"
     args = ["train", "--config", str(config), "--data", str(small_data), "--set", "epochs=3", *loading]
@@ -65,7 +70,10 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path, sma
     assert main(args + ["--out", str(split), "--resume"]) == 0
     printed = capsys.readouterr().out
     assert "resuming" in printed and "after epoch 1" in printed
-    assert [ln.split()[1] for ln in printed.splitlines() if ln.startswith("epoch ")] == ["2/3", "3/3"]  # epoch 1 not redone
+    assert [ln.split()[1] for ln in printed.splitlines() if ln.startswith("epoch ")] == [
+        "2/3",
+        "3/3",
+    ]  # epoch 1 not redone
     assert (split / "metrics.jsonl").read_text().startswith(first_epoch)
     a, b = load_file(str(full / "checkpoint.safetensors")), load_file(str(split / "checkpoint.safetensors"))
     assert a.keys() == b.keys() and any(k.startswith("optimizer.") for k in a) and "method.alpha_scores" in a
@@ -124,8 +132,24 @@ def test_set_batch_size_and_epochs_reach_the_training_section(config):
 
 def test_calibration_is_reused_and_dropped_when_the_weights_change(tmp_path, small_data, config, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--config", str(config), "--data", str(small_data), "--out", str(out), "--set", "epochs=2",
-                 "--stop-after-epochs", "1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(config),
+                "--data",
+                str(small_data),
+                "--out",
+                str(out),
+                "--set",
+                "epochs=2",
+                "--stop-after-epochs",
+                "1",
+            ]
+        )
+        == 0
+    )
     ev = ["eval", str(out), "--data", str(small_data), "--bn", "calibrate", "--resolutions", "44", "36"]
     assert main(ev + ["--json", str(tmp_path / "a.json")]) == 0
     cal = out / "bn_calibration.safetensors"
@@ -134,8 +158,23 @@ def test_calibration_is_reused_and_dropped_when_the_weights_change(tmp_path, sma
     assert cal.stat().st_mtime_ns == stamp
     a, b = (json.loads((tmp_path / f).read_text())["runs"]["run"]["results"] for f in ("a.json", "b.json"))
     assert a == b
-    assert main(["train", "--config", str(config), "--data", str(small_data), "--out", str(out), "--set", "epochs=2",
-                 "--resume"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(config),
+                "--data",
+                str(small_data),
+                "--out",
+                str(out),
+                "--set",
+                "epochs=2",
+                "--resume",
+            ]
+        )
+        == 0
+    )
     assert not cal.exists()  # new weights: the old statistics are gone
 
 
@@ -152,7 +191,9 @@ def test_demo_runs_on_the_bundled_sample_says_where_its_run_is_and_when_it_reuse
 
 def test_eval_defaults_to_the_data_the_runs_were_trained_on(tmp_path, small_data, config, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
-    assert main(["train", "--config", str(config), "--data", str(small_data), "--out", str(a), "--set", "epochs=1"]) == 0
+    assert (
+        main(["train", "--config", str(config), "--data", str(small_data), "--out", str(a), "--set", "epochs=1"]) == 0
+    )
     assert main(["eval", str(a), "--resolutions", "48", "--json", str(tmp_path / "a.json")]) == 0
     assert json.loads((tmp_path / "a.json").read_text())["data"] == str(small_data)
     other = tmp_path / "other"
@@ -163,7 +204,9 @@ def test_eval_defaults_to_the_data_the_runs_were_trained_on(tmp_path, small_data
     assert f"{b} was trained on {other} but {a} on {small_data}: pass data (--data DIR)" in _one_line_error(capsys)
     shutil.rmtree(small_data)  # moved or deleted since training
     assert main(["eval", str(a), "--resolutions", "48"]) == 2
-    assert f"{a} was trained on {small_data}, which is not a folder here: pass data (--data DIR" in _one_line_error(capsys)
+    assert f"{a} was trained on {small_data}, which is not a folder here: pass data (--data DIR" in _one_line_error(
+        capsys
+    )
     assert main(["eval", str(a), "--data", str(other), "--resolutions", "48"]) == 0  # --data still decides
 
 
@@ -187,8 +230,13 @@ def test_resume_of_a_finished_run_says_so_and_trains_nothing(tmp_path, small_dat
 
 def test_san_train_and_the_three_inference_modes_from_the_cli(tmp_path, small_data, capsys):
     cfg = tmp_path / "san.yaml"
-    cfg.write_text(CONFIG.replace("name: resnet18, width_mult: 0.25", "name: san_resnet18, width_mult: 0.25, kwargs: {scale_divisor: 80}")
-                   .replace("name: rsnet, resolutions: [48, 40, 32], kwargs: {mred: full}", "name: san, resolutions: [48, 40, 32]"))
+    cfg.write_text(
+        CONFIG.replace(
+            "name: resnet18, width_mult: 0.25", "name: san_resnet18, width_mult: 0.25, kwargs: {scale_divisor: 80}"
+        ).replace(
+            "name: rsnet, resolutions: [48, 40, 32], kwargs: {mred: full}", "name: san, resolutions: [48, 40, 32]"
+        )
+    )
     out = tmp_path / "san"
     assert main(["train", "--config", str(cfg), "--data", str(small_data), "--out", str(out), "--set", "epochs=1"]) == 0
     m = json.loads((out / "metrics.jsonl").read_text())
@@ -196,25 +244,62 @@ def test_san_train_and_the_three_inference_modes_from_the_cli(tmp_path, small_da
     capsys.readouterr()
     for mode in ("proxy", "ideal", "data-free"):
         report = tmp_path / f"{mode}.json"
-        assert main(["eval", str(out), "--data", str(small_data), "--san-mode", mode, "--resolutions", "44", "40",
-                     "--json", str(report)]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    str(out),
+                    "--data",
+                    str(small_data),
+                    "--san-mode",
+                    mode,
+                    "--resolutions",
+                    "44",
+                    "40",
+                    "--json",
+                    str(report),
+                ]
+            )
+            == 0
+        )
         assert "mean|A| / mean|B|" in capsys.readouterr().out
         rep = json.loads(report.read_text())
         assert rep["scale_policy"] == ("nearest" if mode == "proxy" else "exact")
-        assert rep["runs"]["san"]["results"]["44"]["bn"] == {"proxy": "nearest", "ideal": "calibrate", "data-free": "interpolate"}[mode]
+        assert (
+            rep["runs"]["san"]["results"]["44"]["bn"]
+            == {"proxy": "nearest", "ideal": "calibrate", "data-free": "interpolate"}[mode]
+        )
     assert main(["eval", str(out), "--data", str(small_data), "--san-mode", "proxy", "--bn", "nearest"]) == 2
 
 
 def test_eval_and_table_follow_the_runs_eval_bn_policy_unless_bn_is_given(tmp_path, small_data, config, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--config", str(config), "--data", str(small_data), "--out", str(out), "--set", "epochs=1",
-                 "--set", "eval.bn_policy=nearest"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(config),
+                "--data",
+                str(small_data),
+                "--out",
+                str(out),
+                "--set",
+                "epochs=1",
+                "--set",
+                "eval.bn_policy=nearest",
+            ]
+        )
+        == 0
+    )
     ev = ["eval", str(out), "--data", str(small_data), "--resolutions", "44", "36"]
     assert main(ev + ["--json", str(tmp_path / "config.json")]) == 0
     rep = json.loads((tmp_path / "config.json").read_text())
     assert rep["bn_policy"] == "nearest" and rep["runs"]["run"]["results"]["44"]["bn"] == "nearest"
     assert (out / "eval_nearest.json").is_file()
-    assert main(ev + ["--bn", "interpolate", "--json", str(tmp_path / "flag.json")]) == 0  # the flag wins over the run's config
+    assert (
+        main(ev + ["--bn", "interpolate", "--json", str(tmp_path / "flag.json")]) == 0
+    )  # the flag wins over the run's config
     assert json.loads((tmp_path / "flag.json").read_text())["runs"]["run"]["results"]["44"]["bn"] == "interpolate"
     assert main(["table", str(out), "--data", str(small_data), "--resolutions", "44"]) == 0
     assert json.loads((out / "table.json").read_text())["bn_policy"] == "nearest"
@@ -254,9 +339,11 @@ def test_names_are_checked_before_the_datasets_are_read(tmp_path, small_data, co
 
     monkeypatch.setattr(Classification, "datasets", too_late)
     base = ["train", "--config", str(config), "--data", str(small_data), "--out", str(tmp_path / "run")]
-    for sets, expected in ((["model.name=timm:notamodel", "model.width_mult=0.5"], "unknown timm model 'notamodel'"),
-                           (["model.name=resnet81"], "unknown model 'resnet81'"),
-                           (["method.name=rsnett"], "unknown method 'rsnett'")):
+    for sets, expected in (
+        (["model.name=timm:notamodel", "model.width_mult=0.5"], "unknown timm model 'notamodel'"),
+        (["model.name=resnet81"], "unknown model 'resnet81'"),
+        (["method.name=rsnett"], "unknown method 'rsnett'"),
+    ):
         assert main(base + [a for s in sets for a in ("--set", s)]) == 2
         assert expected in _one_line_error(capsys)
 
@@ -267,8 +354,24 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, small_
     run = tmp_path / "run"
     run.mkdir()
     (run / "checkpoint.safetensors").write_bytes(b"")
-    (run / "table.json").write_text(json.dumps({"rows": [{"width": 1.0, "resolution": 32, "scales": None, "top1": 50.0, "top5": 90.0,
-                                                          "macs": 1e6, "params": 1e5, "latency_ms": None}]}))
+    (run / "table.json").write_text(
+        json.dumps(
+            {
+                "rows": [
+                    {
+                        "width": 1.0,
+                        "resolution": 32,
+                        "scales": None,
+                        "top1": 50.0,
+                        "top5": 90.0,
+                        "macs": 1e6,
+                        "params": 1e5,
+                        "latency_ms": None,
+                    }
+                ]
+            }
+        )
+    )
     # a plain ValueError raised on purpose by a flexres module (flexres.analysis.table) is the user's to fix
     assert main(["select", str(run), "--max-latency-ms", "5"]) == 2
     assert "the table has no latency column" in _one_line_error(capsys)

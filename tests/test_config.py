@@ -21,17 +21,22 @@ def _key_read(node: ast.AST) -> tuple[ast.AST, str] | None:
     """(mapping, key) of ``mapping["key"]`` or ``mapping.get("key", ...)``."""
     if isinstance(node, ast.Subscript) and _literal(node.slice) is not None:
         return node.value, _literal(node.slice)
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get" and node.args \
-            and _literal(node.args[0]) is not None:
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "get"
+        and node.args
+        and _literal(node.args[0]) is not None
+    ):
         return node.func.value, _literal(node.args[0])
     return None
 
 
 def config_reads(source: str) -> set[tuple[str, str]]:
-    """(section, key) for each config value the module reads: ``cfg["eval"]["bn_policy"]``, ``x.get("eval", {}).get(...)``,
-    or through a name bound to a section anywhere in the module (``t = cfg["train"]`` ... ``t["epochs"]``, also in
-    functions that take ``t`` as a parameter). A key string alone does not count: ``SAN_MODES[m]["bn_policy"]`` is no
-    read of ``eval.bn_policy``."""
+    """(section, key) for each config value the module reads: ``cfg["eval"]["bn_policy"]``,
+    ``x.get("eval", {}).get(...)``, or through a name bound to a section anywhere in the module (``t = cfg["train"]``
+    ... ``t["epochs"]``, also in functions that take ``t`` as a parameter). A key string alone does not count:
+    ``SAN_MODES[m]["bn_policy"]`` is no read of ``eval.bn_policy``."""
     tree = ast.parse(source)
     aliases: dict[str, str] = {}
 
@@ -57,8 +62,10 @@ def config_reads(source: str) -> set[tuple[str, str]]:
 
 
 def test_the_reader_finds_reads_through_sections_and_aliases_only():
-    reads = config_reads('t, d = cfg["train"], cfg["data"]\nt["epochs"]\nd.get("root")\nmeta.get("config", {}).get("eval", {})'
-                         '.get("bn_policy")\nSAN_MODES[m]["batch_size"]\nother["lr"]')
+    reads = config_reads(
+        't, d = cfg["train"], cfg["data"]\nt["epochs"]\nd.get("root")\nmeta.get("config", {}).get("eval", {})'
+        '.get("bn_policy")\nSAN_MODES[m]["batch_size"]\nother["lr"]'
+    )
     assert reads == {("train", "epochs"), ("data", "root"), ("eval", "bn_policy")}
 
 
@@ -100,11 +107,18 @@ def test_wrongly_typed_values_name_the_key_and_the_expected_type(tmp_path):
         make_config({"eval": {"resolutions": 224}})
     with pytest.raises(ConfigError, match=r"train\.amp must be true or false, got 1"):
         make_config({"train": {"amp": 1}})
-    with pytest.raises(ConfigError, match=r"eval\.bn_policy must be one of nearest, interpolate, calibrate, got 'nearst'"):
+    with pytest.raises(
+        ConfigError, match=r"eval\.bn_policy must be one of nearest, interpolate, calibrate, got 'nearst'"
+    ):
         apply_overrides(make_config(), ["eval.bn_policy=nearst"])
     # what the schema allows still loads: ints for floats, null where the default is null, any mapping of kwargs
-    cfg = make_config({"train": {"lr": 1, "lr_milestones": [30, 60.5]}, "model": {"pretrained": "w.safetensors", "kwargs": {"a": 1}},
-                       "eval": {"resolutions": None}})
+    cfg = make_config(
+        {
+            "train": {"lr": 1, "lr_milestones": [30, 60.5]},
+            "model": {"pretrained": "w.safetensors", "kwargs": {"a": 1}},
+            "eval": {"resolutions": None},
+        }
+    )
     assert cfg["train"]["lr"] == 1 and cfg["model"]["pretrained"] == "w.safetensors"
 
 
@@ -112,11 +126,13 @@ def test_unknown_names_are_named_with_what_exists():
     pytest.importorskip("timm")
     check_names(make_config({"model": {"name": "timm:resnet18.a1_in1k"}}))
     check_names(make_config({"model": {"name": "torchvision:resnet18"}, "method": {"name": "parallel"}}))
-    for model, method, message in (("timm:notamodel", "rsnet", "unknown timm model 'notamodel'"),
-                                   ("torchvision:resnet1", "rsnet", "unknown torchvision model 'resnet1'"),
-                                   ("tim:resnet18", "rsnet", "unknown model source 'tim'"),
-                                   ("resnet81", "rsnet", "unknown model 'resnet81'"),
-                                   ("resnet18", "rsnett", "unknown method 'rsnett'")):
+    for model, method, message in (
+        ("timm:notamodel", "rsnet", "unknown timm model 'notamodel'"),
+        ("torchvision:resnet1", "rsnet", "unknown torchvision model 'resnet1'"),
+        ("tim:resnet18", "rsnet", "unknown model source 'tim'"),
+        ("resnet81", "rsnet", "unknown model 'resnet81'"),
+        ("resnet18", "rsnett", "unknown method 'rsnett'"),
+    ):
         with pytest.raises(UnknownNameError, match=message) as e:
             check_names(make_config({"model": {"name": model}, "method": {"name": method}}))
         assert isinstance(e.value, FlexresError) and isinstance(e.value, KeyError)  # as the registry's unknown names

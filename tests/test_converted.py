@@ -18,8 +18,14 @@ import flexres
 from flexres.models import ConvertedModel, create_model, make_switchable
 from flexres.nn import MetaConv2d
 
-ARCHS = ["timm:resnet18", "timm:efficientnet_b0", "timm:mobilenetv3_small_050", "timm:regnetx_002",
-         "torchvision:resnet50", "torchvision:mobilenet_v3_small"]
+ARCHS = [
+    "timm:resnet18",
+    "timm:efficientnet_b0",
+    "timm:mobilenetv3_small_050",
+    "timm:regnetx_002",
+    "torchvision:resnet50",
+    "torchvision:mobilenet_v3_small",
+]
 RESOLUTIONS = [64, 48]
 
 
@@ -28,7 +34,9 @@ def original(qualified: str, num_classes: int = 10) -> nn.Module:
     torch.manual_seed(0)
     build = timm.create_model if source == "timm" else torchvision.models.get_model
     net = build(name, num_classes=num_classes)
-    with torch.no_grad():  # statistics and affine parameters unlike a fresh BN, so copying them is what makes outputs equal
+    with (
+        torch.no_grad()
+    ):  # statistics and affine parameters unlike a fresh BN, so copying them is what makes outputs equal
         for m in net.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.5, 0.5)
@@ -57,7 +65,9 @@ def test_san_conversion_keeps_the_pretrained_weights_at_every_eps():
     net = original("timm:resnet18")
     model = make_switchable(net, RESOLUTIONS, san=True).eval()
     convs = [m for m in model.modules() if isinstance(m, MetaConv2d)]
-    assert len(convs) == sum(isinstance(m, nn.Conv2d) for m in net.modules()) and all(float(c.A.detach().abs().max()) == 0 for c in convs)
+    assert len(convs) == sum(isinstance(m, nn.Conv2d) for m in net.modules()) and all(
+        float(c.A.detach().abs().max()) == 0 for c in convs
+    )
     for r in (64, 56, 48):  # 56: eps between the trained ones, W(eps) = B still
         x = torch.randn(2, 3, r, r)
         with torch.no_grad():
@@ -80,7 +90,9 @@ class WithLayerNorm(nn.Module):
 
 
 def test_per_image_norms_are_refused_by_name_or_kept_shared():
-    with pytest.raises(ValueError, match=r"^norm \(GroupNorm\) normalises each image by its own statistics.*other_norms='share'"):
+    with pytest.raises(
+        ValueError, match=r"^norm \(GroupNorm\) normalises each image by its own statistics.*other_norms='share'"
+    ):
         make_switchable(WithLayerNorm(), RESOLUTIONS)
     net = WithLayerNorm().eval()
     model = make_switchable(net, RESOLUTIONS, other_norms="share").eval()
@@ -111,7 +123,9 @@ def test_norms_that_cannot_switch_are_refused_by_name():
 
 def test_a_partly_frozen_timm_model_is_refused_by_name():
     net = timm.create_model("mobilenetv3_small_050", num_classes=10)
-    net.blocks[1] = timm.layers.freeze_batch_norm_2d(net.blocks[1])  # timm's way: BatchNormAct2d -> FrozenBatchNormAct2d
+    net.blocks[1] = timm.layers.freeze_batch_norm_2d(
+        net.blocks[1]
+    )  # timm's way: BatchNormAct2d -> FrozenBatchNormAct2d
     frozen = [n for n, m in net.named_modules() if type(m).__name__ == "FrozenBatchNormAct2d"]
     assert frozen and frozen[0].startswith("blocks.1.")
     with pytest.raises(ValueError, match=rf"^{re.escape(frozen[0])} \(FrozenBatchNormAct2d\) is a frozen BatchNorm"):
@@ -146,9 +160,12 @@ def data(tmp_path_factory):
 
 
 def train_cfg(arch: str, data, **model) -> dict:
-    return {"model": {"name": arch, **model}, "method": {"name": "rsnet", "resolutions": RESOLUTIONS, "kwargs": {"mred": "full"}},
-            "data": {"root": str(data), "cache": True, "num_workers": 0},
-            "train": {"epochs": 1, "batch_size": 100, "lr": 0.01, "progress": False, "eval_every": 0, "warmup_epochs": 0}}
+    return {
+        "model": {"name": arch, **model},
+        "method": {"name": "rsnet", "resolutions": RESOLUTIONS, "kwargs": {"mred": "full"}},
+        "data": {"root": str(data), "cache": True, "num_workers": 0},
+        "train": {"epochs": 1, "batch_size": 100, "lr": 0.01, "progress": False, "eval_every": 0, "warmup_epochs": 0},
+    }
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -168,7 +185,9 @@ def test_frozen_bn_statistics_stay_while_the_affine_parameters_train(data, tmp_p
     flexres.train(cfg, tmp_path / "run", log=lambda s: None)
     model, _ = flexres.load_checkpoint(tmp_path / "run")
     bns = [b for sw in model.switchable_bns() for b in sw.bns]
-    assert all(torch.equal(b.running_mean, torch.zeros_like(b.running_mean)) for b in bns)  # a fresh BN's, never updated
+    assert all(
+        torch.equal(b.running_mean, torch.zeros_like(b.running_mean)) for b in bns
+    )  # a fresh BN's, never updated
     assert all(torch.equal(b.running_var, torch.ones_like(b.running_var)) for b in bns)
     assert any(not torch.equal(b.weight, torch.ones_like(b.weight)) for b in bns)  # gamma trained
     cfg["train"]["bn_stats"] = "sometimes"
@@ -183,13 +202,17 @@ def test_checkpoint_rebuilds_the_same_model_and_it_exports(data, tmp_path):
     a, meta = flexres.load_checkpoint(tmp_path / "run")
     b, _ = flexres.load_checkpoint(tmp_path / "run")
     assert meta["crop_fraction"] == timm.create_model("mobilenetv3_small_050").pretrained_cfg["crop_pct"]
-    assert meta["interpolation"] == timm.create_model("mobilenetv3_small_050").pretrained_cfg["interpolation"]  # bicubic
+    assert (
+        meta["interpolation"] == timm.create_model("mobilenetv3_small_050").pretrained_cfg["interpolation"]
+    )  # bicubic
     x = torch.randn(3, 3, 48, 48)
     a.eval().set_operating_point(48)
     b.eval().set_operating_point(48)
     with torch.no_grad():
         assert torch.equal(a(x), b(x))
-    info = flexres.export(tmp_path / "run", 48, out=tmp_path / "m48.onnx", data=data)  # checks parity on real images itself
+    info = flexres.export(
+        tmp_path / "run", 48, out=tmp_path / "m48.onnx", data=data
+    )  # checks parity on real images itself
     assert info["parity_max_abs_diff"] < 1e-4
     pred = flexres.predict(tmp_path / "m48.onnx", sorted((data / "val").rglob("*.JPEG"))[:2])
     assert all(len(p["top"]) == 5 for p in pred["predictions"])
@@ -202,25 +225,32 @@ def test_pretrained_weights_from_a_local_safetensors_file(arch, data, tmp_path):
 
     def build(n):
         return lib(name, num_classes=n)
+
     torch.manual_seed(1)
     imagenet = build(1000).state_dict()
     imagenet["bn1.running_var"] = torch.rand_like(imagenet["bn1.running_var"]) + 0.5  # unlike a fresh BN's ones
     save_file({k: v.contiguous() for k, v in imagenet.items()}, str(tmp_path / "in1k.safetensors"))
-    model = create_model(arch, num_classes=10, train_resolutions=RESOLUTIONS, pretrained=str(tmp_path / "in1k.safetensors"))
+    model = create_model(
+        arch, num_classes=10, train_resolutions=RESOLUTIONS, pretrained=str(tmp_path / "in1k.safetensors")
+    )
     state = model.net.state_dict()
     assert torch.equal(state["conv1.weight"], imagenet["conv1.weight"])
     assert torch.equal(state["bn1.bns.1.running_var"], imagenet["bn1.running_var"])
     assert state["fc.weight"].shape == (10, 512)  # 1000 ImageNet classes: the classifier starts afresh
     own = build(10).state_dict()  # a file fine-tuned on 10 classes keeps its classifier
     save_file({k: v.contiguous() for k, v in own.items()}, str(tmp_path / "mine.safetensors"))
-    mine = create_model(arch, num_classes=10, train_resolutions=RESOLUTIONS, pretrained=str(tmp_path / "mine.safetensors"))
+    mine = create_model(
+        arch, num_classes=10, train_resolutions=RESOLUTIONS, pretrained=str(tmp_path / "mine.safetensors")
+    )
     assert torch.equal(mine.net.state_dict()["fc.weight"], own["fc.weight"])
     assert "pretrained" not in mine.arch["kwargs"]  # the checkpoint holds the weights: rebuilding needs no file
     (tmp_path / "x.pth").write_bytes(b"")
     with pytest.raises(ValueError, match=r"x\.pth cannot be read as tensors only"):
         create_model(arch, num_classes=10, train_resolutions=RESOLUTIONS, pretrained=str(tmp_path / "x.pth"))
     with pytest.raises(FileNotFoundError, match="no such file"):
-        create_model(arch, num_classes=10, train_resolutions=RESOLUTIONS, pretrained=str(tmp_path / "missing.safetensors"))
+        create_model(
+            arch, num_classes=10, train_resolutions=RESOLUTIONS, pretrained=str(tmp_path / "missing.safetensors")
+        )
 
 
 def test_config_errors_name_the_problem():

@@ -1,12 +1,20 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
-from PIL import Image
 
-from flexres.data import EvalTransform, ImageFolderDataset, MultiResolutionCrop, UnreadableImageError, collate_skipping, load_rgb
-from flexres.data import load_rgb as _load_rgb, sample_data_dir
+from flexres.data import (
+    EvalTransform,
+    ImageFolderDataset,
+    MultiResolutionCrop,
+    UnreadableImageError,
+    collate_skipping,
+    load_rgb,
+    sample_data_dir,
+)
+from flexres.data import load_rgb as _load_rgb
 from flexres.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_batch, resize_batch
 
 
@@ -122,9 +130,12 @@ def test_missing_folder_is_named(tmp_path):
 def test_a_run_resizes_on_the_device_when_asked(small_data, tmp_path):
     import flexres
 
-    cfg = {"model": {"name": "resnet18", "width_mult": 0.25}, "method": {"name": "rsnet", "resolutions": [64, 48, 32]},
-           "data": {"root": str(small_data), "cache": True, "num_workers": 0, "resize_on": "device"},
-           "train": {"epochs": 1, "batch_size": 6, "lr": 0.01, "progress": False, "eval_every": 0}}
+    cfg = {
+        "model": {"name": "resnet18", "width_mult": 0.25},
+        "method": {"name": "rsnet", "resolutions": [64, 48, 32]},
+        "data": {"root": str(small_data), "cache": True, "num_workers": 0, "resize_on": "device"},
+        "train": {"epochs": 1, "batch_size": 6, "lr": 0.01, "progress": False, "eval_every": 0},
+    }
     seen = []
     original = MultiResolutionCrop.__call__
 
@@ -150,8 +161,14 @@ def test_keyed_samples_are_the_same_whichever_worker_makes_them_and_differ_by_ep
 
     def epoch_batches(workers: int, epoch: int, loader=None):
         if loader is None:
-            loader = DataLoader(ds, batch_size=4, sampler=KeyedSampler(len(ds), seed=5), num_workers=workers,
-                                collate_fn=collate_skipping, persistent_workers=workers > 0)
+            loader = DataLoader(
+                ds,
+                batch_size=4,
+                sampler=KeyedSampler(len(ds), seed=5),
+                num_workers=workers,
+                collate_fn=collate_skipping,
+                persistent_workers=workers > 0,
+            )
         loader.sampler.set_epoch(epoch)
         return loader, [(b["inputs"][0], b["labels"]) for b in loader]
 
@@ -172,11 +189,19 @@ def test_the_streaming_loader_yields_the_cached_folders_samples(small_data):
     from flexres.data import KeyedSampler
 
     def batches(cache: bool, workers: int):
-        ds = ImageFolderDataset(small_data / "train", transform=MultiResolutionCrop([48, 32], on_device=True), cache=cache,
-                                progress=False)
+        ds = ImageFolderDataset(
+            small_data / "train", transform=MultiResolutionCrop([48, 32], on_device=True), cache=cache, progress=False
+        )
         assert ds.cached == cache
-        loader = DataLoader(ds, batch_size=4, sampler=KeyedSampler(len(ds), seed=2), num_workers=workers,
-                            collate_fn=collate_skipping, persistent_workers=workers > 0, prefetch_factor=2 if workers else None)
+        loader = DataLoader(
+            ds,
+            batch_size=4,
+            sampler=KeyedSampler(len(ds), seed=2),
+            num_workers=workers,
+            collate_fn=collate_skipping,
+            persistent_workers=workers > 0,
+            prefetch_factor=2 if workers else None,
+        )
         loader.sampler.set_epoch(3)
         return [(b["inputs"][0], b["labels"]) for b in loader]
 

@@ -16,7 +16,9 @@ from tests.conftest import distinct_bn_statistics
 
 
 def trained_like(name):
-    return distinct_bn_statistics(flexres.create_model(name, num_classes=10, train_resolutions=[96, 64], width_mult=0.25))
+    return distinct_bn_statistics(
+        flexres.create_model(name, num_classes=10, train_resolutions=[96, 64], width_mult=0.25)
+    )
 
 
 @pytest.mark.slow
@@ -100,7 +102,9 @@ def test_a_failed_export_parity_is_one_line_of_error_and_writes_nothing(tmp_path
     run.mkdir()
     save_checkpoint(run, trained_like("resnet18"), {"classes": [f"c{i}" for i in range(10)]})
     # a broken runtime: each image gets another image's logits
-    monkeypatch.setattr(exporting, "check_parity", lambda got, expected, *a, **k: check_parity(got.flip(0), expected, *a, **k))
+    monkeypatch.setattr(
+        exporting, "check_parity", lambda got, expected, *a, **k: check_parity(got.flip(0), expected, *a, **k)
+    )
     out = tmp_path / "m.pt"
     with pytest.raises(ParityError, match="does not match the adaptive model at 64px.*nothing was written"):
         flexres.export(run, 64, format="torchscript", out=out)
@@ -127,9 +131,12 @@ def run_dir(tmp_path_factory):
     data = root / "data"
     shutil.copytree(sample_data_dir(), data)
     cfg = root / "c.yaml"
-    cfg.write_text("model: {name: resnet18, width_mult: 0.25}\nmethod: {name: rsnet, resolutions: [64, 48]}\n"
-                   "data: {cache: true, num_workers: 0}\ntrain: {epochs: 1, batch_size: 25, lr: 0.02, progress: false, eval_every: 0}\n"
-                   "eval: {resolutions: [72, 64, 56, 48, 40]}\n")
+    cfg.write_text(
+        "model: {name: resnet18, width_mult: 0.25}\nmethod: {name: rsnet, resolutions: [64, 48]}\n"
+        "data: {cache: true, num_workers: 0}\n"
+        "train: {epochs: 1, batch_size: 25, lr: 0.02, progress: false, eval_every: 0}\n"
+        "eval: {resolutions: [72, 64, 56, 48, 40]}\n"
+    )
     assert main(["train", "--config", str(cfg), "--data", str(data), "--out", str(root / "run")]) == 0
     return root / "run", data
 
@@ -160,8 +167,8 @@ def test_predict_classifies_real_images_and_reports_a_corrupt_one(run_dir, tmp_p
 
 
 def test_predict_reports_an_unreadable_image_without_training_advice(run_dir, tmp_path, capsys):
-    """load_rgb's advice for training sets (data.skip_unreadable) means nothing to predict, which goes on past a bad file
-    anyway: the error names the file and the decoder's reason."""
+    """load_rgb's advice for training sets (data.skip_unreadable) means nothing to predict, which goes on past a bad
+    file anyway: the error names the file and the decoder's reason."""
     run, data = run_dir
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not an image at all")
@@ -190,7 +197,10 @@ def test_predict_picks_an_operating_point_within_the_macs_budget(run_dir, capsys
 def test_export_cli_then_predict_with_the_exported_model(run_dir, tmp_path, capsys):
     run, data = run_dir
     out = tmp_path / "m.onnx"
-    assert main(["export", str(run), "--resolution", "56", "--format", "onnx", "--out", str(out), "--data", str(data)]) == 0
+    assert (
+        main(["export", str(run), "--resolution", "56", "--format", "onnx", "--out", str(out), "--data", str(data)])
+        == 0
+    )
     img = str(sorted((data / "val").rglob("*.JPEG"))[0])
     capsys.readouterr()
     assert main(["predict", str(out), img, "--json"]) == 0
@@ -205,7 +215,13 @@ def test_report_writes_its_figures_and_page(run_dir, tmp_path):
     run, data = run_dir
     out = tmp_path / "report"
     assert main(["report", str(run), "--data", str(data), "--out", str(out), "--latency"]) == 0
-    for f in ("index.html", "accuracy_vs_macs.png", "accuracy_vs_latency_ms.png", "train_test_heatmap.png", "bn_statistics_run.png"):
+    for f in (
+        "index.html",
+        "accuracy_vs_macs.png",
+        "accuracy_vs_latency_ms.png",
+        "train_test_heatmap.png",
+        "bn_statistics_run.png",
+    ):
         assert (out / f).stat().st_size > 1000, f
     page = (out / "index.html").read_text()
     assert page.count("<img") == 4 and "bn_statistics_run.png" in page
@@ -217,8 +233,11 @@ def test_export_parity_for_slimmable_and_resizable_families(tmp_path, name):
     from flexres import OperatingPoint
     from flexres.nn import calibrate_bn
 
-    model = trained_like(name) if "us_" not in name else flexres.create_model(name, num_classes=10, train_resolutions=[96],
-                                                                              width_mult=0.5).eval()
+    model = (
+        trained_like(name)
+        if "us_" not in name
+        else flexres.create_model(name, num_classes=10, train_resolutions=[96], width_mult=0.5).eval()
+    )
     op = OperatingPoint(80)
     if model.width_range:
         op = OperatingPoint(80, 0.5)
@@ -231,10 +250,12 @@ def test_export_parity_for_slimmable_and_resizable_families(tmp_path, name):
 
 def test_predict_reads_the_query_table_of_a_slimmable_run(tmp_path, small_data, capsys):
     cfg = tmp_path / "m.yaml"
-    cfg.write_text("model: {name: us_mobilenet_v2, width_mult: 0.35, kwargs: {slim_divisor: 4}}\n"
-                   "method: {name: mutualnet, resolutions: [48, 32], kwargs: {width_range: [0.5, 1.0]}}\n"
-                   "data: {cache: true, num_workers: 0}\ntrain: {epochs: 1, batch_size: 4, progress: false, eval_every: 0}\n"
-                   "eval: {resolutions: [48, 32], calibration_images: 8}\n")
+    cfg.write_text(
+        "model: {name: us_mobilenet_v2, width_mult: 0.35, kwargs: {slim_divisor: 4}}\n"
+        "method: {name: mutualnet, resolutions: [48, 32], kwargs: {width_range: [0.5, 1.0]}}\n"
+        "data: {cache: true, num_workers: 0}\ntrain: {epochs: 1, batch_size: 4, progress: false, eval_every: 0}\n"
+        "eval: {resolutions: [48, 32], calibration_images: 8}\n"
+    )
     run = tmp_path / "run"
     assert main(["train", "--config", str(cfg), "--data", str(small_data), "--out", str(run)]) == 0
     assert main(["table", str(run), "--data", str(small_data), "--widths", "0.5:1.0:0.5"]) == 0

@@ -26,8 +26,17 @@ train: {epochs: 2, batch_size: 4, lr: 0.05, nesterov: true, warmup_epochs: 0, pr
 
 def torchrun(args, nproc=2):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "flexres.cli", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "flexres.cli",
+        *args,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
@@ -36,14 +45,25 @@ def torchrun(args, nproc=2):
 def parameters(run_dir):
     """Trained parameters (not BN running statistics: under DDP only rank 0's batches update the saved ones)."""
     t = load_file(str(run_dir / "checkpoint.safetensors"))
-    return {k: v for k, v in t.items() if (k.startswith("model.") or k.startswith("method."))
-            and not any(b in k for b in ("running_mean", "running_var", "num_batches_tracked"))}
+    return {
+        k: v
+        for k, v in t.items()
+        if (k.startswith("model.") or k.startswith("method."))
+        and not any(b in k for b in ("running_mean", "running_var", "num_batches_tracked"))
+    }
 
 
-MUTUALNET = CONFIG.replace("{name: resnet18, width_mult: 0.25}",
-                           "{name: us_mobilenet_v2, width_mult: 0.35, kwargs: {slim_divisor: 4, dropout: 0.0}}") \
-    .replace("{name: rsnet, resolutions: [48, 32]}", "{name: mutualnet, resolutions: [48, 32], kwargs: {width_range: [0.5, 1.0]}}") \
-    .replace("lr: 0.05", "lr: 0.01")  # four summed terms through the full-size 1280-channel head on batches of 4: 0.05 diverges
+MUTUALNET = (
+    CONFIG.replace(
+        "{name: resnet18, width_mult: 0.25}",
+        "{name: us_mobilenet_v2, width_mult: 0.35, kwargs: {slim_divisor: 4, dropout: 0.0}}",
+    )
+    .replace(
+        "{name: rsnet, resolutions: [48, 32]}",
+        "{name: mutualnet, resolutions: [48, 32], kwargs: {width_range: [0.5, 1.0]}}",
+    )
+    .replace("lr: 0.05", "lr: 0.01")
+)  # four summed terms through the full-size 1280-channel head on batches of 4: 0.05 diverges
 
 
 @pytest.fixture
@@ -115,10 +135,14 @@ class _RecordSamples(Method):
 
 
 def test_every_micro_batch_of_a_step_samples_the_same_operating_point(tmp_path, small_data):
-    cfg = make_config({"model": {"name": "resnet18", "width_mult": 0.25},
-                       "method": {"name": "_test_record_samples", "resolutions": [32]},
-                       "data": {"root": str(small_data), "cache": True, "num_workers": 0},
-                       "train": {"epochs": 1, "batch_size": 4, "accumulate_steps": 2, "progress": False, "eval_every": 0}})
+    cfg = make_config(
+        {
+            "model": {"name": "resnet18", "width_mult": 0.25},
+            "method": {"name": "_test_record_samples", "resolutions": [32]},
+            "data": {"root": str(small_data), "cache": True, "num_workers": 0},
+            "train": {"epochs": 1, "batch_size": 4, "accumulate_steps": 2, "progress": False, "eval_every": 0},
+        }
+    )
     _RecordSamples.seen.clear()
     train(cfg, tmp_path / "run", log=lambda s: None)
     picks = _RecordSamples.seen
@@ -161,8 +185,13 @@ def test_bn_calibration_across_ranks_covers_every_ranks_images(tmp_path):
     script.write_text(CALIBRATE_SCRIPT)
     out = tmp_path / "stats.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(out)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     ddp_mean, ddp_var = torch.load(out)
     torch.manual_seed(0)
@@ -181,12 +210,18 @@ def test_torch_compile_falls_back_to_eager_when_the_first_call_fails(tmp_path, s
     def broken_compile(module):
         def call(*args):
             raise RuntimeError("no C++ compiler here")
+
         return call
 
     monkeypatch.setattr(trainer_mod.torch, "compile", broken_compile)
     notes = []
-    cfg = make_config({"model": {"name": "resnet18", "width_mult": 0.25}, "method": {"name": "rsnet", "resolutions": [32, 24]},
-                       "data": {"root": str(small_data), "cache": True, "num_workers": 0},
-                       "train": {"epochs": 1, "batch_size": 4, "compile": True, "progress": False, "eval_every": 0}})
+    cfg = make_config(
+        {
+            "model": {"name": "resnet18", "width_mult": 0.25},
+            "method": {"name": "rsnet", "resolutions": [32, 24]},
+            "data": {"root": str(small_data), "cache": True, "num_workers": 0},
+            "train": {"epochs": 1, "batch_size": 4, "compile": True, "progress": False, "eval_every": 0},
+        }
+    )
     last = train(cfg, tmp_path / "run", log=notes.append)
     assert last["images"] == 12 and any("torch.compile unavailable" in n and "no C++ compiler" in n for n in notes)

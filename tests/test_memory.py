@@ -54,7 +54,9 @@ def test_a_smaller_batch_when_memory_is_short(monkeypatch):
 
 def test_a_resolution_where_one_image_does_not_fit_is_named(monkeypatch):
     with_memory(monkeypatch, 10_000_000)
-    with pytest.raises(ResolutionTooLargeError, match=r"5000 px .*one image needs about \d+\.\d GB, but only 0\.0 GB") as e:
+    with pytest.raises(
+        ResolutionTooLargeError, match=r"5000 px .*one image needs about \d+\.\d GB, but only 0\.0 GB"
+    ) as e:
         fit_batch_size(tiny(), 5000, 256, CPU)
     assert isinstance(e.value, ValueError)
 

@@ -72,7 +72,9 @@ def test_macs_scale_with_resolution_squared():
 def test_torchvision_weights_load_into_every_bn_set_and_give_torchvision_outputs(name):
     from flexres.models import load_single_bn_weights
 
-    theirs = getattr(torchvision.models, name if name != "shufflenet_v2" else "shufflenet_v2_x1_0")(num_classes=7).eval()
+    theirs = getattr(torchvision.models, name if name != "shufflenet_v2" else "shufflenet_v2_x1_0")(
+        num_classes=7
+    ).eval()
     with torch.no_grad():  # non-trivial BN statistics so a wrong mapping shows
         for m in theirs.modules():
             if isinstance(m, torch.nn.BatchNorm2d):

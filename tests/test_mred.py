@@ -116,6 +116,8 @@ def test_mean_reduction_divides_the_network_loss_but_not_the_ensemble_loss(examp
     torch.testing.assert_close(a.loss, t["cls"] + t["ens"] + t["dis"])
     torch.testing.assert_close(b.loss, (t["cls"] + t["dis"]) / 3 + t["ens"])
     par = create_method("parallel", resolutions=[96, 64, 32], reduction="mean")
-    torch.testing.assert_close(par(FakeModel(), (None,) * 3, labels).loss, sum(F.cross_entropy(z, labels) for z in logits) / 3)
+    torch.testing.assert_close(
+        par(FakeModel(), (None,) * 3, labels).loss, sum(F.cross_entropy(z, labels) for z in logits) / 3
+    )
     with pytest.raises(ValueError, match="reduction must be"):
         create_method("parallel", resolutions=[96, 64], reduction="max")

@@ -7,13 +7,12 @@ import torch.nn.functional as F
 import flexres
 from flexres import OperatingPoint
 from flexres.analysis import count_macs, count_params
-from flexres.cli import parse_range
-from flexres.operating_point import best_within as select
-from flexres.operating_point import pareto_front
-from flexres.cli import main
+from flexres.cli import main, parse_range
 from flexres.methods import create_method
 from flexres.nn import calibrate_bn
 from flexres.nn.slimmable import SlimmableConv2d, SlimmableLinear, slim_channels
+from flexres.operating_point import best_within as select
+from flexres.operating_point import pareto_front
 
 
 def official_make_divisible(v, divisor=8):
@@ -52,7 +51,9 @@ def test_slimmable_mobilenets_keep_the_head_at_full_size():
     block = m.features[4]  # 8 -> 8 channels at base 0.25, expand ratio 6 (48 expanded)
     assert [block.conv[0][0].active_out, block.conv[1][0].active_out, block.conv[2].active_out] == [48, 48, 8]
     assert m(torch.randn(2, 3, 64, 64)).shape == (2, 10)
-    old = flexres.create_model("us_mobilenet_v2", num_classes=10, train_resolutions=[64], width_mult=0.25, slim_head=True)
+    old = flexres.create_model(
+        "us_mobilenet_v2", num_classes=10, train_resolutions=[64], width_mult=0.25, slim_head=True
+    )
     old.set_operating_point(OperatingPoint(64, 0.25))
     assert old.features[-1][0].active_out == 320 and old.classifier[1].active_in == 320
     v1 = flexres.create_model("us_mobilenet_v1", num_classes=10, train_resolutions=[64], width_mult=0.25)
@@ -139,8 +140,14 @@ def test_sandwich_rule_always_includes_the_smallest_and_largest_width():
 
 
 def test_mutualnet_loss_is_ce_of_the_full_network_plus_kl_of_the_others():
-    model = flexres.create_model("us_resnet18", num_classes=5, train_resolutions=[64, 48], width_mult=0.25,
-                                 width_range=[0.5, 1.0], slim_divisor=4).train()
+    model = flexres.create_model(
+        "us_resnet18",
+        num_classes=5,
+        train_resolutions=[64, 48],
+        width_mult=0.25,
+        width_range=[0.5, 1.0],
+        slim_divisor=4,
+    ).train()
     m = create_method("mutualnet", resolutions=[64, 48], width_range=[0.5, 1.0], num_subnets=3)
     m.rng.manual_seed(0)
     pts = m.sample()
@@ -162,9 +169,16 @@ def test_mutualnet_loss_is_ce_of_the_full_network_plus_kl_of_the_others():
 
 
 def test_select_returns_a_pareto_optimal_point_and_refuses_an_impossible_budget():
-    rows = [{"width": w, "resolution": r, "top1": a, "macs": c, "latency_ms": None}
-            for w, r, a, c in [(1.0, 96, 80.0, 100e6), (0.5, 96, 70.0, 40e6), (1.0, 64, 74.0, 45e6), (0.75, 64, 72.0, 50e6),
-                               (0.5, 64, 65.0, 20e6)]]
+    rows = [
+        {"width": w, "resolution": r, "top1": a, "macs": c, "latency_ms": None}
+        for w, r, a, c in [
+            (1.0, 96, 80.0, 100e6),
+            (0.5, 96, 70.0, 40e6),
+            (1.0, 64, 74.0, 45e6),
+            (0.75, 64, 72.0, 50e6),
+            (0.5, 64, 65.0, 20e6),
+        ]
+    ]
     front = pareto_front(rows)
     assert [(r["width"], r["resolution"]) for r in front] == [(0.5, 64), (0.5, 96), (1.0, 64), (1.0, 96)]
     best = select(rows, max_macs=55e6)
@@ -179,15 +193,21 @@ def test_select_returns_a_pareto_optimal_point_and_refuses_an_impossible_budget(
 
 def test_mutualnet_train_table_select_end_to_end(tmp_path, small_data, capsys):
     cfg = tmp_path / "m.yaml"
-    cfg.write_text("model: {name: us_mobilenet_v2, width_mult: 0.35, kwargs: {slim_divisor: 4}}\n"
-                   "method: {name: mutualnet, resolutions: [48, 40, 32], kwargs: {width_range: [0.5, 1.0]}}\n"
-                   "data: {cache: true, num_workers: 0}\n"
-                   "train: {epochs: 1, batch_size: 4, lr: 0.05, progress: false, eval_every: 1}\n"
-                   "eval: {resolutions: [48, 32], calibration_images: 8}\n")
+    cfg.write_text(
+        "model: {name: us_mobilenet_v2, width_mult: 0.35, kwargs: {slim_divisor: 4}}\n"
+        "method: {name: mutualnet, resolutions: [48, 40, 32], kwargs: {width_range: [0.5, 1.0]}}\n"
+        "data: {cache: true, num_workers: 0}\n"
+        "train: {epochs: 1, batch_size: 4, lr: 0.05, progress: false, eval_every: 1}\n"
+        "eval: {resolutions: [48, 32], calibration_images: 8}\n"
+    )
     out = tmp_path / "run"
     assert main(["train", "--config", str(cfg), "--data", str(small_data), "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.jsonl").read_text())
-    assert {"loss_cls", "loss_kd"} <= set(metrics) and set(metrics["val_top1"]) == {"48", "40", "32"}  # evaluated in training
+    assert {"loss_cls", "loss_kd"} <= set(metrics) and set(metrics["val_top1"]) == {
+        "48",
+        "40",
+        "32",
+    }  # evaluated in training
     assert main(["table", str(out), "--data", str(small_data), "--widths", "0.5:1.0:0.25"]) == 0
     rows = json.loads((out / "table.json").read_text())["rows"]
     assert {(r["width"], r["resolution"]) for r in rows} == {(w, r) for w in (0.5, 0.75, 1.0) for r in (48, 32)}
@@ -209,8 +229,13 @@ def test_mutualnet_train_table_select_end_to_end(tmp_path, small_data, capsys):
 def test_calibrated_statistics_of_a_deep_bn_are_those_of_a_train_mode_forward(name, op):
     """With all images in one batch, every BN's calibrated statistics equal the batch statistics its input has in a
     train-mode forward (where the layers above also normalise with batch statistics)."""
-    model = flexres.create_model(name, num_classes=5, train_resolutions=[48, 32], width_mult=0.5, **({"dropout": 0.0}
-                                 if "mobilenet" in name else {})).eval()
+    model = flexres.create_model(
+        name,
+        num_classes=5,
+        train_resolutions=[48, 32],
+        width_mult=0.5,
+        **({"dropout": 0.0} if "mobilenet" in name else {}),
+    ).eval()
     x = torch.randn(6, 3, op.resolution, op.resolution)
     calibrate_bn(model, iter([x]), op, 6)
     bns = model.calibratable_bns()
@@ -232,8 +257,9 @@ def test_calibrated_statistics_of_a_deep_bn_are_those_of_a_train_mode_forward(na
 
 
 def test_inplace_distillation_detaches_the_teacher():
-    model = flexres.create_model("us_resnet18", num_classes=5, train_resolutions=[48], width_mult=0.25,
-                                 width_range=[0.5, 1.0], slim_divisor=4).train()
+    model = flexres.create_model(
+        "us_resnet18", num_classes=5, train_resolutions=[48], width_mult=0.25, width_range=[0.5, 1.0], slim_divisor=4
+    ).train()
     m = create_method("mutualnet", resolutions=[48], width_range=[0.5, 1.0], num_subnets=2)
     m.rng.manual_seed(0)
     out = m(model, (torch.randn(4, 3, 48, 48),), torch.tensor([0, 1, 2, 3]))
@@ -249,7 +275,7 @@ def test_inplace_distillation_detaches_the_teacher():
     from flexres.methods.rsnet import kl_divergence
 
     kl_divergence(teacher, model(x)).backward()
-    full_only = model.fc.weight.grad[:, model.fc.active_in:]
+    full_only = model.fc.weight.grad[:, model.fc.active_in :]
     assert full_only.abs().sum() == 0 and model.fc.weight.grad[:, : model.fc.active_in].abs().sum() > 0
 
 
@@ -261,8 +287,14 @@ def test_legacy_rounding_rebuilds_runs_trained_before_the_official_rule(tmp_path
     from flexres.notes import forget_notes
 
     assert slim_channels(64, 0.3, rule="legacy") == 16 and slim_channels(64, 0.3) == 24
-    old = flexres.create_model("us_mobilenet_v2", num_classes=10, train_resolutions=[64], width_mult=0.25,
-                               channel_rounding="legacy", slim_head=True)
+    old = flexres.create_model(
+        "us_mobilenet_v2",
+        num_classes=10,
+        train_resolutions=[64],
+        width_mult=0.25,
+        channel_rounding="legacy",
+        slim_head=True,
+    )
     old.set_operating_point(OperatingPoint(64, 0.25))
     assert old.features[4].conv[0][0].active_out == 16  # 48 x 0.25 = 12, rounded on its own (official: 8 x 6 = 48)
     new = flexres.create_model("us_mobilenet_v2", num_classes=10, train_resolutions=[64], width_mult=0.25)

@@ -1,4 +1,5 @@
-"""Operating points: one name, parsed back; the Pareto front and the best point under a budget; what a run has measured."""
+"""Operating points: one name, parsed back; the Pareto front and the best point under a budget; what a run has
+measured."""
 
 import json
 
@@ -7,9 +8,15 @@ import pytest
 from flexres.operating_point import TABLE, OperatingPoint, best_within, measured_points, pareto_front
 
 
-@pytest.mark.parametrize("op, name", [(OperatingPoint(112), "112px"), (OperatingPoint(160, 0.5), "160px w0.5"),
-                                      (OperatingPoint(160, 1.0, (0.45, 1, 1, 1)), "160px s0.45-1-1-1"),
-                                      (OperatingPoint(96, 0.25, (0.5, 1)), "96px w0.25 s0.5-1")])
+@pytest.mark.parametrize(
+    "op, name",
+    [
+        (OperatingPoint(112), "112px"),
+        (OperatingPoint(160, 0.5), "160px w0.5"),
+        (OperatingPoint(160, 1.0, (0.45, 1, 1, 1)), "160px s0.45-1-1-1"),
+        (OperatingPoint(96, 0.25, (0.5, 1)), "96px w0.25 s0.5-1"),
+    ],
+)
 def test_one_name_per_point_read_back_from_text_and_file_names(op, name):
     assert op.name == str(op) == name
     assert op.file_tag == name.replace(" ", "_")

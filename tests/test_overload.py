@@ -40,17 +40,21 @@ CAPACITY = MAX_BATCH / (CHEAPEST_BATCH_MS / 1000.0)  # 200 predictions/s at the 
 def sleepy_points() -> PointSet:
     points = []
     for i, (res, fixed, per) in enumerate(SLEEPY.values()):
+
         def run(x, fixed=fixed, per=per, i=i):
             time.sleep((fixed + per * x.shape[0]) / 1000)
             logits = torch.zeros(x.shape[0], 3)
             logits[:, i] = 5.0
             return logits
+
         points.append(ServingPoint(OperatingPoint(res), macs=[30, 10][i] * 10**6, top1=[80.0, 70.0][i], run=run))
     return PointSet(points, ["a", "b", "c"], ["A", "B", "C"], "sleepy", "table")
 
 
 def sleepy_latency(learn: bool = True) -> LatencyModel:
-    return LatencyModel({k: f for k, (_, f, _) in SLEEPY.items()}, {k: p for k, (_, _, p) in SLEEPY.items()}, learn=learn)
+    return LatencyModel(
+        {k: f for k, (_, f, _) in SLEEPY.items()}, {k: p for k, (_, _, p) in SLEEPY.items()}, learn=learn
+    )
 
 
 def jpeg() -> bytes:
@@ -88,7 +92,10 @@ import asyncio, json, re, sys, time
 
 port, connections, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 body = sys.stdin.buffer.read()
-head = f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+head = (
+    "POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+    f"Content-Length: {len(body)}\r\n\r\n"
+).encode()
 answers = []
 
 async def connection(start, deadline):
@@ -112,8 +119,13 @@ print(json.dumps(answers))
 
 
 def flood(port: int, connections: int, seconds: float, body: bytes) -> list[tuple[float, float, int]]:
-    out = subprocess.run([sys.executable, "-c", FLOOD, str(port), str(connections), str(seconds)], input=body,
-                         capture_output=True, timeout=120 + seconds, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", FLOOD, str(port), str(connections), str(seconds)],
+        input=body,
+        capture_output=True,
+        timeout=120 + seconds,
+        check=True,
+    )
     return [tuple(a) for a in json.loads(out.stdout)]
 
 
@@ -124,12 +136,15 @@ def percentile(values: list[float], q: float) -> float:
 
 def test_a_flood_far_above_capacity_still_gets_the_capacitys_predictions_within_the_target_and_503_for_the_rest():
     """96 connections that re-send at once, against a server that can answer about 20 within the 150 ms target (about
-    200 predictions/s, in full batches of 8 at its cheapest point, 40 ms each): at least 40 % of the capacity is served (the code before issue 31 served under 30 %)
-    as 200s, most of them within the target, every other answer is a 503 (held for its turn, never long), and
-    /metrics shows the flows and the point. Bounds from the slept batch time, generous for a busy machine: on 2 cores
-    shared with two trainings, 12 runs gave 132-179 predictions/s, 200s' p50 92-118 ms and p99 131-250 ms; before
-    issue 31, 57-59 predictions/s, p50 180 ms and p99 224-232 ms, with 2,700-2,900 refusals/s."""
-    engine = ServingEngine(sleepy_points(), ServeOptions(target_p95_ms=TARGET_MS, max_batch=MAX_BATCH), latency=sleepy_latency())
+    200 predictions/s, in full batches of 8 at its cheapest point, 40 ms each): at least 40 % of the capacity is served
+    (the code before issue 31 served under 30 %) as 200s, most of them within the target, every other answer is a 503
+    (held for its turn, never long), and /metrics shows the flows and the point. Bounds from the slept batch time,
+    generous for a busy machine: on 2 cores shared with two trainings, 12 runs gave 132-179 predictions/s, 200s' p50
+    92-118 ms and p99 131-250 ms; before issue 31, 57-59 predictions/s, p50 180 ms and p99 224-232 ms, with 2,700-2,900
+    refusals/s."""
+    engine = ServingEngine(
+        sleepy_points(), ServeOptions(target_p95_ms=TARGET_MS, max_batch=MAX_BATCH), latency=sleepy_latency()
+    )
     with serving(create_app(engine=engine)) as port:
         answers = flood(port, connections=96, seconds=3.0, body=jpeg())
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
@@ -140,12 +155,17 @@ def test_a_flood_far_above_capacity_still_gets_the_capacitys_predictions_within_
     per_s = len(served) / 2.5
     assert per_s >= 0.4 * CAPACITY, f"{per_s:.0f} predictions/s, {len(refused) / 2.5:.0f} refusals/s"
     assert len(refused) > len(served)  # the excess is refused, not queued
-    assert percentile(served, 50) <= TARGET_MS and percentile(served, 99) <= 2 * TARGET_MS, \
+    assert percentile(served, 50) <= TARGET_MS and percentile(served, 99) <= 2 * TARGET_MS, (
         f"200s: p50 {percentile(served, 50):.0f} ms, p99 {percentile(served, 99):.0f} ms"
+    )
     assert percentile(refused, 99) <= 1000.0  # a refusal waits its turn, at most 500 ms (RefusalPacer.max_delay_ms)
     # a point never served has no sample at all
-    served_at = {point: float(m[1]) if (m := re.search(rf'flexres_operating_point_total{{point="{point}"}} (\S+)', metrics)) else 0.0
-                 for point in SLEEPY}
+    served_at = {
+        point: float(m[1])
+        if (m := re.search(rf'flexres_operating_point_total{{point="{point}"}} (\S+)', metrics))
+        else 0.0
+        for point in SLEEPY
+    }
     assert served_at["24px"] >= 0.8 * sum(served_at.values())  # overloaded: the cheapest point
     assert 'flexres_serving_point{point="24px"}' in metrics  # the point of the last batch, 1 for it and 0 for the other
     for flow in ("admitted", "refused", "served"):
@@ -155,13 +175,26 @@ def test_a_flood_far_above_capacity_still_gets_the_capacitys_predictions_within_
 
 def test_a_refusal_is_decided_before_the_body_is_read():
     """An overloaded server answers 503 without reading a byte of the body (the ASGI app never calls receive)."""
-    engine = ServingEngine(sleepy_points(), ServeOptions(target_p95_ms=TARGET_MS, max_batch=MAX_BATCH, max_queue=2),
-                           latency=sleepy_latency(learn=False))
+    engine = ServingEngine(
+        sleepy_points(),
+        ServeOptions(target_p95_ms=TARGET_MS, max_batch=MAX_BATCH, max_queue=2),
+        latency=sleepy_latency(learn=False),
+    )
     app = create_app(engine=engine)
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/predict", "raw_path": b"/predict", "query_string": b"", "root_path": "",
-             "headers": [(b"host", b"x"), (b"content-type", b"image/jpeg"), (b"content-length", b"100000")],
-             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/predict",
+        "raw_path": b"/predict",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"x"), (b"content-type", b"image/jpeg"), (b"content-length", b"100000")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+    }
     sent = []
 
     async def receive():
@@ -192,8 +225,11 @@ def test_admission_is_bounded_by_what_the_cheapest_point_serves_within_the_targe
     request may miss (40 ms): 110 ms is two batches of 8 (80 ms) and one of 3 (30 ms), so 19 are admitted and the 20th
     refused (two batches and one of 4: 112 ms). Its 503 is held for its turn when refusals come faster than their rate,
     and every flow is counted."""
-    engine = ServingEngine(sleepy_points(), ServeOptions(target_p95_ms=TARGET_MS, max_batch=MAX_BATCH, max_refusals_per_s=100),
-                           latency=sleepy_latency(learn=False))
+    engine = ServingEngine(
+        sleepy_points(),
+        ServeOptions(target_p95_ms=TARGET_MS, max_batch=MAX_BATCH, max_refusals_per_s=100),
+        latency=sleepy_latency(learn=False),
+    )
     engine.pacer.burst_s = 0.0
     for _ in range(19):
         engine.admit(engine.constrain())

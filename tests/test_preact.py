@@ -1,4 +1,5 @@
-"""LQ-Nets' pre-activation ResNet: the block layout of its preresnet_group, and at 32/32 a plain pre-activation ResNet."""
+"""LQ-Nets' pre-activation ResNet: the block layout of its preresnet_group, and at 32/32 a plain pre-activation
+ResNet."""
 
 import pytest
 import torch
@@ -12,19 +13,23 @@ from tests.conftest import distinct_bn_statistics
 
 
 def make(w_bits=2, a_bits=2, name="preact_resnet18", **kw):
-    return flexres.create_model(name, num_classes=5, train_resolutions=[64, 48], width_mult=0.25, w_bits=w_bits,
-                                a_bits=a_bits, **kw)
+    return flexres.create_model(
+        name, num_classes=5, train_resolutions=[64, 48], width_mult=0.25, w_bits=w_bits, a_bits=a_bits, **kw
+    )
 
 
 def call_order(model, module, x):
     """The layers ``module`` runs, in order: BN, ReLU, activation quantizer, quantized conv (a conv's own quantizers
     are inside it and not listed)."""
-    inner = {id(q) for m in model.modules() if isinstance(m, QuantConv2d) for q in (m.weight_quantizer, m.input_quantizer)}
+    inner = {
+        id(q) for m in model.modules() if isinstance(m, QuantConv2d) for q in (m.weight_quantizer, m.input_quantizer)
+    }
     names = {SwitchableBatchNorm2d: "bn", nn.ReLU: "relu", LQQuantizer: "quant", QuantConv2d: "conv", nn.Identity: "id"}
     seen, hooks = [], []
     for m in module.modules():
         if type(m) in names and id(m) not in inner:
-            hooks.append(m.register_forward_pre_hook(lambda mod, args, tag=names[type(m)]: seen.append(tag)))
+            tag = names[type(m)]
+            hooks.append(m.register_forward_pre_hook(lambda mod, args, tag=tag: seen.append(tag)))
     try:
         model(x)
     finally:
@@ -36,7 +41,15 @@ def call_order(model, module, x):
 def test_blocks_and_stage_ends_follow_lq_nets_preresnet_layout():
     model = make().train()
     x = torch.randn(2, 3, 64, 64)
-    assert call_order(model, model.layer1[0], x) == ["quant", "conv", "bn", "relu", "quant", "conv", "bn"]  # stage 1, block 1
+    assert call_order(model, model.layer1[0], x) == [
+        "quant",
+        "conv",
+        "bn",
+        "relu",
+        "quant",
+        "conv",
+        "bn",
+    ]  # stage 1, block 1
     assert call_order(model, model.layer1[1], x) == ["bn", "relu", "quant", "conv", "bn", "relu", "quant", "conv", "bn"]
     # a later stage's first block: its input is the previous stage's quantized output, read by the shortcut (conv, BN)
     # and by conv1 as it is
@@ -46,8 +59,21 @@ def test_blocks_and_stage_ends_follow_lq_nets_preresnet_layout():
         assert call_order(model, layer[-1], x) == ["bn", "relu", "quant" if i < 3 else "id"]
     assert not isinstance(model.conv1, QuantConv2d) and isinstance(model.fc, nn.Linear)  # stem and classifier: fp32
     bottleneck = make(name="preact_resnet50").train()
-    assert call_order(bottleneck, bottleneck.layer1[1], x) == ["bn", "relu", "quant", "conv", "bn", "relu", "quant", "conv",
-                                                               "bn", "relu", "quant", "conv", "bn"]
+    assert call_order(bottleneck, bottleneck.layer1[1], x) == [
+        "bn",
+        "relu",
+        "quant",
+        "conv",
+        "bn",
+        "relu",
+        "quant",
+        "conv",
+        "bn",
+        "relu",
+        "quant",
+        "conv",
+        "bn",
+    ]
 
 
 def _bn(bn: SwitchableBatchNorm2d, x):

@@ -32,11 +32,19 @@ def efficientnet_pytorch_names(timm_state: dict[str, torch.Tensor]) -> dict[str,
     """A state dict in efficientnet-pytorch's naming, written from the library's own conventions (``_blocks.<i>``
     numbered through the whole network; ``_expand_conv``/``_bn0``, ``_depthwise_conv``/``_bn1``,
     ``_project_conv``/``_bn2`` in each block; ``_conv_stem``/``_bn0`` and ``_conv_head``/``_bn1``/``_fc`` outside)."""
-    blocks = sorted({m.group(1) for k in timm_state if (m := re.match(r"(blocks\.\d+\.\d+)\.", k))},
-                    key=lambda p: [int(i) for i in p.split(".")[1:]])
+    blocks = sorted(
+        {m.group(1) for k in timm_state if (m := re.match(r"(blocks\.\d+\.\d+)\.", k))},
+        key=lambda p: [int(i) for i in p.split(".")[1:]],
+    )
     index = {b: i for i, b in enumerate(blocks)}
-    inverted = {"conv_pw": "_expand_conv", "bn1": "_bn0", "conv_dw": "_depthwise_conv", "bn2": "_bn1", "conv_pwl": "_project_conv",
-                "bn3": "_bn2"}
+    inverted = {
+        "conv_pw": "_expand_conv",
+        "bn1": "_bn0",
+        "conv_dw": "_depthwise_conv",
+        "bn2": "_bn1",
+        "conv_pwl": "_project_conv",
+        "bn3": "_bn2",
+    }
     separable = {"conv_dw": "_depthwise_conv", "bn1": "_bn1", "conv_pw": "_project_conv", "bn2": "_bn2"}
     top = {"conv_stem": "_conv_stem", "bn1": "_bn0", "conv_head": "_conv_head", "bn2": "_bn1", "classifier": "_fc"}
     out = {}
@@ -109,10 +117,18 @@ def test_pytorch_files_load_tensors_only_and_packages_resolve(lite0_state, tmp_p
 
 
 def test_a_config_builds_the_model_with_the_files_weights_and_its_classifier_rows(lite0_state, tmp_path):
-    save_file({k: v.contiguous() for k, v in efficientnet_pytorch_names(lite0_state).items()}, str(tmp_path / "lite0.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in efficientnet_pytorch_names(lite0_state).items()},
+        str(tmp_path / "lite0.safetensors"),
+    )
     rows = [0, 217, 482]
-    model = create_model(f"timm:{ARCH}", num_classes=3, train_resolutions=[64, 48], pretrained=str(tmp_path / "lite0.safetensors"),
-                         pretrained_rows=rows)
+    model = create_model(
+        f"timm:{ARCH}",
+        num_classes=3,
+        train_resolutions=[64, 48],
+        pretrained=str(tmp_path / "lite0.safetensors"),
+        pretrained_rows=rows,
+    )
     state = model.net.state_dict()
     assert torch.equal(state["blocks.2.1.conv_pwl.weight"], lite0_state["blocks.2.1.conv_pwl.weight"])
     assert torch.equal(state["blocks.2.1.bn3.bns.1.running_var"], lite0_state["blocks.2.1.bn3.running_var"])
@@ -121,7 +137,9 @@ def test_a_config_builds_the_model_with_the_files_weights_and_its_classifier_row
     assert model.preprocessing["mean"] == [0.5, 0.5, 0.5]  # the TF variant's own normalisation, not ImageNet's
     assert model.preprocessing["interpolation"] == "bicubic"  # and its own resize: 2 points of 1000-way top-1 at 224
     assert "pretrained_rows" not in model.arch["kwargs"]  # the checkpoint holds the weights; rebuilding needs no file
-    fresh = create_model(f"timm:{ARCH}", num_classes=3, train_resolutions=[64], pretrained=str(tmp_path / "lite0.safetensors"))
+    fresh = create_model(
+        f"timm:{ARCH}", num_classes=3, train_resolutions=[64], pretrained=str(tmp_path / "lite0.safetensors")
+    )
     assert fresh.net.classifier.weight.shape == (3, 1280)
     assert not torch.equal(fresh.net.classifier.weight, lite0_state["classifier.weight"][rows])
 

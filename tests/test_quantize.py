@@ -14,10 +14,10 @@ from flexres.errors import ParityError, UninitializedQuantizerError
 from flexres.nn.quantize import (
     LQQuantizer,
     QuantConv2d,
+    compile_quantizers,
     encodings,
     least_squares_basis,
     level_counts_and_sums,
-    compile_quantizers,
     nearest_codes,
     quantization_error,
     quantization_levels,
@@ -31,7 +31,9 @@ from flexres.nn.quantize import (
 def test_levels_are_every_combination_of_the_basis(bits, signed):
     basis = torch.tensor([[0.3, 0.7, 1.9][:bits]])
     values = {-1.0, 1.0} if signed else {0.0, 1.0}
-    expected = sorted(sum(b * v for b, v in zip(combo, basis[0].tolist())) for combo in itertools.product(sorted(values), repeat=bits))
+    expected = sorted(
+        sum(b * v for b, v in zip(combo, basis[0].tolist())) for combo in itertools.product(sorted(values), repeat=bits)
+    )
     assert sorted(quantization_levels(basis, signed)[0].tolist()) == pytest.approx(expected)
     assert encodings(bits, signed).shape == (2**bits, bits)
 
@@ -100,7 +102,9 @@ def test_one_basis_update_never_increases_the_quantization_error(signed, bits):
             q(x)
             flat = q.grouped(x)
             if before_basis is not None:
-                errors.append((quantization_error(flat, before_basis, signed), quantization_error(flat, q.basis[0], signed)))
+                errors.append(
+                    (quantization_error(flat, before_basis, signed), quantization_error(flat, q.basis[0], signed))
+                )
             before_basis = q.basis[0].clone()
         assert all(after <= before * (1 + 1e-6) for before, after in errors), errors
         assert errors[-1][1] < errors[0][0]
@@ -157,6 +161,7 @@ def test_quantized_conv_uses_few_weight_values_per_channel_and_private_activatio
 
 # --- quantized ResNets with the resolution recipes ---
 
+
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
     import shutil
@@ -168,19 +173,39 @@ def sample(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("method, bases", [("individual", "shared"), ("parallel", "shared"), ("rsnet", "shared"), ("rsnet", "private")])
+@pytest.mark.parametrize(
+    "method, bases", [("individual", "shared"), ("parallel", "shared"), ("rsnet", "shared"), ("rsnet", "private")]
+)
 def test_quantized_resnet_trains_with_every_resolution_recipe(method, bases, sample, tmp_path):
     import flexres
 
     res = [48] if method == "individual" else [48, 32]
-    cfg = {"model": {"name": "resnet18", "width_mult": 0.25, "kwargs": {"w_bits": 2, "a_bits": 2, "activation_bases": bases}},
-           "method": {"name": method, "resolutions": res}, "data": {"root": str(sample), "cache": True, "num_workers": 0},
-           "train": {"epochs": 1, "batch_size": 50, "lr": 0.02, "progress": False, "eval_every": 0, "lr_milestones": [0.5]}}
+    cfg = {
+        "model": {
+            "name": "resnet18",
+            "width_mult": 0.25,
+            "kwargs": {"w_bits": 2, "a_bits": 2, "activation_bases": bases},
+        },
+        "method": {"name": method, "resolutions": res},
+        "data": {"root": str(sample), "cache": True, "num_workers": 0},
+        "train": {
+            "epochs": 1,
+            "batch_size": 50,
+            "lr": 0.02,
+            "progress": False,
+            "eval_every": 0,
+            "lr_milestones": [0.5],
+        },
+    }
     metrics = flexres.train(cfg, tmp_path / "run", log=lambda s: None)
-    assert torch.isfinite(torch.tensor(metrics["loss"])) and metrics["lr"] == pytest.approx(0.002)  # after the milestone: /10
+    assert torch.isfinite(torch.tensor(metrics["loss"])) and metrics["lr"] == pytest.approx(
+        0.002
+    )  # after the milestone: /10
     model, _ = flexres.load_checkpoint(tmp_path / "run")
     convs = [m for m in model.modules() if isinstance(m, QuantConv2d)]
-    assert isinstance(model.conv1, nn.Conv2d) and not isinstance(model.conv1, QuantConv2d)  # the stem stays full precision
+    assert isinstance(model.conv1, nn.Conv2d) and not isinstance(
+        model.conv1, QuantConv2d
+    )  # the stem stays full precision
     assert len(convs) == 19 and all(bool(c.weight_quantizer.initialized[0]) for c in convs)
     for c in convs:  # the saved weights, quantized, use at most 4 values per output channel
         w = c.weight_quantizer.eval()(c.weight)
@@ -204,10 +229,21 @@ def test_a_run_with_compiled_quantizers_trains_the_same_as_an_eager_one(sample, 
     import flexres
 
     def run(name: str, compiled: bool):
-        cfg = {"model": {"name": "resnet18", "width_mult": 0.25, "kwargs": {"w_bits": 2, "a_bits": 2}},
-               "method": {"name": "rsnet", "resolutions": [32, 24]}, "data": {"root": str(sample), "cache": True, "num_workers": 0},
-               "train": {"epochs": 1, "batch_size": 50, "lr": 0.02, "progress": False, "eval_every": 0, "amp": False,
-                         "channels_last": False, "compile_quantizers": compiled}}
+        cfg = {
+            "model": {"name": "resnet18", "width_mult": 0.25, "kwargs": {"w_bits": 2, "a_bits": 2}},
+            "method": {"name": "rsnet", "resolutions": [32, 24]},
+            "data": {"root": str(sample), "cache": True, "num_workers": 0},
+            "train": {
+                "epochs": 1,
+                "batch_size": 50,
+                "lr": 0.02,
+                "progress": False,
+                "eval_every": 0,
+                "amp": False,
+                "channels_last": False,
+                "compile_quantizers": compiled,
+            },
+        }
         lines = []
         flexres.train(cfg, tmp_path / name, log=lines.append)
         return flexres.load_checkpoint(tmp_path / name)[0], lines
@@ -243,9 +279,16 @@ def test_bit_packing_round_trips_and_uses_bits_per_code(bits):
 def test_packed_export_loads_to_the_same_outputs_everywhere(sample, tmp_path):
     import flexres
 
-    cfg = {"model": {"name": "resnet18", "width_mult": 0.25, "kwargs": {"w_bits": 2, "a_bits": 2, "activation_bases": "private"}},
-           "method": {"name": "rsnet", "resolutions": [48, 32]}, "data": {"root": str(sample), "cache": True, "num_workers": 0},
-           "train": {"epochs": 1, "batch_size": 50, "lr": 0.02, "progress": False, "eval_every": 0}}
+    cfg = {
+        "model": {
+            "name": "resnet18",
+            "width_mult": 0.25,
+            "kwargs": {"w_bits": 2, "a_bits": 2, "activation_bases": "private"},
+        },
+        "method": {"name": "rsnet", "resolutions": [48, 32]},
+        "data": {"root": str(sample), "cache": True, "num_workers": 0},
+        "train": {"epochs": 1, "batch_size": 50, "lr": 0.02, "progress": False, "eval_every": 0},
+    }
     flexres.train(cfg, tmp_path / "run", log=lambda s: None)
     info = flexres.export(tmp_path / "run", 0, format="packed", out=tmp_path / "q.safetensors", data=sample)
     assert info["parity_max_abs_diff"] < 1e-4 and info["bits"] == [2]
@@ -275,13 +318,21 @@ def test_packed_export_loads_to_the_same_outputs_everywhere(sample, tmp_path):
 
 # --- materialise and untrained quantizers ---
 
+
 def fitted_quantized_resnet(bases: str = "private"):
     """A 2/2 ResNet-18 whose every basis was fitted by a train-mode forward at each trained resolution."""
     import flexres
 
     torch.manual_seed(5)
-    model = flexres.create_model("resnet18", num_classes=10, train_resolutions=[48, 32], width_mult=0.25, w_bits=2, a_bits=2,
-                                 activation_bases=bases).train()
+    model = flexres.create_model(
+        "resnet18",
+        num_classes=10,
+        train_resolutions=[48, 32],
+        width_mult=0.25,
+        w_bits=2,
+        a_bits=2,
+        activation_bases=bases,
+    ).train()
     with torch.no_grad():
         for r in (48, 32):
             model.set_operating_point(r)
@@ -305,7 +356,9 @@ def test_materialised_quantized_model_keeps_its_quantization(bases):
 def test_materialise_refuses_a_copy_that_does_not_compute_the_source(monkeypatch):
     import importlib
 
-    mat = importlib.import_module("flexres.models.materialize")  # the module: flexres.models.materialize is the function
+    mat = importlib.import_module(
+        "flexres.models.materialize"
+    )  # the module: flexres.models.materialize is the function
 
     def wrong_basis(src, dst):  # a copy that loses the selected basis (as materialise once did, silently)
         dst.basis[0].copy_(src.basis[src.index] * 3)
@@ -349,14 +402,22 @@ def _reference_step(x: torch.Tensor, basis: torch.Tensor, signed: bool, momentum
     sums = torch.stack([(flat.double() * (codes == c)).sum(1) for c in range(enc.shape[0])], 1)
     btb = torch.einsum("gl,lk,lj->gkj", counts, enc, enc)
     lam = 1e-6 * btb.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1.0)[:, None, None]
-    best = torch.linalg.solve(btb + lam * torch.eye(enc.shape[1], dtype=torch.float64),
-                              (sums @ enc + lam[:, :, 0] * basis.double()).unsqueeze(-1)).squeeze(-1).float()
+    best = (
+        torch.linalg.solve(
+            btb + lam * torch.eye(enc.shape[1], dtype=torch.float64),
+            (sums @ enc + lam[:, :, 0] * basis.double()).unsqueeze(-1),
+        )
+        .squeeze(-1)
+        .float()
+    )
     top = float(quantization_levels(basis, False).max())
     u = x if signed else x.clamp(0.0, top)
     return q.reshape(x.shape) + (u - u.detach()), codes, momentum * basis + (1 - momentum) * best
 
 
-@pytest.mark.parametrize("signed, bits, groups, bases", [(True, 2, 8, 1), (False, 2, 1, 1), (False, 3, 1, 3), (True, 4, 4, 1)])
+@pytest.mark.parametrize(
+    "signed, bits, groups, bases", [(True, 2, 8, 1), (False, 2, 1, 1), (False, 3, 1, 3), (True, 4, 4, 1)]
+)
 def test_the_quantizer_step_equals_its_equations_outputs_codes_gradients_and_basis(signed, bits, groups, bases):
     torch.manual_seed(3)
     quant = LQQuantizer(bits, signed=signed, groups=groups, num_bases=bases).train()
@@ -437,7 +498,7 @@ def test_the_compiled_quantizer_step_equals_the_eager_one():
         compiled = LQQuantizer(2, signed=signed, groups=groups).train()
         compiled.load_state_dict(eager.state_dict())
         assert compile_quantizers(nn.Sequential(compiled)) == 1
-        for trial in range(2):
+        for _trial in range(2):
             x = (torch.randn(shape) * 2).requires_grad_()
             x_c = x.detach().clone().requires_grad_()
             out, out_c = eager(x), compiled(x_c)

@@ -78,7 +78,9 @@ def test_papers_random_baseline_trains_one_configuration_per_step():
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "mobilenet_v1", "shufflenet_v2"])
 def test_all_factors_one_equals_the_plain_network(name):
     kw = {"dropout": 0.0} if "mobilenet" in name else {}
-    res = flexres.create_model(f"resizable_{name}", num_classes=10, train_resolutions=[112], width_mult=0.25, **kw).train()
+    res = flexres.create_model(
+        f"resizable_{name}", num_classes=10, train_resolutions=[112], width_mult=0.25, **kw
+    ).train()
     plain = flexres.create_model(name, num_classes=10, train_resolutions=[112], width_mult=0.25, **kw).train()
     # the resizable model's BNs per factor all start from the plain model's one BN
     from flexres.models import load_single_bn_weights
@@ -95,7 +97,9 @@ def test_all_factors_one_equals_the_plain_network(name):
 def test_macs_follow_the_configuration_and_stage_sizes():
     m = flexres.create_model("resizable_resnet18", num_classes=10, train_resolutions=[112], width_mult=0.25)
     full = count_macs(m, OperatingPoint(112, scales=(1.0,) * 4))
-    assert full == count_macs(flexres.create_model("resnet18", num_classes=10, train_resolutions=[112], width_mult=0.25), 112)
+    assert full == count_macs(
+        flexres.create_model("resnet18", num_classes=10, train_resolutions=[112], width_mult=0.25), 112
+    )
     smaller = [count_macs(m, OperatingPoint(112, scales=(f,) * 4)) for f in L]
     assert smaller == sorted(smaller) and smaller[0] < 0.5 * full
     # shrinking a later stage saves less than shrinking an early one of the same factor: stages cost alike,
@@ -111,7 +115,9 @@ def test_scale_aware_bn_selects_the_bn_of_each_stages_factor():
     m = flexres.create_model("resizable_resnet18", num_classes=10, train_resolutions=[112], width_mult=0.25)
     m.set_operating_point(OperatingPoint(112, scales=(0.45, 0.65, 0.85, 1.0)))
     key = lambda bn: bn.resolutions[bn._choice.index]  # noqa: E731
-    assert key(m.layer1[0].bn1) == 45 and key(m.layer2[0].bn1) == 45  # strided block before the resize: stage 1's factor
+    assert (
+        key(m.layer1[0].bn1) == 45 and key(m.layer2[0].bn1) == 45
+    )  # strided block before the resize: stage 1's factor
     assert key(m.layer2[1].bn1) == 65 and key(m.layer3[1].bn2) == 85 and key(m.layer4[0].downsample[1]) == 85
     assert key(m.layer4[1].bn1) == 100 and key(m.bn1) == 112  # the stem keeps its resolution BN
     with pytest.raises(ValueError, match="gives 3 scales; this model has 4 stages"):
@@ -133,9 +139,12 @@ def test_static_export_of_a_configuration_matches(name):
 
 def test_resizable_method_trains_every_sampled_configuration(tmp_path, small_data):
     cfg = tmp_path / "r.yaml"
-    cfg.write_text("model: {name: resizable_resnet18, width_mult: 0.25}\nmethod: {name: resizable, resolutions: [48]}\n"
-                   "data: {cache: true, num_workers: 0}\ntrain: {epochs: 1, batch_size: 4, lr: 0.05, progress: false, eval_every: 0}\n"
-                   "eval: {resolutions: [48]}\n")
+    cfg.write_text(
+        "model: {name: resizable_resnet18, width_mult: 0.25}\nmethod: {name: resizable, resolutions: [48]}\n"
+        "data: {cache: true, num_workers: 0}\n"
+        "train: {epochs: 1, batch_size: 4, lr: 0.05, progress: false, eval_every: 0}\n"
+        "eval: {resolutions: [48]}\n"
+    )
     out = tmp_path / "run"
     assert main(["train", "--config", str(cfg), "--data", str(small_data), "--out", str(out)]) == 0
     model, _ = flexres.load_checkpoint(out)
@@ -161,15 +170,34 @@ def test_resizable_aug_switches_to_the_target_configuration_after_two_thirds():
 
 def test_nas_fine_tuning_starts_from_the_trained_weights(tmp_path, small_data):
     cfg = tmp_path / "r.yaml"
-    cfg.write_text("model: {name: resizable_resnet18, width_mult: 0.25}\nmethod: {name: resizable, resolutions: [48]}\n"
-                   "data: {cache: true, num_workers: 0}\ntrain: {epochs: 1, batch_size: 4, lr: 0.05, progress: false, eval_every: 0}\n")
+    cfg.write_text(
+        "model: {name: resizable_resnet18, width_mult: 0.25}\nmethod: {name: resizable, resolutions: [48]}\n"
+        "data: {cache: true, num_workers: 0}\n"
+        "train: {epochs: 1, batch_size: 4, lr: 0.05, progress: false, eval_every: 0}\n"
+    )
     assert main(["train", "--config", str(cfg), "--data", str(small_data), "--out", str(tmp_path / "a")]) == 0
-    ft = ["train", "--config", str(cfg), "--data", str(small_data), "--out", str(tmp_path / "b"), "--set", f"init_from={tmp_path / 'a'}",
-          "--set", "method.kwargs={sampling: fixed, target_scales: [0.45, 0.65, 0.85, 1.0]}", "--set", "lr=0.0"]
+    ft = [
+        "train",
+        "--config",
+        str(cfg),
+        "--data",
+        str(small_data),
+        "--out",
+        str(tmp_path / "b"),
+        "--set",
+        f"init_from={tmp_path / 'a'}",
+        "--set",
+        "method.kwargs={sampling: fixed, target_scales: [0.45, 0.65, 0.85, 1.0]}",
+        "--set",
+        "lr=0.0",
+    ]
     assert main(ft) == 0
     from safetensors.torch import load_file
 
-    a, b = load_file(str(tmp_path / "a" / "checkpoint.safetensors")), load_file(str(tmp_path / "b" / "checkpoint.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "a" / "checkpoint.safetensors")),
+        load_file(str(tmp_path / "b" / "checkpoint.safetensors")),
+    )
     assert torch.equal(a["model.conv1.weight"], b["model.conv1.weight"])  # lr 0: the fine-tune kept the trained weights
 
 
@@ -179,8 +207,9 @@ def test_adaptive_routing_never_exceeds_the_budget(small_data):
     from flexres.analysis.adapt import adapt_report, best_config_labels
     from flexres.data import ImageFolderDataset
 
-    assert best_config_labels(torch.tensor([[False, True, True], [False, False, False]]),
-                              torch.tensor([[0.9, 0.4, 0.6], [0.2, 0.5, 0.1]])).tolist() == [2, 1]
+    assert best_config_labels(
+        torch.tensor([[False, True, True], [False, False, False]]), torch.tensor([[0.9, 0.4, 0.6], [0.2, 0.5, 0.1]])
+    ).tolist() == [2, 1]
     model = flexres.create_model("resizable_resnet18", num_classes=3, train_resolutions=[48], width_mult=0.25).eval()
     configs = list(itertools.product(L, repeat=4))[::17]
     costs = sorted(count_macs(model, OperatingPoint(48, scales=c)) for c in configs)
@@ -222,13 +251,33 @@ def test_adapt_from_one_scoring_of_every_configuration_matches_scoring_per_budge
 
 def test_adapt_cli_reports_and_saves_the_router(tmp_path, small_data, capsys):
     cfg = tmp_path / "r.yaml"
-    cfg.write_text("model: {name: resizable_resnet18, width_mult: 0.25}\nmethod: {name: resizable, resolutions: [48]}\n"
-                   "data: {cache: true, num_workers: 0}\ntrain: {epochs: 1, batch_size: 4, lr: 0.05, progress: false, eval_every: 0}\n")
+    cfg.write_text(
+        "model: {name: resizable_resnet18, width_mult: 0.25}\nmethod: {name: resizable, resolutions: [48]}\n"
+        "data: {cache: true, num_workers: 0}\n"
+        "train: {epochs: 1, batch_size: 4, lr: 0.05, progress: false, eval_every: 0}\n"
+    )
     run = tmp_path / "run"
     assert main(["train", "--config", str(cfg), "--data", str(small_data), "--out", str(run)]) == 0
     capsys.readouterr()
-    assert main(["adapt", str(run), "--data", str(small_data), "--max-macs", "5M", "--configs", "12", "--label-images", "8",
-                 "--epochs", "2"]) == 0
+    assert (
+        main(
+            [
+                "adapt",
+                str(run),
+                "--data",
+                str(small_data),
+                "--max-macs",
+                "5M",
+                "--configs",
+                "12",
+                "--label-images",
+                "8",
+                "--epochs",
+                "2",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "Resizable-Adapt under 5.0 MMACs" in out and "oracle" in out
     rep = json.loads((run / "adapt.json").read_text())
@@ -266,7 +315,9 @@ def test_calibrating_one_configuration_changes_exactly_the_bns_it_runs_through()
     # Served under calibrate: each BN with the affine parameters of its stage's factor and the statistics of its
     # input in a train-mode forward at this configuration.
     inputs = {}
-    hooks = [bn.register_forward_pre_hook(lambda mod, a: inputs.setdefault(mod, a[0].detach())) for bn in m.switchable_bns()]
+    hooks = [
+        bn.register_forward_pre_hook(lambda mod, a: inputs.setdefault(mod, a[0].detach())) for bn in m.switchable_bns()
+    ]
     m.train()
     with torch.no_grad(), m.at(config, bn_policy="nearest"):
         for bn in m.switchable_bns():
@@ -321,9 +372,12 @@ def test_prefix_tree_gives_every_configuration_exactly_what_its_own_forward_give
 
 
 def test_table_as_a_tree_equals_the_table_one_by_one(tmp_path, small_data):
-    cfg = {"model": {"name": "resizable_resnet18", "width_mult": 0.25}, "method": {"name": "resizable", "resolutions": [64]},
-           "data": {"root": str(small_data), "cache": True, "num_workers": 0},
-           "train": {"epochs": 1, "batch_size": 6, "progress": False, "eval_every": 0}}
+    cfg = {
+        "model": {"name": "resizable_resnet18", "width_mult": 0.25},
+        "method": {"name": "resizable", "resolutions": [64]},
+        "data": {"root": str(small_data), "cache": True, "num_workers": 0},
+        "train": {"epochs": 1, "batch_size": 6, "progress": False, "eval_every": 0},
+    }
     flexres.train(cfg, tmp_path / "run", log=lambda s: None)
     tree = flexres.table(tmp_path / "run", small_data, scales="12", write=False)
     flat = flexres.table(tmp_path / "run", small_data, scales="12", write=False, tree=False)
@@ -333,7 +387,9 @@ def test_table_as_a_tree_equals_the_table_one_by_one(tmp_path, small_data):
 def test_prefix_tree_batch_counts_every_branch_against_memory(monkeypatch):
     import importlib
 
-    ev = importlib.import_module("flexres.engine.evaluate")  # the module (flexres.engine.evaluate is also a function's name)
+    ev = importlib.import_module(
+        "flexres.engine.evaluate"
+    )  # the module (flexres.engine.evaluate is also a function's name)
 
     model = flexres.create_model("resizable_resnet18", num_classes=5, train_resolutions=[64], width_mult=0.25).eval()
     configs = [tuple(c) for c in random_configurations(L, 4, 40, torch.Generator().manual_seed(0))]

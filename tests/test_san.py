@@ -12,7 +12,9 @@ from tests.conftest import distinct_bn_statistics
 
 
 def san_model(name="san_resnet18", resolutions=(96, 64, 32)):
-    return distinct_bn_statistics(flexres.create_model(name, num_classes=5, train_resolutions=list(resolutions), width_mult=0.25))
+    return distinct_bn_statistics(
+        flexres.create_model(name, num_classes=5, train_resolutions=list(resolutions), width_mult=0.25)
+    )
 
 
 def test_generated_weight_is_a_times_eps_plus_b():
@@ -107,7 +109,9 @@ def test_each_inference_mode_picks_its_eps_and_bn():
 
 
 @pytest.mark.parametrize("name", ["san_resnet18", "san_mobilenet_v2"])
-@pytest.mark.parametrize("mode,resolution", [("proxy", 72), ("data-free", 72), ("data-free", 96), ("proxy", 40), ("ideal", 72)])
+@pytest.mark.parametrize(
+    "mode,resolution", [("proxy", 72), ("data-free", 72), ("data-free", 96), ("proxy", 40), ("ideal", 72)]
+)
 def test_materialised_model_matches_the_san_model(name, mode, resolution):
     model = san_model(name)
     if mode == "ideal":

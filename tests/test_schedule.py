@@ -12,12 +12,16 @@ from tests.conftest import tiny_model
 
 def test_warmup_rises_linearly_to_the_peak_then_cosine_falls_to_zero():
     total, warmup, peak = 100, 10, 0.4
-    assert [lr_at(s, total, warmup, peak) for s in range(warmup)] == pytest.approx([peak * (s + 1) / warmup for s in range(warmup)])
+    assert [lr_at(s, total, warmup, peak) for s in range(warmup)] == pytest.approx(
+        [peak * (s + 1) / warmup for s in range(warmup)]
+    )
     assert lr_at(warmup, total, warmup, peak) == pytest.approx(peak)  # the cosine starts at the peak
     for s in (25, 55, 80, 99):
         progress = (s - warmup) / (total - warmup)
         assert lr_at(s, total, warmup, peak) == pytest.approx(0.5 * peak * (1 + math.cos(math.pi * progress)))
-    assert lr_at(warmup + (total - warmup) // 2, total, warmup, peak) == pytest.approx(peak / 2)  # half-way: half the peak
+    assert lr_at(warmup + (total - warmup) // 2, total, warmup, peak) == pytest.approx(
+        peak / 2
+    )  # half-way: half the peak
     assert lr_at(total, total, warmup, peak) == pytest.approx(0.0, abs=1e-12)
     assert lr_at(total + 50, total, warmup, peak) == pytest.approx(0.0, abs=1e-12)  # past the end it stays at zero
     lrs = [lr_at(s, total, warmup, peak) for s in range(warmup, total + 1)]
@@ -41,7 +45,11 @@ def _t(**kw):
 
 def test_one_step_sees_the_batch_size_however_it_is_split():
     single = plan_steps(_t(batch_size=64), num_images=1000, world=1)
-    assert (single.accumulate, single.micro_batch, single.steps_per_epoch) == (1, 64, 15)  # 1000 // 64, last batch dropped
+    assert (single.accumulate, single.micro_batch, single.steps_per_epoch) == (
+        1,
+        64,
+        15,
+    )  # 1000 // 64, last batch dropped
     assert single.total_steps == 45 and single.warmup_steps == round(0.5 * 15)
     accumulated = plan_steps(_t(batch_size=64, accumulate_steps=4), num_images=1000, world=1)
     spread = plan_steps(_t(batch_size=64), num_images=1000, world=4)

@@ -27,7 +27,12 @@ def train_split():
 
 def test_classes_and_void_come_from_classes_tsv(train_split):
     info = train_split.info
-    assert info.ignore_index == VOID and len(info.names) == 11 and info.names[0] == "sky" and info.colors[3] == (128, 64, 128)
+    assert (
+        info.ignore_index == VOID
+        and len(info.names) == 11
+        and info.names[0] == "sky"
+        and info.colors[3] == (128, 64, 128)
+    )
 
 
 def test_joint_crop_never_interpolates_labels(train_split):
@@ -38,7 +43,10 @@ def test_joint_crop_never_interpolates_labels(train_split):
         allowed = set(lab.unique().tolist())
         for _ in range(10):
             inputs, label = crop(img, lab)
-            assert [tuple(x.shape) for x in inputs] == [(3, 64, 64), (3, 48, 48), (3, 32, 32)] and label.shape == (64, 64)
+            assert [tuple(x.shape) for x in inputs] == [(3, 64, 64), (3, 48, 48), (3, 32, 32)] and label.shape == (
+                64,
+                64,
+            )
             assert set(label.unique().tolist()) <= allowed <= set(range(12))  # only values the label map had: no blends
 
 
@@ -102,7 +110,9 @@ def test_logits_are_resized_to_the_largest_resolution_before_the_losses_and_mred
     cls = sum(F.cross_entropy(z, labels) for z in up)
     z0 = method.alpha[0] * up[0] + method.alpha[1] * up[1]
     kl = sum((F.softmax(z0, 1) * (F.log_softmax(z0, 1) - F.log_softmax(z, 1))).sum(1).mean() for z in up)
-    assert torch.allclose(terms["cls"], cls, atol=1e-5) and torch.allclose(terms["ens"], F.cross_entropy(z0, labels), atol=1e-5)
+    assert torch.allclose(terms["cls"], cls, atol=1e-5) and torch.allclose(
+        terms["ens"], F.cross_entropy(z0, labels), atol=1e-5
+    )
     assert torch.allclose(terms["dis"], kl, atol=1e-5)
 
 
@@ -130,9 +140,12 @@ def test_switch_selects_the_right_bns_in_encoder_and_decoder():
 def test_train_evaluate_and_reload_a_segmentation_rsnet(tmp_path):
     data = tmp_path / "camvid"
     shutil.copytree(sample_segmentation_dir(), data)
-    cfg = {"model": {"name": "seg_resnet18", "width_mult": 0.25}, "method": {"name": "rsnet", "resolutions": [64, 48]},
-           "data": {"root": str(data), "task": "segmentation", "cache": True, "num_workers": 0},
-           "train": {"epochs": 2, "batch_size": 4, "lr": 0.05, "progress": False, "eval_every": 1}}
+    cfg = {
+        "model": {"name": "seg_resnet18", "width_mult": 0.25},
+        "method": {"name": "rsnet", "resolutions": [64, 48]},
+        "data": {"root": str(data), "task": "segmentation", "cache": True, "num_workers": 0},
+        "train": {"epochs": 2, "batch_size": 4, "lr": 0.05, "progress": False, "eval_every": 1},
+    }
     metrics = flexres.train(cfg, tmp_path / "run", log=lambda s: None)
     assert set(metrics["val_miou"]) == {"64", "48"} and metrics["task"] == "segmentation"  # metrics named as they are
     assert "val_top1" not in metrics and "train_top1" not in metrics
@@ -153,16 +166,23 @@ def test_train_evaluate_and_reload_a_segmentation_rsnet(tmp_path):
 def test_colorize_uses_the_class_colours(train_split):
     info = train_split.info
     mask = colorize(torch.tensor([[0, 3], [VOID, 8]]), info.colors, info.ignore_index)
-    assert mask[:, 0, 1].tolist() == [128, 64, 128] and mask[:, 1, 0].tolist() == [0, 0, 0] and mask[:, 1, 1].tolist() == [64, 0, 128]
+    assert (
+        mask[:, 0, 1].tolist() == [128, 64, 128]
+        and mask[:, 1, 0].tolist() == [0, 0, 0]
+        and mask[:, 1, 1].tolist() == [64, 0, 128]
+    )
 
 
 def test_predict_writes_mask_and_overlay_and_export_matches(tmp_path):
     from PIL import Image
 
     data = sample_segmentation_dir()
-    cfg = {"model": {"name": "seg_resnet18", "width_mult": 0.25}, "method": {"name": "individual", "resolutions": [48]},
-           "data": {"root": str(data), "task": "segmentation", "cache": True, "num_workers": 0},
-           "train": {"epochs": 1, "batch_size": 4, "lr": 0.05, "progress": False, "eval_every": 0}}
+    cfg = {
+        "model": {"name": "seg_resnet18", "width_mult": 0.25},
+        "method": {"name": "individual", "resolutions": [48]},
+        "data": {"root": str(data), "task": "segmentation", "cache": True, "num_workers": 0},
+        "train": {"epochs": 1, "batch_size": 4, "lr": 0.05, "progress": False, "eval_every": 0},
+    }
     flexres.train(cfg, tmp_path / "run", log=lambda s: None)
     image = sorted((data / "val" / "images").iterdir())[0]
     out = flexres.predict(tmp_path / "run", [image, tmp_path / "missing.jpg"], resolution=48, out=tmp_path / "pred")
@@ -180,13 +200,20 @@ def test_predict_writes_mask_and_overlay_and_export_matches(tmp_path):
 
 def test_report_shows_miou_and_the_example_at_every_resolution(tmp_path):
     data = sample_segmentation_dir()
-    cfg = {"model": {"name": "seg_resnet18", "width_mult": 0.25}, "method": {"name": "parallel", "resolutions": [48, 32]},
-           "data": {"root": str(data), "task": "segmentation", "cache": True, "num_workers": 0},
-           "train": {"epochs": 1, "batch_size": 4, "lr": 0.05, "progress": False, "eval_every": 0}}
+    cfg = {
+        "model": {"name": "seg_resnet18", "width_mult": 0.25},
+        "method": {"name": "parallel", "resolutions": [48, 32]},
+        "data": {"root": str(data), "task": "segmentation", "cache": True, "num_workers": 0},
+        "train": {"epochs": 1, "batch_size": 4, "lr": 0.05, "progress": False, "eval_every": 0},
+    }
     flexres.train(cfg, tmp_path / "run", log=lambda s: None)
     index = flexres.report(tmp_path / "run", data, tmp_path / "report", [48, 40, 32])
     page = index.read_text()
-    assert "mean IoU (%)" in page and "segmentation_run.png" in page and (tmp_path / "report" / "segmentation_run.png").stat().st_size > 0
+    assert (
+        "mean IoU (%)" in page
+        and "segmentation_run.png" in page
+        and (tmp_path / "report" / "segmentation_run.png").stat().st_size > 0
+    )
 
 
 def test_a_segmenter_starts_from_a_classification_rsnets_backbone(tmp_path, small_data):
@@ -195,13 +222,21 @@ def test_a_segmenter_starts_from_a_classification_rsnets_backbone(tmp_path, smal
     classifier's fc is listed unused, and the segmenter then trains."""
     from flexres.engine.checkpoint import load_backbone
 
-    flexres.train({"model": {"name": "resnet18", "width_mult": 0.25}, "method": {"name": "rsnet", "resolutions": [64, 48]},
-                   "data": {"root": str(small_data), "cache": True, "num_workers": 0},
-                   "train": {"epochs": 1, "batch_size": 6, "lr": 0.05, "progress": False, "eval_every": 0}},
-                  tmp_path / "cls", log=lambda s: None)
+    flexres.train(
+        {
+            "model": {"name": "resnet18", "width_mult": 0.25},
+            "method": {"name": "rsnet", "resolutions": [64, 48]},
+            "data": {"root": str(small_data), "cache": True, "num_workers": 0},
+            "train": {"epochs": 1, "batch_size": 6, "lr": 0.05, "progress": False, "eval_every": 0},
+        },
+        tmp_path / "cls",
+        log=lambda s: None,
+    )
     classifier, _ = flexres.load_checkpoint(tmp_path / "cls")
     seg = flexres.create_model("seg_resnet18", num_classes=11, train_resolutions=[80, 56, 40], width_mult=0.25)
-    decoder_before = {k: v.clone() for k, v in seg.state_dict().items() if k.startswith(("laterals", "fuse", "classifier"))}
+    decoder_before = {
+        k: v.clone() for k, v in seg.state_dict().items() if k.startswith(("laterals", "fuse", "classifier"))
+    }
     got = load_backbone(seg, tmp_path / "cls")
     assert got["fresh"] == ["classifier", "fuse", "laterals"] and got["unused"] == ["fc.bias", "fc.weight"]
     src, dst = classifier.state_dict(), seg.state_dict()
@@ -213,11 +248,16 @@ def test_a_segmenter_starts_from_a_classification_rsnets_backbone(tmp_path, smal
     assert all(torch.equal(dst[k], v) for k, v in decoder_before.items())
     data = tmp_path / "camvid"
     shutil.copytree(sample_segmentation_dir(), data)
-    metrics = flexres.train({"model": {"name": "seg_resnet18", "width_mult": 0.25, "backbone_from": str(tmp_path / "cls")},
-                             "method": {"name": "rsnet", "resolutions": [64, 48]},
-                             "data": {"root": str(data), "task": "segmentation", "cache": True, "num_workers": 0},
-                             "train": {"epochs": 1, "batch_size": 4, "lr": 0.05, "progress": False, "eval_every": 0}},
-                            tmp_path / "seg", log=lambda s: None)
+    metrics = flexres.train(
+        {
+            "model": {"name": "seg_resnet18", "width_mult": 0.25, "backbone_from": str(tmp_path / "cls")},
+            "method": {"name": "rsnet", "resolutions": [64, 48]},
+            "data": {"root": str(data), "task": "segmentation", "cache": True, "num_workers": 0},
+            "train": {"epochs": 1, "batch_size": 4, "lr": 0.05, "progress": False, "eval_every": 0},
+        },
+        tmp_path / "seg",
+        log=lambda s: None,
+    )
     assert set(metrics["train_pixel_accuracy"]) == {"64", "48"}
 
 
@@ -233,7 +273,9 @@ def test_a_resnet_weights_file_initialises_the_backbone_and_a_reshaped_key_is_na
     seg = flexres.create_model("seg_resnet18", num_classes=11, train_resolutions=[64, 48])
     got = load_backbone(seg, tmp_path / "r18.safetensors")
     assert got["unused"] == ["fc.bias", "fc.weight"] and got["loaded"] > 100
-    assert torch.equal(seg.state_dict()["layer4.1.bn2.bns.1.weight"], weights["layer4.1.bn2.weight"])  # one BN, every resolution
+    assert torch.equal(
+        seg.state_dict()["layer4.1.bn2.bns.1.weight"], weights["layer4.1.bn2.weight"]
+    )  # one BN, every resolution
     weights["layer2.0.downsample.0.weight"] = weights["layer2.0.downsample.0.weight"][:, :32].contiguous()
     save_file(weights, str(tmp_path / "bad.safetensors"))
     with pytest.raises(CheckpointMismatchError, match=r"layer2\.0\.downsample\.0\.weight: source \(128, 32, 1, 1\)"):

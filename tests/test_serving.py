@@ -23,13 +23,12 @@ from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
 import flexres
-from flexres.operating_point import OperatingPoint
+from flexres.operating_point import TABLE, OperatingPoint
 from flexres.serving import AdaptiveController, LatencyModel, PointSet, ServeOptions, ServingEngine, ServingPoint
 from flexres.serving.app import create_app
 from flexres.serving.engine import Overloaded, RequestError
 from flexres.serving.errors import Refused
 from flexres.serving.inference import run_batch
-from flexres.operating_point import TABLE
 from flexres.serving.points import PointOptions, load_points
 
 pytestmark = pytest.mark.serve
@@ -44,7 +43,9 @@ def synthetic_latency(names=("big", "mid", "small")) -> LatencyModel:
 
 
 def test_controller_lowers_the_point_as_the_queue_grows_and_raises_it_as_it_drains():
-    c = AdaptiveController(["big", "mid", "small"], synthetic_latency(), target_ms=50, max_batch=8)  # headroom 0.8: 40 ms
+    c = AdaptiveController(
+        ["big", "mid", "small"], synthetic_latency(), target_ms=50, max_batch=8
+    )  # headroom 0.8: 40 ms
     # 1 queued: big takes 10 + 5 = 15 ms. 8 queued: big 10 + 40 = 50 > 40, mid 4 + 16 = 20. 40 queued: five batches,
     # mid 5 x 20 = 100, small 5 x (1 + 4) = 25. 400 queued: small needs 50 x 5 = 250, over at every point: the fastest.
     seq = [c.choose(q) for q in (1, 8, 40, 400, 40, 8, 1)]
@@ -81,14 +82,18 @@ def test_admission_refuses_what_even_the_cheapest_point_cannot_answer_in_time():
     assert ok and ms == pytest.approx(5 + 15)
     ok, ms = c.admits(ahead=80, busy_ms=10)  # 10 batches of small (5 ms each) behind 10 ms in flight
     assert not ok and ms == pytest.approx(10 + 50 + 1.5)
-    ok, ms = c.admits(ahead=8, busy_ms=0, overhead_ms=45)  # its own decoding, 45 ms, makes it miss (others decode meanwhile)
+    ok, ms = c.admits(
+        ahead=8, busy_ms=0, overhead_ms=45
+    )  # its own decoding, 45 ms, makes it miss (others decode meanwhile)
     assert not ok and ms == pytest.approx(5 + 1.5 + 45)
 
 
 def test_latency_model_fits_two_batch_sizes_and_learns_a_slowdown():
     fitted = LatencyModel.measure(["big", "small"], lambda p, b: SYNTHETIC[p][0] + SYNTHETIC[p][1] * b, max_batch=8)
     for p in ("big", "small"):
-        assert fitted.fixed_ms[p] == pytest.approx(SYNTHETIC[p][0]) and fitted.per_image_ms[p] == pytest.approx(SYNTHETIC[p][1])
+        assert fitted.fixed_ms[p] == pytest.approx(SYNTHETIC[p][0]) and fitted.per_image_ms[p] == pytest.approx(
+            SYNTHETIC[p][1]
+        )
     before = fitted.batch_ms("small", 4)
     for _ in range(40):  # the machine got twice as slow: observed at "big", predicted for every point
         fitted.observe("big", 2, 2 * (10 + 5 * 2))
@@ -113,13 +118,19 @@ def synthetic_points(sleep: bool = False) -> PointSet:
             logits = torch.zeros(x.shape[0], 3)
             logits[:, i] = 5.0
             return logits
-        points.append(ServingPoint(OperatingPoint(res), macs=[30, 10, 3][i] * 10**6, top1=[80.0, 70.0, 60.0][i], run=run))
+
+        points.append(
+            ServingPoint(OperatingPoint(res), macs=[30, 10, 3][i] * 10**6, top1=[80.0, 70.0, 60.0][i], run=run)
+        )
     return PointSet(points, ["a", "b", "c"], ["A", "B", "C"], "synthetic", "table")
 
 
 def test_dynamic_batches_follow_the_queue_and_each_request_keeps_its_own_constraint():
-    engine = ServingEngine(synthetic_points(sleep=True), ServeOptions(target_p95_ms=50, max_batch=8, max_wait_ms=5),
-                           latency=synthetic_latency(POINT_NAMES))
+    engine = ServingEngine(
+        synthetic_points(sleep=True),
+        ServeOptions(target_p95_ms=50, max_batch=8, max_wait_ms=5),
+        latency=synthetic_latency(POINT_NAMES),
+    )
     image = torch.zeros(3, 40, 40, dtype=torch.uint8)
 
     async def burst():
@@ -163,15 +174,22 @@ def test_over_target_requests_get_overloaded_with_a_retry_time():
 
 # --- HTTP, on a real run ---
 
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     data = root / "data"
     shutil.copytree(flexres.sample_data_dir(), data)
-    flexres.train({"model": {"name": "resnet18", "width_mult": 0.25}, "method": {"name": "rsnet", "resolutions": [64, 48]},
-                   "data": {"root": str(data), "cache": True, "num_workers": 0},
-                   "train": {"epochs": 1, "batch_size": 25, "lr": 0.02, "progress": False, "eval_every": 0}}, root / "run",
-                  log=lambda s: None)
+    flexres.train(
+        {
+            "model": {"name": "resnet18", "width_mult": 0.25},
+            "method": {"name": "rsnet", "resolutions": [64, 48]},
+            "data": {"root": str(data), "cache": True, "num_workers": 0},
+            "train": {"epochs": 1, "batch_size": 25, "lr": 0.02, "progress": False, "eval_every": 0},
+        },
+        root / "run",
+        log=lambda s: None,
+    )
     flexres.table(root / "run", data, resolutions=[64, 56, 48])
     return root / "run", data
 
@@ -221,8 +239,10 @@ def test_predict_equals_flexres_predict_for_multipart_and_raw_bodies(client, run
     run, data = run_dir
     image = sorted((data / "val").rglob("*.JPEG"))[0]
     expected = flexres.predict(run, [image], resolution=48)["predictions"][0]["top"]
-    for kwargs in ({"files": {"file": ("x.jpg", image.read_bytes(), "image/jpeg")}},
-                   {"content": image.read_bytes(), "headers": {"content-type": "image/jpeg"}}):
+    for kwargs in (
+        {"files": {"file": ("x.jpg", image.read_bytes(), "image/jpeg")}},
+        {"content": image.read_bytes(), "headers": {"content-type": "image/jpeg"}},
+    ):
         r = client.post("/predict?resolution=48", **kwargs)
         assert r.status_code == 200, r.text
         body = r.json()
@@ -238,22 +258,27 @@ def test_budgets_pick_the_best_point_that_fits(client):
     cheapest = min(points, key=lambda p: p["macs"])
     r = client.post(f"/predict?max_macs={cheapest['macs']}", content=jpeg())
     assert r.status_code == 200 and r.json()["operating_point"]["name"] == cheapest["name"]
-    best = client.post("/predict", content=jpeg()).json()["operating_point"]  # fixed mode, no resolution: the best point
+    best = client.post("/predict", content=jpeg()).json()[
+        "operating_point"
+    ]  # fixed mode, no resolution: the best point
     assert best["expected_top1"] == max(p["expected_top1"] for p in points)
     r = client.post("/predict?max_latency_ms=10000&topk=2", content=jpeg())
     assert r.status_code == 200 and len(r.json()["top"]) == 2
 
 
-@pytest.mark.parametrize("query, body, status, message", [
-    ("", b"", 400, "empty body"),
-    ("", b"this is not an image", 415, "not an image"),
-    ("?resolution=100", None, 422, "resolution 100 is not served; served resolutions:"),
-    ("?resolution=abc", None, 422, "resolution='abc' is not a number"),
-    ("?max_macs=1K", None, 422, "no operating point within 0.0 MMACs: the cheapest"),
-    ("?max_latency_ms=0.000001", None, 422, "no operating point answers within 1e-06 ms"),
-    ("?max_latency_ms=nan", None, 422, "max_latency_ms='nan' must be a positive, finite number"),
-    ("?topk=0", None, 422, "topk='0' must be a positive, finite number"),
-])
+@pytest.mark.parametrize(
+    "query, body, status, message",
+    [
+        ("", b"", 400, "empty body"),
+        ("", b"this is not an image", 415, "not an image"),
+        ("?resolution=100", None, 422, "resolution 100 is not served; served resolutions:"),
+        ("?resolution=abc", None, 422, "resolution='abc' is not a number"),
+        ("?max_macs=1K", None, 422, "no operating point within 0.0 MMACs: the cheapest"),
+        ("?max_latency_ms=0.000001", None, 422, "no operating point answers within 1e-06 ms"),
+        ("?max_latency_ms=nan", None, 422, "max_latency_ms='nan' must be a positive, finite number"),
+        ("?topk=0", None, 422, "topk='0' must be a positive, finite number"),
+    ],
+)
 def test_bad_requests_get_a_clear_4xx_and_leave_the_server_healthy(client, query, body, status, message):
     r = client.post("/predict" + query, content=jpeg() if body is None else body)
     assert r.status_code == status and message in r.json()["detail"], r.text
@@ -431,7 +456,9 @@ def test_the_event_loop_lag_is_measured_and_published_but_refuses_nothing():
 
     lag, metrics = asyncio.run(blocked_loop())
     assert lag >= 100.0
-    published = float(next(line for line in metrics.splitlines() if line.startswith("flexres_loop_lag_seconds ")).split()[1])
+    published = float(
+        next(line for line in metrics.splitlines() if line.startswith("flexres_loop_lag_seconds ")).split()[1]
+    )
     assert published >= 0.1
 
 
@@ -443,7 +470,9 @@ def test_a_child_process_serves_the_same_predictions_as_the_inference_thread(run
     from flexres.serving.inference import ProcessInference
 
     points = load_points(run_dir[0])
-    images = [pil_to_tensor(Image.open(io.BytesIO(jpeg((90, 70), c))).convert("RGB")) for c in ((200, 30, 30), (20, 160, 90))]
+    images = [
+        pil_to_tensor(Image.open(io.BytesIO(jpeg((90, 70), c))).convert("RGB")) for c in ((200, 30, 30), (20, 160, 90))
+    ]
     child = ProcessInference(run_dir[0], threads=1)
     engine = ServingEngine(points, ServeOptions(max_wait_ms=0), inference=child)
     first = child.pid
@@ -458,7 +487,9 @@ def test_a_child_process_serves_the_same_predictions_as_the_inference_thread(run
                 there[p.name] = (await child.run(p.name, images, [3, 3]))[0]
             served = await engine.submit(images[0], engine.constrain(resolution=points.points[0].resolution), topk=3)
             # encoded requests are decoded in the child; one that does not decode is refused, its batch mates still run
-            mixed = (await child.run(points.points[0].name, [b"not an image", jpeg((90, 70), (20, 160, 90))], [3, 3]))[0]
+            mixed = (await child.run(points.points[0].name, [b"not an image", jpeg((90, 70), (20, 160, 90))], [3, 3]))[
+                0
+            ]
             with pytest.raises(RequestError, match="not an image") as refused:
                 await engine.submit(b"GIF89a but not really", engine.constrain(), topk=3)
             os.kill(first, signal.SIGKILL)  # as the out-of-memory killer would
@@ -564,7 +595,9 @@ def test_a_hung_inference_process_is_killed_and_replaced_after_the_batch_timeout
         os.kill(hung, signal.SIGSTOP)
 
         async def two_batches():
-            return await asyncio.gather(child.run(name, [image], [3]), child.run(name, [image], [3]), return_exceptions=True)
+            return await asyncio.gather(
+                child.run(name, [image], [3]), child.run(name, [image], [3]), return_exceptions=True
+            )
 
         first, second = asyncio.run(asyncio.wait_for(two_batches(), 120))  # a hang fails here, not forever
         assert isinstance(first, Overloaded) and "did not answer within 5 s and was restarted" in str(first)
@@ -593,8 +626,12 @@ def test_flexres_serve_predicts_over_http_and_its_inference_process_ends_with_it
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = (tmp_path / "serve.log").open("w")
-    server = subprocess.Popen([sys.executable, "-m", "flexres.cli", "serve", str(run_dir[0]), "--port", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    server = subprocess.Popen(
+        [sys.executable, "-m", "flexres.cli", "serve", str(run_dir[0]), "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.time() + 120
         while True:
@@ -634,7 +671,9 @@ def test_an_upload_that_fails_to_decode_in_any_way_fails_alone():
             time.sleep(0.02)
         return torch.zeros(3, 8, 8, dtype=torch.uint8)
 
-    results, _, decode_ms = asyncio.run(ThreadInference(synthetic_points()).run("64px", [b"odd", b"slow"], [2, 2], decode))
+    results, _, decode_ms = asyncio.run(
+        ThreadInference(synthetic_points()).run("64px", [b"odd", b"slow"], [2, 2], decode)
+    )
     assert isinstance(results[0], Refused) and results[0].status == 415
     assert results[0].message == "cannot decode the image: a plugin error"  # plain text, not the exception's repr
     assert results[1][0]["class"] == "a" and len(results[1]) == 2  # the synthetic 64 px point always says "a"

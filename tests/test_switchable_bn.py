@@ -68,7 +68,8 @@ def test_interpolate_outside_range_falls_back_to_nearest_with_one_plain_note(cap
     for m in model.switchable_bns():
         assert m._choice.kind == "trained" and m.resolutions[m._choice.index] == 56 or m._choice.kind == "interpolate"
     assert [r.getMessage() for r in caplog.records] == [
-        "96 px is outside the trained range [48, 64]: bn_policy 'interpolate' serves it with the nearest trained BN"]
+        "96 px is outside the trained range [48, 64]: bn_policy 'interpolate' serves it with the nearest trained BN"
+    ]
     model.set_operating_point(96, bn_policy="interpolate")
     for m in model.switchable_bns():
         assert m._choice.kind == "trained" and m.resolutions[m._choice.index] == 64
@@ -82,7 +83,9 @@ def test_calibrate_policy_requires_statistics_and_uses_them():
     bn.select(72, "calibrate")
     x = torch.randn(2, 2, 4, 4)
     near = bn.bns[1]  # 72 is nearest to 64
-    torch.testing.assert_close(bn(x), manual_bn(x, near.weight, near.bias, torch.tensor([3.0, -2.0]), torch.tensor([9.0, 0.25])))
+    torch.testing.assert_close(
+        bn(x), manual_bn(x, near.weight, near.bias, torch.tensor([3.0, -2.0]), torch.tensor([9.0, 0.25]))
+    )
 
 
 def test_calibration_gives_exact_statistics_of_the_first_layer():

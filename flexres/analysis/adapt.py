@@ -56,12 +56,16 @@ class Candidates:
         cols = [i for i, m in enumerate(self.macs) if m <= max_macs]
         if not cols:
             cheapest = self.probe
-            raise ValueError(f"no scaling configuration fits {max_macs / 1e6:.1f} MMACs; the cheapest, {self.scales[cheapest]}, "
-                             f"costs {self.macs[cheapest] / 1e6:.1f} MMACs")
+            raise ValueError(
+                f"no scaling configuration fits {max_macs / 1e6:.1f} MMACs; the cheapest, {self.scales[cheapest]}, "
+                f"costs {self.macs[cheapest] / 1e6:.1f} MMACs"
+            )
         return Candidates([self.scales[i] for i in cols], [self.macs[i] for i in cols]), cols
 
 
-def candidates_within(model: AdaptiveModel, resolution: int, configs: list[tuple[float, ...]], max_macs: float) -> Candidates:
+def candidates_within(
+    model: AdaptiveModel, resolution: int, configs: list[tuple[float, ...]], max_macs: float
+) -> Candidates:
     every = Candidates(list(configs), [count_macs(model, OperatingPoint(resolution, scales=sc)) for sc in configs])
     return every.within(max_macs)[0]
 
@@ -69,6 +73,7 @@ def candidates_within(model: AdaptiveModel, resolution: int, configs: list[tuple
 @dataclass
 class Scores:
     """Every candidate run on a set of images: what ``score_candidates`` returns, kept for reuse."""
+
     correct: Tensor  # [N, C] bool
     prob: Tensor  # [N, C] true-class probability
     features: Tensor  # [N, ...] last-stage features of the probe (cheapest) candidate
@@ -78,8 +83,14 @@ class Scores:
 
 
 @torch.no_grad()
-def score_candidates(model: AdaptiveModel, dataset: ImageFolderDataset, resolution: int, cands: Candidates,
-                     batch_size: int = 64, crop_fraction: float = 0.875) -> Scores:
+def score_candidates(
+    model: AdaptiveModel,
+    dataset: ImageFolderDataset,
+    resolution: int,
+    cands: Candidates,
+    batch_size: int = 64,
+    crop_fraction: float = 0.875,
+) -> Scores:
     """Every candidate on every image of ``dataset`` (with the probe candidate's features)."""
     model.eval()
     saved = dataset.transform
@@ -92,7 +103,9 @@ def score_candidates(model: AdaptiveModel, dataset: ImageFolderDataset, resoluti
         for x, y in DataLoader(dataset, batch_size=batch_size):
             x, y = normalize_batch(x.to(device)), y.to(device)
             # Every candidate as one prefix tree (shared stages once); the probe's features for the router.
-            features = forward_configurations(model, x, resolution, cands.scales, bn_policy="interpolate", features=True)
+            features = forward_configurations(
+                model, x, resolution, cands.scales, bn_policy="interpolate", features=True
+            )
             c_row, p_row = [], []
             for sc in cands.scales:
                 p = model.forward_head(features[sc]).softmax(1)
@@ -111,8 +124,15 @@ def best_config_labels(correct: Tensor, prob: Tensor) -> Tensor:
     return (correct.float() * 2.0 + prob).argmax(1)
 
 
-def train_router(features: Tensor, targets: Tensor, num_configs: int, epochs: int = 30, lr: float = 1e-3,
-                 batch_size: int = 128, seed: int = 0) -> ConfigRouter:
+def train_router(
+    features: Tensor,
+    targets: Tensor,
+    num_configs: int,
+    epochs: int = 30,
+    lr: float = 1e-3,
+    batch_size: int = 128,
+    seed: int = 0,
+) -> ConfigRouter:
     torch.manual_seed(seed)
     router = ConfigRouter(features.shape[1], num_configs)
     opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=1e-4)
@@ -120,7 +140,7 @@ def train_router(features: Tensor, targets: Tensor, num_configs: int, epochs: in
     for _ in range(epochs):
         order = torch.randperm(len(targets), generator=gen)
         for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
+            idx = order[i : i + batch_size]
             if len(idx) < 2:
                 continue
             loss = F.cross_entropy(router(features[idx]), targets[idx])
@@ -145,10 +165,17 @@ def compare_adapt_nas(cands: Candidates, train: Scores, val: Scores, epochs: int
     nas = int(train.correct.float().mean(0).argmax())
     acc = val.correct.float()
     return {
-        "candidates": len(cands.scales), "probe_scales": list(cands.scales[cands.probe]),
-        "probe_macs": cands.macs[cands.probe], "train_images": len(train.correct), "val_images": len(val.correct),
-        "adapt": {"top1": 100 * float(acc[torch.arange(len(chosen)), chosen].mean()), "mean_macs": float(macs[chosen].mean()),
-                  "max_macs": float(macs[chosen].max()), "configs_used": int(chosen.unique().numel())},
+        "candidates": len(cands.scales),
+        "probe_scales": list(cands.scales[cands.probe]),
+        "probe_macs": cands.macs[cands.probe],
+        "train_images": len(train.correct),
+        "val_images": len(val.correct),
+        "adapt": {
+            "top1": 100 * float(acc[torch.arange(len(chosen)), chosen].mean()),
+            "mean_macs": float(macs[chosen].mean()),
+            "max_macs": float(macs[chosen].max()),
+            "configs_used": int(chosen.unique().numel()),
+        },
         "nas": {"scales": list(cands.scales[nas]), "top1": 100 * float(acc[:, nas].mean()), "macs": cands.macs[nas]},
         "oracle_top1": 100 * float(acc.max(1).values.mean()),
         "router": router,
@@ -156,8 +183,16 @@ def compare_adapt_nas(cands: Candidates, train: Scores, val: Scores, epochs: int
     }
 
 
-def adapt_report(model: AdaptiveModel, train_subset: ImageFolderDataset, val: ImageFolderDataset, resolution: int,
-                 configs: list[tuple[float, ...]], max_macs: float, epochs: int = 30, batch_size: int = 256) -> dict[str, Any]:
+def adapt_report(
+    model: AdaptiveModel,
+    train_subset: ImageFolderDataset,
+    val: ImageFolderDataset,
+    resolution: int,
+    configs: list[tuple[float, ...]],
+    max_macs: float,
+    epochs: int = 30,
+    batch_size: int = 256,
+) -> dict[str, Any]:
     """Candidates within ``max_macs``, scored on ``train_subset`` (labels) and ``val``, then ``compare_adapt_nas``."""
     cands = candidates_within(model, resolution, configs, max_macs)
     train, held_out = (score_candidates(model, ds, resolution, cands, batch_size) for ds in (train_subset, val))

@@ -13,7 +13,9 @@ from ..models.static import to_static
 from ..operating_point import OperatingPoint
 
 
-def time_call(fn: Callable[[], object], warmup: int = 5, repeats: int = 30, sync: Callable[[], None] | None = None) -> float:
+def time_call(
+    fn: Callable[[], object], warmup: int = 5, repeats: int = 30, sync: Callable[[], None] | None = None
+) -> float:
     """Median wall time of ``fn()`` in milliseconds after ``warmup`` untimed calls."""
     for _ in range(warmup):
         fn()
@@ -30,8 +32,15 @@ def time_call(fn: Callable[[], object], warmup: int = 5, repeats: int = 30, sync
 
 
 @torch.no_grad()
-def measure_latency(model: AdaptiveModel, op: OperatingPoint | int, batch_size: int = 1, warmup: int = 5,
-                    repeats: int = 30, bn_policy: str = "nearest", deployed: bool = True) -> float:
+def measure_latency(
+    model: AdaptiveModel,
+    op: OperatingPoint | int,
+    batch_size: int = 1,
+    warmup: int = 5,
+    repeats: int = 30,
+    bn_policy: str = "nearest",
+    deployed: bool = True,
+) -> float:
     """Median forward latency (ms) at ``op`` for a batch of ``batch_size`` images.
 
     deployed=True times what ``flexres export`` ships for that point (plain layers, BN folded); False

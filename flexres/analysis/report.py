@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import html
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -34,7 +34,9 @@ def plot_accuracy_vs_cost(report: dict[str, Any], out: Path, key: str = "macs") 
             ax.scatter(*zip(*trained), s=80, facecolors="none", edgecolors="black", zorder=3)
     ax.set_xlabel("MMACs per image" if key == "macs" else "latency (ms, batch 1, this machine)")
     ax.set_ylabel(axis_label)
-    ax.set_title(f"accuracy vs {'MACs' if key == 'macs' else 'latency'} (circled: trained resolutions; BN {report['bn_policy']})")
+    ax.set_title(
+        f"accuracy vs {'MACs' if key == 'macs' else 'latency'} (circled: trained resolutions; BN {report['bn_policy']})"
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -58,8 +60,16 @@ def plot_heatmap(report: dict[str, Any], out: Path) -> Path:
     for i, row in enumerate(grid):
         for j, v in enumerate(row):
             bold = res[j] in report["runs"][labels[i]]["train_resolutions"]
-            ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=8, color="white" if v < mean else "black",
-                    fontweight="bold" if bold else "normal")
+            ax.text(
+                j,
+                i,
+                f"{v:.1f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if v < mean else "black",
+                fontweight="bold" if bold else "normal",
+            )
     fig.colorbar(im, ax=ax, label=axis_label)
     ax.set_title(f"train x test {metric} (bold: trained resolution)")
     fig.tight_layout()
@@ -71,7 +81,9 @@ def plot_heatmap(report: dict[str, Any], out: Path) -> Path:
 
 def bn_statistics(model: AdaptiveModel) -> dict[int, dict[str, list[float]]]:
     """Per trained resolution, per BN layer: the mean of gamma, beta, running mean and running var."""
-    out: dict[int, dict[str, list[float]]] = {r: {"gamma": [], "beta": [], "mean": [], "var": []} for r in model.train_resolutions}
+    out: dict[int, dict[str, list[float]]] = {
+        r: {"gamma": [], "beta": [], "mean": [], "var": []} for r in model.train_resolutions
+    }
     for bn in model.switchable_bns():
         for r, b in zip(bn.resolutions, bn.bns):
             for key, t in (("gamma", b.weight), ("beta", b.bias), ("mean", b.running_mean), ("var", b.running_var)):
@@ -86,8 +98,14 @@ def plot_bn_statistics(model: AdaptiveModel, label: str, out: Path) -> Path:
     for k, (key, ax) in enumerate(zip(("gamma", "beta", "mean", "var"), axes.flat)):
         for i, (r, s) in enumerate(sorted(stats.items(), reverse=True)):
             ax.plot(s[key], label=f"{r} px", color=cmap(i / max(1, len(stats) - 1) * 0.85))
-        ax.set_title({"gamma": "mean of gamma", "beta": "mean of beta", "mean": "mean of running mean",
-                      "var": "mean of running var"}[key])
+        ax.set_title(
+            {
+                "gamma": "mean of gamma",
+                "beta": "mean of beta",
+                "mean": "mean of running mean",
+                "var": "mean of running var",
+            }[key]
+        )
         ax.grid(alpha=0.3)
         if k >= 2:
             ax.set_xlabel("BN layer (network order)")
@@ -100,8 +118,15 @@ def plot_bn_statistics(model: AdaptiveModel, label: str, out: Path) -> Path:
     return path
 
 
-def plot_segmentation_examples(model: AdaptiveModel, meta: dict[str, Any], image: str | Path, resolutions: list[int], label: str,
-                               out: Path, segment_files: Callable[..., list[dict[str, Any]]]) -> Path:
+def plot_segmentation_examples(
+    model: AdaptiveModel,
+    meta: dict[str, Any],
+    image: str | Path,
+    resolutions: list[int],
+    label: str,
+    out: Path,
+    segment_files: Callable[..., list[dict[str, Any]]],
+) -> Path:
     """One image segmented at every resolution, side by side with the image (masks at the image's own size).
     ``segment_files``: flexres.deploy.predict's (deploy sits above analysis, so the caller passes it in)."""
     import tempfile
@@ -110,7 +135,9 @@ def plot_segmentation_examples(model: AdaptiveModel, meta: dict[str, Any], image
 
     with tempfile.TemporaryDirectory() as tmp:
         masks = [(r, segment_files(model, meta, [str(image)], r, Path(tmp) / str(r))[0]) for r in resolutions]
-        panels = [("image", Image.open(image).convert("RGB"))] + [(f"{r} px", Image.open(m["mask"]).convert("RGB")) for r, m in masks]
+        panels = [("image", Image.open(image).convert("RGB"))] + [
+            (f"{r} px", Image.open(m["mask"]).convert("RGB")) for r, m in masks
+        ]
         fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.4))
         for ax, (title, im) in zip(axes, panels):
             ax.imshow(im)
@@ -124,8 +151,12 @@ def plot_segmentation_examples(model: AdaptiveModel, meta: dict[str, Any], image
     return path
 
 
-def write_report(report: dict[str, Any], models: dict[str, AdaptiveModel], out: str | Path,
-                 extra_figures: list[tuple[str, Path]] | None = None) -> Path:
+def write_report(
+    report: dict[str, Any],
+    models: dict[str, AdaptiveModel],
+    out: str | Path,
+    extra_figures: list[tuple[str, Path]] | None = None,
+) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     metric, axis_label = metric_of(report)
@@ -146,14 +177,19 @@ def write_report(report: dict[str, Any], models: dict[str, AdaptiveModel], out: 
 
     rows = "".join(
         f"<tr><td>{html.escape(lb)}</td><td>{', '.join(map(str, run['train_resolutions']))}</td>"
-        + "".join(cell(run, r) for r in res) + "</tr>"
-        for lb, run in report["runs"].items())
+        + "".join(cell(run, r) for r in res)
+        + "</tr>"
+        for lb, run in report["runs"].items()
+    )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>flexres report</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}} img{{max-width:100%;border:1px solid #ddd}}
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}} \
+img{{max-width:100%;border:1px solid #ddd}}
 table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}</style></head><body>
-<h1>flexres report</h1><p>data: {html.escape(str(report['data']))}; BN policy for unseen resolutions: {html.escape(report['bn_policy'])}</p>
-<h2>{html.escape(axis_label)}</h2><table><tr><th>run</th><th>trained at</th>{''.join(f'<th>{r}</th>' for r in res)}</tr>{rows}</table>
-{''.join(f'<h2>{html.escape(t)}</h2><img src="{p.name}" alt="{html.escape(t)}">' for t, p in figures)}
+<h1>flexres report</h1><p>data: {html.escape(str(report["data"]))}; \
+BN policy for unseen resolutions: {html.escape(report["bn_policy"])}</p>
+<h2>{html.escape(axis_label)}</h2>\
+<table><tr><th>run</th><th>trained at</th>{"".join(f"<th>{r}</th>" for r in res)}</tr>{rows}</table>
+{"".join(f'<h2>{html.escape(t)}</h2><img src="{p.name}" alt="{html.escape(t)}">' for t, p in figures)}
 </body></html>"""
     index = out / "index.html"
     index.write_text(page)

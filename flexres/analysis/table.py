@@ -12,8 +12,9 @@ from typing import Any
 from ..operating_point import TABLE, pareto_front
 
 
-def scale_configurations(factors: tuple[float, ...] | None, num_stages: int, spec: str | None,
-                         seed: int = 0) -> list[tuple[float, ...] | None]:
+def scale_configurations(
+    factors: tuple[float, ...] | None, num_stages: int, spec: str | None, seed: int = 0
+) -> list[tuple[float, ...] | None]:
     """Resizable-NAS: 'all' per-stage configurations of ``factors``, or a seeded sample of N; [None] when
     ``spec`` is None (a model without per-stage scales)."""
     import itertools
@@ -52,13 +53,18 @@ def write_table(rows: list[dict[str, Any]], run_dir: str | Path, info: dict[str,
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    lines = ["| width | resolution | scales | top-1 | top-5 | MMACs | params (M) | latency (ms) | Pareto (MACs) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| width | resolution | scales | top-1 | top-5 | MMACs | params (M) | latency (ms) | Pareto (MACs) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(rows, key=lambda r: r["macs"]):
         lat = f"{r['latency_ms']:.2f}" if r.get("latency_ms") is not None else ""
         sc = "-".join(f"{f:g}" for f in r["scales"]) if r.get("scales") else ""
-        lines.append(f"| {r['width']:g} | {r['resolution']} | {sc} | {r['top1']:.1f} | {r['top5']:.1f} | {r['macs'] / 1e6:.1f} | "
-                     f"{r['params'] / 1e6:.3f} | {lat} | {'yes' if r['pareto_macs'] else ''} |")
+        lines.append(
+            f"| {r['width']:g} | {r['resolution']} | {sc} | {r['top1']:.1f} | {r['top5']:.1f} | "
+            f"{r['macs'] / 1e6:.1f} | "
+            f"{r['params'] / 1e6:.3f} | {lat} | {'yes' if r['pareto_macs'] else ''} |"
+        )
     (run_dir / "table.md").write_text("\n".join(lines) + "\n")
     return [run_dir / TABLE, run_dir / "table.csv", run_dir / "table.md"]
 

@@ -13,7 +13,20 @@ from .dataset import (
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, MultiResolutionCrop, normalize_batch, resize_batch
 
 __all__ = [
-    "EvalTransform", "IMAGENET_MEAN", "IMAGENET_STD", "ImageFolderDataset", "MultiResolutionCrop", "SubsetView",
-    "KeyedSampler", "UnreadableImageError", "collate_skipping", "load_rgb", "normalize_batch", "read_class_names", "resize_batch", "sample_data_dir",
-    "sample_segmentation_dir", "split_dir",
+    "EvalTransform",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageFolderDataset",
+    "MultiResolutionCrop",
+    "SubsetView",
+    "KeyedSampler",
+    "UnreadableImageError",
+    "collate_skipping",
+    "load_rgb",
+    "normalize_batch",
+    "read_class_names",
+    "resize_batch",
+    "sample_data_dir",
+    "sample_segmentation_dir",
+    "split_dir",
 ]

@@ -34,7 +34,8 @@ def load_rgb(path: str) -> Tensor:
             return pil_to_tensor(im.convert("RGB"))
     except Exception as e:  # noqa: BLE001 - every decoder failure is reported with its path
         raise UnreadableImageError(
-            f"cannot read image {path}: {e}. Fix or remove the file, or set data.skip_unreadable=true", path) from e
+            f"cannot read image {path}: {e}. Fix or remove the file, or set data.skip_unreadable=true", path
+        ) from e
 
 
 AUTO_CACHE_IMAGES = 10_000
@@ -49,8 +50,14 @@ class ImageFolderDataset(Dataset):
     counted instead of stopping training with an error that names the file.
     """
 
-    def __init__(self, root: str | os.PathLike, transform: Callable[[Tensor], Any] | None = None,
-                 cache: bool | str = False, skip_unreadable: bool = False, progress: bool = True) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        transform: Callable[[Tensor], Any] | None = None,
+        cache: bool | str = False,
+        skip_unreadable: bool = False,
+        progress: bool = True,
+    ) -> None:
         self.root = str(root)
         if not Path(self.root).is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
@@ -66,7 +73,9 @@ class ImageFolderDataset(Dataset):
             cache = len(self.samples) <= AUTO_CACHE_IMAGES
         if cache:
             self._cache = []
-            for path, _ in tqdm(self.samples, desc=f"decoding {Path(self.root).name}", disable=not progress, leave=False):
+            for path, _ in tqdm(
+                self.samples, desc=f"decoding {Path(self.root).name}", disable=not progress, leave=False
+            ):
                 self._cache.append(self._load(path))
 
     def _load(self, path: str) -> Tensor | None:
@@ -177,7 +186,6 @@ class SubsetView(Dataset):
         return self.base[self.indices[i]]
 
 
-
 class KeyedSampler(Sampler):
     """Training order for loaders that live the whole run (persistent workers): yields (seed, index), the seed of each
     sample's augmentation a function of (run seed, epoch, index) alone. So the crops of an epoch do not depend on the
@@ -199,6 +207,8 @@ class KeyedSampler(Sampler):
         if self.base is not None:
             order = list(self.base)
         else:
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)).tolist()
+            order = torch.randperm(
+                self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            ).tolist()
         for index in order:
             yield ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % 2**63, index

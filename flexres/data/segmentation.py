@@ -41,7 +41,9 @@ def read_segmentation_classes(root: str | os.PathLike) -> SegmentationClasses:
     """``classes.tsv`` at the data root: ``label name r g b`` per line (a header line is allowed)."""
     path = Path(root) / "classes.tsv"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: a segmentation dataset needs classes.tsv (label, name, r, g, b per line)")
+        raise FileNotFoundError(
+            f"{path} is missing: a segmentation dataset needs classes.tsv (label, name, r, g, b per line)"
+        )
     rows = {}
     for n, line in enumerate(path.read_text().splitlines(), 1):
         parts = line.split("\t")
@@ -70,8 +72,13 @@ class SegmentationDataset(Dataset):
     """Pairs ``images/<name>.*`` with ``labels/<name>.png``; items are ``transform(image, label)``
     (default: the uint8 image 3 x H x W and the label H x W as int64)."""
 
-    def __init__(self, split_root: str | os.PathLike, transform: Callable[[Tensor, Tensor], Any] | None = None,
-                 cache: bool = False, classes_root: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self,
+        split_root: str | os.PathLike,
+        transform: Callable[[Tensor, Tensor], Any] | None = None,
+        cache: bool = False,
+        classes_root: str | os.PathLike | None = None,
+    ) -> None:
         self.root = Path(split_root)
         images, labels = self.root / "images", self.root / "labels"
         if not images.is_dir() or not labels.is_dir():
@@ -99,7 +106,9 @@ class SegmentationDataset(Dataset):
         img_path, lab_path = self.samples[index]
         img, lab = load_rgb(img_path), load_label(lab_path)
         if img.shape[-2:] != lab.shape[-2:]:
-            raise ValueError(f"{img_path} is {tuple(img.shape[-2:])} but its label {lab_path} is {tuple(lab.shape[-2:])}")
+            raise ValueError(
+                f"{img_path} is {tuple(img.shape[-2:])} but its label {lab_path} is {tuple(lab.shape[-2:])}"
+            )
         return img, lab
 
     def __len__(self) -> int:
@@ -117,7 +126,9 @@ class JointMultiResolutionCrop:
     and label alike; the image crop resized to every training resolution (bilinear, antialiased), the label crop to
     the largest one by nearest neighbour (RS-Nets App. B: one crop for all resolutions, losses at the largest)."""
 
-    def __init__(self, resolutions: list[int] | tuple[int, ...], scale: tuple[float, float] = (0.5, 1.0), hflip: bool = True) -> None:
+    def __init__(
+        self, resolutions: list[int] | tuple[int, ...], scale: tuple[float, float] = (0.5, 1.0), hflip: bool = True
+    ) -> None:
         self.resolutions = tuple(int(r) for r in resolutions)
         self.scale, self.hflip = tuple(scale), hflip
 
@@ -126,7 +137,7 @@ class JointMultiResolutionCrop:
         side = max(1, int(round(min(h, w) * float(torch.empty(()).uniform_(*self.scale)))))
         top = int(torch.randint(0, h - side + 1, ()))
         left = int(torch.randint(0, w - side + 1, ()))
-        img, lab = img[..., top:top + side, left:left + side], lab[..., top:top + side, left:left + side]
+        img, lab = img[..., top : top + side, left : left + side], lab[..., top : top + side, left : left + side]
         if self.hflip and torch.rand(()) < 0.5:
             img, lab = img.flip(-1), lab.flip(-1)
         inputs = tuple(TF.resize(img, [r, r], antialias=True) for r in self.resolutions)

@@ -22,31 +22,42 @@ class MultiResolutionCrop:
     of one per resolution, and one tensor per image through the loader.
     """
 
-    def __init__(self, resolutions: list[int] | tuple[int, ...], scale: tuple[float, float] = (0.08, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True, on_device: bool = False) -> None:
+    def __init__(
+        self,
+        resolutions: list[int] | tuple[int, ...],
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: bool = True,
+        on_device: bool = False,
+    ) -> None:
         self.resolutions = tuple(int(r) for r in resolutions)
         self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
         self.on_device = on_device
 
     def __call__(self, img: Tensor) -> tuple[Tensor, ...]:
         top, left, h, w = RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
-        crop = img[..., top:top + h, left:left + w]
+        crop = img[..., top : top + h, left : left + w]
         if self.hflip and torch.rand(()) < 0.5:
             crop = crop.flip(-1)
         sizes = (max(self.resolutions),) if self.on_device else self.resolutions
         return tuple(TF.resize(crop, [r, r], antialias=True) for r in sizes)
 
     def __repr__(self) -> str:
-        return (f"MultiResolutionCrop(resolutions={list(self.resolutions)}, scale={self.scale}, ratio={self.ratio}"
-                + (", on_device=True)" if self.on_device else ")"))
+        return f"MultiResolutionCrop(resolutions={list(self.resolutions)}, scale={self.scale}, ratio={self.ratio}" + (
+            ", on_device=True)" if self.on_device else ")"
+        )
 
 
 def resize_batch(x: Tensor, resolutions: tuple[int, ...] | list[int]) -> tuple[Tensor, ...]:
     """A batch of crops at the largest resolution (uint8 or float, N x 3 x R x R) at every one of ``resolutions``, as
     float on its device (antialiased bilinear, as the CPU path's resize; the largest passes through)."""
     x = x.float()
-    return tuple(x if (r, r) == tuple(x.shape[-2:]) else
-                 F.interpolate(x, size=(r, r), mode="bilinear", antialias=True, align_corners=False) for r in resolutions)
+    return tuple(
+        x
+        if (r, r) == tuple(x.shape[-2:])
+        else F.interpolate(x, size=(r, r), mode="bilinear", antialias=True, align_corners=False)
+        for r in resolutions
+    )
 
 
 INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
@@ -68,10 +79,15 @@ class EvalTransform:
         return TF.center_crop(img, [self.resolution, self.resolution])
 
     def __repr__(self) -> str:
-        return f"EvalTransform(resolution={self.resolution}, resize_to={self.resize_to}, interpolation={self.interpolation!r})"
+        return (
+            f"EvalTransform(resolution={self.resolution}, resize_to={self.resize_to}, "
+            f"interpolation={self.interpolation!r})"
+        )
 
 
-def normalize_batch(x: Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> Tensor:
+def normalize_batch(
+    x: Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
+) -> Tensor:
     """uint8 N x 3 x H x W -> float, scaled to [0, 1] and standardised with ``mean``/``std``."""
     m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1) * 255.0
     s = torch.tensor(std, device=x.device).view(1, -1, 1, 1) * 255.0

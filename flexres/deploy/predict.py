@@ -16,8 +16,8 @@ from ..analysis.table import read_table
 from ..data import EvalTransform, UnreadableImageError, load_rgb, normalize_batch
 from ..engine.checkpoint import load_checkpoint, resolve_checkpoint
 from ..engine.run import RunInfo
-from .export import EXPORTED_SUFFIXES
 from ..operating_point import TABLE, OperatingPoint, best_within, evaluated_accuracy
+from .export import EXPORTED_SUFFIXES
 
 
 def parse_count(text: str) -> float:
@@ -50,8 +50,14 @@ def candidate_resolutions(model, meta: dict[str, Any]) -> list[int]:
     return sorted(set(model.train_resolutions) | set(evals), reverse=True)
 
 
-def choose_resolution(model, meta: dict[str, Any], run_dir: Path, max_macs: float | None, max_latency_ms: float | None,
-                      batch_size: int = 1) -> tuple[int, str]:
+def choose_resolution(
+    model,
+    meta: dict[str, Any],
+    run_dir: Path,
+    max_macs: float | None,
+    max_latency_ms: float | None,
+    batch_size: int = 1,
+) -> tuple[int, str]:
     """The best resolution under the budget: most accurate where ``flexres eval`` results exist, else the largest."""
     acc = evaluated_accuracy(run_dir)
     rows = []
@@ -69,16 +75,28 @@ def choose_resolution(model, meta: dict[str, Any], run_dir: Path, max_macs: floa
     if not rows:
         budget = f"{max_macs / 1e6:.1f} MMACs" if max_macs is not None else f"{max_latency_ms} ms"
         cheapest = min(candidate_resolutions(model, meta))
-        raise ValueError(f"no operating point fits the budget of {budget}; the cheapest, {cheapest} px, costs "
-                         f"{count_macs(model, cheapest) / 1e6:.1f} MMACs")
+        raise ValueError(
+            f"no operating point fits the budget of {budget}; the cheapest, {cheapest} px, costs "
+            f"{count_macs(model, cheapest) / 1e6:.1f} MMACs"
+        )
     best = max(rows)
-    how = f"top-1 {best[0]:.1f}% (flexres eval)" if best[0] >= 0 else "largest resolution within budget (no eval results saved)"
+    how = (
+        f"top-1 {best[0]:.1f}% (flexres eval)"
+        if best[0] >= 0
+        else "largest resolution within budget (no eval results saved)"
+    )
     lat = f", {best[3]:.2f} ms" if best[3] is not None else ""
     return best[1], f"{best[1]} px: {best[2] / 1e6:.1f} MMACs{lat}; {how}"
 
 
-def load_predictor(target: str, resolution: int | None = None, max_macs: float | None = None,
-                   max_latency_ms: float | None = None, bn_policy: str = "interpolate", width: float = 1.0) -> Predictor:
+def load_predictor(
+    target: str,
+    resolution: int | None = None,
+    max_macs: float | None = None,
+    max_latency_ms: float | None = None,
+    bn_policy: str = "interpolate",
+    width: float = 1.0,
+) -> Predictor:
     path = Path(target)
     if path.suffix in EXPORTED_SUFFIXES:
         info = json.loads(Path(str(path) + ".json").read_text())
@@ -97,8 +115,17 @@ def load_predictor(target: str, resolution: int | None = None, max_macs: float |
                 module = torch.jit.load(str(path))
             run = lambda x: module(x)  # noqa: E731
         classes = info.get("classes") or []
-        return Predictor(run, r, classes, info.get("class_names") or classes, pre["mean"], pre["std"], r / pre["resize_short_side"],
-                         f"{path.name} (static, {r} px)", pre.get("interpolation", "bilinear"))
+        return Predictor(
+            run,
+            r,
+            classes,
+            info.get("class_names") or classes,
+            pre["mean"],
+            pre["std"],
+            r / pre["resize_short_side"],
+            f"{path.name} (static, {r} px)",
+            pre.get("interpolation", "bilinear"),
+        )
     model, meta = load_checkpoint(target)
     run_dir = resolve_checkpoint(target).parent
     how, scales = "given", None
@@ -108,19 +135,33 @@ def load_predictor(target: str, resolution: int | None = None, max_macs: float |
         elif (run_dir / TABLE).is_file():  # the query table built by `flexres table`
             row = best_within(read_table(run_dir), max_macs, max_latency_ms)
             resolution, width, scales = row["resolution"], row["width"], row.get("scales")
-            how = (f"{resolution} px, width {width:g}" + (f", scales {scales}" if scales else "")
-                   + f": {row['macs'] / 1e6:.1f} MMACs; top-1 {row['top1']:.1f}% (flexres table)")
+            how = (
+                f"{resolution} px, width {width:g}"
+                + (f", scales {scales}" if scales else "")
+                + f": {row['macs'] / 1e6:.1f} MMACs; top-1 {row['top1']:.1f}% (flexres table)"
+            )
         else:
             resolution, how = choose_resolution(model, meta, run_dir, max_macs, max_latency_ms)
     op = OperatingPoint(resolution, width, tuple(scales) if scales else None)
     if model.width_range is not None and not model.is_calibrated(op):
-        raise ValueError(f"{op} has no post-statistics BN in {run_dir}; compute it with `flexres table {run_dir} --data DIR` "
-                         f"or `flexres eval {run_dir} --data DIR --width {width:g} --resolutions {resolution}`")
+        raise ValueError(
+            f"{op} has no post-statistics BN in {run_dir}; compute it with `flexres table {run_dir} --data DIR` "
+            f"or `flexres eval {run_dir} --data DIR --width {width:g} --resolutions {resolution}`"
+        )
     model.set_operating_point(op, bn_policy=bn_policy)
     info = RunInfo.from_meta(meta)
     pre = info.preprocessing
-    return Predictor(model, resolution, info.classes, info.class_names, pre.mean, pre.std, pre.crop_fraction,
-                     f"{run_dir.name} at {how}", pre.interpolation)
+    return Predictor(
+        model,
+        resolution,
+        info.classes,
+        info.class_names,
+        pre.mean,
+        pre.std,
+        pre.crop_fraction,
+        f"{run_dir.name} at {how}",
+        pre.interpolation,
+    )
 
 
 def file_error(path: str, e: Exception) -> str:
@@ -136,7 +177,8 @@ def file_error(path: str, e: Exception) -> str:
 
 @torch.no_grad()
 def predict_files(predictor: Predictor, files: list[str], topk: int = 5) -> list[dict[str, Any]]:
-    """One entry per file: {"file", "top": [{"label", "class" (folder), "name", "probability"}, ...]} or {"file", "error"}."""
+    """One entry per file: {"file", "top": [{"label", "class" (folder), "name", "probability"}, ...]} or {"file",
+    "error"}."""
     transform = EvalTransform(predictor.resolution, predictor.crop_fraction, predictor.interpolation)
     out = []
     for f in files:
@@ -162,8 +204,15 @@ def top_classes(probs: Tensor, classes: list[str], names: list[str], topk: int =
 
 
 @torch.no_grad()
-def segment_files(model, meta: dict[str, Any], files: list[str], resolution: int, out_dir: str | Path,
-                  bn_policy: str = "interpolate", alpha: float = 0.5) -> list[dict[str, Any]]:
+def segment_files(
+    model,
+    meta: dict[str, Any],
+    files: list[str],
+    resolution: int,
+    out_dir: str | Path,
+    bn_policy: str = "interpolate",
+    alpha: float = 0.5,
+) -> list[dict[str, Any]]:
     """Segment image files with a segmentation run at ``resolution`` (the short side): for each, ``<stem>_mask.png``
     (class colours from classes.tsv) and ``<stem>_overlay.png`` (the mask over the image) in ``out_dir``, and the share
     of the image each class covers. One bad file does not stop the others."""
@@ -185,7 +234,9 @@ def segment_files(model, meta: dict[str, Any], files: list[str], resolution: int
             continue
         x, _ = SegmentationEvalTransform(resolution)(img, torch.zeros(1, 1, 1, dtype=torch.uint8))
         x = info.preprocessing.normalize(x[None])
-        logits = torch.nn.functional.interpolate(model(x).float(), size=img.shape[-2:], mode="bilinear", align_corners=False)
+        logits = torch.nn.functional.interpolate(
+            model(x).float(), size=img.shape[-2:], mode="bilinear", align_corners=False
+        )
         pred = logits.argmax(1)[0]
         mask = colorize(pred, colors, info.ignore_index)
         overlay = (alpha * mask.float() + (1 - alpha) * img.float()).round().to(torch.uint8)
@@ -194,6 +245,12 @@ def segment_files(model, meta: dict[str, Any], files: list[str], resolution: int
         Image.fromarray(mask.permute(1, 2, 0).numpy()).save(paths["mask"])
         Image.fromarray(overlay.permute(1, 2, 0).numpy()).save(paths["overlay"])
         share = torch.bincount(pred.flatten(), minlength=len(names)).float() / pred.numel()
-        results.append({"file": f, "mask": str(paths["mask"]), "overlay": str(paths["overlay"]),
-                        "classes": {n: round(100 * float(s), 2) for n, s in zip(names, share) if s > 0}})
+        results.append(
+            {
+                "file": f,
+                "mask": str(paths["mask"]),
+                "overlay": str(paths["overlay"]),
+                "classes": {n: round(100 * float(s), 2) for n, s in zip(names, share) if s > 0},
+            }
+        )
     return results

@@ -23,12 +23,21 @@ TWO_GB = 2 * 1024**3  # protobuf's limit: a larger model's weights must live in 
 
 
 def export_onnx(static: nn.Module, example: Tensor, out: Path) -> list[Path]:
-    """``static`` as ONNX at ``out``: one self-contained file when the model is under 2 GB (the format's limit), else the
-    graph plus one external data file. Returns every file written."""
+    """``static`` as ONNX at ``out``: one self-contained file when the model is under 2 GB (the format's limit), else
+    the graph plus one external data file. Returns every file written."""
     weights = sum(p.numel() * p.element_size() for p in static.state_dict().values())
     external = weights >= TWO_GB
-    torch.onnx.export(static, (example,), str(out), input_names=["image"], output_names=["logits"],
-                      dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, dynamo=True, verbose=False, external_data=external)
+    torch.onnx.export(
+        static,
+        (example,),
+        str(out),
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+        dynamo=True,
+        verbose=False,
+        external_data=external,
+    )
     return [out] + sorted(p for p in out.parent.glob(out.name + "*") if p != out and not p.name.endswith(".json"))
 
 
@@ -60,8 +69,10 @@ def onnx_session(path: str | Path, threads: int | None = None):
         raise MissingFileError(f"ONNX model {path} does not exist")
     missing = [name for name in external_data_files(path) if not (path.parent / name).is_file()]
     if missing:
-        raise MissingFileError(f"{path} keeps its weights in {', '.join(missing)}, which is not beside it in {path.parent}: "
-                               "copy it there (an ONNX model over 2 GB is a graph file plus its data file)")
+        raise MissingFileError(
+            f"{path} keeps its weights in {', '.join(missing)}, which is not beside it in {path.parent}: "
+            "copy it there (an ONNX model over 2 GB is a graph file plus its data file)"
+        )
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or default_threads()
     opts.inter_op_num_threads = 1
@@ -75,12 +86,16 @@ def session_runner(session) -> Callable[[Tensor], Tensor]:
     name = session.get_inputs()[0].name
 
     def run(x: Tensor) -> Tensor:
-        return torch.from_numpy(session.run(None, {name: np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)})[0])
+        return torch.from_numpy(
+            session.run(None, {name: np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)})[0]
+        )
+
     return run
 
 
-def quantize_int8(fp32: Path, out: Path, calibration: Iterator[Tensor] | list[Tensor] | None = None,
-                  ranges: Path | None = None) -> Path:
+def quantize_int8(
+    fp32: Path, out: Path, calibration: Iterator[Tensor] | list[Tensor] | None = None, ranges: Path | None = None
+) -> Path:
     """``fp32`` quantized to int8 (QDQ: weights per channel, activations per tensor, ranges by min/max on the
     ``calibration`` batches of normalised images, which must be at the model's own resolution).
 
@@ -106,8 +121,16 @@ def quantize_int8(fp32: Path, out: Path, calibration: Iterator[Tensor] | list[Te
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)  # shape inference + fusions int8 needs
-        quantize_static(str(prepared), str(out), Reader() if batches else None, quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, **cache)
+        quantize_static(
+            str(prepared),
+            str(out),
+            Reader() if batches else None,
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            **cache,
+        )
     return out
 
 
@@ -129,7 +152,8 @@ def merge_ranges(caches: list[Path], out: Path) -> Path:
     for name in sorted(names):
         lows = [d.data[name].range_value[0] for _, d in loaded]
         highs = [d.data[name].range_value[1] for _, d in loaded]
-        merged[name] = TensorData(lowest=np.minimum.reduce(lows).astype(np.float32),
-                                  highest=np.maximum.reduce(highs).astype(np.float32))
+        merged[name] = TensorData(
+            lowest=np.minimum.reduce(lows).astype(np.float32), highest=np.maximum.reduce(highs).astype(np.float32)
+        )
     save_tensors_data(TensorsData(loaded[0][1].calibration_method, merged), out)
     return out

@@ -4,6 +4,16 @@ from .evaluate import accuracy_matrix, calibrate, evaluate, hit_miss_matrix
 from .trainer import train
 
 __all__ = [
-    "CheckpointMismatchError", "ConfigError", "accuracy_matrix", "calibrate", "evaluate", "hit_miss_matrix",
-    "load_checkpoint", "load_config", "load_into", "make_config", "save_checkpoint", "train",
+    "CheckpointMismatchError",
+    "ConfigError",
+    "accuracy_matrix",
+    "calibrate",
+    "evaluate",
+    "hit_miss_matrix",
+    "load_checkpoint",
+    "load_config",
+    "load_into",
+    "make_config",
+    "save_checkpoint",
+    "train",
 ]

@@ -113,7 +113,7 @@ def _differences(embedded: Any, sidecar: Any, path: str) -> list[tuple[str, Any,
 
 def _show(value: Any, limit: int = 60) -> str:
     text = "(absent)" if value is _MISSING else json.dumps(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def sidecar_path(checkpoint: str | Path) -> Path | None:
@@ -141,11 +141,15 @@ def check_sidecar(checkpoint: str | Path, meta: dict[str, Any]) -> None:
     try:
         written = json.loads(side.read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointMismatchError(f"{side} (the sidecar of {checkpoint}) is not readable JSON: {e}. Delete it to load "
-                                      f"{checkpoint} alone; its metadata is embedded") from e
+        raise CheckpointMismatchError(
+            f"{side} (the sidecar of {checkpoint}) is not readable JSON: {e}. Delete it to load "
+            f"{checkpoint} alone; its metadata is embedded"
+        ) from e
     if not isinstance(written, dict):
-        raise CheckpointMismatchError(f"{side} (the sidecar of {checkpoint}) holds a JSON {type(written).__name__}, "
-                                      "not an object. Delete it to load the checkpoint alone; its metadata is embedded")
+        raise CheckpointMismatchError(
+            f"{side} (the sidecar of {checkpoint}) holds a JSON {type(written).__name__}, "
+            "not an object. Delete it to load the checkpoint alone; its metadata is embedded"
+        )
     diffs = [d for key in sorted(set(meta) & set(written)) for d in _differences(meta[key], written[key], key)]
     if not diffs:
         return
@@ -157,7 +161,9 @@ def check_sidecar(checkpoint: str | Path, meta: dict[str, Any]) -> None:
         f"{side} disagrees with the metadata embedded in {checkpoint} on {_describe({p for p, _, _ in diffs})}:\n  - "
         + "\n  - ".join(lines)
         + f"\nThe embedded copy is what would load: editing {side.name} changes nothing about the model. "
-          f"Restore {side.name} or delete it (the checkpoint loads without it); to change the model, train or convert one.")
+        f"Restore {side.name} or delete it (the checkpoint loads without it); "
+        "to change the model, train or convert one."
+    )
 
 
 def _identity(path: Path) -> tuple[int, int, int]:
@@ -237,14 +243,20 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor]
                     st[name] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
-def save_checkpoint(run_dir: str | Path, model: AdaptiveModel, sidecar: dict[str, Any],
-                    method: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None) -> Path:
+def save_checkpoint(
+    run_dir: str | Path,
+    model: AdaptiveModel,
+    sidecar: dict[str, Any],
+    method: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> Path:
     run_dir = Path(run_dir)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     if method is not None:
         tensors.update({f"method.{k}": v for k, v in method.state_dict().items()})
-    meta = dict(sidecar, format_version=FORMAT_VERSION, arch=model.arch,
-                train_resolutions=list(model.train_resolutions))
+    meta = dict(
+        sidecar, format_version=FORMAT_VERSION, arch=model.arch, train_resolutions=list(model.train_resolutions)
+    )
     if optimizer is not None:
         opt_tensors, opt_info = _optimizer_tensors(optimizer)
         tensors.update(opt_tensors)
@@ -289,7 +301,7 @@ def load_model_state(model: AdaptiveModel, tensors: dict[str, Tensor], meta: dic
     saved_res = meta.get("train_resolutions")
     if saved_res is not None and tuple(saved_res) != tuple(model.train_resolutions):
         problems.append(f"trained resolutions: checkpoint has {saved_res}, model has {list(model.train_resolutions)}")
-    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     own = model.state_dict()
     missing, unexpected = set(own) - set(state), set(state) - set(own)
     if missing:
@@ -299,8 +311,10 @@ def load_model_state(model: AdaptiveModel, tensors: dict[str, Tensor], meta: dic
     shapes = {k for k in set(own) & set(state) if own[k].shape != state[k].shape}
     if shapes:
         k = sorted(shapes)[0]
-        problems.append(f"shape mismatch in {len(shapes)} tensors, e.g. {k}: checkpoint {tuple(state[k].shape)}, "
-                        f"model {tuple(own[k].shape)}")
+        problems.append(
+            f"shape mismatch in {len(shapes)} tensors, e.g. {k}: checkpoint {tuple(state[k].shape)}, "
+            f"model {tuple(own[k].shape)}"
+        )
     if problems:
         raise CheckpointMismatchError(f"checkpoint {source} does not fit the model:\n  - " + "\n  - ".join(problems))
     model.load_state_dict(state, strict=True)
@@ -317,9 +331,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     model = create_model(meta["arch"]["name"], **meta["arch"]["kwargs"])
     unrecorded = {k: v for k, v in getattr(model, "arch_defaults", {}).items() if k not in meta["arch"]["kwargs"]}
     if unrecorded:  # written before these options existed: today's defaults apply, which may not be what it trained
-        note(f"{ckpt} records no {', '.join(unrecorded)}: built with today's defaults "
-             f"({', '.join(f'{k}={v!r}' for k, v in unrecorded.items())}); a width-slimmable run trained before 2026-12 needs "
-             "model.kwargs channel_rounding: legacy, slim_head: true (MobileNets)")
+        note(
+            f"{ckpt} records no {', '.join(unrecorded)}: built with today's defaults "
+            f"({', '.join(f'{k}={v!r}' for k, v in unrecorded.items())}); "
+            "a width-slimmable run trained before 2026-12 needs "
+            "model.kwargs channel_rounding: legacy, slim_head: true (MobileNets)"
+        )
     load_model_state(model, tensors, meta, str(ckpt))
     meta["checkpoint_digest"] = file_digest(ckpt)
     calib = ckpt.parent / CALIBRATION
@@ -329,7 +346,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             load_calibration(model, calib)
             meta["calibration"] = cal_meta
         else:
-            note(f"ignoring {calib}: it was calibrated for other weights than {ckpt}; it will be recalibrated where needed")
+            note(
+                f"ignoring {calib}: it was calibrated for other weights than {ckpt}; "
+                "it will be recalibrated where needed"
+            )
     model.set_operating_point(model.train_resolutions[0])
     return model.to(map_location).eval(), meta
 
@@ -345,7 +365,8 @@ def load_into(model: AdaptiveModel, path: str | Path) -> dict[str, Any]:
     if len(saved_res) == 1 and len(model.train_resolutions) > 1:
         n = len(model.train_resolutions)
         tensors = {k: v for k, v in tensors.items() if ".bns.0." not in k} | {
-            k.replace(".bns.0.", f".bns.{i}."): v for k, v in tensors.items() if ".bns.0." in k for i in range(n)}
+            k.replace(".bns.0.", f".bns.{i}."): v for k, v in tensors.items() if ".bns.0." in k for i in range(n)
+        }
         meta = {**meta, "train_resolutions": list(model.train_resolutions)}
         note(f"{ckpt} was trained at {saved_res[0]} px only: each of the {n} resolutions' BNs starts from its BN")
     load_model_state(model, tensors, meta, str(ckpt))
@@ -373,25 +394,30 @@ def load_backbone(model: AdaptiveModel, source: str | Path) -> dict[str, Any]:
         state, resolutions = read_state_dict(path), None
     else:
         tensors, meta = read_checkpoint(resolve_checkpoint(path))
-        state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         resolutions = meta.get("train_resolutions")
     renamed = {}
     for k, v in state.items():
         for old, new in _BACKBONE_RENAMES:
             if k.startswith(old):
-                k = new + k[len(old):]
+                k = new + k[len(old) :]
         renamed[k] = v
     own = model.state_dict()
     targets = [k for k in own if k.startswith(_BACKBONE_PARTS)]
     loaded, used, problems = {}, set(), []
     for k in targets:
         key = k
-        if ".bns." in k:  # a switchable BN of the segmenter: from the source's BN of the nearest resolution, or its one BN
+        if (
+            ".bns." in k
+        ):  # a switchable BN of the segmenter: from the source's BN of the nearest resolution, or its one BN
             head, rest = k.split(".bns.", 1)
             index, tail = rest.split(".", 1)
             r = model.train_resolutions[int(index)]
-            key = (f"{head}.bns.{nearest_index(r, tuple(resolutions))}.{tail}" if resolutions and f"{head}.bns.0.{tail}" in renamed
-                   else f"{head}.{tail}")
+            key = (
+                f"{head}.bns.{nearest_index(r, tuple(resolutions))}.{tail}"
+                if resolutions and f"{head}.bns.0.{tail}" in renamed
+                else f"{head}.{tail}"
+            )
         if key not in renamed:
             problems.append(f"{k} (looked for {key})")
             continue
@@ -401,20 +427,23 @@ def load_backbone(model: AdaptiveModel, source: str | Path) -> dict[str, Any]:
         loaded[k] = renamed[key]
         used.add(key)
     if problems:
-        raise CheckpointMismatchError(f"{source} cannot initialise this backbone: {len(problems)} tensors missing or "
-                                      f"reshaped, e.g. {problems[0]}" + (f"; {problems[1]}" if len(problems) > 1 else ""))
+        raise CheckpointMismatchError(
+            f"{source} cannot initialise this backbone: {len(problems)} tensors missing or "
+            f"reshaped, e.g. {problems[0]}" + (f"; {problems[1]}" if len(problems) > 1 else "")
+        )
     model.load_state_dict(loaded, strict=False)
     fresh = sorted({k.split(".")[0] for k in own if k not in loaded})
     unused = sorted(k for k in renamed if k not in used and not k.endswith("num_batches_tracked"))
     return {"loaded": len(loaded), "fresh": fresh, "unused": unused}
 
 
-def load_training_state(path: str | Path, model: AdaptiveModel, method: nn.Module,
-                        optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def load_training_state(
+    path: str | Path, model: AdaptiveModel, method: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
     ckpt = resolve_checkpoint(path)
     tensors, meta = read_checkpoint(ckpt)
     load_model_state(model, tensors, meta, str(ckpt))
-    method_state = {k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")}
+    method_state = {k[len("method.") :]: v for k, v in tensors.items() if k.startswith("method.")}
     method.load_state_dict(method_state, strict=True)
     if "optimizer" not in meta:
         raise CheckpointMismatchError(f"{ckpt} holds no optimizer state, so training cannot resume exactly from it")
@@ -466,6 +495,8 @@ def load_calibration(model: AdaptiveModel, path: str | Path) -> dict[str, Any]:
             continue
         module.calibrated[point] = (stats["running_mean"], stats["running_var"])
     if stale:
-        note(f"ignoring {stale} calibrated statistics in {path} whose channel counts do not fit the model; "
-             "they are recalibrated where needed")
+        note(
+            f"ignoring {stale} calibrated statistics in {path} whose channel counts do not fit the model; "
+            "they are recalibrated where needed"
+        )
     return meta

@@ -22,36 +22,69 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # head: "new" (a fresh classifier when the file's has another number of classes) or "pretrained_rows" (the rows of
     # the file's ImageNet classifier named by the data's class folders, ImageNet wnids such as Imagenette's).
     # backbone_from (segmenters): a classification run or ResNet weights file whose backbone initialises the encoder
-    "model": {"name": "resnet18", "width_mult": 1.0, "num_classes": None, "pretrained": None, "head": "new", "kwargs": {},
-              "backbone_from": None},
+    "model": {
+        "name": "resnet18",
+        "width_mult": 1.0,
+        "num_classes": None,
+        "pretrained": None,
+        "head": "new",
+        "kwargs": {},
+        "backbone_from": None,
+    },
     "method": {"name": "rsnet", "resolutions": [224, 192, 160, 128, 96], "kwargs": {}},
     "data": {
-        "root": None, "train_split": "train", "val_split": "val", "cache": False, "num_workers": 4,
-        "skip_unreadable": False, "hflip": True, "scale": [0.08, 1.0], "ratio": [0.75, 1.3333333333333333],
+        "root": None,
+        "train_split": "train",
+        "val_split": "val",
+        "cache": False,
+        "num_workers": 4,
+        "skip_unreadable": False,
+        "hflip": True,
+        "scale": [0.08, 1.0],
+        "ratio": [0.75, 1.3333333333333333],
         "crop_fraction": None,  # eval centre crop; None: the model's pretrained config (timm, torchvision), else 0.875
         "class_names": None,
         # segmentation: root/<split>/images + labels and root/classes.tsv (flexres.data.segmentation); square training
         # crops of seg_scale x the short side, so a random zoom, resized to every training resolution
-        "task": "classification", "seg_scale": [0.5, 1.0],
+        "task": "classification",
+        "seg_scale": [0.5, 1.0],
         # resize_on: "cpu" (each loader worker resizes its crop to every training resolution) or "device" (workers
         # resize it to the largest only; the others are made from it on the training device, a batch at a time)
         "resize_on": "cpu",
         # persistent_workers: loader processes live the whole run (no start-up per epoch); each sample's augmentation is
         # then seeded by (seed, epoch, index), so it is the same whichever worker makes it and wherever a run resumes.
         # prefetch_factor: batches each persistent worker prepares ahead.
-        "persistent_workers": False, "prefetch_factor": 2,
+        "persistent_workers": False,
+        "prefetch_factor": 2,
     },
     "train": {
-        "epochs": 120, "batch_size": 256, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False,
-        "weight_decay": 1e-4, "warmup_epochs": 0.0, "lr_milestones": None, "label_smoothing": 0.0, "seed": 0, "amp": True,
-        "channels_last": True, "deterministic": False, "device": "auto", "accumulate_steps": 1,
-        "sync_bn": False, "compile": False,
+        "epochs": 120,
+        "batch_size": 256,
+        "optimizer": "sgd",
+        "lr": 0.1,
+        "momentum": 0.9,
+        "nesterov": False,
+        "weight_decay": 1e-4,
+        "warmup_epochs": 0.0,
+        "lr_milestones": None,
+        "label_smoothing": 0.0,
+        "seed": 0,
+        "amp": True,
+        "channels_last": True,
+        "deterministic": False,
+        "device": "auto",
+        "accumulate_steps": 1,
+        "sync_bn": False,
+        "compile": False,
         # compile_quantizers: each LQ quantizer's step through torch.compile (few fused kernels instead of about 50
         # operators per call: on a GPU the launches, not the arithmetic, bound a quantized step)
         "compile_quantizers": False,
         # bn_stats: "update" (BN in training mode) or "frozen" (running statistics kept, affine parameters still
         # trained: the usual way to fine-tune a pretrained network on a few classes or small batches)
-        "bn_stats": "update", "init_from": None, "eval_every": 1, "progress": True,
+        "bn_stats": "update",
+        "init_from": None,
+        "eval_every": 1,
+        "progress": True,
         # weight_decay_on: "all" parameters, or "weights": convolution and linear weights only (tensors of 2 or more
         # dimensions), no BN scales or shifts, biases or quantizer parameters (LQ-Nets' recipe; timm's default)
         "weight_decay_on": "all",
@@ -62,14 +95,23 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 
 # What a key whose default is None takes besides null (the type of every other key is its default's).
 NULLABLE: dict[tuple[str, str], tuple[str, ...]] = {
-    ("model", "num_classes"): ("int",), ("model", "pretrained"): ("bool", "str"), ("data", "root"): ("str",),
-    ("data", "crop_fraction"): ("float",), ("data", "class_names"): ("list", "str"), ("train", "lr_milestones"): ("list of float",),
-    ("train", "init_from"): ("str",), ("model", "backbone_from"): ("str",), ("eval", "resolutions"): ("list of int",),
+    ("model", "num_classes"): ("int",),
+    ("model", "pretrained"): ("bool", "str"),
+    ("data", "root"): ("str",),
+    ("data", "crop_fraction"): ("float",),
+    ("data", "class_names"): ("list", "str"),
+    ("train", "lr_milestones"): ("list of float",),
+    ("train", "init_from"): ("str",),
+    ("model", "backbone_from"): ("str",),
+    ("eval", "resolutions"): ("list of int",),
 }
 # Keys with a fixed set of values, checked with the types (before a run starts, not when it is evaluated).
-CHOICES: dict[tuple[str, str], tuple[str, ...]] = {("eval", "bn_policy"): BN_POLICIES, ("train", "bn_stats"): ("update", "frozen"),
-                                                   ("train", "weight_decay_on"): ("all", "weights"),
-                                                   ("data", "resize_on"): ("cpu", "device")}
+CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("eval", "bn_policy"): BN_POLICIES,
+    ("train", "bn_stats"): ("update", "frozen"),
+    ("train", "weight_decay_on"): ("all", "weights"),
+    ("data", "resize_on"): ("cpu", "device"),
+}
 
 __all__ = ["ConfigError", "DEFAULTS", "check_names", "load_config", "make_config"]
 
@@ -84,19 +126,41 @@ def _kind(default: Any) -> str:
 
 def _fits(value: Any, kind: str) -> bool:
     if kind.startswith("list"):
-        return isinstance(value, (list, tuple)) and (kind == "list" or all(_fits(v, kind[len("list of "):]) for v in value))
+        return isinstance(value, (list, tuple)) and (
+            kind == "list" or all(_fits(v, kind[len("list of ") :]) for v in value)
+        )
     if kind in ("int", "float") and isinstance(value, bool):  # YAML's true is no number, though Python's True is 1
         return False
-    return isinstance(value, {"int": int, "float": (int, float), "bool": bool, "str": str, "mapping": dict, "null": type(None)}[kind])
+    return isinstance(
+        value, {"int": int, "float": (int, float), "bool": bool, "str": str, "mapping": dict, "null": type(None)}[kind]
+    )
 
 
-_SAID = {"int": "an int", "float": "a number", "bool": "true or false", "str": "a string", "mapping": "a mapping", "null": "null",
-         "list": "a list", "list of int": "a list of ints", "list of float": "a list of numbers", "list of str": "a list of strings"}
+_SAID = {
+    "int": "an int",
+    "float": "a number",
+    "bool": "true or false",
+    "str": "a string",
+    "mapping": "a mapping",
+    "null": "null",
+    "list": "a list",
+    "list of int": "a list of ints",
+    "list of float": "a list of numbers",
+    "list of str": "a list of strings",
+}
 
 
 def _got(value: Any) -> str:
-    what = {bool: "true/false", int: "an int", float: "a number", str: "a string", list: "a list", tuple: "a list", dict: "a mapping",
-            type(None): "null"}.get(type(value), type(value).__name__)
+    what = {
+        bool: "true/false",
+        int: "an int",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        tuple: "a list",
+        dict: "a mapping",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
     if isinstance(value, str) and "e" in value.lower() and _is_number(value):
         what += "; YAML reads 1e-4 as a string: write 1.0e-4"
     return f"{value!r} ({what})"
@@ -174,7 +238,8 @@ def _key_line(text: str, section: str, key: str) -> int | None:
 
 def load_config(path: str | Path, sets: list[str] | None = None) -> dict[str, Any]:
     """A YAML recipe merged into DEFAULTS, then ``sets`` (``--set``) applied. Everything is checked here, before a run
-    starts: ConfigError names the file, the line (YAML syntax) or key, and the type a wrongly typed value should have."""
+    starts: ConfigError names the file, the line (YAML syntax) or key, and the type a wrongly typed value should
+    have."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -244,8 +309,10 @@ def check_model_name(name: str) -> None:
     """``name`` is a registered model, ``timm:<name>`` of the installed timm or ``torchvision:<name>``."""
     if ":" not in name:
         if name not in list_models():
-            raise UnknownNameError(f"unknown model {name!r} (model.name); available: {', '.join(list_models())}, "
-                                   "or timm:<name> / torchvision:<name>")
+            raise UnknownNameError(
+                f"unknown model {name!r} (model.name); available: {', '.join(list_models())}, "
+                "or timm:<name> / torchvision:<name>"
+            )
         return
     source, _, arch = name.partition(":")
     if source == "timm":
@@ -255,15 +322,19 @@ def check_model_name(name: str) -> None:
             raise ConfigError(f"model.name {name!r}: timm models need timm: pip install 'flexres[timm]'") from None
         # hf-hub:<repo> and local-dir:<path> name weights elsewhere; timm finds (or refuses) them when it builds.
         if ":" not in arch and not timm.is_model(arch):
-            raise UnknownNameError(f"unknown timm model {arch!r} (model.name {name!r})"
-                                   f"{_did_you_mean(arch, timm.list_models())}; timm.list_models() names them all")
+            raise UnknownNameError(
+                f"unknown timm model {arch!r} (model.name {name!r})"
+                f"{_did_you_mean(arch, timm.list_models())}; timm.list_models() names them all"
+            )
     elif source == "torchvision":
         import torchvision
 
         known = torchvision.models.list_models()
         if arch.lower() not in known:
-            raise UnknownNameError(f"unknown torchvision model {arch!r} (model.name {name!r}){_did_you_mean(arch, known)}; "
-                                   "torchvision.models.list_models() names them all")
+            raise UnknownNameError(
+                f"unknown torchvision model {arch!r} (model.name {name!r}){_did_you_mean(arch, known)}; "
+                "torchvision.models.list_models() names them all"
+            )
     else:
         raise UnknownNameError(f"unknown model source {source!r} in model.name {name!r}; known: timm, torchvision")
 
@@ -283,7 +354,12 @@ def resolve_data_root(root: str | Path) -> str:
     text = os.path.expanduser(os.path.expandvars(str(root)))
     if "$" in text:
         missing = re.findall(r"\$\{?(\w+)", text)
-        hint = (f"export {DATA_VARIABLE}=/path/to/datasets (the folder holding imagenette-224/, camvid/, ...)"
-                if DATA_VARIABLE in missing else f"set {', '.join(missing)}")
-        raise ConfigError(f"data.root {root!r} names an environment variable that is not set: pass --data DIR or {hint}")
+        hint = (
+            f"export {DATA_VARIABLE}=/path/to/datasets (the folder holding imagenette-224/, camvid/, ...)"
+            if DATA_VARIABLE in missing
+            else f"set {', '.join(missing)}"
+        )
+        raise ConfigError(
+            f"data.root {root!r} names an environment variable that is not set: pass --data DIR or {hint}"
+        )
     return text

@@ -19,7 +19,9 @@ from ..operating_point import OperatingPoint
 from .memory import fit_batch_size
 
 
-def _batches(ds: Dataset, batch_size: int, device: torch.device, mean, std, workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+def _batches(
+    ds: Dataset, batch_size: int, device: torch.device, mean, std, workers: int = 0
+) -> Iterator[tuple[Tensor, Tensor]]:
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers)
     for x, y in loader:
         if isinstance(x, (tuple, list)):
@@ -28,8 +30,14 @@ def _batches(ds: Dataset, batch_size: int, device: torch.device, mean, std, work
         yield normalize_batch(x.to(device), mean, std).contiguous(memory_format=torch.channels_last), y.to(device)
 
 
-def _batch_size_that_fits(model: AdaptiveModel, op: OperatingPoint, batch_size: int, device: torch.device, workers: int,
-                          note: Callable[[str], None] | None) -> int:
+def _batch_size_that_fits(
+    model: AdaptiveModel,
+    op: OperatingPoint,
+    batch_size: int,
+    device: torch.device,
+    workers: int,
+    note: Callable[[str], None] | None,
+) -> int:
     """``batch_size``, or less where a batch at ``op`` would not fit in ``device``'s memory.
 
     The data side holds only what the batch needs: datasets cache decoded source images (uint8, at their
@@ -38,7 +46,7 @@ def _batch_size_that_fits(model: AdaptiveModel, op: OperatingPoint, batch_size: 
     copy, and on the CPU each worker also holds its prefetched batches in the same memory.
     """
     in_flight = 1 + (2 * workers if device.type == "cpu" else 0)  # DataLoader's default prefetch_factor is 2
-    fitted = fit_batch_size(model, op, batch_size, device, images_bytes_per_image=in_flight * 3 * op.resolution ** 2)
+    fitted = fit_batch_size(model, op, batch_size, device, images_bytes_per_image=in_flight * 3 * op.resolution**2)
     if fitted < batch_size and note is not None:
         label = f"{op.resolution} px" if op == OperatingPoint(op.resolution) else str(op)
         note(f"{label}: batch reduced from {batch_size} to {fitted} to fit memory")
@@ -54,16 +62,33 @@ def _hits(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 def _accuracy(hits: list[tuple[Tensor, Tensor]]) -> dict[str, Any]:
     """top-1 / top-5 (%), image count and per-image correctness (dataset order) from the batches' ``_hits``."""
     c1, c5 = torch.cat([h[0] for h in hits]), torch.cat([h[1] for h in hits])
-    return {"top1": 100.0 * c1.float().mean().item(), "top5": 100.0 * c5.float().mean().item(), "n": int(c1.numel()),
-            "correct": c1, "correct5": c5}
+    return {
+        "top1": 100.0 * c1.float().mean().item(),
+        "top5": 100.0 * c5.float().mean().item(),
+        "n": int(c1.numel()),
+        "correct": c1,
+        "correct5": c5,
+    }
 
 
 @torch.no_grad()
-def evaluate(model: AdaptiveModel, dataset: ImageFolderDataset, resolutions: list[int], bn_policy: str = "interpolate",
-             batch_size: int = 256, crop_fraction: float = 0.875, mean=None, std=None,
-             progress: bool = False, scale_policy: str | None = None, workers: int = 0,
-             width: float = 1.0, scales: tuple[float, ...] | None = None,
-             note: Callable[[str], None] | None = None, interpolation: str = "bilinear") -> dict[int, dict[str, Any]]:
+def evaluate(
+    model: AdaptiveModel,
+    dataset: ImageFolderDataset,
+    resolutions: list[int],
+    bn_policy: str = "interpolate",
+    batch_size: int = 256,
+    crop_fraction: float = 0.875,
+    mean=None,
+    std=None,
+    progress: bool = False,
+    scale_policy: str | None = None,
+    workers: int = 0,
+    width: float = 1.0,
+    scales: tuple[float, ...] | None = None,
+    note: Callable[[str], None] | None = None,
+    interpolation: str = "bilinear",
+) -> dict[int, dict[str, Any]]:
     """Top-1/top-5 (%) of ``model`` on ``dataset`` at each resolution; also per-image correctness.
 
     ``batch_size`` is an upper bound: at a resolution where that many images would not fit in the
@@ -84,7 +109,10 @@ def evaluate(model: AdaptiveModel, dataset: ImageFolderDataset, resolutions: lis
             batch = _batch_size_that_fits(model, op, batch_size, device, loader_workers, note)
             with model.at(op, bn_policy=bn_policy, scale_policy=scale_policy):
                 hits = [_hits(model(x), y) for x, y in _batches(dataset, batch, device, mean, std, loader_workers)]
-            results[r] = {**_accuracy(hits), "bn": "post-statistics" if model.width_range else describe_bn(model, r, bn_policy)}
+            results[r] = {
+                **_accuracy(hits),
+                "bn": "post-statistics" if model.width_range else describe_bn(model, r, bn_policy),
+            }
     finally:
         dataset.transform = saved_transform
     return results
@@ -106,14 +134,26 @@ def segmentation_scores(conf: Tensor, names: list[str]) -> dict[str, Any]:
     present = union > 0
     iou = torch.where(present, tp / union.clamp_min(1), torch.zeros_like(tp))
     acc = torch.where(true > 0, tp / true.clamp_min(1), torch.zeros_like(tp))
-    return {"pixel_acc": 100 * float(tp.sum() / conf.sum().clamp_min(1)), "mean_acc": 100 * float(acc[true > 0].mean()),
-            "miou": 100 * float(iou[present].mean()), "per_class_iou": {n: round(100 * float(v), 2) for n, v, ok in
-                                                                        zip(names, iou, present) if ok}, "pixels": int(conf.sum())}
+    return {
+        "pixel_acc": 100 * float(tp.sum() / conf.sum().clamp_min(1)),
+        "mean_acc": 100 * float(acc[true > 0].mean()),
+        "miou": 100 * float(iou[present].mean()),
+        "per_class_iou": {n: round(100 * float(v), 2) for n, v, ok in zip(names, iou, present) if ok},
+        "pixels": int(conf.sum()),
+    }
 
 
 @torch.no_grad()
-def evaluate_segmentation(model: AdaptiveModel, dataset: Dataset, resolutions: list[int], bn_policy: str = "interpolate",
-                          batch_size: int = 8, mean=None, std=None, progress: bool = False) -> dict[int, dict[str, Any]]:
+def evaluate_segmentation(
+    model: AdaptiveModel,
+    dataset: Dataset,
+    resolutions: list[int],
+    bn_policy: str = "interpolate",
+    batch_size: int = 8,
+    mean=None,
+    std=None,
+    progress: bool = False,
+) -> dict[int, dict[str, Any]]:
     """Pixel accuracy, mean class accuracy, mean IoU and per-class IoU at each resolution (the image's short side):
     each image resized so, its logits resized back to the label's own size (bilinear) before the argmax."""
     from ..data.segmentation import SegmentationEvalTransform
@@ -130,15 +170,18 @@ def evaluate_segmentation(model: AdaptiveModel, dataset: Dataset, resolutions: l
         loader = DataLoader(dataset, batch_size=batch_size)  # one size per batch: all images of a split share it here
         for x, y in tqdm(loader, desc=f"{r}px", disable=not progress, leave=False):
             logits = model(normalize_batch(x.to(device), mean, std))
-            logits = torch.nn.functional.interpolate(logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
+            logits = torch.nn.functional.interpolate(
+                logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=False
+            )
             conf += confusion_matrix(logits.argmax(1).cpu(), y, len(info.names), info.ignore_index)
         out[r] = {**segmentation_scores(conf, info.names), "n": len(dataset), "bn": describe_bn(model, r, bn_policy)}
     dataset.transform = None
     return out
 
 
-def tree_batch_size(model: AdaptiveModel, resolution: int, configs: list[tuple[float, ...]], batch_size: int,
-                    device: torch.device) -> int:
+def tree_batch_size(
+    model: AdaptiveModel, resolution: int, configs: list[tuple[float, ...]], batch_size: int, device: torch.device
+) -> int:
     """Images per prefix-tree pass that fit in memory: the widest pass (the last stage) holds the maps of every
     configuration that shares its last factor, so ``batch_size`` images count that many times over."""
     branches = max(sum(1 for c in configs if c[-1] == f) for f in {c[-1] for c in configs})
@@ -147,9 +190,17 @@ def tree_batch_size(model: AdaptiveModel, resolution: int, configs: list[tuple[f
 
 
 @torch.no_grad()
-def evaluate_configurations(model: AdaptiveModel, dataset: ImageFolderDataset, resolution: int, configs: list[tuple[float, ...]],
-                            bn_policy: str = "interpolate", batch_size: int = 64, crop_fraction: float = 0.875, workers: int = 0,
-                            progress: bool = False) -> dict[tuple[float, ...], dict[str, Any]]:
+def evaluate_configurations(
+    model: AdaptiveModel,
+    dataset: ImageFolderDataset,
+    resolution: int,
+    configs: list[tuple[float, ...]],
+    bn_policy: str = "interpolate",
+    batch_size: int = 64,
+    crop_fraction: float = 0.875,
+    workers: int = 0,
+    progress: bool = False,
+) -> dict[tuple[float, ...], dict[str, Any]]:
     """Top-1/top-5 of every Resizable scaling configuration in ``configs`` at ``resolution``, computed as a
     prefix tree (``flexres.models.config_tree``): shared stages run once per batch, the branches of a stage
     as one batch. ``batch_size`` counts images; a tree pass holds up to ``len(configs)`` times as many
@@ -163,8 +214,13 @@ def evaluate_configurations(model: AdaptiveModel, dataset: ImageFolderDataset, r
     try:
         dataset.transform = EvalTransform(resolution, crop_fraction)
         batches = _batches(dataset, batch_size, device, IMAGENET_MEAN, IMAGENET_STD, 0 if dataset.cached else workers)
-        for x, y in tqdm(batches, total=-(-len(dataset) // batch_size), desc=f"{len(configs)} configurations",
-                         disable=not progress, leave=False):
+        for x, y in tqdm(
+            batches,
+            total=-(-len(dataset) // batch_size),
+            desc=f"{len(configs)} configurations",
+            disable=not progress,
+            leave=False,
+        ):
             for c, logits in forward_configurations(model, x, resolution, configs, bn_policy).items():
                 hits[c].append(_hits(logits, y))
     finally:
@@ -181,9 +237,20 @@ def describe_bn(model: AdaptiveModel, resolution: int, bn_policy: str) -> str:
     return bn_policy
 
 
-def calibrate(model: AdaptiveModel, train_dataset: ImageFolderDataset, points: list[OperatingPoint | int], num_images: int,
-              batch_size: int = 256, scale=(0.08, 1.0), ratio=(0.75, 4 / 3), mean=None, std=None, seed: int = 0,
-              workers: int = 0, note: Callable[[str], None] | None = None) -> list[OperatingPoint]:
+def calibrate(
+    model: AdaptiveModel,
+    train_dataset: ImageFolderDataset,
+    points: list[OperatingPoint | int],
+    num_images: int,
+    batch_size: int = 256,
+    scale=(0.08, 1.0),
+    ratio=(0.75, 4 / 3),
+    mean=None,
+    std=None,
+    seed: int = 0,
+    workers: int = 0,
+    note: Callable[[str], None] | None = None,
+) -> list[OperatingPoint]:
     """Calibrate BN statistics at each operating point not yet calibrated, on a seeded random subset of
     ``num_images`` training images with the training augmentation. Returns the points it calibrated.
 
@@ -225,8 +292,9 @@ def calibrate(model: AdaptiveModel, train_dataset: ImageFolderDataset, points: l
     return done
 
 
-def accuracy_matrix(rows: dict[str, dict[int, dict[str, Any]]], resolutions: list[int],
-                    metric: str = "top1") -> dict[str, dict[int, float]]:
+def accuracy_matrix(
+    rows: dict[str, dict[int, dict[str, Any]]], resolutions: list[int], metric: str = "top1"
+) -> dict[str, dict[int, float]]:
     """Train x test matrix: {row label: {test resolution: accuracy}}."""
     return {label: {r: res[r][metric] for r in resolutions if r in res} for label, res in rows.items()}
 
@@ -243,8 +311,9 @@ def hit_miss_matrix(correct: dict[int, Tensor]) -> dict[int, dict[int, float]]:
 
 
 def format_table(header: list[str], rows: list[list[Any]], title: str | None = None) -> str:
-    cells = [[str(h) for h in header]] + [[c if isinstance(c, str) else f"{c:.2f}" if isinstance(c, float) else str(c) for c in row]
-                                          for row in rows]
+    cells = [[str(h) for h in header]] + [
+        [c if isinstance(c, str) else f"{c:.2f}" if isinstance(c, float) else str(c) for c in row] for row in rows
+    ]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = [title] if title else []
     for n, r in enumerate(cells):
@@ -261,5 +330,13 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["accuracy_matrix", "calibrate", "evaluate", "evaluate_configurations", "format_table", "hit_miss_matrix", "markdown_table",
-           "tree_batch_size"]
+__all__ = [
+    "accuracy_matrix",
+    "calibrate",
+    "evaluate",
+    "evaluate_configurations",
+    "format_table",
+    "hit_miss_matrix",
+    "markdown_table",
+    "tree_batch_size",
+]

@@ -18,8 +18,14 @@ from ..errors import FlexresError
 from ..models import AdaptiveModel
 from ..operating_point import OperatingPoint
 
-__all__ = ["PROBE_RESOLUTION", "ResolutionTooLargeError", "activation_bytes_per_image", "available_memory_bytes",
-           "fit_batch_size", "input_bytes_per_image"]
+__all__ = [
+    "PROBE_RESOLUTION",
+    "ResolutionTooLargeError",
+    "activation_bytes_per_image",
+    "available_memory_bytes",
+    "fit_batch_size",
+    "input_bytes_per_image",
+]
 
 # Small enough that the probe forward costs milliseconds even for a large model, large enough that every
 # stride of the usual backbones (32 in total) still leaves a feature map to measure.
@@ -99,8 +105,9 @@ def _cgroup_available() -> int | None:
     the kernel's OOM killer will not grant. Reclaimable page cache (inactive_file) counts as available.
     """
     for limit_file, usage_file, stat_file, inactive_key in (
-            ("memory.max", "memory.current", "memory.stat", "inactive_file"),  # cgroup v2
-            ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_inactive_file")):
+        ("memory.max", "memory.current", "memory.stat", "inactive_file"),  # cgroup v2
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_inactive_file"),
+    ):
         root = Path("/sys/fs/cgroup")
         limit, usage = _read_int(root / limit_file), _read_int(root / usage_file)
         if limit is None or usage is None or limit >= 1 << 60:  # v1 reports "no limit" as a huge number
@@ -148,8 +155,14 @@ def available_memory_bytes(device: str | torch.device) -> int:
     return min(found) if found else 1 << 62
 
 
-def fit_batch_size(model: AdaptiveModel, op: OperatingPoint | int, requested: int, device: str | torch.device,
-                   images_bytes_per_image: int = 0, budget_fraction: float = 0.5) -> int:
+def fit_batch_size(
+    model: AdaptiveModel,
+    op: OperatingPoint | int,
+    requested: int,
+    device: str | torch.device,
+    images_bytes_per_image: int = 0,
+    budget_fraction: float = 0.5,
+) -> int:
     """The largest batch size <= ``requested`` whose estimated memory fits ``budget_fraction`` of what
     ``device`` has free.
 
@@ -170,7 +183,9 @@ def fit_batch_size(model: AdaptiveModel, op: OperatingPoint | int, requested: in
     if fits < 1:
         where = f" (operating point {op})" if op != OperatingPoint(op.resolution) else ""
         raise ResolutionTooLargeError(
-            f"{op.resolution} px{where} is too large for {torch.device(device)}: one image needs about {per_image / GB:.1f} GB, "
+            f"{op.resolution} px{where} is too large for {torch.device(device)}: "
+            f"one image needs about {per_image / GB:.1f} GB, "
             f"but only {available / GB:.1f} GB is available (and {budget_fraction:.0%} of that, {budget / GB:.1f} GB, "
-            f"is the budget); use a smaller resolution or a device with more memory")
+            f"is the budget); use a smaller resolution or a device with more memory"
+        )
     return int(min(requested, fits))

@@ -46,7 +46,9 @@ def pack_state(model: torch.nn.Module) -> tuple[dict[str, Tensor], dict[str, Any
         state[f"packed.{name}.weight"] = pack_bits(codes, q.bits)
         layout[name] = {"bits": q.bits, "shape": list(m.weight.shape), "basis": f"model.{name}.weight_quantizer.basis"}
     if not layout:
-        raise ValueError("the model has no quantized layer: a packed file stores LQ-Nets codes (train with model.kwargs w_bits < 32)")
+        raise ValueError(
+            "the model has no quantized layer: a packed file stores LQ-Nets codes (train with model.kwargs w_bits < 32)"
+        )
     return state, layout
 
 

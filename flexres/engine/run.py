@@ -30,8 +30,12 @@ class Preprocessing:
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> Preprocessing:
         norm = meta.get("normalization") or {}
-        return cls(tuple(norm.get("mean") or IMAGENET_MEAN), tuple(norm.get("std") or IMAGENET_STD),
-                   float(meta.get("crop_fraction") or CROP_FRACTION), meta.get("interpolation") or "bilinear")
+        return cls(
+            tuple(norm.get("mean") or IMAGENET_MEAN),
+            tuple(norm.get("std") or IMAGENET_STD),
+            float(meta.get("crop_fraction") or CROP_FRACTION),
+            meta.get("interpolation") or "bilinear",
+        )
 
     def transform(self, resolution: int) -> EvalTransform:
         return EvalTransform(resolution, self.crop_fraction, self.interpolation)
@@ -41,9 +45,16 @@ class Preprocessing:
 
     def describe(self, resolution: int) -> dict[str, Any]:
         """What an exported model's sidecar says a caller must do to an image."""
-        return {"resolution": resolution, "resize_short_side": int(resolution / self.crop_fraction), "center_crop": resolution,
-                "interpolation": self.interpolation, "antialias": True, "input": "RGB, float, N x 3 x H x W",
-                "mean": list(self.mean), "std": list(self.std)}
+        return {
+            "resolution": resolution,
+            "resize_short_side": int(resolution / self.crop_fraction),
+            "center_crop": resolution,
+            "interpolation": self.interpolation,
+            "antialias": True,
+            "input": "RGB, float, N x 3 x H x W",
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
 
 
 @dataclass(frozen=True)
@@ -70,13 +81,21 @@ class RunInfo:
         cfg = meta.get("config") or {}
         classes = list(meta.get("classes") or [])
         evals = (cfg.get("eval") or {}).get("resolutions")
-        return cls(arch=dict(meta.get("arch") or {}), task=meta.get("task") or "classification", classes=classes,
-                   class_names=list(meta.get("class_names") or classes), preprocessing=Preprocessing.from_meta(meta),
-                   method=dict(meta.get("method") or {}), train_resolutions=tuple(meta.get("train_resolutions") or ()),
-                   eval_resolutions=tuple(evals) if evals else None,
-                   bn_policy=(cfg.get("eval") or {}).get("bn_policy") or DEFAULTS["eval"]["bn_policy"],
-                   epoch=meta.get("epoch"), config=cfg, ignore_index=int(meta.get("ignore_index", 255)),
-                   class_colors=[tuple(c) for c in meta.get("class_colors") or []])
+        return cls(
+            arch=dict(meta.get("arch") or {}),
+            task=meta.get("task") or "classification",
+            classes=classes,
+            class_names=list(meta.get("class_names") or classes),
+            preprocessing=Preprocessing.from_meta(meta),
+            method=dict(meta.get("method") or {}),
+            train_resolutions=tuple(meta.get("train_resolutions") or ()),
+            eval_resolutions=tuple(evals) if evals else None,
+            bn_policy=(cfg.get("eval") or {}).get("bn_policy") or DEFAULTS["eval"]["bn_policy"],
+            epoch=meta.get("epoch"),
+            config=cfg,
+            ignore_index=int(meta.get("ignore_index", 255)),
+            class_colors=[tuple(c) for c in meta.get("class_colors") or []],
+        )
 
     @property
     def data_root(self) -> str | None:

@@ -4,8 +4,9 @@ task; it has no task branches of its own. Metrics carry their true names: a segm
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from torch import Tensor
 
@@ -31,7 +32,9 @@ class Task:
         """The batch's share of the training score: correct images (classification) or pixel accuracy x images."""
         raise NotImplementedError
 
-    def validate(self, cfg: dict[str, Any], model, method, train_ds, val_ds, preprocessing: dict[str, Any]) -> dict[str, float]:
+    def validate(
+        self, cfg: dict[str, Any], model, method, train_ds, val_ds, preprocessing: dict[str, Any]
+    ) -> dict[str, float]:
         raise NotImplementedError
 
     def record(self, train_ds) -> dict[str, Any]:
@@ -40,25 +43,40 @@ class Task:
 
 
 class Classification(Task):
-    name, train_metric, val_metric, train_label, val_label = "classification", "train_top1", "val_top1", "top-1", "top-1"
+    name, train_metric, val_metric, train_label, val_label = (
+        "classification",
+        "train_top1",
+        "val_top1",
+        "top-1",
+        "top-1",
+    )
 
     def datasets(self, d, t, progress, log):
-        train_ds = ImageFolderDataset(split_dir(d["root"], d["train_split"]), cache=d["cache"],
-                                      skip_unreadable=d["skip_unreadable"], progress=progress)
+        train_ds = ImageFolderDataset(
+            split_dir(d["root"], d["train_split"]),
+            cache=d["cache"],
+            skip_unreadable=d["skip_unreadable"],
+            progress=progress,
+        )
         if train_ds.unreadable:
             log(f"skipping {len(train_ds.unreadable)} unreadable training images, e.g. {train_ds.unreadable[0]}")
         val_ds = None
         if t["eval_every"] and (Path(d["root"]) / d["val_split"]).is_dir():
-            val_ds = ImageFolderDataset(split_dir(d["root"], d["val_split"]), cache=d["cache"],
-                                        skip_unreadable=d["skip_unreadable"], progress=False)
+            val_ds = ImageFolderDataset(
+                split_dir(d["root"], d["val_split"]),
+                cache=d["cache"],
+                skip_unreadable=d["skip_unreadable"],
+                progress=False,
+            )
         return train_ds, val_ds
 
     def prepare(self, cfg, model, method, train_ds):
         from .trainer import class_names
 
         d = cfg["data"]
-        train_ds.transform = MultiResolutionCrop(method.resolutions, d["scale"], d["ratio"], hflip=d["hflip"],
-                                                 on_device=d["resize_on"] == "device")
+        train_ds.transform = MultiResolutionCrop(
+            method.resolutions, d["scale"], d["ratio"], hflip=d["hflip"], on_device=d["resize_on"] == "device"
+        )
         return class_names(d, train_ds.classes)  # checked before anything is written
 
     def correct(self, logits, labels, method):
@@ -70,17 +88,38 @@ class Classification(Task):
         t, d = cfg["train"], cfg["data"]
         if model.width_range is not None:  # slimmable: full width, post-statistics BN from the current weights
             model.clear_calibration()
-            calibrate(model, train_ds, list(method.resolutions), min(cfg["eval"]["calibration_images"], 1000),
-                      cfg["eval"]["batch_size"], d["scale"], d["ratio"], seed=t["seed"])
-        res = evaluate(model, val_ds, list(method.resolutions), crop_fraction=d["crop_fraction"], batch_size=cfg["eval"]["batch_size"],
-                       mean=preprocessing["mean"], std=preprocessing["std"], interpolation=preprocessing["interpolation"])
+            calibrate(
+                model,
+                train_ds,
+                list(method.resolutions),
+                min(cfg["eval"]["calibration_images"], 1000),
+                cfg["eval"]["batch_size"],
+                d["scale"],
+                d["ratio"],
+                seed=t["seed"],
+            )
+        res = evaluate(
+            model,
+            val_ds,
+            list(method.resolutions),
+            crop_fraction=d["crop_fraction"],
+            batch_size=cfg["eval"]["batch_size"],
+            mean=preprocessing["mean"],
+            std=preprocessing["std"],
+            interpolation=preprocessing["interpolation"],
+        )
         model.clear_calibration()
         return {str(r): round(v["top1"], 2) for r, v in res.items()}
 
 
 class Segmentation(Task):
-    name, train_metric, val_metric, train_label, val_label = ("segmentation", "train_pixel_accuracy", "val_miou",
-                                                              "pixel acc", "mIoU")
+    name, train_metric, val_metric, train_label, val_label = (
+        "segmentation",
+        "train_pixel_accuracy",
+        "val_miou",
+        "pixel acc",
+        "mIoU",
+    )
 
     def datasets(self, d, t, progress, log):
         from ..data.segmentation import SegmentationDataset
@@ -96,11 +135,15 @@ class Segmentation(Task):
 
         d = cfg["data"]
         if method.name not in ("individual", "parallel", "rsnet"):
-            raise ConfigError(f"method {method.name!r} trains classifiers; segmentation has individual, parallel and rsnet")
+            raise ConfigError(
+                f"method {method.name!r} trains classifiers; segmentation has individual, parallel and rsnet"
+            )
         if d["resize_on"] != "cpu" or d["persistent_workers"]:
             raise ConfigError("data.resize_on: device and data.persistent_workers are for classification data")
         if getattr(model, "task", "classification") != "segmentation":
-            raise ConfigError(f"data.task is segmentation but {cfg['model']['name']} is a classifier (use seg_resnet18, ...)")
+            raise ConfigError(
+                f"data.task is segmentation but {cfg['model']['name']} is a classifier (use seg_resnet18, ...)"
+            )
         method.ignore_index = train_ds.info.ignore_index
         train_ds.transform = JointMultiResolutionCrop(method.resolutions, d["seg_scale"], hflip=d["hflip"])
         return train_ds.classes
@@ -112,12 +155,17 @@ class Segmentation(Task):
     def validate(self, cfg, model, method, train_ds, val_ds, preprocessing):
         from .evaluate import evaluate_segmentation
 
-        res = evaluate_segmentation(model, val_ds, list(method.resolutions), mean=preprocessing["mean"], std=preprocessing["std"])
+        res = evaluate_segmentation(
+            model, val_ds, list(method.resolutions), mean=preprocessing["mean"], std=preprocessing["std"]
+        )
         return {str(r): round(v["miou"], 2) for r, v in res.items()}
 
     def record(self, train_ds):
-        return {"task": self.name, "class_colors": [list(c) for c in train_ds.info.colors],
-                "ignore_index": train_ds.info.ignore_index}
+        return {
+            "task": self.name,
+            "class_colors": [list(c) for c in train_ds.info.colors],
+            "ignore_index": train_ds.info.ignore_index,
+        }
 
 
 TASKS: dict[str, Task] = {"classification": Classification(), "segmentation": Segmentation()}

@@ -36,8 +36,16 @@ from .config import check_names, resolve_data_root
 from .tasks import Task, get_task
 
 # Keys that may change between a run and its resume without changing the result.
-_RESUME_FREE = {("train", "progress"), ("train", "eval_every"), ("train", "device"), ("data", "root"), ("data", "num_workers"),
-                ("data", "cache"), ("data", "class_names"), ("data", "prefetch_factor")}
+_RESUME_FREE = {
+    ("train", "progress"),
+    ("train", "eval_every"),
+    ("train", "device"),
+    ("data", "root"),
+    ("data", "num_workers"),
+    ("data", "cache"),
+    ("data", "class_names"),
+    ("data", "prefetch_factor"),
+}
 
 
 class TrainStep(nn.Module):
@@ -81,15 +89,20 @@ def model_preprocessing(model: AdaptiveModel) -> dict[str, Any]:
     """Mean, std, eval crop fraction and resize interpolation: the source's (a timm / torchvision model's pretrained
     config), else ImageNet's with bilinear resizing."""
     pre = getattr(model, "preprocessing", None) or {}
-    return {"mean": list(pre.get("mean", IMAGENET_MEAN)), "std": list(pre.get("std", IMAGENET_STD)),
-            "crop_fraction": float(pre.get("crop_fraction", 0.875)), "interpolation": pre.get("interpolation", "bilinear")}
+    return {
+        "mean": list(pre.get("mean", IMAGENET_MEAN)),
+        "std": list(pre.get("std", IMAGENET_STD)),
+        "crop_fraction": float(pre.get("crop_fraction", 0.875)),
+        "interpolation": pre.get("interpolation", "bilinear"),
+    }
 
 
 HEADS = ("new", "pretrained_rows")
 
 
-def build_model_and_method(cfg: dict[str, Any], num_classes: int, pretrained: bool = True,
-                           class_folders: list[str] | None = None) -> tuple[AdaptiveModel, Method]:
+def build_model_and_method(
+    cfg: dict[str, Any], num_classes: int, pretrained: bool = True, class_folders: list[str] | None = None
+) -> tuple[AdaptiveModel, Method]:
     """``class_folders``: the data's class folder names, for ``model.head: pretrained_rows`` (ImageNet wnids)."""
     mcfg, meth = cfg["model"], cfg["method"]
     head = mcfg.get("head", "new")
@@ -98,19 +111,28 @@ def build_model_and_method(cfg: dict[str, Any], num_classes: int, pretrained: bo
     rows = None
     if head == "pretrained_rows" and pretrained:
         if not isinstance(mcfg["pretrained"], str) or class_folders is None:
-            raise ConfigError("model.head: pretrained_rows takes rows of a local pretrained classifier: set model.pretrained "
-                              "to a weights file or package, and train on class folders named by ImageNet wnids")
+            raise ConfigError(
+                "model.head: pretrained_rows takes rows of a local pretrained classifier: set model.pretrained "
+                "to a weights file or package, and train on class folders named by ImageNet wnids"
+            )
         from ..models.pretrained import imagenet_rows
 
         rows = imagenet_rows(class_folders)
-    method = create_method(meth["name"], resolutions=meth["resolutions"], label_smoothing=cfg["train"]["label_smoothing"],
-                           **meth["kwargs"])
+    method = create_method(
+        meth["name"], resolutions=meth["resolutions"], label_smoothing=cfg["train"]["label_smoothing"], **meth["kwargs"]
+    )
     kwargs = dict(mcfg["kwargs"])
     if hasattr(method, "width_range"):  # slimmable recipes: the model serves the widths the method trains
         kwargs.setdefault("width_range", list(method.width_range))
-    model = create_model(mcfg["name"], num_classes=num_classes, train_resolutions=list(method.resolutions),
-                         width_mult=mcfg["width_mult"], pretrained=mcfg["pretrained"] if pretrained else None,
-                         **({"pretrained_rows": rows} if rows is not None else {}), **kwargs)
+    model = create_model(
+        mcfg["name"],
+        num_classes=num_classes,
+        train_resolutions=list(method.resolutions),
+        width_mult=mcfg["width_mult"],
+        pretrained=mcfg["pretrained"] if pretrained else None,
+        **({"pretrained_rows": rows} if rows is not None else {}),
+        **kwargs,
+    )
     return model, method
 
 
@@ -119,8 +141,10 @@ def build_optimizer(cfg: dict[str, Any], model: nn.Module, method: nn.Module) ->
     params = list(model.parameters())
     if t.get("weight_decay_on", "all") == "weights":  # conv and linear weights; not BN affine, biases, scalars
         decayed = [p for p in params if p.ndim >= 2]
-        groups = [{"params": decayed, "weight_decay": t["weight_decay"]},
-                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        groups = [
+            {"params": decayed, "weight_decay": t["weight_decay"]},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
     else:
         groups = [{"params": params, "weight_decay": t["weight_decay"]}]
     method_params = list(method.parameters())
@@ -162,36 +186,74 @@ class CompileOrFallback(nn.Module):
         return self.module(*args)
 
 
-def run_loaders(dataset, seed: int, rank: int, world: int, accumulate: int, micro_batch: int, workers: int, pin: bool,
-                prefetch: int) -> list[DataLoader]:
+def run_loaders(
+    dataset, seed: int, rank: int, world: int, accumulate: int, micro_batch: int, workers: int, pin: bool, prefetch: int
+) -> list[DataLoader]:
     """One loader per micro-batch, made once for the whole run (data.persistent_workers): KeyedSamplers give each
     epoch its order and each sample the seed of its augmentation, so the workers can live across epochs."""
     replicas = world * accumulate
-    samplers = [KeyedSampler(len(dataset), seed, None if replicas == 1 else
-                             DistributedSampler(dataset, num_replicas=replicas, rank=rank * accumulate + k, shuffle=True,
-                                                seed=seed, drop_last=True)) for k in range(accumulate)]
-    return [DataLoader(dataset, batch_size=micro_batch, sampler=s, num_workers=workers, collate_fn=collate_skipping, drop_last=True,
-                       pin_memory=pin, persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None)
-            for s in samplers]
+    samplers = [
+        KeyedSampler(
+            len(dataset),
+            seed,
+            None
+            if replicas == 1
+            else DistributedSampler(
+                dataset, num_replicas=replicas, rank=rank * accumulate + k, shuffle=True, seed=seed, drop_last=True
+            ),
+        )
+        for k in range(accumulate)
+    ]
+    return [
+        DataLoader(
+            dataset,
+            batch_size=micro_batch,
+            sampler=s,
+            num_workers=workers,
+            collate_fn=collate_skipping,
+            drop_last=True,
+            pin_memory=pin,
+            persistent_workers=workers > 0,
+            prefetch_factor=prefetch if workers > 0 else None,
+        )
+        for s in samplers
+    ]
 
 
-def epoch_loaders(dataset, seed: int, epoch: int, gen: torch.Generator, rank: int, world: int, accumulate: int,
-                  micro_batch: int, workers: int, pin: bool) -> list[DataLoader]:
+def epoch_loaders(
+    dataset,
+    seed: int,
+    epoch: int,
+    gen: torch.Generator,
+    rank: int,
+    world: int,
+    accumulate: int,
+    micro_batch: int,
+    workers: int,
+    pin: bool,
+) -> list[DataLoader]:
     """One loader per micro-batch this process runs in a step.
 
     A single replica shuffles with ``gen``; several replicas (processes x accumulate_steps) each read
     the shard DistributedSampler gives virtual rank ``rank * accumulate + k``, so one process that
     accumulates k micro-batches reads exactly what k processes would.
     """
-    common = dict(batch_size=micro_batch, num_workers=workers, collate_fn=collate_skipping, drop_last=True, pin_memory=pin,
-                  generator=gen)
+    common = dict(
+        batch_size=micro_batch,
+        num_workers=workers,
+        collate_fn=collate_skipping,
+        drop_last=True,
+        pin_memory=pin,
+        generator=gen,
+    )
     replicas = world * accumulate
     if replicas == 1:
         return [DataLoader(dataset, shuffle=True, **common)]
     loaders = []
     for k in range(accumulate):
-        sampler = DistributedSampler(dataset, num_replicas=replicas, rank=rank * accumulate + k, shuffle=True, seed=seed,
-                                     drop_last=True)
+        sampler = DistributedSampler(
+            dataset, num_replicas=replicas, rank=rank * accumulate + k, shuffle=True, seed=seed, drop_last=True
+        )
         sampler.set_epoch(epoch)
         loaders.append(DataLoader(dataset, sampler=sampler, **common))
     return loaders
@@ -272,7 +334,9 @@ def start_processes(t: dict[str, Any]) -> Processes:
         # Exact resume on GPUs needs deterministic kernels; they cost some speed, so it is a choice.
         torch.backends.cudnn.benchmark = not t["deterministic"]
         torch.backends.cudnn.deterministic = t["deterministic"]
-    return Processes(distributed, dist.get_rank() if distributed else 0, dist.get_world_size() if distributed else 1, device)
+    return Processes(
+        distributed, dist.get_rank() if distributed else 0, dist.get_world_size() if distributed else 1, device
+    )
 
 
 def class_names(d: dict[str, Any], folders: list[str]) -> list[str] | None:
@@ -280,15 +344,23 @@ def class_names(d: dict[str, Any], folders: list[str]) -> list[str] | None:
     given = d.get("class_names")
     if isinstance(given, list):
         if len(given) != len(folders):
-            raise ConfigError(f"data.class_names names {len(given)} classes but {d['root']} has {len(folders)} class folders")
+            raise ConfigError(
+                f"data.class_names names {len(given)} classes but {d['root']} has {len(folders)} class folders"
+            )
         return [str(n) for n in given]
     if given and not Path(given).is_file():
         raise ConfigError(f"data.class_names: no such file {given}")
     return read_class_names(given or d["root"], folders)
 
 
-def build_trainee(cfg: dict[str, Any], num_classes: int, procs: Processes, resume: bool, log: Callable[[str], None],
-                  class_folders: list[str] | None = None) -> Trainee:
+def build_trainee(
+    cfg: dict[str, Any],
+    num_classes: int,
+    procs: Processes,
+    resume: bool,
+    log: Callable[[str], None],
+    class_folders: list[str] | None = None,
+) -> Trainee:
     """Model, method, optimiser and the module a step calls (compiled, DDP-wrapped as configured)."""
     t = cfg["train"]
     # a resumed run has its own weights
@@ -299,10 +371,14 @@ def build_trainee(cfg: dict[str, Any], num_classes: int, procs: Processes, resum
     backbone = cfg["model"].get("backbone_from")
     if backbone and not resume:  # a segmenter's encoder from a classifier (RS-Nets App. B: ImageNet-pretrained)
         if getattr(model, "task", "classification") != "segmentation":
-            raise ConfigError("model.backbone_from initialises a segmenter's encoder; for a classifier use train.init_from")
+            raise ConfigError(
+                "model.backbone_from initialises a segmenter's encoder; for a classifier use train.init_from"
+            )
         got = load_backbone(model, resolve_data_root(backbone))
-        log(f"backbone from {backbone}: {got['loaded']} tensors; fresh: {', '.join(got['fresh'])}; unused from the "
-            f"source: {', '.join(got['unused']) or 'none'}")
+        log(
+            f"backbone from {backbone}: {got['loaded']} tensors; fresh: {', '.join(got['fresh'])}; unused from the "
+            f"source: {', '.join(got['unused']) or 'none'}"
+        )
     model.to(procs.device)
     method.to(procs.device)
     # NHWC is faster on CPUs too (oneDNN): 1.3x for ResNet-18 x0.25, 1.4-1.6x for MobileNetV2 (BENCHMARKS.md).
@@ -311,8 +387,10 @@ def build_trainee(cfg: dict[str, Any], num_classes: int, procs: Processes, resum
     if t["compile_quantizers"]:
         log(f"train.compile_quantizers: {compile_quantizers(model)} quantizers compiled at their first call")
     if t["sync_bn"] and model.width_range is not None:
-        raise ConfigError("train.sync_bn: slimmable models normalise with per-batch statistics of their own layer "
-                          "(SlimmableBatchNorm2d) and cannot be synchronised; leave sync_bn off")
+        raise ConfigError(
+            "train.sync_bn: slimmable models normalise with per-batch statistics of their own layer "
+            "(SlimmableBatchNorm2d) and cannot be synchronised; leave sync_bn off"
+        )
     if procs.distributed and t["sync_bn"]:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # converts the BNs inside every SwitchableBatchNorm2d
     optimizer = build_optimizer(cfg, model, method)
@@ -321,11 +399,22 @@ def build_trainee(cfg: dict[str, Any], num_classes: int, procs: Processes, resum
         step_module = CompileOrFallback(step_module, log)
     if procs.distributed:
         device = procs.device
-        step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
+        step_module = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == "cuda" else None
+        )
     use_amp = t["amp"] and procs.device.type == "cuda"
     pre = model_preprocessing(model)
-    return Trainee(model, method, optimizer, step_module, torch.amp.GradScaler("cuda", enabled=use_amp), use_amp, t["channels_last"],
-                   pre["mean"], pre["std"])
+    return Trainee(
+        model,
+        method,
+        optimizer,
+        step_module,
+        torch.amp.GradScaler("cuda", enabled=use_amp),
+        use_amp,
+        t["channels_last"],
+        pre["mean"],
+        pre["std"],
+    )
 
 
 def plan_steps(t: dict[str, Any], num_images: int, world: int) -> StepPlan:
@@ -361,7 +450,9 @@ def prepare_run_dir(cfg: dict[str, Any], out_dir: Path, resume: bool, start_epoc
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     if resume and metrics_path.exists():  # drop epochs the checkpoint does not contain
-        kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln).get("epoch", 0) <= start_epoch]
+        kept = [
+            ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln).get("epoch", 0) <= start_epoch
+        ]
         metrics_path.write_text("".join(k + "\n" for k in kept))
     elif not resume and metrics_path.exists():
         metrics_path.unlink()
@@ -375,8 +466,15 @@ def freeze_bn_statistics(model: nn.Module) -> None:
             m.eval()
 
 
-def run_epoch(epoch: int, cfg: dict[str, Any], train_ds: ImageFolderDataset, trainee: Trainee, plan: StepPlan,
-              procs: Processes, loaders: list[DataLoader] | None = None) -> EpochTotals:
+def run_epoch(
+    epoch: int,
+    cfg: dict[str, Any],
+    train_ds: ImageFolderDataset,
+    trainee: Trainee,
+    plan: StepPlan,
+    procs: Processes,
+    loaders: list[DataLoader] | None = None,
+) -> EpochTotals:
     """One epoch of optimiser steps; everything random derives from (seed, epoch), so a resumed run replays it.
     ``loaders``: the run's persistent loaders (run_loaders), else this epoch's are made here."""
     t, d = cfg["train"], cfg["data"]
@@ -387,18 +485,38 @@ def run_epoch(epoch: int, cfg: dict[str, Any], train_ds: ImageFolderDataset, tra
             loader.sampler.set_epoch(epoch)
     else:
         gen = torch.Generator().manual_seed(epoch_seed)
-        loaders = epoch_loaders(train_ds, t["seed"], epoch, gen, procs.rank, procs.world, plan.accumulate, plan.micro_batch,
-                                d["num_workers"], procs.device.type == "cuda")
+        loaders = epoch_loaders(
+            train_ds,
+            t["seed"],
+            epoch,
+            gen,
+            procs.rank,
+            procs.world,
+            plan.accumulate,
+            plan.micro_batch,
+            d["num_workers"],
+            procs.device.type == "cuda",
+        )
     trainee.step_module.train()
     if t.get("bn_stats", "update") == "frozen":
         freeze_bn_statistics(trainee.model)
     totals = EpochTotals()
-    bar = tqdm(zip(*loaders), total=plan.steps_per_epoch, desc=f"epoch {epoch + 1}/{t['epochs']}",
-               disable=not (t["progress"] and procs.is_main), leave=False)
+    bar = tqdm(
+        zip(*loaders),
+        total=plan.steps_per_epoch,
+        desc=f"epoch {epoch + 1}/{t['epochs']}",
+        disable=not (t["progress"] and procs.is_main),
+        leave=False,
+    )
     for i, micro_batches in enumerate(bar):
         step = epoch * plan.steps_per_epoch + i
-        totals.lr = lr_at(step, plan.total_steps, plan.warmup_steps, t["lr"],
-                          [int(e * plan.steps_per_epoch) for e in t["lr_milestones"]] if t["lr_milestones"] else None)
+        totals.lr = lr_at(
+            step,
+            plan.total_steps,
+            plan.warmup_steps,
+            t["lr"],
+            [int(e * plan.steps_per_epoch) for e in t["lr_milestones"]] if t["lr_milestones"] else None,
+        )
         for g in trainee.optimizer.param_groups:
             g["lr"] = totals.lr
         trainee.optimizer.zero_grad(set_to_none=True)
@@ -415,8 +533,18 @@ def run_epoch(epoch: int, cfg: dict[str, Any], train_ds: ImageFolderDataset, tra
     return totals
 
 
-def train_micro_batch(batch: dict[str, Any], step: int, i: int, epoch: int, last_micro: bool, cfg: dict[str, Any],
-                      trainee: Trainee, plan: StepPlan, procs: Processes, totals: EpochTotals) -> float | None:
+def train_micro_batch(
+    batch: dict[str, Any],
+    step: int,
+    i: int,
+    epoch: int,
+    last_micro: bool,
+    cfg: dict[str, Any],
+    trainee: Trainee,
+    plan: StepPlan,
+    procs: Processes,
+    totals: EpochTotals,
+) -> float | None:
     """Forward and backward of one micro-batch (gradients accumulate); adds its loss terms to ``totals``."""
     t, method, step_module = cfg["train"], trainee.method, trainee.step_module
     totals.skipped += batch["skipped"]
@@ -461,22 +589,30 @@ def reduce_over_ranks(totals: EpochTotals, procs: Processes) -> None:
     if not procs.distributed:
         return
     keys, res_keys = sorted(totals.sums), sorted(totals.correct)
-    packed = torch.tensor([totals.sums[k] for k in keys] + [totals.correct[r] for r in res_keys] + [totals.seen],
-                          dtype=torch.float64, device=procs.device)
+    packed = torch.tensor(
+        [totals.sums[k] for k in keys] + [totals.correct[r] for r in res_keys] + [totals.seen],
+        dtype=torch.float64,
+        device=procs.device,
+    )
     dist.all_reduce(packed)
     totals.sums = dict(zip(keys, packed[: len(keys)].tolist()))
-    totals.correct = {r: int(c) for r, c in zip(res_keys, packed[len(keys):-1].tolist())}
+    totals.correct = {r: int(c) for r, c in zip(res_keys, packed[len(keys) : -1].tolist())}
     totals.seen = int(packed[-1])
 
 
 def epoch_metrics(epoch: int, totals: EpochTotals, elapsed: float, method: Method, task: Task) -> dict[str, Any]:
     seen = max(totals.seen, 1)
     return {
-        "epoch": epoch + 1, "lr": totals.lr, "images": totals.seen, "seconds": round(elapsed, 2),
+        "epoch": epoch + 1,
+        "lr": totals.lr,
+        "images": totals.seen,
+        "seconds": round(elapsed, 2),
         "images_per_s": round(totals.seen / max(elapsed, 1e-9), 1),
         **{f"loss_{k}" if k != "loss" else "loss": round(v / seen, 5) for k, v in totals.sums.items()},
         "task": task.name,
-        task.train_metric: {str(r): round(100.0 * c / seen, 2) for r, c in sorted(totals.correct.items(), reverse=True)},
+        task.train_metric: {
+            str(r): round(100.0 * c / seen, 2) for r, c in sorted(totals.correct.items(), reverse=True)
+        },
         **method.log_values(),
     }
 
@@ -485,13 +621,20 @@ def epoch_line(m: dict[str, Any], total_epochs: int, seconds_left: float) -> str
     """The one line a person reads per epoch; metrics.jsonl keeps everything."""
     task = get_task(m.get("task", "classification"))
     terms = [f"{k[5:]} {v:.3f}" for k, v in m.items() if k.startswith("loss_")]
-    loss = (f"loss {m['loss']:.3f}" if "loss" in m else "no readable images") + (f" ({', '.join(terms)})" if terms else "")
+    loss = (f"loss {m['loss']:.3f}" if "loss" in m else "no readable images") + (
+        f" ({', '.join(terms)})" if terms else ""
+    )
     train = " ".join(f"{r}px {v:.1f}" for r, v in m[task.train_metric].items())
-    val = (f"  val {task.val_label} " + " ".join(f"{r}px {v:.1f}" for r, v in m[task.val_metric].items())
-           if task.val_metric in m else "")
+    val = (
+        f"  val {task.val_label} " + " ".join(f"{r}px {v:.1f}" for r, v in m[task.val_metric].items())
+        if task.val_metric in m
+        else ""
+    )
     eta = f"{int(seconds_left // 60)}m{int(seconds_left % 60):02d}s" if seconds_left >= 60 else f"{seconds_left:.0f}s"
-    return (f"epoch {m['epoch']}/{total_epochs}  {loss}  train {task.train_label} {train}{val}  lr {m['lr']:.4g}  "
-            f"{m['images_per_s']:.0f} img/s  ETA {eta}")
+    return (
+        f"epoch {m['epoch']}/{total_epochs}  {loss}  train {task.train_label} {train}{val}  lr {m['lr']:.4g}  "
+        f"{m['images_per_s']:.0f} img/s  ETA {eta}"
+    )
 
 
 def _saved_metadata(run_dir: str | Path) -> dict[str, Any]:
@@ -527,8 +670,13 @@ def _finished(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any] | None:
     return saved
 
 
-def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_after_epochs: int | None = None,
-          log: Callable[[str], None] = print) -> dict[str, Any]:
+def train(
+    cfg: dict[str, Any],
+    out_dir: str | Path,
+    resume: bool = False,
+    stop_after_epochs: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Train as ``cfg`` says into ``out_dir``; returns the last epoch's metrics.
 
     ``log`` gets one readable line per epoch (``epoch_line``) and the notes of the run; the full metrics go to
@@ -539,7 +687,9 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
     check_names(cfg)  # before the datasets, which take minutes to read on real data
     ckpt_path = out_dir / CHECKPOINT
     if ckpt_path.exists() and not resume:
-        raise FileExistsError(f"{out_dir} already holds a run ({ckpt_path}); pass --resume to continue it or choose another --out")
+        raise FileExistsError(
+            f"{out_dir} already holds a run ({ckpt_path}); pass --resume to continue it or choose another --out"
+        )
     if resume and not ckpt_path.exists():
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
     finished = _finished(cfg, out_dir) if resume else None
@@ -566,11 +716,14 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
     start_epoch = restore(cfg, out_dir, trainee, log) if resume else 0
     metrics_path = prepare_run_dir(cfg, out_dir, resume, start_epoch) if procs.is_main else out_dir / "metrics.jsonl"
     sidecar_base = {
-        "flexres_version": __version__, "method": {"name": method.name, "resolutions": list(method.resolutions),
-                                                   **cfg["method"]["kwargs"]},
-        "classes": train_ds.classes, "class_names": names,
+        "flexres_version": __version__,
+        "method": {"name": method.name, "resolutions": list(method.resolutions), **cfg["method"]["kwargs"]},
+        "classes": train_ds.classes,
+        "class_names": names,
         "normalization": {"mean": trainee.mean, "std": trainee.std},
-        "crop_fraction": d["crop_fraction"], "interpolation": model_preprocessing(model)["interpolation"], "config": cfg,
+        "crop_fraction": d["crop_fraction"],
+        "interpolation": model_preprocessing(model)["interpolation"],
+        "config": cfg,
         **task.record(train_ds),
     }
     last: dict[str, Any] = {}
@@ -578,8 +731,17 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
     started = time.time()
     loaders = None
     if d["persistent_workers"]:
-        loaders = run_loaders(train_ds, t["seed"], procs.rank, procs.world, plan.accumulate, plan.micro_batch,
-                              d["num_workers"], procs.device.type == "cuda", d["prefetch_factor"])
+        loaders = run_loaders(
+            train_ds,
+            t["seed"],
+            procs.rank,
+            procs.world,
+            plan.accumulate,
+            plan.micro_batch,
+            d["num_workers"],
+            procs.device.type == "cuda",
+            d["prefetch_factor"],
+        )
     for epoch in range(start_epoch, end_epoch):
         t0 = time.time()
         totals = run_epoch(epoch, cfg, train_ds, trainee, plan, procs, loaders)
@@ -593,9 +755,18 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False, stop_a
         if procs.is_main and val_ds is not None and ((epoch + 1) % t["eval_every"] == 0 or epoch + 1 == t["epochs"]):
             last[task.val_metric] = task.validate(cfg, model, method, train_ds, val_ds, model_preprocessing(model))
         if procs.is_main:
-            save_checkpoint(out_dir, model, dict(sidecar_base, epoch=epoch + 1, metrics=last,
-                                                 grad_scaler=trainee.scaler.state_dict() if trainee.use_amp else None),
-                            method, trainee.optimizer)
+            save_checkpoint(
+                out_dir,
+                model,
+                dict(
+                    sidecar_base,
+                    epoch=epoch + 1,
+                    metrics=last,
+                    grad_scaler=trainee.scaler.state_dict() if trainee.use_amp else None,
+                ),
+                method,
+                trainee.optimizer,
+            )
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
             per_epoch = (time.time() - started) / (epoch + 1 - start_epoch)

@@ -29,11 +29,15 @@ class Method(nn.Module):
 
     name: str = ""
 
-    def __init__(self, resolutions: list[int] | tuple[int, ...], label_smoothing: float = 0.0, reduction: str = "sum") -> None:
+    def __init__(
+        self, resolutions: list[int] | tuple[int, ...], label_smoothing: float = 0.0, reduction: str = "sum"
+    ) -> None:
         super().__init__()
         if reduction not in ("sum", "mean"):
-            raise ValueError(f"reduction must be 'sum' (the papers' equations) or 'mean' (divided by the number of "
-                             f"resolutions or sub-networks in a step), got {reduction!r}")
+            raise ValueError(
+                f"reduction must be 'sum' (the papers' equations) or 'mean' (divided by the number of "
+                f"resolutions or sub-networks in a step), got {reduction!r}"
+            )
         # "sum" is the papers' loss; "mean" divides the network's loss by the number of forward passes it adds up
         # (resolutions, sampled sub-networks), so one step moves the shared weights as far as a single-network
         # step does at the same learning rate.
@@ -54,18 +58,28 @@ class Method(nn.Module):
 
     def cross_entropy(self, logits: Tensor, labels: Tensor) -> Tensor:
         """Cross-entropy, averaged over images (classification) or over the valid pixels (segmentation)."""
-        return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing,
-                               ignore_index=self.ignore_index if self.ignore_index is not None else -100)
+        return F.cross_entropy(
+            logits,
+            labels,
+            label_smoothing=self.label_smoothing,
+            ignore_index=self.ignore_index if self.ignore_index is not None else -100,
+        )
 
     def kl(self, teacher_logits: Tensor, student_logits: Tensor, labels: Tensor) -> Tensor:
         """KL(p_teacher || p_student), the teacher detached: the batch mean, or for dense logits the mean over the
         valid pixels of the per-pixel KL (summed over classes)."""
         if student_logits.dim() == 2:
-            return F.kl_div(F.log_softmax(student_logits.float(), dim=1), F.log_softmax(teacher_logits.detach().float(), dim=1),
-                            reduction="batchmean", log_target=True)
+            return F.kl_div(
+                F.log_softmax(student_logits.float(), dim=1),
+                F.log_softmax(teacher_logits.detach().float(), dim=1),
+                reduction="batchmean",
+                log_target=True,
+            )
         log_t = F.log_softmax(teacher_logits.detach().float(), dim=1)
         per_pixel = (log_t.exp() * (log_t - F.log_softmax(student_logits.float(), dim=1))).sum(1)
-        valid = labels != self.ignore_index if self.ignore_index is not None else torch.ones_like(labels, dtype=torch.bool)
+        valid = (
+            labels != self.ignore_index if self.ignore_index is not None else torch.ones_like(labels, dtype=torch.bool)
+        )
         return (per_pixel * valid).sum() / valid.sum().clamp_min(1)
 
     @staticmethod
@@ -75,7 +89,10 @@ class Method(nn.Module):
         if labels.dim() != 3:
             return logits
         size = labels.shape[-2:]
-        return [z if z.shape[-2:] == size else F.interpolate(z, size=size, mode="bilinear", align_corners=False) for z in logits]
+        return [
+            z if z.shape[-2:] == size else F.interpolate(z, size=size, mode="bilinear", align_corners=False)
+            for z in logits
+        ]
 
     def reduce(self, loss: Tensor, terms: int | None = None) -> Tensor:
         """``loss`` summed over ``terms`` forward passes (default: one per resolution), reduced as configured."""
@@ -116,5 +133,3 @@ def create_method(name: str, **kwargs: Any) -> Method:
         return _METHODS[name](**kwargs)
     except TypeError as e:
         raise ConfigError(f"bad options for method {name!r} (method.kwargs): {e}") from e
-
-

@@ -10,13 +10,18 @@ from ..operating_point import OperatingPoint
 from .base import Method, StepOutput, register_method
 
 
-def fair_configurations(factors: tuple[float, ...], num_stages: int, generator: torch.Generator) -> list[tuple[float, ...]]:
-    """|L| configurations in which, at every stage, each factor appears exactly once (a random permutation per stage)."""
+def fair_configurations(
+    factors: tuple[float, ...], num_stages: int, generator: torch.Generator
+) -> list[tuple[float, ...]]:
+    """|L| configurations in which, at every stage, each factor appears exactly once (a random permutation per
+    stage)."""
     perms = [torch.randperm(len(factors), generator=generator).tolist() for _ in range(num_stages)]
     return [tuple(factors[perms[s][k]] for s in range(num_stages)) for k in range(len(factors))]
 
 
-def random_configurations(factors: tuple[float, ...], num_stages: int, count: int, generator: torch.Generator) -> list[tuple[float, ...]]:
+def random_configurations(
+    factors: tuple[float, ...], num_stages: int, count: int, generator: torch.Generator
+) -> list[tuple[float, ...]]:
     """``count`` configurations with every stage's factor drawn independently (the baseline fair sampling beats)."""
     picks = torch.randint(len(factors), (count, num_stages), generator=generator).tolist()
     return [tuple(factors[i] for i in row) for row in picks]
@@ -38,9 +43,16 @@ class Resizable(Method):
 
     name = "resizable"
 
-    def __init__(self, resolutions: list[int] | tuple[int, ...], sampling: str = "fair", target_scales: list[float] | None = None,
-                 finetune_from: float | None = None, label_smoothing: float = 0.0, reduction: str = "sum",
-                 configs_per_step: int | None = None) -> None:
+    def __init__(
+        self,
+        resolutions: list[int] | tuple[int, ...],
+        sampling: str = "fair",
+        target_scales: list[float] | None = None,
+        finetune_from: float | None = None,
+        label_smoothing: float = 0.0,
+        reduction: str = "sum",
+        configs_per_step: int | None = None,
+    ) -> None:
         super().__init__(resolutions, label_smoothing, reduction)
         if len(self.resolutions) != 1:
             raise ValueError(f"method 'resizable' trains at one input resolution, got {list(self.resolutions)}")
@@ -49,8 +61,10 @@ class Resizable(Method):
         if finetune_from is not None and not 0.0 <= finetune_from <= 1.0:
             raise ValueError(f"finetune_from is a fraction of training in [0, 1], got {finetune_from}")
         if configs_per_step is not None and (sampling != "random" or configs_per_step < 1):
-            raise ValueError(f"configs_per_step (a positive int) applies to sampling 'random' only; got {configs_per_step} "
-                             f"with sampling {sampling!r}")
+            raise ValueError(
+                f"configs_per_step (a positive int) applies to sampling 'random' only; got {configs_per_step} "
+                f"with sampling {sampling!r}"
+            )
         self.sampling = sampling
         self.configs_per_step = configs_per_step
         self.target_scales = tuple(float(f) for f in target_scales) if target_scales is not None else None
@@ -58,7 +72,9 @@ class Resizable(Method):
 
     def sample(self, model: AdaptiveModel) -> list[tuple[float, ...]]:
         if model.scale_factors is None:
-            raise ValueError(f"method 'resizable' needs a resizable model (e.g. resizable_resnet18), got {model.arch['name']}")
+            raise ValueError(
+                f"method 'resizable' needs a resizable model (e.g. resizable_resnet18), got {model.arch['name']}"
+            )
         target = self.target_scales or (1.0,) * model.num_stages
         if self.sampling == "fixed" or (self.finetune_from is not None and self.progress >= self.finetune_from):
             return [target]
@@ -76,4 +92,6 @@ class Resizable(Method):
             first = logits if first is None else first
             losses.append(self.cross_entropy(logits, labels))
         total = sum(losses)  # logged before the reduction, as every method logs its loss terms
-        return StepOutput(self.reduce(total, len(losses)), {"cls": total.detach()}, {self.resolutions[0]: first.detach()})
+        return StepOutput(
+            self.reduce(total, len(losses)), {"cls": total.detach()}, {self.resolutions[0]: first.detach()}
+        )

@@ -43,13 +43,17 @@ class Parallel(Method):
 
     name = "parallel"
 
-    def __init__(self, resolutions: list[int] | tuple[int, ...], label_smoothing: float = 0.0, reduction: str = "sum") -> None:
+    def __init__(
+        self, resolutions: list[int] | tuple[int, ...], label_smoothing: float = 0.0, reduction: str = "sum"
+    ) -> None:
         super().__init__(resolutions, label_smoothing, reduction)
 
     def forward(self, model: AdaptiveModel, inputs: tuple[Tensor, ...], labels: Tensor) -> StepOutput:
         logits = self.align(self.run_all(model, inputs), labels)
         loss = sum(self.cross_entropy(z, labels) for z in logits)
-        return StepOutput(self.reduce(loss), {"cls": loss.detach()}, {r: z.detach() for r, z in zip(self.resolutions, logits)})
+        return StepOutput(
+            self.reduce(loss), {"cls": loss.detach()}, {r: z.detach() for r, z in zip(self.resolutions, logits)}
+        )
 
 
 @register_method
@@ -66,8 +70,13 @@ class RSNet(Method):
 
     name = "rsnet"
 
-    def __init__(self, resolutions: list[int] | tuple[int, ...], mred: str = "full", label_smoothing: float = 0.0,
-                 reduction: str = "sum") -> None:
+    def __init__(
+        self,
+        resolutions: list[int] | tuple[int, ...],
+        mred: str = "full",
+        label_smoothing: float = 0.0,
+        reduction: str = "sum",
+    ) -> None:
         super().__init__(resolutions, label_smoothing, reduction)
         if mred not in ("full", "vanilla"):
             raise ValueError(f"mred must be 'full' or 'vanilla', got {mred!r}")
@@ -91,7 +100,9 @@ class RSNet(Method):
         else:
             chain = [z0, *logits]
             S = len(logits)
-            l_dis = 2.0 / (S + 1) * sum(self.kl(chain[t], chain[s], labels) for t in range(S) for s in range(t + 1, S + 1))
+            l_dis = (
+                2.0 / (S + 1) * sum(self.kl(chain[t], chain[s], labels) for t in range(S) for s in range(t + 1, S + 1))
+            )
         return {"cls": l_cls, "ens": l_ens, "dis": l_dis}
 
     def forward(self, model: AdaptiveModel, inputs: tuple[Tensor, ...], labels: Tensor) -> StepOutput:
@@ -99,7 +110,9 @@ class RSNet(Method):
         terms = self.mred_losses(logits, labels)
         # L_ens reaches only alpha, so the reduction (a step size for the shared weights) leaves it alone.
         loss = self.reduce(terms["cls"] + terms["dis"]) + terms["ens"]
-        return StepOutput(loss, {k: v.detach() for k, v in terms.items()}, {r: z.detach() for r, z in zip(self.resolutions, logits)})
+        return StepOutput(
+            loss, {k: v.detach() for k, v in terms.items()}, {r: z.detach() for r, z in zip(self.resolutions, logits)}
+        )
 
     def log_values(self) -> dict[str, object]:
         return {"alpha": {str(r): round(float(a), 4) for r, a in zip(self.resolutions, self.alpha.detach().tolist())}}

@@ -25,7 +25,9 @@ class SAN(Method):
 
     name = "san"
 
-    def __init__(self, resolutions: list[int] | tuple[int, ...], label_smoothing: float = 0.0, reduction: str = "sum") -> None:
+    def __init__(
+        self, resolutions: list[int] | tuple[int, ...], label_smoothing: float = 0.0, reduction: str = "sum"
+    ) -> None:
         super().__init__(resolutions, label_smoothing, reduction)
         if len(self.resolutions) < 2:
             raise ValueError("method 'san' needs at least two resolutions")
@@ -34,5 +36,8 @@ class SAN(Method):
         logits = self.run_all(model, inputs)
         l_cls = sum(self.cross_entropy(z, labels) for z in logits)
         l_sd = scale_distillation(logits)
-        return StepOutput(self.reduce(l_cls + l_sd), {"cls": l_cls.detach(), "sd": l_sd.detach()},
-                          {r: z.detach() for r, z in zip(self.resolutions, logits)})
+        return StepOutput(
+            self.reduce(l_cls + l_sd),
+            {"cls": l_cls.detach(), "sd": l_sd.detach()},
+            {r: z.detach() for r, z in zip(self.resolutions, logits)},
+        )

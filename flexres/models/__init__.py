@@ -5,5 +5,17 @@ from .materialize import materialize
 from .registry import create_model, list_models, register_model
 from .static import StaticClassifier, to_static
 
-__all__ = ["SAN_MODES", "AdaptiveModel", "ConvertedModel", "create_model", "list_models", "load_single_bn_weights",
-           "make_divisible", "make_switchable", "materialize", "register_model", "StaticClassifier", "to_static"]
+__all__ = [
+    "SAN_MODES",
+    "AdaptiveModel",
+    "ConvertedModel",
+    "create_model",
+    "list_models",
+    "load_single_bn_weights",
+    "make_divisible",
+    "make_switchable",
+    "materialize",
+    "register_model",
+    "StaticClassifier",
+    "to_static",
+]

@@ -42,8 +42,13 @@ def _meta_conv(cin: int, cout: int, kernel: int, stride: int = 1, padding: int =
 def conv_factory(meta: bool = False, slimmable_divisor: int | None = None) -> ConvFactory:
     """Plain, SAN (meta) or width-slimmable (``slimmable_divisor`` set) bias-free convolutions."""
     if slimmable_divisor is not None:
-        def slim(cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0, groups: int = 1) -> SlimmableConv2d:
-            return SlimmableConv2d(cin, cout, kernel, stride, padding, groups, slim_in=cin != 3, divisor=slimmable_divisor)
+
+        def slim(
+            cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0, groups: int = 1
+        ) -> SlimmableConv2d:
+            return SlimmableConv2d(
+                cin, cout, kernel, stride, padding, groups, slim_in=cin != 3, divisor=slimmable_divisor
+            )
 
         return slim
     return _meta_conv if meta else _plain_conv
@@ -52,15 +57,21 @@ def conv_factory(meta: bool = False, slimmable_divisor: int | None = None) -> Co
 def quantized_conv_factory(w_bits: int, a_bits: int, activation_bases: int) -> ConvFactory:
     """LQ-Nets convolutions: ``w_bits`` weights (a basis per output channel), ``a_bits`` inputs (``activation_bases``
     bases: 1 shared by every resolution, or one per trained resolution)."""
+
     def quant(cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0, groups: int = 1) -> QuantConv2d:
-        return QuantConv2d(cin, cout, kernel, stride, padding, groups, w_bits=w_bits, a_bits=a_bits, activation_bases=activation_bases)
+        return QuantConv2d(
+            cin, cout, kernel, stride, padding, groups, w_bits=w_bits, a_bits=a_bits, activation_bases=activation_bases
+        )
 
     return quant
 
 
-def scale_aware_norm(factors: tuple[float, ...], stage: int, train_resolutions: tuple[int, ...]) -> Callable[[int], nn.Module]:
+def scale_aware_norm(
+    factors: tuple[float, ...], stage: int, train_resolutions: tuple[int, ...]
+) -> Callable[[int], nn.Module]:
     """Resizable networks' scale-aware BN: one BN per factor of ``stage`` (keyed 45, 65, ...); stage -1
     (before the first resize) keeps one BN per training resolution."""
+
     def make(num_features: int) -> SwitchableBatchNorm2d:
         if stage < 0:
             return SwitchableBatchNorm2d(num_features, resolutions=train_resolutions)
@@ -106,8 +117,13 @@ class AdaptiveModel(nn.Module):
     # Filled in by the registry so a checkpoint can rebuild the model: {"name": ..., "kwargs": {...}}.
     arch: dict[str, Any]
 
-    def __init__(self, train_resolutions: list[int] | tuple[int, ...], scale_divisor: float | None = None,
-                 width_range: tuple[float, float] | None = None, scale_factors: tuple[float, ...] | None = None):
+    def __init__(
+        self,
+        train_resolutions: list[int] | tuple[int, ...],
+        scale_divisor: float | None = None,
+        width_range: tuple[float, float] | None = None,
+        scale_factors: tuple[float, ...] | None = None,
+    ):
         super().__init__()
         if not train_resolutions:
             raise ValueError("train_resolutions must name at least one resolution")
@@ -154,15 +170,19 @@ class AdaptiveModel(nn.Module):
     def activation_quantizers(self) -> list[LQQuantizer]:
         """LQ-Nets activation quantizers with one basis per trained resolution (none in a full-precision model)."""
         if getattr(self, "_act_quant", None) is None:
-            self._act_quant = [m for m in self.modules() if isinstance(m, LQQuantizer) and not m.signed and m.basis.shape[0] > 1]
+            self._act_quant = [
+                m for m in self.modules() if isinstance(m, LQQuantizer) and not m.signed and m.basis.shape[0] > 1
+            ]
         return self._act_quant
 
     def use_quantization(self, w_bits: int, a_bits: int, activation_bases: str) -> ConvFactory | None:
         """The body's conv factory for LQ-Nets ``w_bits`` / ``a_bits`` (None: full precision). The first conv and the
         classifier stay full precision, as in LQ-Nets."""
         if activation_bases not in ("shared", "private"):
-            raise ValueError(f"activation_bases must be 'shared' (the authors' code) or 'private' (one per resolution), "
-                             f"got {activation_bases!r}")
+            raise ValueError(
+                f"activation_bases must be 'shared' (the authors' code) or 'private' (one per resolution), "
+                f"got {activation_bases!r}"
+            )
         if w_bits == FULL_PRECISION and a_bits == FULL_PRECISION:
             return None
         n = len(self.train_resolutions) if activation_bases == "private" else 1
@@ -215,8 +235,9 @@ class AdaptiveModel(nn.Module):
             return self.train_resolutions[nearest_index(resolution, self.train_resolutions)]
         return resolution
 
-    def set_operating_point(self, op: OperatingPoint | int, bn_policy: str | None = None,
-                            scale_policy: str | None = None) -> AdaptiveModel:
+    def set_operating_point(
+        self, op: OperatingPoint | int, bn_policy: str | None = None, scale_policy: str | None = None
+    ) -> AdaptiveModel:
         """Switch to ``op`` (an OperatingPoint or a resolution). Cheap: no re-allocation.
 
         bn_policy serves untrained resolutions (nearest / interpolate / calibrate); scale_policy
@@ -229,18 +250,30 @@ class AdaptiveModel(nn.Module):
         scale = scale_policy or self.scale_policy
         if scale not in SCALE_POLICIES:
             raise ValueError(f"unknown scale_policy {scale!r}; choose one of {', '.join(SCALE_POLICIES)}")
-        if self.scale_divisor is not None and policy == "calibrate" and scale != "exact" and op.resolution not in self.train_resolutions:
-            raise ValueError("bn_policy 'calibrate' re-estimates statistics under the weights generated at eps(T), so it "
-                             "needs scale_policy 'exact' (SAN ideal inference)")
+        if (
+            self.scale_divisor is not None
+            and policy == "calibrate"
+            and scale != "exact"
+            and op.resolution not in self.train_resolutions
+        ):
+            raise ValueError(
+                "bn_policy 'calibrate' re-estimates statistics under the weights generated at eps(T), so it "
+                "needs scale_policy 'exact' (SAN ideal inference)"
+            )
         self._check_operating_point(op)
-        eps = self.scale_resolution(op.resolution, scale) / self.scale_divisor if self.scale_divisor is not None else None
+        eps = (
+            self.scale_resolution(op.resolution, scale) / self.scale_divisor if self.scale_divisor is not None else None
+        )
         setting = PointSetting(self.resolve(op), self.stage_scales(op), tuple(self.train_resolutions), policy, eps)
         fell_back = False
         for layer in self.adaptive_layers():
             fell_back |= layer.apply_point(setting)
         if fell_back:
-            note(f"{op.resolution} px is outside the trained range [{min(self.train_resolutions)}, {max(self.train_resolutions)}]: "
-                 "bn_policy 'interpolate' serves it with the nearest trained BN")
+            note(
+                f"{op.resolution} px is outside the trained range "
+                f"[{min(self.train_resolutions)}, {max(self.train_resolutions)}]: "
+                "bn_policy 'interpolate' serves it with the nearest trained BN"
+            )
         self.operating_point = op
         self.bn_policy = policy
         self.scale_policy = scale
@@ -271,8 +304,14 @@ class AdaptiveModel(nn.Module):
             raise ValueError(f"width {op.width:g} is outside this model's width range {list(self.width_range)}")
 
     @contextmanager
-    def at(self, op: OperatingPoint | int | None = None, *, bn_policy: str | None = None, scale_policy: str | None = None,
-           **fields: Any) -> Iterator[AdaptiveModel]:
+    def at(
+        self,
+        op: OperatingPoint | int | None = None,
+        *,
+        bn_policy: str | None = None,
+        scale_policy: str | None = None,
+        **fields: Any,
+    ) -> Iterator[AdaptiveModel]:
         """Context manager: ``with model.at(96): ...`` or ``with model.at(resolution=96, bn_policy="nearest")``."""
         if op is None:
             op = OperatingPoint(**fields)
@@ -291,12 +330,21 @@ class AdaptiveModel(nn.Module):
         set_rounding(self, rule)
         self.arch_defaults = {"channel_rounding": rule, **arch}
 
-    def layer_factories(self, meta_conv: bool = False, slimmable: bool = False, slim_divisor: int = 8,
-                        norm_layer: NormFactory | None = None, conv_layer: ConvFactory | None = None) -> tuple[NormFactory, ConvFactory]:
+    def layer_factories(
+        self,
+        meta_conv: bool = False,
+        slimmable: bool = False,
+        slim_divisor: int = 8,
+        norm_layer: NormFactory | None = None,
+        conv_layer: ConvFactory | None = None,
+    ) -> tuple[NormFactory, ConvFactory]:
         """(norm, conv) factories: a BN per trained resolution with plain or SAN convs, or width-slimmable layers;
         ``norm_layer`` / ``conv_layer``, when given, instead (any layer, adaptive ones through flexres.nn.adaptive)."""
         if slimmable:
-            norm, conv = partial(SlimmableBatchNorm2d, divisor=slim_divisor), conv_factory(slimmable_divisor=slim_divisor)
+            norm, conv = (
+                partial(SlimmableBatchNorm2d, divisor=slim_divisor),
+                conv_factory(slimmable_divisor=slim_divisor),
+            )
         else:
             norm, conv = partial(SwitchableBatchNorm2d, resolutions=self.train_resolutions), conv_factory(meta_conv)
         return norm_layer or norm, conv_layer or conv

@@ -44,18 +44,28 @@ def _run(blocks: list[Callable[[Tensor], Tensor]], x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def forward_configurations(model: AdaptiveModel, x: Tensor, resolution: int, configs: Sequence[Config],
-                           bn_policy: str = "interpolate", features: bool = False) -> dict[Config, Tensor]:
+def forward_configurations(
+    model: AdaptiveModel,
+    x: Tensor,
+    resolution: int,
+    configs: Sequence[Config],
+    bn_policy: str = "interpolate",
+    features: bool = False,
+) -> dict[Config, Tensor]:
     """Logits (or, with ``features``, last-stage features) of every configuration in ``configs`` for the batch
     ``x`` (already at ``resolution``). Leaves the model at the operating point it had."""
     if model.scale_factors is None or model.stage_resizers is None:
         raise ValueError(f"{type(model).__name__} has no per-stage scales: nothing to evaluate as a tree")
     if model.training:
-        raise ValueError("prefix-tree evaluation needs eval mode (model.eval()): in training mode BN would normalise the "
-                         "batched branches together")
+        raise ValueError(
+            "prefix-tree evaluation needs eval mode (model.eval()): in training mode BN would normalise the "
+            "batched branches together"
+        )
     if bn_policy == "calibrate":
-        raise ValueError("prefix-tree evaluation serves trained or interpolated BNs; statistics calibrated per configuration "
-                         "depend on the whole prefix: evaluate those configurations one by one")
+        raise ValueError(
+            "prefix-tree evaluation serves trained or interpolated BNs; statistics calibrated per configuration "
+            "depend on the whole prefix: evaluate those configurations one by one"
+        )
     configs = [tuple(float(f) for f in c) for c in configs]
     segments = stage_segments(model)
     stages = len(segments) - 1

@@ -28,16 +28,28 @@ from ..notes import note
 from .base import AdaptiveModel
 from .pretrained import classifier_rows, map_state_dict, read_state_dict, resolve_weights
 
-PER_IMAGE_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm)
+PER_IMAGE_NORMS = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LocalResponseNorm,
+)
 SOURCES = ("timm", "torchvision")
 
 
 def _switchable_from(bn: nn.BatchNorm2d, resolutions: Sequence[int]) -> SwitchableBatchNorm2d:
     if not bn.affine or not bn.track_running_stats:
-        raise ValueError(f"a BatchNorm2d without affine parameters or running statistics ({bn}) cannot be made switchable")
+        raise ValueError(
+            f"a BatchNorm2d without affine parameters or running statistics ({bn}) cannot be made switchable"
+        )
     # momentum None (a cumulative average of every batch) is kept: each private BN averages the same way
     sw = SwitchableBatchNorm2d(bn.num_features, resolutions, eps=bn.eps, momentum=bn.momentum)
-    sw.load_state_dict({f"bns.{i}.{k}": v.detach().clone() for i in range(len(sw.bns)) for k, v in bn.state_dict().items()}, strict=True)
+    sw.load_state_dict(
+        {f"bns.{i}.{k}": v.detach().clone() for i in range(len(sw.bns)) for k, v in bn.state_dict().items()},
+        strict=True,
+    )
     return sw.to(bn.weight.device)
 
 
@@ -48,22 +60,32 @@ def _is_norm(module: nn.Module) -> bool:
 def _convert_norm(name: str, child: nn.Module, resolutions: Sequence[int], other_norms: str) -> nn.Module | None:
     """The replacement for ``child`` (None: keep it as it is)."""
     if "FrozenBatchNorm" in type(child).__name__:  # timm's FrozenBatchNormAct2d, torchvision's FrozenBatchNorm2d
-        raise ValueError(f"{name} ({type(child).__name__}) is a frozen BatchNorm: its statistics never change, so no resolution "
-                         "can get its own; unfreeze the model's BNs first (timm.layers.unfreeze_batch_norm_2d) or build it "
-                         "without freezing")
+        raise ValueError(
+            f"{name} ({type(child).__name__}) is a frozen BatchNorm: its statistics never change, so no resolution "
+            "can get its own; unfreeze the model's BNs first (timm.layers.unfreeze_batch_norm_2d) or build it "
+            "without freezing"
+        )
     if isinstance(child, nn.BatchNorm2d):  # SyncBatchNorm is not a BatchNorm2d: refused below
         sw = _switchable_from(child, resolutions)
         # timm's BatchNormAct2d is a BatchNorm2d that also applies dropout and an activation: keep those after it.
-        extra = [m for m in (getattr(child, "drop", None), getattr(child, "act", None)) if m is not None and not isinstance(m, nn.Identity)]
+        extra = [
+            m
+            for m in (getattr(child, "drop", None), getattr(child, "act", None))
+            if m is not None and not isinstance(m, nn.Identity)
+        ]
         return nn.Sequential(sw, *extra) if extra else sw
     if isinstance(child, PER_IMAGE_NORMS):
         if other_norms == "share":
             return None
-        raise ValueError(f"{name} ({type(child).__name__}) normalises each image by its own statistics, so there is nothing to keep "
-                         "per resolution; pass other_norms='share' to keep it shared across resolutions (the BNs still switch)")
+        raise ValueError(
+            f"{name} ({type(child).__name__}) normalises each image by its own statistics, so there is nothing to keep "
+            "per resolution; pass other_norms='share' to keep it shared across resolutions (the BNs still switch)"
+        )
     if isinstance(child, (nn.modules.batchnorm._NormBase, nn.SyncBatchNorm)) or _is_norm(child):
-        raise ValueError(f"{name} ({type(child).__name__}) is a normalisation flexres cannot make switchable; only BatchNorm2d "
-                         "(and timm's BatchNormAct2d) are (convert SyncBatchNorm back with a plain BatchNorm2d first)")
+        raise ValueError(
+            f"{name} ({type(child).__name__}) is a normalisation flexres cannot make switchable; only BatchNorm2d "
+            "(and timm's BatchNormAct2d) are (convert SyncBatchNorm back with a plain BatchNorm2d first)"
+        )
     return None
 
 
@@ -71,9 +93,13 @@ def _meta_from(conv: nn.Conv2d, name: str) -> MetaConv2d:
     k, s, p, d = conv.kernel_size, conv.stride, conv.padding, conv.dilation
     square = k[0] == k[1] and s[0] == s[1] and not isinstance(p, str) and p[0] == p[1]
     if type(conv) is not nn.Conv2d or not square or d != (1, 1) or conv.padding_mode != "zeros":
-        raise ValueError(f"{name} ({conv}) is not a plain square, undilated, zero-padded Conv2d: SAN's MetaConv2d cannot replace it")
+        raise ValueError(
+            f"{name} ({conv}) is not a plain square, undilated, zero-padded Conv2d: SAN's MetaConv2d cannot replace it"
+        )
     if conv.bias is not None:
-        raise ValueError(f"{name} has a bias: SAN's MetaConv2d generates bias-free weights (a BN follows every conv in SAN)")
+        raise ValueError(
+            f"{name} has a bias: SAN's MetaConv2d generates bias-free weights (a BN follows every conv in SAN)"
+        )
     meta = MetaConv2d(conv.in_channels, conv.out_channels, k[0], s[0], p[0], conv.groups)
     with torch.no_grad():
         meta.A.zero_()
@@ -81,8 +107,14 @@ def _meta_from(conv: nn.Conv2d, name: str) -> MetaConv2d:
     return meta.to(conv.weight.device)
 
 
-def _convert(module: nn.Module, prefix: str, resolutions: Sequence[int], other_norms: str, san: bool,
-             done: dict[int, nn.Module] | None = None) -> None:
+def _convert(
+    module: nn.Module,
+    prefix: str,
+    resolutions: Sequence[int],
+    other_norms: str,
+    san: bool,
+    done: dict[int, nn.Module] | None = None,
+) -> None:
     """Replace, in place, every BN (and for SAN every conv) below ``module``. ``done`` maps a module already
     replaced to its replacement, so a module used at two places stays one module (its parameters shared)."""
     done = {} if done is None else done
@@ -91,7 +123,11 @@ def _convert(module: nn.Module, prefix: str, resolutions: Sequence[int], other_n
         if id(child) in done:
             setattr(module, child_name, done[id(child)])
             continue
-        new = _meta_from(child, name) if san and isinstance(child, nn.Conv2d) else _convert_norm(name, child, resolutions, other_norms)
+        new = (
+            _meta_from(child, name)
+            if san and isinstance(child, nn.Conv2d)
+            else _convert_norm(name, child, resolutions, other_norms)
+        )
         if new is not None:
             done[id(child)] = new
             setattr(module, child_name, new)
@@ -105,15 +141,28 @@ class ConvertedModel(AdaptiveModel):
     original module, converted in place. ``forward_features`` / ``forward_head`` are the source's where it has them
     (timm); otherwise the whole network runs as the head."""
 
-    def __init__(self, net: nn.Module, train_resolutions: Sequence[int], *, other_norms: str = "refuse", san: bool = False,
-                 scale_divisor: float | None = None, preprocessing: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        train_resolutions: Sequence[int],
+        *,
+        other_norms: str = "refuse",
+        san: bool = False,
+        scale_divisor: float | None = None,
+        preprocessing: dict[str, Any] | None = None,
+    ) -> None:
         if other_norms not in ("refuse", "share"):
             raise ValueError(f"other_norms must be 'refuse' or 'share', got {other_norms!r}")
         super().__init__(train_resolutions, scale_divisor=(scale_divisor or max(train_resolutions)) if san else None)
-        # Checked first: a model without BN gets this one message, not a suggestion about its other norms that then fails.
-        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) or "BatchNorm" in type(m).__name__ for m in net.modules()):
-            raise ValueError(f"{type(net).__name__} has no BatchNorm: there is nothing to switch per resolution (RS-Nets keeps "
-                             "private BN statistics per resolution; a model normalised per image needs no conversion)")
+        # Checked first: a model without BN gets this one message, not a suggestion about its other norms that then
+        # fails.
+        if not any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) or "BatchNorm" in type(m).__name__ for m in net.modules()
+        ):
+            raise ValueError(
+                f"{type(net).__name__} has no BatchNorm: there is nothing to switch per resolution (RS-Nets keeps "
+                "private BN statistics per resolution; a model normalised per image needs no conversion)"
+            )
         _convert(net, "", self.train_resolutions, other_norms, san)
         self.net = net
         # The source's eval transform (mean, std, crop fraction), e.g. timm's pretrained_cfg; None: flexres's defaults.
@@ -127,8 +176,15 @@ class ConvertedModel(AdaptiveModel):
         return self.net.forward_head(x) if hasattr(self.net, "forward_features") else self.net(x)
 
 
-def make_switchable(net: nn.Module, resolutions: Sequence[int], *, other_norms: str = "refuse", san: bool = False,
-                    scale_divisor: float | None = None, copy_model: bool = True) -> ConvertedModel:
+def make_switchable(
+    net: nn.Module,
+    resolutions: Sequence[int],
+    *,
+    other_norms: str = "refuse",
+    san: bool = False,
+    scale_divisor: float | None = None,
+    copy_model: bool = True,
+) -> ConvertedModel:
     """``net`` (any CNN: timm, torchvision, your own) as a flexres model switchable over ``resolutions``.
 
     Outputs equal ``net``'s at every resolution until it is trained. ``san=True`` also turns every Conv2d into a
@@ -136,11 +192,17 @@ def make_switchable(net: nn.Module, resolutions: Sequence[int], *, other_norms: 
     is left untouched unless ``copy_model=False``. A model built this way trains, evaluates, calibrates and exports
     like any flexres model; to rebuild it from a checkpoint, build it through the registry
     (``create_model("timm:efficientnet_b0", ...)``), which records where the architecture came from."""
-    return ConvertedModel(copy.deepcopy(net) if copy_model else net, resolutions, other_norms=other_norms, san=san,
-                          scale_divisor=scale_divisor)
+    return ConvertedModel(
+        copy.deepcopy(net) if copy_model else net,
+        resolutions,
+        other_norms=other_norms,
+        san=san,
+        scale_divisor=scale_divisor,
+    )
 
 
 # --- building from timm / torchvision by name (the registry's "timm:<name>" and "torchvision:<name>") ---
+
 
 def _last_linear(net: nn.Module) -> tuple[str, nn.Module, str, nn.Linear]:
     """The classifier: the last nn.Linear, as (qualified name, parent, attribute, layer)."""
@@ -167,8 +229,10 @@ def load_pretrained(net: nn.Module, pretrained: str | Path, num_classes: int, ro
     classes = state[w].shape[0]
     if rows is not None:
         if max(rows, default=-1) >= classes or len(rows) != num_classes:
-            raise ValueError(f"{path}: {len(rows)} classifier rows up to {max(rows, default=-1)} asked of a {classes}-class "
-                             f"classifier for a {num_classes}-class model")
+            raise ValueError(
+                f"{path}: {len(rows)} classifier rows up to {max(rows, default=-1)} asked of a {classes}-class "
+                f"classifier for a {num_classes}-class model"
+            )
         state[w], bias = classifier_rows(state[w], state.get(b), rows)
         if bias is not None:
             state[b] = bias
@@ -188,8 +252,12 @@ def _timm_preprocessing(net: nn.Module) -> dict[str, Any]:
 
     cfg = resolve_data_config({}, model=net)
     interpolation = cfg.get("interpolation", "bilinear")
-    return {"mean": list(cfg["mean"]), "std": list(cfg["std"]), "crop_fraction": float(cfg["crop_pct"]),
-            "interpolation": interpolation if interpolation in ("bilinear", "bicubic") else "bilinear"}
+    return {
+        "mean": list(cfg["mean"]),
+        "std": list(cfg["std"]),
+        "crop_fraction": float(cfg["crop_pct"]),
+        "interpolation": interpolation if interpolation in ("bilinear", "bicubic") else "bilinear",
+    }
 
 
 def _torchvision_preprocessing(name: str) -> dict[str, Any]:
@@ -198,20 +266,36 @@ def _torchvision_preprocessing(name: str) -> dict[str, Any]:
     try:  # the weights' eval transform is metadata (nothing is downloaded), so a resumed run gets the same one
         t = torchvision.models.get_model_weights(name).DEFAULT.transforms()
         interpolation = getattr(t.interpolation, "value", "bilinear")
-        return {"mean": list(t.mean), "std": list(t.std), "crop_fraction": t.crop_size[0] / t.resize_size[0],
-                "interpolation": interpolation if interpolation in ("bilinear", "bicubic") else "bilinear"}
+        return {
+            "mean": list(t.mean),
+            "std": list(t.std),
+            "crop_fraction": t.crop_size[0] / t.resize_size[0],
+            "interpolation": interpolation if interpolation in ("bilinear", "bicubic") else "bilinear",
+        }
     except (ValueError, KeyError, AttributeError):
-        return {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_fraction": 0.875, "interpolation": "bilinear"}
+        return {
+            "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225],
+            "crop_fraction": 0.875,
+            "interpolation": "bilinear",
+        }
 
 
-def build_foreign(source: str, name: str, num_classes: int, pretrained: bool | str | None,
-                  pretrained_rows: Sequence[int] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+def build_foreign(
+    source: str,
+    name: str,
+    num_classes: int,
+    pretrained: bool | str | None,
+    pretrained_rows: Sequence[int] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
     """The original model and its eval preprocessing (mean, std, crop_fraction), with pretrained weights when asked:
     ``True`` uses the library's own download path (needs internet); a path (.safetensors, or a PyTorch file read with
     weights_only) or an installed package that ships one loads local weights (``load_pretrained``)."""
     local = isinstance(pretrained, (str, Path))
     if pretrained_rows is not None and not local:
-        raise ValueError("classifier rows (model.head: pretrained_rows) come from a local weights file: set model.pretrained")
+        raise ValueError(
+            "classifier rows (model.head: pretrained_rows) come from a local weights file: set model.pretrained"
+        )
     if source == "timm":
         try:
             import timm
@@ -241,12 +325,24 @@ def build_foreign(source: str, name: str, num_classes: int, pretrained: bool | s
     raise ValueError(f"unknown model source {source!r}; known: {', '.join(SOURCES)}")
 
 
-def create_converted(qualified: str, num_classes: int = 1000, train_resolutions: Sequence[int] = (224,), width_mult: float = 1.0,
-                     pretrained: bool | str | None = None, other_norms: str = "refuse", san: bool = False,
-                     scale_divisor: float | None = None, pretrained_rows: Sequence[int] | None = None) -> ConvertedModel:
+def create_converted(
+    qualified: str,
+    num_classes: int = 1000,
+    train_resolutions: Sequence[int] = (224,),
+    width_mult: float = 1.0,
+    pretrained: bool | str | None = None,
+    other_norms: str = "refuse",
+    san: bool = False,
+    scale_divisor: float | None = None,
+    pretrained_rows: Sequence[int] | None = None,
+) -> ConvertedModel:
     """``timm:<name>`` or ``torchvision:<name>`` built by that library and made switchable."""
     source, _, name = qualified.partition(":")
     if width_mult != 1.0:
-        raise ValueError(f"{qualified}: width_mult applies to flexres's own families; pick a smaller {source} model instead")
+        raise ValueError(
+            f"{qualified}: width_mult applies to flexres's own families; pick a smaller {source} model instead"
+        )
     net, pre = build_foreign(source, name, num_classes, pretrained, pretrained_rows)
-    return ConvertedModel(net, train_resolutions, other_norms=other_norms, san=san, scale_divisor=scale_divisor, preprocessing=pre)
+    return ConvertedModel(
+        net, train_resolutions, other_norms=other_norms, san=san, scale_divisor=scale_divisor, preprocessing=pre
+    )

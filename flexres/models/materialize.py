@@ -24,8 +24,9 @@ def plain_arch(model: AdaptiveModel) -> tuple[str, dict]:
 
 
 @torch.no_grad()
-def materialize(model: AdaptiveModel, op: OperatingPoint | int, bn_policy: str | None = None,
-                scale_policy: str | None = None) -> AdaptiveModel:
+def materialize(
+    model: AdaptiveModel, op: OperatingPoint | int, bn_policy: str | None = None, scale_policy: str | None = None
+) -> AdaptiveModel:
     """A model with plain ``nn.Conv2d`` weights (SAN: generated at the selected eps) and one BN set (the
     BN that serves ``op`` under ``bn_policy``), whose outputs equal ``model``'s at ``op``.
 
@@ -35,8 +36,10 @@ def materialize(model: AdaptiveModel, op: OperatingPoint | int, bn_policy: str |
     """
     op = OperatingPoint.coerce(op)
     if model.width_range is not None or model.scale_factors is not None:
-        raise ValueError(f"{model.arch['name']} is width-slimmable or resizable: its sub-networks have no plain family "
-                         "member with the same layers; use flexres.deploy.to_static(model, op) instead")
+        raise ValueError(
+            f"{model.arch['name']} is width-slimmable or resizable: its sub-networks have no plain family "
+            "member with the same layers; use flexres.deploy.to_static(model, op) instead"
+        )
     name, kwargs = plain_arch(model)
     plain = create_model(name, train_resolutions=[op.resolution], **kwargs)
     plain.to(next(model.parameters()).device)
@@ -80,5 +83,9 @@ def check_materialized(model: AdaptiveModel, plain: AdaptiveModel, op: Operating
         expected = model(x)
     finally:
         model.train(was_training)
-    check_parity(plain(x), expected, f"the materialised model does not compute the source model's outputs at {op}",
-                 quantized=is_quantized(model))
+    check_parity(
+        plain(x),
+        expected,
+        f"the materialised model does not compute the source model's outputs at {op}",
+        quantized=is_quantized(model),
+    )

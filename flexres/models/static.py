@@ -5,8 +5,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import Tensor, nn
-from torch import fx
+from torch import Tensor, fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..nn.adaptive import make_static
@@ -42,11 +41,20 @@ def fold_batchnorms(module: nn.Module) -> fx.GraphModule:
         if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
             continue
         conv = node.args[0]
-        if not (isinstance(conv, fx.Node) and conv.op == "call_module" and isinstance(modules[conv.target], nn.Conv2d)
-                and len(conv.users) == 1 and modules[node.target].track_running_stats):
+        if not (
+            isinstance(conv, fx.Node)
+            and conv.op == "call_module"
+            and isinstance(modules[conv.target], nn.Conv2d)
+            and len(conv.users) == 1
+            and modules[node.target].track_running_stats
+        ):
             continue
         parent, _, attr = conv.target.rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, attr, fuse_conv_bn_eval(modules[conv.target], modules[node.target]))
+        setattr(
+            gm.get_submodule(parent) if parent else gm,
+            attr,
+            fuse_conv_bn_eval(modules[conv.target], modules[node.target]),
+        )
         node.replace_all_uses_with(conv)
         gm.graph.erase_node(node)
     gm.graph.lint()
@@ -56,8 +64,13 @@ def fold_batchnorms(module: nn.Module) -> fx.GraphModule:
 
 
 @torch.no_grad()
-def to_static(model: AdaptiveModel, op: OperatingPoint | int, bn_policy: str | None = None, scale_policy: str | None = None,
-              fold_bn: bool = True) -> nn.Module:
+def to_static(
+    model: AdaptiveModel,
+    op: OperatingPoint | int,
+    bn_policy: str | None = None,
+    scale_policy: str | None = None,
+    fold_bn: bool = True,
+) -> nn.Module:
     """The sub-network serving ``op`` as plain Conv2d / BatchNorm2d / Linear layers (SAN weights generated,
     slimmable layers sliced, the selected BN); with ``fold_bn`` every BN is folded into its conv."""
     net = copy.deepcopy(model).eval()

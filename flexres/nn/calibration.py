@@ -21,15 +21,22 @@ class CalibratableModel(Protocol):
 
     def calibratable_bns(self) -> list[nn.Module]: ...
     def resolve(self, op: OperatingPoint) -> OperatingPoint: ...
-    def set_operating_point(self, op: OperatingPoint, bn_policy: str | None = None, scale_policy: str | None = None) -> Any: ...
+    def set_operating_point(
+        self, op: OperatingPoint, bn_policy: str | None = None, scale_policy: str | None = None
+    ) -> Any: ...
     def eval(self) -> Any: ...
     def train(self, mode: bool = True) -> Any: ...
     def __call__(self, x: Tensor) -> Tensor: ...
 
 
 @torch.no_grad()
-def calibrate_bn(model: CalibratableModel, batches: Iterable[Tensor], op: OperatingPoint | int, num_images: int,
-                 across_ranks: bool = False) -> int:
+def calibrate_bn(
+    model: CalibratableModel,
+    batches: Iterable[Tensor],
+    op: OperatingPoint | int,
+    num_images: int,
+    across_ranks: bool = False,
+) -> int:
     """Estimate every BN's statistics at the operating point ``op`` (a resolution, or for slimmable
     models a resolution and width) from ``num_images`` images.
 

@@ -27,8 +27,16 @@ class MetaConv2d(nn.Module, AdaptiveLayer):
     weights) so gradients reach A and B.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
-                 groups: int = 1, bias: bool = False) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        groups: int = 1,
+        bias: bool = False,
+    ) -> None:
         super().__init__()
         if bias:
             raise ValueError("MetaConv2d generates bias-free convolutions (BN follows every conv in SAN)")
@@ -76,7 +84,9 @@ class MetaConv2d(nn.Module, AdaptiveLayer):
 
     def apply_point(self, setting: PointSetting) -> bool:
         if setting.scale_eps is None:
-            raise ValueError("a MetaConv2d generates its weight from the scale encoding: the model gave none (not a SAN model?)")
+            raise ValueError(
+                "a MetaConv2d generates its weight from the scale encoding: the model gave none (not a SAN model?)"
+            )
         self.set_scale(setting.scale_eps)
         return False
 
@@ -88,12 +98,21 @@ class MetaConv2d(nn.Module, AdaptiveLayer):
 
     def to_conv2d(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` holding the weight generated at the current eps."""
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                         groups=self.groups, bias=False)
+        conv = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            groups=self.groups,
+            bias=False,
+        )
         with torch.no_grad():
             conv.weight.copy_(torch.add(self.B, self.A, alpha=self.eps))
         return conv.to(self.A.device)
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, groups={self.groups}, eps={self.eps:.4g}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, groups={self.groups}, eps={self.eps:.4g}"
+        )

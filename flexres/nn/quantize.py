@@ -1,4 +1,5 @@
-"""LQ-Nets learned quantizers (Zhang et al., ECCV 2018), as layers: the quantized RS-Nets of RS-Nets section 4 / Table 3.
+"""LQ-Nets learned quantizers (Zhang et al., ECCV 2018), as layers: the quantized RS-Nets of RS-Nets
+section 4 / Table 3.
 
 A K-bit quantizer has a basis v in R^K; its 2^K levels are all the combinations v^T b, with b in {-1, +1}^K for
 weights and b in {0, 1}^K for (non-negative) activations. A value is quantized to its nearest level. The basis is
@@ -118,8 +119,12 @@ def quantizer_step(flat: Tensor, basis: Tensor, enc: Tensor, fit: bool) -> tuple
         return q, top, None
     counts, sums = _rank_counts_and_sums(flat, rank, sorted_levels.shape[1])
     # rank j of group g is code order[g, j]: scatter the statistics back to code order for the normal equations
-    best = _solve_basis(counts.new_zeros(counts.shape).scatter_(1, order, counts),
-                        sums.new_zeros(sums.shape).scatter_(1, order, sums), basis, enc.to(torch.float64))
+    best = _solve_basis(
+        counts.new_zeros(counts.shape).scatter_(1, order, counts),
+        sums.new_zeros(sums.shape).scatter_(1, order, sums),
+        basis,
+        enc.to(torch.float64),
+    )
     return q, top, best
 
 
@@ -131,12 +136,15 @@ def _rank_counts_and_sums(flat: Tensor, rank: Tensor, n_levels: int) -> tuple[Te
     reference, converts every value to float64 instead)."""
     g, n = flat.shape
     chunks = ((n - 1) >> _SUM_CHUNK_BITS) + 1
-    # a shift, not // : torch.compile (dynamic shapes, CPU, torch 2.14) mis-compiles an arange floor-divided by a constant
+    # a shift, not // : torch.compile (dynamic shapes, CPU, torch 2.14) mis-compiles an arange floor-divided
+    # by a constant
     bins = rank + n_levels * (torch.arange(n, device=flat.device) >> _SUM_CHUNK_BITS)
     counts = flat.new_zeros(g, chunks * n_levels).scatter_add_(1, bins, flat.new_ones(()).expand(g, n))
     sums = flat.new_zeros(g, chunks * n_levels).scatter_add_(1, bins, flat)
-    return (counts.view(g, chunks, n_levels).sum(1, dtype=torch.float64),
-            sums.view(g, chunks, n_levels).sum(1, dtype=torch.float64))
+    return (
+        counts.view(g, chunks, n_levels).sum(1, dtype=torch.float64),
+        sums.view(g, chunks, n_levels).sum(1, dtype=torch.float64),
+    )
 
 
 def _rank(x: Tensor, thresholds: Tensor) -> Tensor:
@@ -228,7 +236,9 @@ class LQQuantizer(nn.Module, AdaptiveLayer):
         self.index = index
 
     def apply_point(self, setting: PointSetting) -> bool:
-        if not self.signed and self.basis.shape[0] > 1:  # private activation bases switch with the resolution, as BNs do
+        if (
+            not self.signed and self.basis.shape[0] > 1
+        ):  # private activation bases switch with the resolution, as BNs do
             self.select(nearest_index(setting.op.resolution, setting.train_resolutions))
         return False
 
@@ -236,7 +246,9 @@ class LQQuantizer(nn.Module, AdaptiveLayer):
     def to_static(self) -> nn.Module:
         """An activation quantizer on its own (a pre-activation network's): the fixed levels of the selected basis."""
         if self.signed:
-            raise NotImplementedError("a weight quantizer becomes plain weights inside its convolution (QuantConv2d.to_static)")
+            raise NotImplementedError(
+                "a weight quantizer becomes plain weights inside its convolution (QuantConv2d.to_static)"
+            )
         if not self.enabled:
             return nn.Identity()
         self.require_initialized()  # an unfitted basis has no levels
@@ -247,7 +259,8 @@ class LQQuantizer(nn.Module, AdaptiveLayer):
 
     @torch.no_grad()
     def _initial_basis(self, x: Tensor) -> Tensor:
-        """Powers of two scaled to the data: uniform levels spanning about +-2 std (weights) or [0, max(mean + 3 std)]."""
+        """Powers of two scaled to the data: uniform levels spanning about +-2 std (weights) or
+        [0, max(mean + 3 std)]."""
         powers = 2.0 ** torch.arange(self.bits, dtype=x.dtype, device=x.device)
         if self.signed:
             scale = 2 * x.std(dim=1, keepdim=True).clamp_min(1e-8) / (2**self.bits - 1)
@@ -297,8 +310,10 @@ class LQQuantizer(nn.Module, AdaptiveLayer):
 
     def _uninitialized_message(self, index: int) -> str:
         kind = "weight" if self.signed else "activation"
-        return (f"a {self.bits}-bit {kind} quantizer (basis {index}) was never trained, so it has no levels to quantize "
-                "to; train the quantized model first (or run it once in train mode)")
+        return (
+            f"a {self.bits}-bit {kind} quantizer (basis {index}) was never trained, so it has no levels to quantize "
+            "to; train the quantized model first (or run it once in train mode)"
+        )
 
     def require_initialized(self) -> None:
         """Raise UninitializedQuantizerError unless the selected basis was fitted (or the layer is full precision)."""
@@ -353,8 +368,19 @@ class QuantConv2d(nn.Conv2d, AdaptiveLayer):
     """A Conv2d whose input is quantized to ``a_bits`` (non-negative activations, one basis per layer or per trained
     resolution) and whose weight is quantized to ``w_bits`` (one basis per output channel), as LQ-Nets."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0, groups: int = 1,
-                 bias: bool = False, w_bits: int = 2, a_bits: int = FULL_PRECISION, activation_bases: int = 1) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        groups: int = 1,
+        bias: bool = False,
+        w_bits: int = 2,
+        a_bits: int = FULL_PRECISION,
+        activation_bases: int = 1,
+    ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=bias)
         self.weight_quantizer = LQQuantizer(w_bits, signed=True, groups=out_channels)
         self.input_quantizer = LQQuantizer(a_bits, signed=False, num_bases=activation_bases)
@@ -363,7 +389,9 @@ class QuantConv2d(nn.Conv2d, AdaptiveLayer):
         return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
 
     def deployed_params(self) -> int:
-        return self.weight.numel() + (self.bias.numel() if self.bias is not None else 0)  # what to_static holds, untrained too
+        return self.weight.numel() + (
+            self.bias.numel() if self.bias is not None else 0
+        )  # what to_static holds, untrained too
 
     @torch.no_grad()
     def to_static(self) -> nn.Module:
@@ -372,10 +400,20 @@ class QuantConv2d(nn.Conv2d, AdaptiveLayer):
         wq, aq = self.weight_quantizer, self.input_quantizer
         wq.require_initialized()  # an unfitted basis is all zeros: it would export a conv of zeros
         aq.require_initialized()
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
-                         self.groups, self.bias is not None).to(self.weight)
+        conv = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.bias is not None,
+        ).to(self.weight)
         if wq.enabled:
-            conv.weight.copy_(quantize_with(wq.grouped(self.weight.float()), wq.basis[0], True)[0].reshape(self.weight.shape))
+            conv.weight.copy_(
+                quantize_with(wq.grouped(self.weight.float()), wq.basis[0], True)[0].reshape(self.weight.shape)
+            )
         else:
             conv.weight.copy_(self.weight)
         if self.bias is not None:

@@ -59,8 +59,18 @@ class SlimmableConv2d(nn.Conv2d, AdaptiveLayer):
     (groups == channels) slices its groups. ``ratio_in`` / ``ratio_out``: see ``slim_channels``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
-                 groups: int = 1, slim_in: bool = True, slim_out: bool = True, divisor: int = 8) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        groups: int = 1,
+        slim_in: bool = True,
+        slim_out: bool = True,
+        divisor: int = 8,
+    ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False)
         self.depthwise = groups > 1 and groups == in_channels == out_channels
         if groups > 1 and not self.depthwise:
@@ -72,8 +82,14 @@ class SlimmableConv2d(nn.Conv2d, AdaptiveLayer):
 
     def set_width(self, width: float) -> None:
         r = self.rounding
-        self.active_in = slim_channels(self.in_channels, width, self.divisor, self.ratio_in, r) if self.slim_in else self.in_channels
-        self.active_out = slim_channels(self.out_channels, width, self.divisor, self.ratio_out, r) if self.slim_out else self.out_channels
+        self.active_in = (
+            slim_channels(self.in_channels, width, self.divisor, self.ratio_in, r) if self.slim_in else self.in_channels
+        )
+        self.active_out = (
+            slim_channels(self.out_channels, width, self.divisor, self.ratio_out, r)
+            if self.slim_out
+            else self.out_channels
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         if self.depthwise:
@@ -91,9 +107,13 @@ class SlimmableConv2d(nn.Conv2d, AdaptiveLayer):
 
     def to_conv2d(self) -> nn.Conv2d:
         groups = self.active_out if self.depthwise else 1
-        conv = nn.Conv2d(self.active_in, self.active_out, self.kernel_size, self.stride, self.padding, groups=groups, bias=False)
+        conv = nn.Conv2d(
+            self.active_in, self.active_out, self.kernel_size, self.stride, self.padding, groups=groups, bias=False
+        )
         with torch.no_grad():
-            conv.weight.copy_(self.weight[: self.active_out] if self.depthwise else self.weight[: self.active_out, : self.active_in])
+            conv.weight.copy_(
+                self.weight[: self.active_out] if self.depthwise else self.weight[: self.active_out, : self.active_in]
+            )
         return conv.to(self.weight.device)
 
 
@@ -108,7 +128,9 @@ class SlimmableLinear(nn.Linear, AdaptiveLayer):
         self.active_in = in_features
 
     def set_width(self, width: float) -> None:
-        self.active_in = slim_channels(self.in_features, width, self.divisor, 1, self.rounding) if self.slim_in else self.in_features
+        self.active_in = (
+            slim_channels(self.in_features, width, self.divisor, 1, self.rounding) if self.slim_in else self.in_features
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight[:, : self.active_in], self.bias)
@@ -154,7 +176,11 @@ class SlimmableBatchNorm2d(nn.Module, AdaptiveLayer):
         self.active = self.channels_at(width)
 
     def channels_at(self, width: float) -> int:
-        return slim_channels(self.num_features, width, self.divisor, self.ratio, self.rounding) if self.slim else self.num_features
+        return (
+            slim_channels(self.num_features, width, self.divisor, self.ratio, self.rounding)
+            if self.slim
+            else self.num_features
+        )
 
     def set_key(self, resolution: int, width: float) -> None:
         self.key = (int(resolution), float(width))
@@ -220,8 +246,10 @@ class SlimmableBatchNorm2d(nn.Module, AdaptiveLayer):
         elif self.placeholder_statistics:  # cost measurement only
             mean, var = self.weight.new_zeros(self.active), self.weight.new_ones(self.active)
         else:
-            raise LookupError(f"operating point {self.key[0]}px @ width {self.key[1]:g} has no post-statistics BN to export; "
-                              "calibrate it first (flexres export does so when given --data)")
+            raise LookupError(
+                f"operating point {self.key[0]}px @ width {self.key[1]:g} has no post-statistics BN to export; "
+                "calibrate it first (flexres export does so when given --data)"
+            )
         bn = nn.BatchNorm2d(self.active, eps=self.eps)
         with torch.no_grad():
             bn.weight.copy_(self.weight[: self.active])

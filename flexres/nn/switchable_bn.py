@@ -43,7 +43,9 @@ def nearest_index(resolution: int, trained: tuple[int, ...]) -> int:
     return min(range(len(trained)), key=lambda i: (abs(trained[i] - resolution), -trained[i]))
 
 
-def plan_bn(resolution: int, trained: tuple[int, ...], policy: str, calibrated: frozenset[int] = frozenset()) -> BNChoice:
+def plan_bn(
+    resolution: int, trained: tuple[int, ...], policy: str, calibrated: frozenset[int] = frozenset()
+) -> BNChoice:
     """Decide how ``resolution`` is served under ``policy`` given the trained resolutions."""
     if policy not in BN_POLICIES:
         raise ValueError(f"unknown bn_policy {policy!r}; choose one of {', '.join(BN_POLICIES)}")
@@ -88,12 +90,17 @@ class _MomentAccumulator:
         self.count += x64.shape[1]
 
     def result(self) -> tuple[Tensor, Tensor]:
-        if self.across_ranks and torch.distributed.is_available() and torch.distributed.is_initialized() and self.sum is not None:
+        if (
+            self.across_ranks
+            and torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and self.sum is not None
+        ):
             # Calibration under torchrun: every rank saw its own images; the statistics are over all of them.
             packed = torch.cat([self.sum, self.sum_sq, self.sum.new_tensor([float(self.count)])])
             torch.distributed.all_reduce(packed)
             c = self.sum.numel()
-            self.sum, self.sum_sq, self.count = packed[:c], packed[c:2 * c], int(packed[-1].item())
+            self.sum, self.sum_sq, self.count = packed[:c], packed[c : 2 * c], int(packed[-1].item())
         if self.count < 2:
             raise RuntimeError("BN calibration saw fewer than 2 values per channel; give it more images")
         mean = self.sum / self.count
@@ -104,7 +111,13 @@ class _MomentAccumulator:
 class SwitchableBatchNorm2d(nn.Module, AdaptiveLayer):
     """A private ``nn.BatchNorm2d`` per trained resolution; ``bns[i]`` belongs to ``resolutions[i]``."""
 
-    def __init__(self, num_features: int, resolutions: tuple[int, ...] | list[int], eps: float = 1e-5, momentum: float | None = 0.1):
+    def __init__(
+        self,
+        num_features: int,
+        resolutions: tuple[int, ...] | list[int],
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+    ):
         super().__init__()
         if not resolutions:
             raise ValueError("SwitchableBatchNorm2d needs at least one trained resolution")
@@ -127,7 +140,9 @@ class SwitchableBatchNorm2d(nn.Module, AdaptiveLayer):
     def eps(self) -> float:
         return self.bns[0].eps
 
-    def select(self, resolution: int, policy: str = "interpolate", calibration_key: CalibrationKey | None = None) -> BNChoice:
+    def select(
+        self, resolution: int, policy: str = "interpolate", calibration_key: CalibrationKey | None = None
+    ) -> BNChoice:
         """Serve ``resolution`` (a trained key: the input resolution, or a scale-aware BN's factor key) by
         ``policy``. ``calibration_key`` names the calibrated statistics ``policy="calibrate"`` looks up
         (default: ``resolution``; a scale-aware BN's depends on the whole configuration up to its stage)."""
@@ -187,7 +202,9 @@ class SwitchableBatchNorm2d(nn.Module, AdaptiveLayer):
         if self.scale_stage is None:
             return int(op.resolution)
         if op.scales is None:
-            raise ValueError(f"a scale-aware BN (stage {self.scale_stage}) needs the operating point's per-stage scales, got {op}")
+            raise ValueError(
+                f"a scale-aware BN (stage {self.scale_stage}) needs the operating point's per-stage scales, got {op}"
+            )
         return (int(op.resolution), tuple(float(f) for f in op.scales[: self.scale_stage + 1]))
 
     @staticmethod

@@ -4,8 +4,20 @@ from .controller import AdaptiveController, Decision, LatencyModel
 from .engine import Constraint, Overloaded, RequestError, ServeOptions, ServingEngine
 from .points import PointSet, ServingPoint, load_points
 
-__all__ = ["AdaptiveController", "Constraint", "Decision", "LatencyModel", "Overloaded", "PointSet", "RequestError", "ServeOptions",
-           "ServingEngine", "ServingPoint", "create_app", "load_points"]
+__all__ = [
+    "AdaptiveController",
+    "Constraint",
+    "Decision",
+    "LatencyModel",
+    "Overloaded",
+    "PointSet",
+    "RequestError",
+    "ServeOptions",
+    "ServingEngine",
+    "ServingPoint",
+    "create_app",
+    "load_points",
+]
 
 
 def create_app(*args, **kwargs):

@@ -55,9 +55,15 @@ def _example_image() -> Path | None:
     return next(iter(sorted(val.rglob("*.JPEG"))), None) if val.is_dir() else None
 
 
-def create_app(targets: str | Path | Sequence[str | Path] | None = None, options: ServeOptions | None = None, *,
-               engine: ServingEngine | None = None, bn_policy: str | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
-               max_pixels: int = MAX_PIXELS) -> FastAPI:
+def create_app(
+    targets: str | Path | Sequence[str | Path] | None = None,
+    options: ServeOptions | None = None,
+    *,
+    engine: ServingEngine | None = None,
+    bn_policy: str | None = None,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    max_pixels: int = MAX_PIXELS,
+) -> FastAPI:
     """An ASGI app serving ``targets`` (a run, or exported model files), or a ready ``engine``."""
     if engine is None:
         engine = ServingEngine(load_points(targets, bn_policy), options)
@@ -123,7 +129,9 @@ def create_app(targets: str | Path | Sequence[str | Path] | None = None, options
         try:
             res = number(request, "resolution", int)
             topk = int(number(request, "topk", int) or engine.options.topk)
-            constraint = engine.constrain(res, number(request, "max_macs", parse_count), number(request, "max_latency_ms", float))
+            constraint = engine.constrain(
+                res, number(request, "max_macs", parse_count), number(request, "max_latency_ms", float)
+            )
             arrival = engine.admit(constraint)  # before the body is read: a refusal costs its headers, no more
         except RequestError as e:
             return error("predict", e.status, str(e))
@@ -171,10 +179,16 @@ def create_app(targets: str | Path | Sequence[str | Path] | None = None, options
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "mode": engine.mode, "queue": len(engine.queue), "in_flight": engine.inflight,
-                "points": len(engine.points.points), "model": engine.points.description,
-                "inference": "process" if engine.inference.decodes else "thread",
-                "inference_restarts": engine.inference.restarts}
+        return {
+            "status": "ok",
+            "mode": engine.mode,
+            "queue": len(engine.queue),
+            "in_flight": engine.inflight,
+            "points": len(engine.points.points),
+            "model": engine.points.description,
+            "inference": "process" if engine.inference.decodes else "thread",
+            "inference_restarts": engine.inference.restarts,
+        }
 
     @app.get("/points")
     async def points():
@@ -187,7 +201,11 @@ def create_app(targets: str | Path | Sequence[str | Path] | None = None, options
     @app.get("/example.jpg")
     async def example():
         path = _example_image()
-        return FileResponse(path, media_type="image/jpeg") if path else error("example", 404, "no sample image in this install")
+        return (
+            FileResponse(path, media_type="image/jpeg")
+            if path
+            else error("example", 404, "no sample image in this install")
+        )
 
     @app.get("/", response_class=HTMLResponse)
     async def page():

@@ -101,8 +101,13 @@ class AdaptiveController:
         first = self.latency.batch_ms(point, min(max(queued, 1), self.max_batch))
         return max(oldest_wait_ms + first, self.latency.drain_ms(point, queued, self.max_batch))
 
-    def choose(self, queued: int, oldest_wait_ms: float = 0.0, allowed: Sequence[str] | None = None,
-               target_ms: float | None = None) -> Decision:
+    def choose(
+        self,
+        queued: int,
+        oldest_wait_ms: float = 0.0,
+        allowed: Sequence[str] | None = None,
+        target_ms: float | None = None,
+    ) -> Decision:
         target = (self.target_ms if target_ms is None else target_ms) * self.headroom * self.scale
         options = [p for p in self.preference if allowed is None or p in allowed]
         if not options:
@@ -114,11 +119,19 @@ class AdaptiveController:
                 break
         else:  # even the cheapest misses: serve the fastest and let admission control shed the excess
             fastest = min(options, key=lambda q: self.predicted_ms(q, queued, oldest_wait_ms))
-            decision = Decision(fastest, self.predicted_ms(fastest, queued, oldest_wait_ms), "over target at every point")
+            decision = Decision(
+                fastest, self.predicted_ms(fastest, queued, oldest_wait_ms), "over target at every point"
+            )
         return decision
 
-    def admits(self, ahead: int, busy_ms: float, allowed: Sequence[str] | None = None, target_ms: float | None = None,
-               overhead_ms: float = 0.0) -> tuple[bool, float]:
+    def admits(
+        self,
+        ahead: int,
+        busy_ms: float,
+        allowed: Sequence[str] | None = None,
+        target_ms: float | None = None,
+        overhead_ms: float = 0.0,
+    ) -> tuple[bool, float]:
         """Whether a new request can meet the target behind ``ahead`` requests (accepted, not yet answered or running)
         and ``busy_ms`` of work in flight, if those run at the fastest point in full batches; and its predicted latency
         (for a Retry-After).

@@ -58,15 +58,23 @@ def _now_ms() -> float:
 
 
 class ServingEngine:
-    def __init__(self, points: PointSet, options: ServeOptions | None = None, latency: LatencyModel | None = None,
-                 metrics: ServeMetrics | None = None, clock: Callable[[], float] = _now_ms,
-                 inference: ThreadInference | ProcessInference | None = None) -> None:
+    def __init__(
+        self,
+        points: PointSet,
+        options: ServeOptions | None = None,
+        latency: LatencyModel | None = None,
+        metrics: ServeMetrics | None = None,
+        clock: Callable[[], float] = _now_ms,
+        inference: ThreadInference | ProcessInference | None = None,
+    ) -> None:
         self.points = points
         self.options = options or ServeOptions()
         o = self.options
         if o.max_batch < 1 or o.max_queue < 1 or o.max_wait_ms < 0:
-            raise ValueError(f"max_batch and max_queue must be >= 1 and max_wait_ms >= 0, "
-                             f"got {o.max_batch}, {o.max_queue}, {o.max_wait_ms}")
+            raise ValueError(
+                f"max_batch and max_queue must be >= 1 and max_wait_ms >= 0, "
+                f"got {o.max_batch}, {o.max_queue}, {o.max_wait_ms}"
+            )
         if o.target_p95_ms is not None and o.target_p95_ms <= 0:
             raise ValueError(f"target_p95_ms must be positive, got {o.target_p95_ms}")
         if o.max_refusals_per_s is not None and not o.max_refusals_per_s > 0:
@@ -77,9 +85,16 @@ class ServingEngine:
         self.clock = clock
         self.inference = inference or ThreadInference(points)
         self.decode = decode_image  # how the inference worker decodes uploads; the app binds its limits
-        self.latency = latency or LatencyModel.measure([p.name for p in points.points], self.inference.time_batch, o.max_batch)
-        self.controller = AdaptiveController([p.name for p in points.by_preference()], self.latency,
-                                             o.target_p95_ms if o.target_p95_ms is not None else math.inf, o.max_batch, o.headroom)
+        self.latency = latency or LatencyModel.measure(
+            [p.name for p in points.points], self.inference.time_batch, o.max_batch
+        )
+        self.controller = AdaptiveController(
+            [p.name for p in points.by_preference()],
+            self.latency,
+            o.target_p95_ms if o.target_p95_ms is not None else math.inf,
+            o.max_batch,
+            o.headroom,
+        )
         self.pacer = RefusalPacer(o.max_refusals_per_s)
         # Admission never refuses while fewer than ``floor`` requests are in flight: one batch running and the next
         # filling, of the largest size the cheapest point serves twice within the target as measured at start-up (at
@@ -88,8 +103,11 @@ class ServingEngine:
         # slowdown learned from small batches (costs per batch that the start-up measurement did not see, multiplied
         # by the batch size) would predict full batches too slow and keep them small: the collapse under a flood.
         fastest = min(self.controller.preference, key=lambda p: self.latency.batch_ms(p, o.max_batch))
-        fits = [b for b in range(1, o.max_batch + 1)
-                if o.target_p95_ms is not None and 2 * self.latency.batch_ms(fastest, b) <= o.target_p95_ms]
+        fits = [
+            b
+            for b in range(1, o.max_batch + 1)
+            if o.target_p95_ms is not None and 2 * self.latency.batch_ms(fastest, b) <= o.target_p95_ms
+        ]
         self.floor = 2 * max(fits) if fits else 1
         self.queue: deque[Pending] = deque()
         self.inflight = 0  # admitted and not yet answered: reading, decoding, queued or running
@@ -116,13 +134,25 @@ class ServingEngine:
 
     def describe(self) -> dict[str, Any]:
         o = self.options
-        return {"model": self.points.description, "source": self.points.source, "mode": self.mode, "target_p95_ms": o.target_p95_ms,
-                "default_resolution": o.resolution, "max_batch": o.max_batch, "max_wait_ms": o.max_wait_ms, "max_queue": o.max_queue,
-                "points": [{**p.describe(), "latency_ms_batch1": round(self.latency.batch_ms(p.name, 1), 3)}
-                           for p in self.points.by_preference()]}
+        return {
+            "model": self.points.description,
+            "source": self.points.source,
+            "mode": self.mode,
+            "target_p95_ms": o.target_p95_ms,
+            "default_resolution": o.resolution,
+            "max_batch": o.max_batch,
+            "max_wait_ms": o.max_wait_ms,
+            "max_queue": o.max_queue,
+            "points": [
+                {**p.describe(), "latency_ms_batch1": round(self.latency.batch_ms(p.name, 1), 3)}
+                for p in self.points.by_preference()
+            ],
+        }
 
     # --- requests ---
-    def constrain(self, resolution: int | None = None, max_macs: float | None = None, max_latency_ms: float | None = None) -> Constraint:
+    def constrain(
+        self, resolution: int | None = None, max_macs: float | None = None, max_latency_ms: float | None = None
+    ) -> Constraint:
         """The points a request may use, or a RequestError (422) naming why none can serve it."""
         pts = self.points.points
         if resolution is not None:
@@ -135,16 +165,22 @@ class ServingEngine:
             fits = [p for p in pts if p.macs <= max_macs]
             if not fits:
                 cheapest = min(pts, key=lambda p: p.macs)
-                raise RequestError(422, f"no operating point within {max_macs / 1e6:.1f} MMACs: the cheapest, {cheapest.name}, "
-                                        f"costs {cheapest.macs / 1e6:.1f} MMACs")
+                raise RequestError(
+                    422,
+                    f"no operating point within {max_macs / 1e6:.1f} MMACs: the cheapest, {cheapest.name}, "
+                    f"costs {cheapest.macs / 1e6:.1f} MMACs",
+                )
             pts = fits
         if max_latency_ms is not None:
             if max_latency_ms <= 0:
                 raise RequestError(422, f"max_latency_ms must be positive, got {max_latency_ms:g}")
             fastest = min(pts, key=lambda p: self.latency.batch_ms(p.name, 1))
             if self.latency.batch_ms(fastest.name, 1) > max_latency_ms:
-                raise RequestError(422, f"no operating point answers within {max_latency_ms:g} ms: the fastest, {fastest.name}, "
-                                        f"takes {self.latency.batch_ms(fastest.name, 1):.2f} ms on an idle server")
+                raise RequestError(
+                    422,
+                    f"no operating point answers within {max_latency_ms:g} ms: the fastest, {fastest.name}, "
+                    f"takes {self.latency.batch_ms(fastest.name, 1):.2f} ms on an idle server",
+                )
         allowed = None if len(pts) == len(self.points.points) else [p.name for p in pts]
         target = max_latency_ms if max_latency_ms is not None else self.options.target_p95_ms
         return Constraint(allowed, target)
@@ -157,17 +193,28 @@ class ServingEngine:
         o = self.options
         busy = max(self._busy_until_ms - now, 0.0)
         if self.inflight >= o.max_queue:
-            self._refuse(now, "queue_full", f"the queue is full ({o.max_queue} requests)",
-                         busy + self.latency.drain_ms(self.controller.preference[-1], self.inflight, o.max_batch))
+            self._refuse(
+                now,
+                "queue_full",
+                f"the queue is full ({o.max_queue} requests)",
+                busy + self.latency.drain_ms(self.controller.preference[-1], self.inflight, o.max_batch),
+            )
         # Below ``floor`` requests in flight a learned model never refuses (a model given as fixed is trusted from the
         # first request).
         floor = self.floor if self.latency.learn else 0
         if constraint.target_ms is not None and self.inflight >= floor:
             ahead = max(self.inflight - self._running, 0)  # the running batch is in busy
-            ok, predicted = self.controller.admits(ahead, busy, constraint.allowed, constraint.target_ms, self.overhead_ms)
+            ok, predicted = self.controller.admits(
+                ahead, busy, constraint.allowed, constraint.target_ms, self.overhead_ms
+            )
             if not ok:
-                self._refuse(now, "over_target", f"the load is above what the server can answer within "
-                             f"{constraint.target_ms:g} ms even at its cheapest point (predicted {predicted:.0f} ms)", predicted)
+                self._refuse(
+                    now,
+                    "over_target",
+                    f"the load is above what the server can answer within "
+                    f"{constraint.target_ms:g} ms even at its cheapest point (predicted {predicted:.0f} ms)",
+                    predicted,
+                )
         self.inflight += 1
         self.metrics.inflight.set(self.inflight)
         self.metrics.count("admitted")
@@ -191,8 +238,9 @@ class ServingEngine:
             self.recent_ms.append(self.clock() - arrival_ms)
             self.metrics.count("served")
 
-    async def submit(self, image: Tensor | bytes, constraint: Constraint, topk: int | None = None, arrival_ms: float | None = None
-                     ) -> dict[str, Any]:
+    async def submit(
+        self, image: Tensor | bytes, constraint: Constraint, topk: int | None = None, arrival_ms: float | None = None
+    ) -> dict[str, Any]:
         """Queue one image (uint8 3 x H x W, or its encoded bytes for the inference worker to decode); returns its
         prediction once its batch has run. ``arrival_ms`` is what ``admit`` returned; without it the request is admitted
         here."""
@@ -224,14 +272,17 @@ class ServingEngine:
             self.queue.popleft()
         head = self.queue[0]
         c = head.constraint
-        decision = self.controller.choose(len(self.queue), now_ms - head.arrival_ms, c.allowed,
-                                          c.target_ms if c.target_ms is not None else math.inf)
+        decision = self.controller.choose(
+            len(self.queue), now_ms - head.arrival_ms, c.allowed, c.target_ms if c.target_ms is not None else math.inf
+        )
         batch, keep = [], deque()
         while self.queue:
             r = self.queue.popleft()
             if r.future.done():
                 continue
-            if len(batch) < self.options.max_batch and (r.constraint.allowed is None or decision.point in r.constraint.allowed):
+            if len(batch) < self.options.max_batch and (
+                r.constraint.allowed is None or decision.point in r.constraint.allowed
+            ):
                 batch.append(r)
             else:
                 keep.append(r)
@@ -266,8 +317,9 @@ class ServingEngine:
             self._busy_until_ms = start + self.latency.batch_ms(point.name, len(batch))
             self._current, self._running = batch, len(batch)
             try:
-                results, ms, decode_ms = await self.inference.run(point.name, [r.image for r in batch], [r.topk for r in batch],
-                                                                  self.decode)
+                results, ms, decode_ms = await self.inference.run(
+                    point.name, [r.image for r in batch], [r.topk for r in batch], self.decode
+                )
             except asyncio.CancelledError:  # shutting down: nobody may wait forever for this batch
                 self._fail(batch, Overloaded("the server is shutting down", 1))
                 raise
@@ -298,9 +350,16 @@ class ServingEngine:
                 if isinstance(top, Refused):
                     r.future.set_exception(top.error())
                 else:
-                    r.future.set_result({"top": top, "operating_point": point.describe(), "latency_ms": round(done - r.arrival_ms, 3),
-                                         "queue_ms": round(start - r.arrival_ms, 3), "inference_ms": round(ms, 3),
-                                         "batch_size": len(batch)})
+                    r.future.set_result(
+                        {
+                            "top": top,
+                            "operating_point": point.describe(),
+                            "latency_ms": round(done - r.arrival_ms, 3),
+                            "queue_ms": round(start - r.arrival_ms, 3),
+                            "inference_ms": round(ms, 3),
+                            "batch_size": len(batch),
+                        }
+                    )
 
     @staticmethod
     def _fail(requests: list[Pending], error: BaseException) -> None:

@@ -39,12 +39,16 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, shortest: int | None
     try:
         im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise RequestError(415, f"not an image Pillow can read ({len(data)} bytes; starts with {first_bytes(data)})") from None
+        raise RequestError(
+            415, f"not an image Pillow can read ({len(data)} bytes; starts with {first_bytes(data)})"
+        ) from None
     except Image.DecompressionBombError as e:  # Pillow's own guard, far above any sane limit
         raise RequestError(413, f"image too large: {e}") from None
     w, h = im.size
     if w * h > max_pixels:
-        raise RequestError(413, f"image of {w} x {h} = {w * h / 1e6:.1f} MP is over the limit of {max_pixels / 1e6:.1f} MP")
+        raise RequestError(
+            413, f"image of {w} x {h} = {w * h / 1e6:.1f} MP is over the limit of {max_pixels / 1e6:.1f} MP"
+        )
     if shortest and im.format == "JPEG" and w * h > DRAFT_ABOVE_PIXELS:
         im.draft("RGB", (2 * shortest, 2 * shortest))
     try:

@@ -35,7 +35,9 @@ Results = tuple[list[list[dict[str, Any]] | Refused], float, float]  # per item:
 Decode = Callable[[bytes], Tensor]
 
 
-def run_batch(points: PointSet, name: str, items: list[Tensor | bytes], topk: list[int], decode: Decode = decode_image) -> Results:
+def run_batch(
+    points: PointSet, name: str, items: list[Tensor | bytes], topk: list[int], decode: Decode = decode_image
+) -> Results:
     """Decode what is still encoded, preprocess (resize and crop to the point's resolution), run and rank one batch.
     Returns the results, the batch's time in ms without decoding (what the latency model learns from: one huge upload
     must not teach it that the model slowed down) and the decoding time; both measured here, so waiting to start never
@@ -88,8 +90,12 @@ class ThreadInference:
     def time_batch(self, name: str, batch: int) -> float:
         return time_batch(self.points, name, batch)
 
-    async def run(self, name: str, items: list[Tensor | bytes], topk: list[int], decode: Decode = decode_image) -> Results:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, run_batch, self.points, name, items, topk, decode)
+    async def run(
+        self, name: str, items: list[Tensor | bytes], topk: list[int], decode: Decode = decode_image
+    ) -> Results:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, run_batch, self.points, name, items, topk, decode
+        )
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)  # a forward still running finishes on its thread; nobody waits for it
@@ -134,10 +140,12 @@ def _processes(pool: ProcessPoolExecutor) -> list[multiprocessing.Process]:
 
 
 def _shut_down(pool: ProcessPoolExecutor) -> threading.Thread:
-    """``pool.shutdown(wait=True)`` on a thread of its own, so that nobody blocks on it yet anybody can wait for it: once
-    it returns, the pool has released its queues, and with them their semaphores (see ``ProcessInference.close``)."""
-    stopper = threading.Thread(target=pool.shutdown, kwargs={"wait": True, "cancel_futures": True}, daemon=True,
-                               name="flexres-infer-stop")
+    """``pool.shutdown(wait=True)`` on a thread of its own, so that nobody blocks on it yet anybody can wait for it:
+    once it returns, the pool has released its queues, and with them their semaphores (see
+    ``ProcessInference.close``)."""
+    stopper = threading.Thread(
+        target=pool.shutdown, kwargs={"wait": True, "cancel_futures": True}, daemon=True, name="flexres-infer-stop"
+    )
     stopper.start()
     return stopper
 
@@ -149,8 +157,13 @@ class ProcessInference:
 
     decodes = True
 
-    def __init__(self, targets: str | Path | list[str | Path], options: PointOptions | str | None = None, threads: int | None = None,
-                 batch_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        targets: str | Path | list[str | Path],
+        options: PointOptions | str | None = None,
+        threads: int | None = None,
+        batch_timeout_s: float = 30.0,
+    ) -> None:
         if not batch_timeout_s > 0:
             raise ValueError(f"batch_timeout_s must be > 0, got {batch_timeout_s}")
         targets = [str(t) for t in ([targets] if isinstance(targets, (str, Path)) else targets)]
@@ -165,16 +178,19 @@ class ProcessInference:
 
     def _start(self) -> ProcessPoolExecutor:
         # spawn, not fork: a forked child would inherit the parent's torch thread pools and locks mid-state
-        return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_load_in_child,
-                                   initargs=self._initargs)
+        return ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn"), initializer=_load_in_child, initargs=self._initargs
+        )
 
     def time_batch(self, name: str, batch: int) -> float:
         try:
             return self._pool.submit(_time_in_child, name, batch).result()
         except BrokenExecutor:
-            raise RuntimeError("the inference process failed to start (its error is printed above). A script that calls "
-                               "flexres.api.serve() needs `if __name__ == \"__main__\":` around it, since the process "
-                               "re-imports the script; or pass inference=\"thread\"") from None
+            raise RuntimeError(
+                "the inference process failed to start (its error is printed above). A script that calls "
+                'flexres.api.serve() needs `if __name__ == "__main__":` around it, since the process '
+                're-imports the script; or pass inference="thread"'
+            ) from None
 
     @property
     def pid(self) -> int | None:
@@ -183,29 +199,38 @@ class ProcessInference:
         return procs[0].pid if procs else None
 
     def _batch_lock(self) -> asyncio.Lock:
-        loop = asyncio.get_running_loop()  # a lock belongs to one event loop; a new loop (a new asyncio.run) gets its own
+        loop = (
+            asyncio.get_running_loop()
+        )  # a lock belongs to one event loop; a new loop (a new asyncio.run) gets its own
         if self._lock_loop is not loop:
             self._lock, self._lock_loop = asyncio.Lock(), loop
         return self._lock
 
-    async def run(self, name: str, items: list[Tensor | bytes], topk: list[int], decode: Decode = decode_image) -> Results:
+    async def run(
+        self, name: str, items: list[Tensor | bytes], topk: list[int], decode: Decode = decode_image
+    ) -> Results:
         items = [im if isinstance(im, bytes) else im.numpy() for im in items]
         # One batch in the process at a time (/predict/all runs beside the queue's batches): the timeout then measures
         # this batch alone, not the batches queued before it, and a restart leaves no other batch behind in the pool.
         async with self._batch_lock():
             pool, phase = self._pool, "load its model"
             try:
-                if self._starting is not None:  # a restarted process loads the model first: not part of the batch's time
+                if (
+                    self._starting is not None
+                ):  # a restarted process loads the model first: not part of the batch's time
                     await asyncio.wait_for(asyncio.wrap_future(self._starting), STARTUP_TIMEOUT_S)
                     self._starting = None
                 phase = "answer"
-                return await asyncio.wait_for(asyncio.wrap_future(pool.submit(_run_in_child, name, items, topk, decode)),
-                                              self.batch_timeout_s)
+                return await asyncio.wait_for(
+                    asyncio.wrap_future(pool.submit(_run_in_child, name, items, topk, decode)), self.batch_timeout_s
+                )
             except asyncio.TimeoutError:  # noqa: UP041 - a different class on Python 3.10
                 # Hung (deadlocked, stopped, swapping): this batch and every later one would wait forever.
                 self._replace(pool)
                 limit = self.batch_timeout_s if phase == "answer" else STARTUP_TIMEOUT_S
-                raise Overloaded(f"the inference process did not {phase} within {limit:g} s and was restarted; retry", 1) from None
+                raise Overloaded(
+                    f"the inference process did not {phase} within {limit:g} s and was restarted; retry", 1
+                ) from None
             except BrokenExecutor:
                 # The process died (killed, out of memory). Its batch is answered 503 and a new process takes the next
                 # one, instead of every later request failing with the broken pool.
@@ -228,7 +253,8 @@ class ProcessInference:
         """Stop the process, waiting at most ``timeout_s`` for a batch still running (a hung process is killed), and
         return only once every pool started here has released its queues. Their semaphores are unlinked then, not when
         the process has merely ended: a server that exits in between (uvicorn re-raises the SIGTERM it caught, which
-        ends the process at once) leaves them to multiprocessing's resource tracker, which warns of leaked semaphores."""
+        ends the process at once) leaves them to multiprocessing's resource tracker, which warns of leaked
+        semaphores."""
         procs = _processes(self._pool)
         stopper = _shut_down(self._pool)
         stopper.join(timeout_s)

@@ -30,7 +30,9 @@ class PointOptions:
     bn_policy: str | None = None  # for untrained resolutions; None: the table's, else interpolate
     backend: str = "torch"  # "torch": the adaptive model, switched per batch; "ort": one ONNX Runtime session per point
     int8: bool = False  # ort only: int8 sessions, calibrated per resolution on the run's training images
-    points: tuple[str, ...] | None = None  # serve only these ("224px", or a resolution "224"); None: every trained + Pareto
+    points: tuple[str, ...] | None = (
+        None  # serve only these ("224px", or a resolution "224"); None: every trained + Pareto
+    )
     data: str | None = None  # int8 calibration images (default: the data the run was trained on)
     threads: int | None = None  # ort intra-op threads (default: the usable cores)
 
@@ -72,9 +74,16 @@ class ServingPoint:
         return self.op.name
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "resolution": self.op.resolution, "width": self.op.width,
-                "scales": list(self.op.scales) if self.op.scales else None, "macs": self.macs, "expected_top1": self.top1,
-                "why": self.why, "backend": self.backend}
+        return {
+            "name": self.name,
+            "resolution": self.op.resolution,
+            "width": self.op.width,
+            "scales": list(self.op.scales) if self.op.scales else None,
+            "macs": self.macs,
+            "expected_top1": self.top1,
+            "why": self.why,
+            "backend": self.backend,
+        }
 
 
 @dataclass
@@ -100,7 +109,9 @@ class PointSet:
 
     def by_preference(self) -> list[ServingPoint]:
         """Most accurate first; where accuracy was never measured, the costlier point is assumed the better one."""
-        return sorted(self.points, key=lambda p: (p.top1 if p.top1 is not None else float("-inf"), p.macs), reverse=True)
+        return sorted(
+            self.points, key=lambda p: (p.top1 if p.top1 is not None else float("-inf"), p.macs), reverse=True
+        )
 
     @property
     def resolutions(self) -> list[int]:
@@ -114,10 +125,13 @@ def _run_at(model, op: OperatingPoint, bn_policy: str) -> Callable[[Tensor], Ten
         # on the one model in memory instead of keeping one network per point.
         model.set_operating_point(op, bn_policy=bn_policy)
         return model(x)
+
     return run
 
 
-def _candidates(model, run_dir: Path, bn_policy: str | None) -> tuple[list[tuple[OperatingPoint, int, float | None, str]], str, str]:
+def _candidates(
+    model, run_dir: Path, bn_policy: str | None
+) -> tuple[list[tuple[OperatingPoint, int, float | None, str]], str, str]:
     """(op, MACs, expected top-1, why) for every point worth serving, the BN policy, and where accuracies came from.
 
     Every trained resolution is served: accuracy ties (two resolutions at the same top-1) must never drop one the run
@@ -151,7 +165,9 @@ def _pick(candidates: list, names: Sequence[str] | None, run_dir: Path, model) -
         elif op == OperatingPoint(op.resolution):  # an untrained resolution the BN policy serves
             picked.append((op, count_macs(model, op), None, "asked for"))
         else:
-            raise ValueError(f"{run_dir}: no operating point {n!r} to serve; known: {', '.join(o.name for o in by_point)}")
+            raise ValueError(
+                f"{run_dir}: no operating point {n!r} to serve; known: {', '.join(o.name for o in by_point)}"
+            )
     return picked
 
 
@@ -169,8 +185,10 @@ def _onnx_runner(model, meta: dict[str, Any], run_dir: Path, op: OperatingPoint,
         try:
             export(model, meta, op, "onnx", path, bn_policy=policy, int8=options.int8, data=options.data)
         except (RuntimeError, NotImplementedError) as e:  # what ONNX cannot express: the torch backend still serves it
-            raise ValueError(f"{run_dir}: {op} could not be exported to ONNX ({type(e).__name__}: {str(e)[:200]}); "
-                             "serve it with --backend torch") from e
+            raise ValueError(
+                f"{run_dir}: {op} could not be exported to ONNX ({type(e).__name__}: {str(e)[:200]}); "
+                "serve it with --backend torch"
+            ) from e
     return session_runner(onnx_session(path, options.threads))
 
 
@@ -182,17 +200,28 @@ def points_from_run(target: str | Path, options: PointOptions | str | None = Non
     run_dir = resolve_checkpoint(target).parent
     info = RunInfo.from_meta(meta)
     pre = info.preprocessing
-    common = {"crop_fraction": pre.crop_fraction, "mean": pre.mean, "std": pre.std, "interpolation": pre.interpolation,
-              "backend": options.backend + ("-int8" if options.int8 else "")}
+    common = {
+        "crop_fraction": pre.crop_fraction,
+        "mean": pre.mean,
+        "std": pre.std,
+        "interpolation": pre.interpolation,
+        "backend": options.backend + ("-int8" if options.int8 else ""),
+    }
     candidates, policy, source = _candidates(model, run_dir, options.bn_policy)
     found = _pick(candidates, options.points, run_dir, model)
     missing = [op for op, _, _, _ in found if model.width_range is not None and not model.is_calibrated(op)]
     if missing:
-        raise ValueError(f"{run_dir}: {missing[0]} has no post-statistics BN; build the query table first with "
-                         f"`flexres table {run_dir} --data DIR`")
+        raise ValueError(
+            f"{run_dir}: {missing[0]} has no post-statistics BN; build the query table first with "
+            f"`flexres table {run_dir} --data DIR`"
+        )
     points = []
     for op, macs, top1, why in found:
-        run = _onnx_runner(model, meta, run_dir, op, policy, options) if options.backend == "ort" else _run_at(model, op, policy)
+        run = (
+            _onnx_runner(model, meta, run_dir, op, policy, options)
+            if options.backend == "ort"
+            else _run_at(model, op, policy)
+        )
         points.append(ServingPoint(op, int(macs), top1, run, why=why, **common))
     return PointSet(points, info.classes, info.class_names, f"{run_dir.name} ({model.arch['name']})", source)
 
@@ -211,9 +240,20 @@ def points_from_exports(files: Sequence[str | Path]) -> PointSet:
         classes, names = pred.classes, pred.names
         o = info["operating_point"]
         op = OperatingPoint(o["resolution"], o.get("width", 1.0), tuple(o["scales"]) if o.get("scales") else None)
-        points.append(ServingPoint(op, int(info["macs"]), info.get("top1"), pred.run, pred.crop_fraction, pred.mean, pred.std,
-                                   pred.interpolation, why="exported file",
-                                   backend=("ort" if Path(f).suffix == ".onnx" else "torchscript") + ("-int8" if info.get("int8") else "")))
+        points.append(
+            ServingPoint(
+                op,
+                int(info["macs"]),
+                info.get("top1"),
+                pred.run,
+                pred.crop_fraction,
+                pred.mean,
+                pred.std,
+                pred.interpolation,
+                why="exported file",
+                backend=("ort" if Path(f).suffix == ".onnx" else "torchscript") + ("-int8" if info.get("int8") else ""),
+            )
+        )
     seen = [p.name for p in points]
     if len(set(seen)) != len(seen):
         raise ValueError(f"two exported files have the same operating point: {seen}")
@@ -230,6 +270,8 @@ def load_points(targets: str | Path | Sequence[str | Path], options: PointOption
     if all(exported):
         return points_from_exports(targets)
     if len(targets) > 1:
-        raise ValueError("serve one run (a directory or checkpoint) or several exported files, not a mix: "
-                         f"{[str(t) for t in targets]}")
+        raise ValueError(
+            "serve one run (a directory or checkpoint) or several exported files, not a mix: "
+            f"{[str(t) for t in targets]}"
+        )
     return points_from_run(targets[0], options)
