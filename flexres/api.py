@@ -23,19 +23,16 @@ from .data import ImageFolderDataset, SubsetView, sample_data_dir, split_dir
 from .deploy.export import EXPORTED_SUFFIXES, FORMAT_SUFFIX
 from .deploy.predict import parse_count
 from .engine.checkpoint import (
-    CALIBRATION,
     CheckpointMismatchError,
-    clear_calibration,
     load_checkpoint,
     load_tensors,
     resolve_checkpoint,
-    save_calibration,
     save_tensors,
 )
 from .engine.config import DEFAULTS, apply_overrides, load_config, make_config
-from .engine.evaluate import calibrate, evaluate_configurations, format_table, hit_miss_matrix
 from .engine.evaluate import evaluate as evaluate_model
-from .engine.run import RunInfo
+from .engine.evaluate import evaluate_configurations, format_table, hit_miss_matrix
+from .engine.run import Run, RunInfo
 from .engine.trainer import saved_progress
 from .engine.trainer import train as train_run
 from .errors import ConfigError
@@ -83,54 +80,6 @@ def train(
     return {"run": str(out), **metrics}
 
 
-def _ensure_calibrated(
-    model,
-    meta: dict[str, Any],
-    ckpt: Path,
-    train_ds,
-    points: list,
-    num_images: int,
-    batch_size: int,
-    cfg: dict[str, Any],
-    data: str,
-    workers: int = 0,
-) -> None:
-    """Calibrate the points not yet in the run's cache and save the cache with the run."""
-    if meta.get("calibration", {}).get("num_images") not in (None, num_images):
-        clear_calibration(model)  # computed from another number of images: not what was asked for
-    new = calibrate(
-        model,
-        train_ds,
-        points,
-        num_images,
-        batch_size,
-        cfg["data"]["scale"],
-        cfg["data"]["ratio"],
-        workers=workers,
-        **_normalization(meta),
-        note=note,
-    )
-    if new:
-        save_calibration(
-            model,
-            ckpt.parent / CALIBRATION,
-            {"num_images": num_images, "data": data, "checkpoint_digest": meta["checkpoint_digest"]},
-        )
-        meta["calibration"] = {"num_images": num_images}
-
-
-def _normalization(meta: dict[str, Any]) -> dict[str, Any]:
-    """The mean and std the run was trained with (a pretrained timm / torchvision model's own), for evaluation."""
-    pre = RunInfo.from_meta(meta).preprocessing
-    return {"mean": pre.mean, "std": pre.std}
-
-
-def _run_bn_policy(meta: dict[str, Any], given: str | None = None) -> str:
-    """The BN policy for untrained resolutions: ``given`` (the caller's, e.g. ``--bn``), else the run's recorded
-    ``eval.bn_policy``, else the default."""
-    return given or RunInfo.from_meta(meta).bn_policy
-
-
 def _metadata(run: str | Path) -> dict[str, Any]:
     """A checkpoint's flexres metadata alone, without reading its tensors."""
     ckpt = resolve_checkpoint(run)
@@ -147,7 +96,7 @@ def _recorded_data(runs: Sequence[str | Path]) -> str:
     one data set), or the folder is gone (moved, or a relative path read from another directory)."""
     roots = []
     for run in runs:
-        root = (_metadata(run).get("config") or {}).get("data", {}).get("root")
+        root = RunInfo.from_meta(_metadata(run)).data_root
         if not root:
             raise ConfigError(f"{run} records no data root (data.root): pass data (--data DIR, an ImageFolder root)")
         roots.append((run, root))
@@ -174,8 +123,10 @@ def _json_matrix(m: dict[int, dict[int, float]]) -> dict[str, dict[str, float]]:
     return {str(j): {str(i): round(p, 2) for i, p in row.items()} for j, row in m.items()}
 
 
-def _class_names(meta: dict[str, Any]) -> list[str]:
-    return RunInfo.from_meta(meta).class_names
+def _label(path: str | Path, ckpt: Path, taken) -> str:
+    """A run's name in a report: its folder; two runs with one folder name are told apart by their parent."""
+    label = Path(path).name if Path(path).is_dir() else Path(path).parent.name
+    return str(Path(ckpt.parent.parent.name) / ckpt.parent.name) if label in taken else label
 
 
 def _per_class_top1(correct: torch.Tensor, labels: torch.Tensor, names: list[str]) -> dict[str, float]:
@@ -220,7 +171,7 @@ def evaluate(
     runs = [runs] if isinstance(runs, (str, Path)) else list(runs)
     if data is None and runs:
         data = _recorded_data(runs)
-    if runs and load_checkpoint(runs[0])[1].get("task") == "segmentation":
+    if runs and RunInfo.from_meta(_metadata(runs[0])).task == "segmentation":
         return _evaluate_segmentation(runs, data, resolutions, bn_policy, split, save, progress)
     val = ImageFolderDataset(split_dir(data, split), cache="auto", progress=progress)
     labels = torch.tensor([y for _, y in val.samples])
@@ -228,42 +179,30 @@ def evaluate(
     report: dict[str, Any] = {"data": str(data), "bn_policy": bn_policy, "scale_policy": scale_policy, "runs": {}}
     own_resolution: dict[int, Any] = {}  # single-resolution runs (I-Nets): correctness at their own resolution
     policies = []
-    for run in runs:
-        model, meta = load_checkpoint(run)
-        model.to(
-            memory_format=torch.channels_last
-        )  # evaluation runs NHWC: 3x faster than NCHW for EfficientNet-Lite0 here
-        policy = _run_bn_policy(meta, bn_policy)
+    for path in runs:
+        run = Run.open(path)
+        model = run.model
+        model.to(memory_format=torch.channels_last)  # evaluation runs NHWC: 3x faster than NCHW for EfficientNet-Lite0
+        policy = run.bn_policy(bn_policy)
         policies.append(policy)
-        classes = meta.get("classes")
+        classes = run.info.classes
         if classes and classes != val.classes:
             diff = next((f"{a!r} vs {b!r}" for a, b in zip(classes, val.classes) if a != b), "")
             raise CheckpointMismatchError(
-                f"{run} was trained on {len(classes)} classes but {val.root} has "
+                f"{path} was trained on {len(classes)} classes but {val.root} has "
                 f"{len(val.classes)}{'; first difference: ' + diff if diff else ''}"
             )
-        res_list = list(
-            resolutions or meta.get("config", {}).get("eval", {}).get("resolutions") or model.train_resolutions
-        )
-        cfg = meta.get("config") or make_config()
-        ckpt = resolve_checkpoint(run)
+        res_list = run.eval_resolutions(resolutions)
+        cfg = run.config()
+        ckpt = run.checkpoint
         slimmable = model.width_range is not None
         if policy == "calibrate" or slimmable:  # slimmable models always need post-statistics BN
             train_ds = train_ds or ImageFolderDataset(split_dir(data, cfg["data"]["train_split"]), progress=progress)
             points = [OperatingPoint(r, width) for r in res_list if slimmable or r not in model.train_resolutions]
-            _ensure_calibrated(
-                model,
-                meta,
-                ckpt,
-                train_ds,
-                points,
-                calibration_images or cfg["eval"]["calibration_images"],
-                batch_size,
-                cfg,
-                str(data),
-                workers,
-            )
-        pre = RunInfo.from_meta(meta).preprocessing
+            num = calibration_images or cfg["eval"]["calibration_images"]
+            scale, ratio = cfg["data"]["scale"], cfg["data"]["ratio"]
+            run.calibrate(train_ds, points, num, batch_size, scale, ratio, str(data), workers, note=note)
+        pre = run.info.preprocessing
         results = evaluate_model(
             model,
             val,
@@ -280,18 +219,13 @@ def evaluate(
             mean=pre.mean,
             std=pre.std,
         )
-        label = Path(run).name if Path(run).is_dir() else Path(run).parent.name
-        if label in report["runs"]:  # two runs with one folder name: tell them apart by their parent
-            label = str(Path(ckpt.parent.parent.name) / ckpt.parent.name)
+        label = _label(path, ckpt, report["runs"])
         if len(model.train_resolutions) == 1 and model.train_resolutions[0] in results:
             own_resolution[model.train_resolutions[0]] = results[model.train_resolutions[0]]["correct"]
-        names = _class_names(meta) or val.classes
+        names = run.info.class_names or val.classes
         report["runs"][label] = {
-            "checkpoint": str(ckpt),
-            "train_resolutions": list(model.train_resolutions),
+            **run.summary(),
             "bn_policy": policy,
-            "method": meta.get("method", {}),
-            "epoch": meta.get("epoch"),
             "params": count_params(model),
             "results": {
                 str(r): {
@@ -353,46 +287,33 @@ def _evaluate_segmentation(
         "runs": {},
     }
     policies = []
-    for run in runs:
-        model, meta = load_checkpoint(run)
-        policy = _run_bn_policy(meta, bn_policy)
+    for path in runs:
+        run = Run.open(path)
+        model = run.model
+        policy = run.bn_policy(bn_policy)
         policies.append(policy)
-        if meta.get("task") != "segmentation":
-            raise ConfigError(f"{run} is a classifier: evaluate segmentation and classification runs separately")
-        if meta.get("classes") and meta["classes"] != val.classes:
+        if run.info.task != "segmentation":
+            raise ConfigError(f"{path} is a classifier: evaluate segmentation and classification runs separately")
+        if run.info.classes and run.info.classes != val.classes:
             raise CheckpointMismatchError(
-                f"{run} was trained on classes {meta['classes']} but {val.root.parent} has {val.classes}"
+                f"{path} was trained on classes {run.info.classes} but {val.root.parent} has {val.classes}"
             )
-        res_list = list(
-            resolutions or meta.get("config", {}).get("eval", {}).get("resolutions") or model.train_resolutions
-        )
-        ckpt = resolve_checkpoint(run)
+        res_list = run.eval_resolutions(resolutions)
+        ckpt = run.checkpoint
         if policy == "calibrate":  # statistics at each untrained resolution from training crops, as for classifiers
-            cfg = meta.get("config") or make_config()
+            cfg = run.config()
             train_ds = SegmentationDataset(split_dir(data, cfg["data"]["train_split"]), cache=True)
             points = [OperatingPoint(r) for r in res_list if r not in model.train_resolutions]
-            _ensure_calibrated(
-                model,
-                meta,
-                ckpt,
-                train_ds,
-                points,
-                cfg["eval"]["calibration_images"],
-                16,
-                {**cfg, "data": {**cfg["data"], "scale": cfg["data"]["seg_scale"]}},
-                str(data),
-                0,
+            num = cfg["eval"]["calibration_images"]
+            run.calibrate(
+                train_ds, points, num, 16, cfg["data"]["seg_scale"], cfg["data"]["ratio"], str(data), note=note
             )
-        results = evaluate_segmentation(model, val, res_list, policy, progress=progress, **_normalization(meta))
-        label = Path(run).name if Path(run).is_dir() else Path(run).parent.name
-        if label in report["runs"]:
-            label = str(Path(ckpt.parent.parent.name) / ckpt.parent.name)
+        pre = run.info.preprocessing
+        results = evaluate_segmentation(model, val, res_list, policy, progress=progress, mean=pre.mean, std=pre.std)
+        label = _label(path, ckpt, report["runs"])
         report["runs"][label] = {
-            "checkpoint": str(ckpt),
-            "train_resolutions": list(model.train_resolutions),
+            **run.summary(),
             "bn_policy": policy,
-            "method": meta.get("method", {}),
-            "epoch": meta.get("epoch"),
             "params": count_params(model),
             "results": {
                 str(r): {
@@ -551,16 +472,16 @@ def table(
     once; ``tree=False`` runs each configuration on its own, same results, several times slower). ``progress``
     gets one line per row group. ``bn_policy`` None: the run's ``eval.bn_policy``.
     """
-    model, meta = load_checkpoint(run)
-    cfg = meta.get("config") or make_config()
-    bn_policy = _run_bn_policy(meta, bn_policy)
-    pre = RunInfo.from_meta(meta).preprocessing
+    opened = Run.open(run)
+    model, cfg = opened.model, opened.config()
+    bn_policy = opened.bn_policy(bn_policy)
+    pre = opened.info.preprocessing
     data = data or _recorded_data([run])
     widths = list(widths)
     if model.width_range is None and widths != [1.0]:
         raise ConfigError(f"{run} is not width-slimmable: use widths [1.0]")
-    res_list = list(resolutions or cfg["eval"]["resolutions"] or model.train_resolutions)
-    ckpt = resolve_checkpoint(run)
+    res_list = opened.eval_resolutions(resolutions)
+    ckpt = opened.checkpoint
     val = ImageFolderDataset(split_dir(data, cfg["data"]["val_split"]), cache="auto")
     configs = scale_configurations(model.scale_factors, model.num_stages, scales)
     rows = []
@@ -612,18 +533,9 @@ def table(
         ]
         if points:
             train_ds = ImageFolderDataset(split_dir(data, cfg["data"]["train_split"]))
-            _ensure_calibrated(
-                model,
-                meta,
-                ckpt,
-                train_ds,
-                points,
-                calibration_images or cfg["eval"]["calibration_images"],
-                batch_size,
-                cfg,
-                str(data),
-                workers,
-            )
+            num = calibration_images or cfg["eval"]["calibration_images"]
+            scale, ratio = cfg["data"]["scale"], cfg["data"]["ratio"]
+            opened.calibrate(train_ds, points, num, batch_size, scale, ratio, str(data), workers, note=note)
         for w, sc in itertools.product(widths, configs):
             add_rows(
                 w,
@@ -682,10 +594,10 @@ def adapt(
     from .analysis.adapt import adapt_report
 
     max_macs = _count(max_macs)
-    model, meta = load_checkpoint(run)
+    opened = Run.open(run)
+    model, cfg = opened.model, opened.config()
     if model.scale_factors is None:
         raise ConfigError(f"{run} is not a resizable model: Resizable-Adapt routes between scaling configurations")
-    cfg = meta.get("config") or make_config()
     data = data or _recorded_data([run])
     candidates = [c for c in scale_configurations(model.scale_factors, model.num_stages, configs) if c is not None]
     train_ds = ImageFolderDataset(split_dir(data, cfg["data"]["train_split"]))
@@ -732,19 +644,20 @@ def export(
 
         path = Path(out) if out else resolve_checkpoint(run).parent / "export" / "packed.safetensors"
         return {"path": str(path), **export_packed(run, path, data)}
-    model, meta = load_checkpoint(run)
-    bn_policy = _run_bn_policy(meta, bn_policy)
+    opened = Run.open(run)
+    model, meta, ckpt = opened.model, opened.meta, opened.checkpoint
+    bn_policy = opened.bn_policy(bn_policy)
     op = OperatingPoint(resolution, width, tuple(scales) if scales else None)
-    ckpt = resolve_checkpoint(run)
     if model.width_range is not None and not model.is_calibrated(op):  # post-statistics BN for this point
-        cfg = meta.get("config") or make_config()
+        cfg = opened.config()
         root = data or cfg["data"]["root"]
         if not root or not Path(root).is_dir():
             raise ConfigError(
                 f"{op} of this slimmable model needs post-statistics BN from training images: pass data (a folder)"
             )
         train_ds = ImageFolderDataset(split_dir(root, cfg["data"]["train_split"]))
-        _ensure_calibrated(model, meta, ckpt, train_ds, [op], cfg["eval"]["calibration_images"], 256, cfg, str(root))
+        num = cfg["eval"]["calibration_images"]
+        opened.calibrate(train_ds, [op], num, 256, cfg["data"]["scale"], cfg["data"]["ratio"], str(root), note=note)
     ext = FORMAT_SUFFIX.get(format, ".pt")
     path = (
         Path(out)
@@ -781,15 +694,16 @@ def predict(
 
     max_macs = _count(max_macs)
     if Path(model).suffix not in EXPORTED_SUFFIXES:
-        net, meta = load_checkpoint(model)
-        bn_policy = _run_bn_policy(meta, bn_policy)
-        if meta.get("task") == "segmentation":
-            r = resolution or net.train_resolutions[0]
+        opened = Run.open(model)
+        bn_policy = opened.bn_policy(bn_policy)
+        if opened.info.task == "segmentation":
+            r = resolution or opened.model.train_resolutions[0]
             out = Path(out or "segmentation")
+            files = [str(f) for f in images]
             return {
                 "model": f"{Path(model).name} at {r} px (short side)",
                 "resolution": r,
-                "predictions": segment_files(net, meta, [str(f) for f in images], r, out, bn_policy),
+                "predictions": segment_files(opened.model, opened.meta, files, r, out, bn_policy),
             }
     if width != 1.0 and resolution is None:
         raise ConfigError("width goes with resolution (a budget picks both)")

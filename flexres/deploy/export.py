@@ -131,7 +131,8 @@ def export(
     out = Path(out)
     model = model.cpu().eval()
     static = to_static(model, op, bn_policy, scale_policy, fold_bn)
-    pre = RunInfo.from_meta(meta).preprocessing
+    run_info = RunInfo.from_meta(meta)
+    pre = run_info.preprocessing
     images = pre.normalize(
         reference_images(op.resolution, data, crop_fraction=pre.crop_fraction, interpolation=pre.interpolation)
     )
@@ -178,14 +179,14 @@ def export(
         "scale_policy": scale_policy,
         "bn_folded": fold_bn,
         "preprocessing": pre.describe(op.resolution),
-        "classes": meta.get("classes"),
-        "class_names": meta.get("class_names"),
+        "classes": run_info.classes or None,
+        "class_names": run_info.class_names or None,
         "macs": count_macs(model, op),
         "params": sum(p.numel() for p in static.parameters()) if not fold_bn else count_params(model, op),
         **parity,
         "parity_images": int(images.shape[0]),
         "source_arch": model.arch,
-        "source_epoch": meta.get("epoch"),
+        "source_epoch": run_info.epoch,
         "flexres_version": __version__,
     }
     Path(str(out) + ".json").write_text(json.dumps(info, indent=2) + "\n")

@@ -46,7 +46,7 @@ class Predictor:
 
 
 def candidate_resolutions(model, meta: dict[str, Any]) -> list[int]:
-    evals = meta.get("config", {}).get("eval", {}).get("resolutions") or []
+    evals = RunInfo.from_meta(meta).eval_resolutions or ()
     return sorted(set(model.train_resolutions) | set(evals), reverse=True)
 
 

@@ -108,11 +108,12 @@ class RunInfo:
 
 @dataclass
 class Run:
-    """An opened run: its model (weights and BN calibration loaded), description, directory and raw metadata."""
+    """An opened run: its model (weights and BN calibration loaded), description, checkpoint file and raw metadata.
+    What the commands ask of a run lives here: its evaluation resolutions, its BN policy, its calibration cache."""
 
     model: AdaptiveModel
     info: RunInfo
-    directory: Path
+    checkpoint: Path
     meta: dict[str, Any] = field(repr=False)
 
     @classmethod
@@ -120,4 +121,73 @@ class Run:
         from .checkpoint import load_checkpoint, resolve_checkpoint
 
         model, meta = load_checkpoint(path)
-        return cls(model, RunInfo.from_meta(meta), resolve_checkpoint(path).parent, meta)
+        return cls(model, RunInfo.from_meta(meta), resolve_checkpoint(path), meta)
+
+    @property
+    def directory(self) -> Path:
+        return self.checkpoint.parent
+
+    def config(self) -> dict[str, Any]:
+        """The run's full config; a run that recorded none (an imported model) gets the defaults."""
+        from .config import make_config
+
+        return self.info.config or make_config()
+
+    def bn_policy(self, given: str | None = None) -> str:
+        """``given`` (the caller's, e.g. ``--bn``), else the run's recorded ``eval.bn_policy``, else the default."""
+        return given or self.info.bn_policy
+
+    def eval_resolutions(self, given=None) -> list[int]:
+        """``given``, else the run's ``eval.resolutions``, else the resolutions it was trained at."""
+        return list(given or self.info.eval_resolutions or self.model.train_resolutions)
+
+    def summary(self) -> dict[str, Any]:
+        """What an evaluation report says about the run itself."""
+        return {
+            "checkpoint": str(self.checkpoint),
+            "train_resolutions": list(self.model.train_resolutions),
+            "method": self.info.method,
+            "epoch": self.info.epoch,
+        }
+
+    def calibrate(
+        self,
+        train_ds,
+        points: list,
+        num_images: int,
+        batch_size: int,
+        scale,
+        ratio,
+        data: str,
+        workers: int = 0,
+        note=None,
+    ) -> None:
+        """BN statistics at ``points`` not yet in the run's cache, from ``num_images`` training crops (``scale`` and
+        ``ratio`` of the random-resized crop), saved with the run (CALIBRATION next to the checkpoint). A cache made
+        from another number of images is dropped first: it is not what was asked for."""
+        from .checkpoint import CALIBRATION, clear_calibration, save_calibration
+        from .evaluate import calibrate
+
+        if self.meta.get("calibration", {}).get("num_images") not in (None, num_images):
+            clear_calibration(self.model)
+        pre = self.info.preprocessing
+        new = calibrate(
+            self.model,
+            train_ds,
+            points,
+            num_images,
+            batch_size,
+            scale,
+            ratio,
+            mean=pre.mean,
+            std=pre.std,
+            workers=workers,
+            note=note,
+        )
+        if new:
+            save_calibration(
+                self.model,
+                self.directory / CALIBRATION,
+                {"num_images": num_images, "data": data, "checkpoint_digest": self.meta["checkpoint_digest"]},
+            )
+            self.meta["calibration"] = {"num_images": num_images}
