@@ -3,7 +3,7 @@ resolution against the RS-Net, at trained and unseen resolutions, with BN interp
 
     python benchmarks/camvid_seg.py --out runs/bench_camvid --train-only    # 3 I-Nets + RS-Net,
                                                                             # configs/camvid_rsnet_seg_r18.yaml
-    python benchmarks/camvid_seg.py --out runs/bench_camvid --json benchmarks/results/camvid_seg.json   # evaluate
+    python benchmarks/camvid_seg.py --out runs/bench_camvid --json benchmarks/results/camvid/seg_seed0.json   # evaluate
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-only", action="store_true")
     add_run_options(p)
-    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "camvid_seg.json")
+    p.add_argument(
+        "--json", type=Path, help="the evaluation's JSON (default: benchmarks/results/camvid/seg_seed<seed>.json)"
+    )
     args = p.parse_args()
     runs = specs(args.out, args.seed, args.set)
     if args.train_only:
@@ -74,6 +76,8 @@ def main() -> None:
             ]
             lines += [f"{metric}, BN {policy}:", "", markdown_table(["run", *map(str, res)], rows), ""]
     print("\n".join(lines))
+    if args.json is None:
+        args.json = ROOT / "benchmarks" / "results" / "camvid" / f"seg_seed{args.seed}.json"
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + "\n")
 

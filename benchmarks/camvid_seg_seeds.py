@@ -1,7 +1,7 @@
 """CamVid I-Nets vs RS-Net over seeds (issue 14): mean ± std of mIoU, pixel and mean-class accuracy at every
 resolution, from the JSON files ``camvid_seg.py --seed N --json ...`` wrote.
 
-    python benchmarks/camvid_seg_seeds.py benchmarks/results/camvid_seg_seed{0,1,2}.json
+    python benchmarks/camvid_seg_seeds.py benchmarks/results/camvid/seg_seed{0,1,2}.json
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ val split evaluated as a prefix tree, and the one-by-one evaluation of a seeded 
 are identical both ways and writes the figures as JSON.
 
     python benchmarks/config_tree_speed.py RUN [--data DIR] [--one-by-one 16]
-        [--out benchmarks/results/config_tree_speed.json]
+        [--out FILE]   # default: benchmarks/results/resizable/config_tree_speed_<resolution>px.json
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ def main() -> None:
     p.add_argument("--data", type=data_path, default=IMAGENETTE)
     p.add_argument("--resolution", type=int, help="default: the run's training resolution")
     p.add_argument("--one-by-one", type=int, default=16, help="configurations evaluated one by one (a seeded sample)")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "config_tree_speed.json")
+    p.add_argument(
+        "--out", type=Path, help="default: benchmarks/results/resizable/config_tree_speed_<resolution>px.json"
+    )
     args = p.parse_args()
     model, _ = api.load_checkpoint(args.run)
     res = [args.resolution or model.train_resolutions[0]]
@@ -74,6 +76,8 @@ def main() -> None:
         "identical_accuracies": same,
         "top1_range": [min(r["top1"] for r in tree), max(r["top1"] for r in tree)],
     }
+    if args.out is None:
+        args.out = ROOT / "benchmarks" / "results" / "resizable" / f"config_tree_speed_{res[0]}px.json"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

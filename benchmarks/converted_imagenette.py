@@ -80,7 +80,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("runs/bench_converted"))
     p.add_argument("--rsnet", type=Path, help="an RS-Net from scratch trained with configs/imagenette_rsnet_r18.yaml")
     p.add_argument("--train-only", nargs="+", choices=["finetune", "timm"])
-    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "converted_imagenette.json")
+    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "converted" / "imagenette.json")
     args = p.parse_args()
     runs = specs(args.out, args.rsnet)
     if args.train_only:

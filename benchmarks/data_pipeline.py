@@ -1,6 +1,6 @@
 """Training-data throughput of one CPU loader worker (issue 30): images/s from JPEG to the tensors a step takes.
 
-    OMP_NUM_THREADS=1 python -m benchmarks data_pipeline --out benchmarks/results/data_pipeline.json
+    OMP_NUM_THREADS=1 python -m benchmarks data_pipeline --out benchmarks/results/gpu/data_pipeline.json
 
 Per resolution set S and file size (the data's own JPEGs, and the same re-encoded at ImageNet's typical 500 x 375),
 one process (a loader worker is one single-threaded process) reads --images training JPEGs from
@@ -91,6 +91,7 @@ def main() -> None:
         "rows": rows,
     }
     if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(report, indent=2) + "\n")
 
 

@@ -1,6 +1,6 @@
 """flexres at GPU scale (issue 30), one script, one table, under 10 minutes on one GPU.
 
-    python -m benchmarks gpu_scale --out benchmarks/results/gpu_scale.json            # $FLEXRES_DATA/imagenette-224
+    python -m benchmarks gpu_scale --out benchmarks/results/gpu/scale.json            # $FLEXRES_DATA/imagenette-224
     torchrun --nproc-per-node N benchmarks/gpu_scale.py --only model ...               # several GPUs, model-only rows
 
 Rows (RS-Net ResNet-50, S = 224, 192, 160, 128, 96, full MRED, AMP, channels_last, batch --batch per resolution):
@@ -209,6 +209,7 @@ def main() -> None:
             "img_s": rows,
         }
         if a.out:
+            a.out.parent.mkdir(parents=True, exist_ok=True)
             a.out.write_text(json.dumps(report, indent=2) + "\n")
     if dist.is_initialized():
         dist.destroy_process_group()

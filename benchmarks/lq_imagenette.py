@@ -4,8 +4,8 @@ packed file's accuracy against the training-time model's.
 
     python benchmarks/lq_imagenette.py --out runs/bench_lq --train-only 2/32          # 6 runs (5 I-Nets + RS-Net)
     python benchmarks/lq_imagenette.py --out runs/bench_lq --train-only 2/2
-    python benchmarks/lq_imagenette.py --out runs/bench_lq --json benchmarks/results/lq_imagenette.json   # evaluate
-    python benchmarks/lq_imagenette.py --seeds-table benchmarks/results/lq_imagenette_2-32{,_seed1,_seed2}.json
+    python benchmarks/lq_imagenette.py --out runs/bench_lq --json benchmarks/results/lq/2-32_2-2_seed0.json   # evaluate
+    python benchmarks/lq_imagenette.py --seeds-table benchmarks/results/lq/2-32_seed{0,1,2}.json
 
 Model: configs/imagenette_lq_rsnet_r18.yaml (--config; configs/imagenette_lq22_preact_rsnet_r18.yaml is LQ-Nets'
 pre-activation network with its recipe, for 2/2) at ResNet-18 x0.25 (--width; x0.25 is the fp32 protocol's width,
@@ -109,7 +109,9 @@ def main() -> None:
     p.add_argument("--train-only", nargs="+", choices=list(BITS))
     add_run_options(p)
     p.add_argument("--settings", nargs="+", choices=list(BITS), default=list(BITS), help="settings to evaluate")
-    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "lq_imagenette.json")
+    p.add_argument(
+        "--json", type=Path, help="the evaluation's JSON (default: benchmarks/results/lq/<settings>_seed<seed>.json)"
+    )
     p.add_argument(
         "--seeds-table", nargs="+", type=Path, metavar="JSON", help="print the tables over seeds of these evaluations"
     )
@@ -202,6 +204,9 @@ def main() -> None:
             "",
         ]
     print("\n".join(lines))
+    if args.json is None:  # e.g. lq/2-2_seed0.json for --settings 2/2 --seed 0
+        tag = "_".join(s.replace("/", "-") for s in args.settings)
+        args.json = ROOT / "benchmarks" / "results" / "lq" / f"{tag}_seed{args.seed}.json"
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + "\n")
 

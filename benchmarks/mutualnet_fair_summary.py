@@ -1,9 +1,9 @@
-"""Render BENCHMARKS.md section 6 tables from the fair-protocol reports kept in benchmarks/results/.
+"""Render BENCHMARKS.md section 6 tables from the fair-protocol reports kept in benchmarks/results/mutualnet/.
 
 Each report is the report.json that benchmarks/mutualnet_imagenette.py writes (query tables of the adaptive
-runs, the I-Nets' top-1 and MACs); the name says the schedule: mutualnet_fair_e<epochs>_lr<lr>.json.
+runs, the I-Nets' top-1 and MACs); the name says the schedule: fair_e<epochs>_lr<lr>.json.
 
-    python benchmarks/mutualnet_fair_summary.py [--results benchmarks/results]
+    python benchmarks/mutualnet_fair_summary.py [--results benchmarks/results/mutualnet]
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def load(results: Path) -> dict[tuple[int, float], dict]:
     reports = {}
-    for f in sorted(results.glob("mutualnet_fair_e*_lr*.json")):
-        m = re.fullmatch(r"mutualnet_fair_e(\d+)_lr([\d.]+)\.json", f.name)
+    for f in sorted(results.glob("fair_e*_lr*.json")):
+        m = re.fullmatch(r"fair_e(\d+)_lr([\d.]+)\.json", f.name)
         if m:
             reports[(int(m.group(1)), float(m.group(2)))] = json.loads(f.read_text())
     return reports
@@ -35,11 +35,11 @@ def point(row: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "mutualnet")
     args = p.parse_args()
     reports = load(args.results)
     if not reports:
-        raise SystemExit(f"no mutualnet_fair_e*_lr*.json in {args.results}")
+        raise SystemExit(f"no fair_e*_lr*.json in {args.results}")
 
     rows = []  # each I-Net against each adaptive network's best point within its MACs, per schedule
     for (epochs, lr), rep in sorted(reports.items()):

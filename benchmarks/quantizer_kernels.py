@@ -1,7 +1,7 @@
 """The LQ quantizer's cost in kernels: operators dispatched per quantizer call and per 2/2 RS-Net step, and CPU step
 time.
 
-    python -m benchmarks quantizer_kernels --out benchmarks/results/quantizer_kernels.json
+    python -m benchmarks quantizer_kernels --out benchmarks/results/gpu/quantizer_kernels.json
 
 On a GPU each dispatched operator is at least one kernel launch (about 5 us of host time each), so the count is what
 makes a quantized step wait on the host. Counted with a TorchDispatchMode, which sees the operators that run after
@@ -139,6 +139,7 @@ def main() -> None:
     if a.out:
         everything = json.loads(a.out.read_text()) if a.out.exists() else {}
         everything[a.label or "now"] = report
+        a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(everything, indent=2) + "\n")
 
 

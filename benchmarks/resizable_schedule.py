@@ -2,7 +2,7 @@
 full configuration, each at two schedule lengths, on the 3,000 val images at the config's resolution (160 px).
 
     python benchmarks/resizable_schedule.py --runs runs/bench_resizable160_e10 runs/bench_resizable160 \\
-        --out benchmarks/results/resizable160_schedule.json
+        --out benchmarks/results/resizable/160px_schedule.json
 
 Each run directory holds ``fair`` and ``fixed-1-1-1-1`` (benchmarks/resizable_imagenette.py --train-only ...).
 """

@@ -69,6 +69,7 @@ def main() -> None:
             + f"  mean {report['groups'][label]['mean']:.2f}"
             + (f" +- {report['groups'][label]['std']:.2f}" if len(top1) > 1 else "")
         )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 
 

@@ -9,7 +9,7 @@ every answer. At the end, goodput at each concurrency as a share of the best at 
 >= 80 % at 64 and 256 connections).
 
     python benchmarks/serve_flood.py --run runs/serve_rsnet --target-p95-ms 30 --connections 4 16 64 256 \\
-        --out benchmarks/results/serve_flood_rsnet.json
+        --out benchmarks/results/serving/flood_rsnet.json
 
 Before and after a change, on the same machine: export the earlier code and serve with it (--code).
 

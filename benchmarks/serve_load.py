@@ -8,7 +8,7 @@ served (from the run's query table) and the top-1 actually obtained on those lab
 sum(rates) x seconds requests per mode, localhost only.
 
     python benchmarks/serve_load.py --run runs/serve_rsnet \\
-        --target-p95-ms 40 --out benchmarks/results/serve_load_rsnet.json --plot docs/serve_load_rsnet.png
+        --target-p95-ms 40 --out benchmarks/results/serving/ramp_rsnet_three_modes.json --plot docs/serve_load_rsnet.png
 
 The server gets one core (OMP_NUM_THREADS=1) and the load generator the other.
 """

@@ -1,6 +1,7 @@
 """Serving at real cost (issue 26): the real-scale EfficientNet-Lite0 RS-Net's points under each backend.
 
-    python benchmarks/serve_realscale.py --run runs/realscale/RS-Net --out benchmarks/results/serve_realscale.json
+    python benchmarks/serve_realscale.py --run runs/realscale/RS-Net \\
+        --out benchmarks/results/serving/realscale_latency_per_backend.json
 
 (1) Model latency per point, batch 1 and 8, for torch (the adaptive model in eager PyTorch), ort (ONNX Runtime
     session of the static, BN-folded model) and ort int8 (static QDQ, calibrated on 128 training images at the point's
@@ -110,6 +111,7 @@ def main() -> None:
         Path(resolve_data_root(meta["config"]["data"]["root"])) / "val", cache=True, progress=False
     )
     pick = torch.randperm(len(val), generator=torch.Generator().manual_seed(0))[: a.val_images].tolist()
+    a.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "date": str(date.today()),
         "machine": f"{platform.node()} ({os.cpu_count()} cores, torch {torch.__version__})",

@@ -1,7 +1,7 @@
 """Serving at real cost under load (issue 26): the real-scale EfficientNet-Lite0 RS-Net, per backend and mode.
 
     python benchmarks/serve_realscale_load.py --run runs/realscale/RS-Net --target-p95-ms 50 \\
-        --out benchmarks/results/serve_realscale_load.json --plot docs/serve_realscale_load.png
+        --out benchmarks/results/serving/realscale_load_per_backend.json --plot docs/serve_realscale_load.png
 
 For each backend (torch: the adaptive model in eager PyTorch; ort: one ONNX Runtime session per point; ort-int8: the
 same, int8 calibrated per resolution) and each mode (fixed:224 and fixed:96 serve one resolution and queue; adaptive
