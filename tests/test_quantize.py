@@ -354,19 +354,15 @@ def test_materialised_quantized_model_keeps_its_quantization(bases):
 
 
 def test_materialise_refuses_a_copy_that_does_not_compute_the_source(monkeypatch):
-    import importlib
-
-    mat = importlib.import_module(
-        "flexres.models.materialize"
-    )  # the module: flexres.models.materialize is the function
+    from flexres.models import materialize
 
     def wrong_basis(src, dst):  # a copy that loses the selected basis (as materialise once did, silently)
         dst.basis[0].copy_(src.basis[src.index] * 3)
         dst.initialized[0] = True
 
-    monkeypatch.setattr(mat, "copy_basis", wrong_basis)
+    monkeypatch.setattr(LQQuantizer, "materialize_into", wrong_basis)
     with pytest.raises(ParityError, match="materialised model does not compute the source model's outputs at 32px"):
-        mat.materialize(fitted_quantized_resnet(), 32)
+        materialize(fitted_quantized_resnet(), 32)
 
 
 def test_an_untrained_quantizer_refuses_to_run_in_eval_except_when_measuring_cost():

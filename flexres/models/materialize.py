@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from ..nn.meta_conv import MetaConv2d
-from ..nn.quantize import LQQuantizer, is_quantized
-from ..nn.switchable_bn import SwitchableBatchNorm2d
+from ..nn.adaptive import materialize_into
+from ..nn.quantize import is_quantized
 from ..operating_point import OperatingPoint
 from ..parity import check_parity
 from .base import AdaptiveModel
@@ -43,32 +41,12 @@ def materialize(
     name, kwargs = plain_arch(model)
     plain = create_model(name, train_resolutions=[op.resolution], **kwargs)
     plain.to(next(model.parameters()).device)
-    targets = dict(plain.named_modules())
     with model.at(op, bn_policy=bn_policy, scale_policy=scale_policy):
-        for mod_name, module in model.named_modules():
-            target = targets.get(mod_name)
-            if isinstance(module, MetaConv2d):
-                target.weight.copy_(module.weight_at(module.eps))
-            elif isinstance(module, SwitchableBatchNorm2d):
-                bn = module.to_batchnorm()
-                dst = target.bns[0]
-                for attr in ("weight", "bias", "running_mean", "running_var"):
-                    getattr(dst, attr).copy_(getattr(bn, attr))
-            elif isinstance(module, LQQuantizer):
-                copy_basis(module, target)
-            elif isinstance(module, (nn.Conv2d, nn.Linear)) and not isinstance(target, SwitchableBatchNorm2d):
-                for pname, p in module.named_parameters(recurse=False):
-                    getattr(target, pname).copy_(p)
+        for name, child in model.named_children():  # each adaptive layer writes what it computes at op
+            materialize_into(child, getattr(plain, name))
         plain.eval()
         check_materialized(model, plain, op)
     return plain
-
-
-def copy_basis(src: LQQuantizer, dst: LQQuantizer) -> None:
-    """The basis ``src`` serves now becomes ``dst``'s only one (the plain model has one resolution, so one basis)."""
-    src.require_initialized()  # an unfitted basis has no levels; the copy would quantize everything to 0
-    dst.basis[0].copy_(src.basis[src.index])
-    dst.initialized[0] = True
 
 
 def check_materialized(model: AdaptiveModel, plain: AdaptiveModel, op: OperatingPoint, batch: int = 2) -> None:

@@ -3,7 +3,7 @@
 layer implements one interface (flexres.nn.adaptive): how it applies an operating point, which plain layer it
 becomes."""
 
-from .adaptive import AdaptiveLayer, PointSetting, adaptive_layers, deployed_params, make_static
+from .adaptive import AdaptiveLayer, PointSetting, adaptive_layers, deployed_params, make_static, materialize_into
 from .calibration import CalibratableModel, calibrate_bn
 from .meta_conv import MetaConv2d, scale_encoding
 from .quantize import (
@@ -43,6 +43,7 @@ __all__ = [
     "adaptive_layers",
     "deployed_params",
     "make_static",
+    "materialize_into",
     "FULL_PRECISION",
     "FixedLevels",
     "LQQuantizer",

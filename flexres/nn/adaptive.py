@@ -43,6 +43,14 @@ class AdaptiveLayer:
         """Parameters of the layer as deployed at its current point (what ``to_static`` would hold)."""
         return sum(p.numel() for p in self.to_static().parameters())
 
+    def materialize_into(self, target: nn.Module) -> None:
+        """Write what the layer computes at its current point into ``target``, the layer of the same name in a plain
+        family member trained at that one point (one BN set, one basis, plain weights). By default the layer's own
+        parameters and buffers, then its children (a quantized convolution: its weight, then its quantizers)."""
+        _copy_own_state(self, target)
+        for name, child in self.named_children():
+            materialize_into(child, getattr(target, name))
+
 
 def adaptive_layers(module: nn.Module) -> list[AdaptiveLayer]:
     return [m for m in module.modules() if isinstance(m, AdaptiveLayer)]
@@ -54,6 +62,22 @@ def deployed_params(module: nn.Module) -> int:
     if isinstance(module, AdaptiveLayer):
         return module.deployed_params()
     return sum(p.numel() for p in module.parameters(recurse=False)) + sum(deployed_params(c) for c in module.children())
+
+
+def _copy_own_state(module: nn.Module, target: nn.Module) -> None:
+    for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+        getattr(target, name).copy_(t)
+
+
+def materialize_into(module: nn.Module, target: nn.Module) -> None:
+    """Copy ``module`` at its current point into ``target`` (same layer names, one point): adaptive layers write what
+    they compute (AdaptiveLayer.materialize_into), every other layer its own parameters and buffers."""
+    if isinstance(module, AdaptiveLayer):
+        module.materialize_into(target)
+        return
+    _copy_own_state(module, target)
+    for name, child in module.named_children():
+        materialize_into(child, getattr(target, name))
 
 
 def make_static(module: nn.Module) -> None:

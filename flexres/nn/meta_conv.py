@@ -96,6 +96,9 @@ class MetaConv2d(nn.Module, AdaptiveLayer):
     def deployed_params(self) -> int:
         return self.A.numel()  # one generated weight, the shape of A
 
+    def materialize_into(self, target: nn.Module) -> None:
+        target.weight.copy_(self.weight_at(self.eps))  # a plain Conv2d
+
     def to_conv2d(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` holding the weight generated at the current eps."""
         conv = nn.Conv2d(

@@ -257,6 +257,12 @@ class LQQuantizer(nn.Module, AdaptiveLayer):
     def deployed_params(self) -> int:
         return 0  # levels are constants, not parameters
 
+    def materialize_into(self, target: nn.Module) -> None:
+        """The basis serving now becomes ``target``'s only one (a one-resolution model has one basis)."""
+        self.require_initialized()  # an unfitted basis has no levels; the copy would quantize everything to 0
+        target.basis[0].copy_(self.basis[self.index])
+        target.initialized[0] = True
+
     @torch.no_grad()
     def _initial_basis(self, x: Tensor) -> Tensor:
         """Powers of two scaled to the data: uniform levels spanning about +-2 std (weights) or

@@ -195,6 +195,12 @@ class SwitchableBatchNorm2d(nn.Module, AdaptiveLayer):
     def to_static(self) -> nn.Module:
         return self.to_batchnorm()
 
+    def materialize_into(self, target: nn.Module) -> None:
+        """The BN serving the current point becomes the only BN set of ``target`` (a one-resolution model's)."""
+        bn, dst = self.to_batchnorm(), target.bns[0]
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            getattr(dst, attr).copy_(getattr(bn, attr))
+
     # --- calibration (driven by flexres.nn.calibrate_bn) ---
     def calibration_key(self, op: OperatingPoint) -> CalibrationKey:
         """Under which key statistics calibrated at ``op`` (scales resolved) are stored: the resolution, or for a
