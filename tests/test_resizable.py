@@ -204,8 +204,9 @@ def test_nas_fine_tuning_starts_from_the_trained_weights(tmp_path, small_data):
 def test_adaptive_routing_never_exceeds_the_budget(small_data):
     import itertools
 
-    from flexres.analysis.adapt import adapt_report, best_config_labels
+    from flexres.analysis.adapt import adapt_report
     from flexres.data import ImageFolderDataset
+    from flexres.methods.adapt import best_config_labels
 
     assert best_config_labels(
         torch.tensor([[False, True, True], [False, False, False]]), torch.tensor([[0.9, 0.4, 0.6], [0.2, 0.5, 0.1]])
