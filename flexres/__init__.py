@@ -6,12 +6,13 @@ the CLI prints as JSON), models (``create_model``, ``load_checkpoint``, ``Run.op
 tools around them (``calibrate_bn``, ``count_macs``, ``to_static``...). Layers are in ``flexres.nn``.
 """
 
-from .analysis import count_macs, count_params, measure_latency  # noqa: E402
+from .analysis import count_macs, count_params  # noqa: E402
 from .api import adapt, demo, evaluate, export, format_eval_report, predict, report, select, serve, table, train  # noqa: E402
 from .data import ImageFolderDataset, sample_data_dir  # noqa: E402
+from .deploy import measure_latency, to_static  # noqa: E402
 from .engine import load_checkpoint, load_config, make_config  # noqa: E402
 from .engine.run import Preprocessing, Run, RunInfo  # noqa: E402
-from .models import AdaptiveModel, create_model, list_models, make_switchable, to_static  # noqa: E402
+from .models import AdaptiveModel, create_model, list_models, make_switchable  # noqa: E402
 from .nn import SwitchableBatchNorm2d, calibrate_bn  # noqa: E402
 from .operating_point import OperatingPoint  # noqa: E402
 from .version import __version__  # noqa: E402

@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .analysis import count_macs, count_params, measure_latency, meta_weight_ratios
+from .analysis import count_macs, count_params, meta_weight_ratios
 from .analysis.table import mark_pareto, read_table, scale_configurations, write_table
 from .data import ImageFolderDataset, SubsetView, sample_data_dir, split_dir
 from .deploy.export import EXPORTED_SUFFIXES, FORMAT_SUFFIX
+from .deploy.latency import measure_latency
 from .deploy.predict import parse_count
 from .engine.checkpoint import (
     CheckpointMismatchError,

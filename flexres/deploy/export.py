@@ -18,11 +18,11 @@ from ..data import EvalTransform, ImageFolderDataset, load_rgb, sample_data_dir
 from ..engine.run import RunInfo
 from ..errors import ConfigError, MissingFileError, ParityError
 from ..models import AdaptiveModel
-from ..models.static import StaticClassifier, to_static
 from ..nn.quantize import is_quantized
 from ..operating_point import OperatingPoint
 from ..parity import RELATIVE_TOLERANCE, check_parity
 from ..version import __version__
+from .static import StaticClassifier, to_static
 
 # File suffix per export format; every suffix a static model can have (TorchScript's alternative ".ts" included).
 FORMAT_SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}

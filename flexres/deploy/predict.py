@@ -11,13 +11,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..analysis import count_macs, measure_latency
+from ..analysis import count_macs
 from ..analysis.table import read_table
 from ..data import EvalTransform, UnreadableImageError, load_rgb, normalize_batch
 from ..engine.checkpoint import load_checkpoint, resolve_checkpoint
 from ..engine.run import RunInfo
 from ..operating_point import TABLE, OperatingPoint, best_within, evaluated_accuracy
 from .export import EXPORTED_SUFFIXES
+from .latency import measure_latency
 
 
 def parse_count(text: str) -> float:

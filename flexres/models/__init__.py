@@ -3,7 +3,6 @@ from .base import SAN_MODES, AdaptiveModel, load_single_bn_weights, make_divisib
 from .converted import ConvertedModel, make_switchable
 from .materialize import materialize
 from .registry import create_model, list_models, register_model
-from .static import StaticClassifier, to_static
 
 __all__ = [
     "SAN_MODES",
@@ -16,6 +15,4 @@ __all__ = [
     "make_switchable",
     "materialize",
     "register_model",
-    "StaticClassifier",
-    "to_static",
 ]

@@ -8,9 +8,9 @@ import torch
 from torch import Tensor, fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from ..models.base import AdaptiveModel
 from ..nn.adaptive import make_static
 from ..operating_point import OperatingPoint
-from .base import AdaptiveModel
 
 
 class StaticClassifier(nn.Module):
