@@ -80,7 +80,7 @@ class RunInfo:
     def from_meta(cls, meta: dict[str, Any]) -> RunInfo:
         cfg = meta.get("config") or {}
         classes = list(meta.get("classes") or [])
-        evals = (cfg.get("eval") or {}).get("resolutions")
+        evals = cfg.get("eval", {}).get("resolutions")
         return cls(
             arch=dict(meta.get("arch") or {}),
             task=meta.get("task") or "classification",
@@ -90,7 +90,7 @@ class RunInfo:
             method=dict(meta.get("method") or {}),
             train_resolutions=tuple(meta.get("train_resolutions") or ()),
             eval_resolutions=tuple(evals) if evals else None,
-            bn_policy=(cfg.get("eval") or {}).get("bn_policy") or DEFAULTS["eval"]["bn_policy"],
+            bn_policy=cfg.get("eval", {}).get("bn_policy") or DEFAULTS["eval"]["bn_policy"],
             epoch=meta.get("epoch"),
             config=cfg,
             ignore_index=int(meta.get("ignore_index", 255)),
