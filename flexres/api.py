@@ -336,6 +336,14 @@ def _evaluate_segmentation(
     return report
 
 
+def _cost_table(runs: dict[str, Any], all_res: list[int], per: str = "") -> str:
+    """MMACs at each resolution and deployed parameters of the report's first run."""
+    label, first = next(iter(runs.items()))
+    macs = [f"{first['results'][str(r)]['macs'] / 1e6:.1f}" if str(r) in first["results"] else "" for r in all_res]
+    title = f"cost of {label}{per}: {first['params'] / 1e6:.3f} M params deployed"
+    return format_table(["resolution"] + [str(r) for r in all_res], [["MMACs", *macs]], title=title)
+
+
 def _format_segmentation_report(report: dict[str, Any]) -> str:
     runs = report["runs"]
     all_res = sorted({int(r) for run in runs.values() for r in run["results"]}, reverse=True)
@@ -357,20 +365,7 @@ def _format_segmentation_report(report: dict[str, Any]) -> str:
         ]
         note_ = f"* trained resolution, the short side; unseen ones served by bn_policy={report['bn_policy']}"
         out += [format_table(["run"] + [str(r) for r in all_res], rows, title=f"{title} ({note_})"), ""]
-    first = next(iter(runs.values()))
-    out.append(
-        format_table(
-            ["resolution"] + [str(r) for r in all_res],
-            [
-                ["MMACs"]
-                + [
-                    f"{first['results'][str(r)]['macs'] / 1e6:.1f}" if str(r) in first["results"] else ""
-                    for r in all_res
-                ]
-            ],
-            title=f"cost of {next(iter(runs))} per image: {first['params'] / 1e6:.3f} M params deployed",
-        )
-    )
+    out.append(_cost_table(runs, all_res, " per image"))
     return "\n".join(out)
 
 
@@ -405,21 +400,8 @@ def format_eval_report(report: dict[str, Any]) -> str:
         f", scale_policy={report['scale_policy']}" if report.get("scale_policy") else ""
     )
     out = [format_table(header, rows, title=f"top-1 % (* trained resolution; unseen ones served by {policy})")]
-    first = next(iter(runs.values()))
     out.append("")
-    out.append(
-        format_table(
-            ["resolution"] + [str(r) for r in all_res],
-            [
-                ["MMACs"]
-                + [
-                    f"{first['results'][str(r)]['macs'] / 1e6:.1f}" if str(r) in first["results"] else ""
-                    for r in all_res
-                ]
-            ],
-            title=f"cost of {next(iter(runs))}: {first['params'] / 1e6:.3f} M params deployed",
-        )
-    )
+    out.append(_cost_table(runs, all_res))
     for label, run in runs.items():
         if len(run["hit_miss"]) > 1:
             out += [
