@@ -7,7 +7,20 @@ tools around them (``calibrate_bn``, ``count_macs``, ``to_static``...). Layers a
 """
 
 from .analysis import count_macs, count_params  # noqa: E402
-from .api import adapt, demo, evaluate, export, format_eval_report, predict, report, select, serve, table, train  # noqa: E402
+from .api import (  # noqa: E402
+    adapt,
+    demo,
+    evaluate,
+    export,
+    format_eval_report,
+    predict,
+    report,
+    select,
+    serve,
+    shards,
+    table,
+    train,
+)
 from .data import ImageFolderDataset, sample_data_dir  # noqa: E402
 from .deploy import measure_latency, to_static  # noqa: E402
 from .engine import load_checkpoint, load_config, make_config  # noqa: E402
@@ -32,6 +45,7 @@ __all__ = [
     "count_params",
     "create_model",
     "demo",
+    "shards",
     "evaluate",
     "export",
     "format_eval_report",

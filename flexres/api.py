@@ -52,6 +52,7 @@ __all__ = [
     "report",
     "select",
     "serve",
+    "shards",
     "table",
     "train",
 ]
@@ -801,6 +802,19 @@ def report(
             figure = plot_segmentation_examples(model, meta, image, res, label, Path(out), segment_files)
             extra.append((f"Segmentation at every resolution: {label}", figure))
     return write_report(rep, {label: m for label, (m, _) in loaded.items()}, out, extra)
+
+
+def shards(data: str | Path, out: str | Path, images_per_shard: int = 1000) -> dict[str, int]:
+    """Pack every split of the ImageFolder root ``data`` (``train/``, ``val/``, ... each ``<class>/<image>``) into tar
+    shards under ``out`` (``out/<split>/shard-000000.tar`` ...), for file systems slow at many small files. ``out``
+    is then a data root like ``data``: training and evaluation read shards and folders alike. Returns the number of
+    shards per split."""
+    from .data.shards import write_shards
+
+    splits = sorted(p for p in Path(data).iterdir() if p.is_dir())
+    if not splits:
+        raise ConfigError(f"{data} has no split folders (expected {data}/train/<class>/<image>)")
+    return {p.name: len(write_shards(p, Path(out) / p.name, images_per_shard)) for p in splits}
 
 
 def demo(out: str | Path = "runs/demo", epochs: int = 60, log: Callable[[str], None] = print) -> dict[str, Any]:

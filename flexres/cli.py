@@ -263,6 +263,12 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shards(args: argparse.Namespace) -> int:
+    counts = api.shards(args.data, args.out, args.images_per_shard)
+    print(", ".join(f"{split}: {n} shards" for split, n in counts.items()) + f" in {args.out} (use it as data.root)")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     report = api.demo(args.out, args.epochs)
     print(api.format_eval_report(report))
@@ -486,6 +492,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(the batch gets 503); its start-up after a restart does not count",
     )
     sv.set_defaults(func=_serve)
+
+    sh = sub.add_parser("shards", help="pack an ImageFolder root's splits into tar shards (slow file systems)")
+    sh.add_argument("data", help="an ImageFolder root: <data>/<split>/<class>/<image>")
+    sh.add_argument("out", help="the sharded root to write: <out>/<split>/shard-000000.tar ...")
+    sh.add_argument("--images-per-shard", type=int, default=1000)
+    sh.set_defaults(func=_shards)
 
     d = sub.add_parser("demo", help="train and evaluate a small RS-Net on the bundled sample images (CPU, minutes)")
     d.add_argument("--out", default="runs/demo")

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -181,31 +183,116 @@ def test_keyed_samples_are_the_same_whichever_worker_makes_them_and_differ_by_ep
     assert sorted(int(v) for _, y in first for v in y) == sorted(label for _, label in ds.samples)  # every sample once
 
 
-def test_the_streaming_loader_yields_the_cached_folders_samples(small_data):
-    """No decoded cache, JPEGs read by two worker processes (the large-data pipeline) against the in-memory folder
-    dataset read inline: the same images, labels and crops, batch by batch."""
+def _keyed_batches(root, workers: int, cache: bool = False, on_device: bool = False):
+    """Epoch 2 of a KeyedSampler loader over ``root`` with ``workers`` processes: (largest crops, labels) per batch."""
     from torch.utils.data import DataLoader
 
     from flexres.data import KeyedSampler
 
-    def batches(cache: bool, workers: int):
-        ds = ImageFolderDataset(
-            small_data / "train", transform=MultiResolutionCrop([48, 32], on_device=True), cache=cache, progress=False
-        )
-        assert ds.cached == cache
-        loader = DataLoader(
-            ds,
-            batch_size=4,
-            sampler=KeyedSampler(len(ds), seed=2),
-            num_workers=workers,
-            collate_fn=collate_skipping,
-            persistent_workers=workers > 0,
-            prefetch_factor=2 if workers else None,
-        )
-        loader.sampler.set_epoch(3)
-        return [(b["inputs"][0], b["labels"]) for b in loader]
+    ds = ImageFolderDataset(
+        root, transform=MultiResolutionCrop([48, 32], on_device=on_device), cache=cache, progress=False
+    )
+    assert ds.cached == cache
+    loader = DataLoader(
+        ds,
+        batch_size=4,
+        sampler=KeyedSampler(len(ds), seed=2),
+        num_workers=workers,
+        collate_fn=collate_skipping,
+        persistent_workers=workers > 0,
+    )
+    loader.sampler.set_epoch(2)
+    return [(b["inputs"][0], b["labels"]) for b in loader]
 
-    cached, streamed = batches(True, 0), batches(False, 2)
+
+def test_the_streaming_loader_yields_the_cached_folders_samples(small_data):
+    """No decoded cache, JPEGs read by two worker processes (the large-data pipeline) against the in-memory folder
+    dataset read inline: the same images, labels and crops, batch by batch."""
+    cached = _keyed_batches(small_data / "train", 0, cache=True, on_device=True)
+    streamed = _keyed_batches(small_data / "train", 2, on_device=True)
     assert len(cached) == len(streamed) == 3
-    for (x, y), (x2, y2) in zip(cached, streamed):
+    for (x, y), (x2, y2) in zip(cached, streamed, strict=True):
         assert torch.equal(y, y2) and torch.equal(x, x2)
+
+
+# --- tar shards (flexres.data.shards) ---
+
+
+def _shard(small_data, dst, per_shard: int = 5):
+    from flexres.data.shards import write_shards
+
+    for split in ("train", "val"):
+        write_shards(small_data / split, dst / split, images_per_shard=per_shard)
+    return dst
+
+
+def test_a_sharded_split_reads_as_its_folder_same_classes_labels_and_pixels(small_data, tmp_path):
+    root = _shard(small_data, tmp_path / "shards")
+    assert sorted(p.name for p in (root / "train").iterdir()) == [
+        "shard-000000.tar",
+        "shard-000001.tar",
+        "shard-000002.tar",
+    ]
+    folder = ImageFolderDataset(small_data / "train", progress=False)
+    shards = ImageFolderDataset(root / "train", progress=False)
+    assert shards.classes == folder.classes and len(shards) == len(folder) == 12
+    for i in range(len(folder)):
+        (path, label), (name, shard_label) = folder.samples[i], shards.samples[i]
+        assert shard_label == label and name.endswith(".tar:" + str(Path(path).relative_to(small_data / "train")))
+        assert torch.equal(shards.image(i), folder.image(i))
+    cached = ImageFolderDataset(root / "train", cache=True, progress=False)
+    assert torch.equal(cached[3][0], folder[3][0]) and cached[3][1] == folder[3][1]
+
+
+def test_the_sharded_loader_with_workers_yields_the_folders_batches(small_data, tmp_path):
+    root = _shard(small_data, tmp_path / "shards")
+    folder, sharded = _keyed_batches(small_data / "train", 0), _keyed_batches(root / "train", 2)
+    for (x, y), (x2, y2) in zip(folder, sharded, strict=True):
+        assert torch.equal(y, y2) and torch.equal(x, x2)
+
+
+def test_a_run_trains_on_shards_to_the_same_weights_as_on_folders(small_data, tmp_path):
+    import flexres
+
+    def run(root, name):
+        cfg = {
+            "model": {"name": "resnet18", "width_mult": 0.25},
+            "method": {"name": "rsnet", "resolutions": [48, 32]},
+            "data": {"root": str(root), "cache": False, "num_workers": 0},
+            "train": {"epochs": 1, "batch_size": 6, "lr": 0.01, "progress": False, "eval_every": 1, "amp": False},
+        }
+        metrics = flexres.train(cfg, tmp_path / name, log=lambda s: None)
+        return metrics, flexres.load_checkpoint(tmp_path / name)[0].state_dict()
+
+    (m1, w1), (m2, w2) = run(small_data, "folder"), run(_shard(small_data, tmp_path / "shards"), "shards")
+    assert m1["val_top1"] == m2["val_top1"]
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_shards_name_a_bad_member_and_an_unreadable_image(small_data, tmp_path):
+    import io
+    import tarfile
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    with tarfile.open(flat / "a.tar", "w") as tar:
+        tar.add(next((small_data / "train").rglob("*.JPEG")), arcname="no_class.JPEG")
+    with pytest.raises(ValueError, match="a.tar: member 'no_class.JPEG' is not <class>/<image>"):
+        ImageFolderDataset(flat)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with tarfile.open(bad / "a.tar", "w") as tar:
+        info = tarfile.TarInfo("cls/broken.jpg")
+        info.size = 9
+        tar.addfile(info, io.BytesIO(b"not a jpg"))
+    with pytest.raises(UnreadableImageError, match="a.tar:cls/broken.jpg"):
+        ImageFolderDataset(bad, progress=False)[0]
+
+
+def test_the_shards_command_packs_every_split_into_a_data_root(small_data, tmp_path, capsys):
+    from flexres.cli import main
+
+    assert main(["shards", str(small_data), str(tmp_path / "packed"), "--images-per-shard", "4"]) == 0
+    assert "train: 3 shards, val: 2 shards" in capsys.readouterr().out
+    val = ImageFolderDataset(tmp_path / "packed" / "val", progress=False)
+    assert [label for _, label in val.samples] == [label for _, label in ImageFolderDataset(small_data / "val").samples]

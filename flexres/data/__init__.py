@@ -10,6 +10,7 @@ from .dataset import (
     sample_segmentation_dir,
     split_dir,
 )
+from .shards import write_shards
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, MultiResolutionCrop, normalize_batch, resize_batch
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "sample_data_dir",
     "sample_segmentation_dir",
     "split_dir",
+    "write_shards",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
 
 from ..errors import FlexresError
+from .shards import ShardReader, index_shards, is_shard_dir
 
 
 class UnreadableImageError(FlexresError, RuntimeError):
@@ -27,10 +29,11 @@ class UnreadableImageError(FlexresError, RuntimeError):
         self.path = path
 
 
-def load_rgb(path: str) -> Tensor:
-    """Decode any image (grayscale, RGBA, palette...) to a uint8 3 x H x W RGB tensor."""
+def load_rgb(path: str, data: bytes | None = None) -> Tensor:
+    """Decode any image (grayscale, RGBA, palette...) to a uint8 3 x H x W RGB tensor: the file ``path``, or the
+    encoded ``data`` that ``path`` names (a member read from a tar shard)."""
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data) if data is not None else path) as im:
             return pil_to_tensor(im.convert("RGB"))
     except Exception as e:  # noqa: BLE001 - every decoder failure is reported with its path
         raise UnreadableImageError(
@@ -42,7 +45,8 @@ AUTO_CACHE_IMAGES = 10_000
 
 
 class ImageFolderDataset(Dataset):
-    """``root/<class>/<image>`` as in torchvision's ImageFolder; items are (transform(image), label).
+    """``root/<class>/<image>`` as in torchvision's ImageFolder, or ``root/*.tar`` shards of such members
+    (flexres.data.shards: for file systems slow at millions of small files); items are (transform(image), label).
 
     cache: decode every image once into memory (uint8) up front; worth it when the set fits in RAM.
         "auto" caches sets of at most ``AUTO_CACHE_IMAGES`` images.
@@ -61,8 +65,14 @@ class ImageFolderDataset(Dataset):
         self.root = str(root)
         if not Path(self.root).is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
-        self.classes, self.class_to_idx = find_classes(self.root)
-        self.samples: list[tuple[str, int]] = make_dataset(self.root, self.class_to_idx, extensions=IMG_EXTENSIONS)
+        self._members = None  # where each image lies in the tar shards, when the split is sharded
+        if is_shard_dir(self.root):
+            self.classes, self.samples, self._members = index_shards(self.root)
+            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+            self._reader = ShardReader()
+        else:
+            self.classes, self.class_to_idx = find_classes(self.root)
+            self.samples = make_dataset(self.root, self.class_to_idx, extensions=IMG_EXTENSIONS)
         if not self.samples:
             raise FileNotFoundError(f"no images found under {self.root} (expected {self.root}/<class>/<image>)")
         self.transform = transform
@@ -73,18 +83,23 @@ class ImageFolderDataset(Dataset):
             cache = len(self.samples) <= AUTO_CACHE_IMAGES
         if cache:
             self._cache = []
-            for path, _ in tqdm(
-                self.samples, desc=f"decoding {Path(self.root).name}", disable=not progress, leave=False
+            for index in tqdm(
+                range(len(self.samples)), desc=f"decoding {Path(self.root).name}", disable=not progress, leave=False
             ):
-                self._cache.append(self._load(path))
+                self._cache.append(self._load(index))
 
-    def _load(self, path: str) -> Tensor | None:
+    def image(self, index: int) -> Tensor:
+        """Image ``index`` decoded (uint8 RGB, no transform), from its file or its shard."""
+        path = self.samples[index][0]
+        return load_rgb(path, None if self._members is None else self._reader.read(self._members[index]))
+
+    def _load(self, index: int) -> Tensor | None:
         try:
-            return load_rgb(path)
+            return self.image(index)
         except UnreadableImageError:
             if not self.skip_unreadable:
                 raise
-            self.unreadable.append(path)
+            self.unreadable.append(self.samples[index][0])
             return None
 
     @property
@@ -99,7 +114,7 @@ class ImageFolderDataset(Dataset):
         so a sample's augmentation does not depend on which worker made it, or on what that worker made before."""
         seed, index = index if isinstance(index, tuple) else (None, index)
         path, label = self.samples[index]
-        img = self._cache[index] if self._cache is not None else self._load(path)
+        img = self._cache[index] if self._cache is not None else self._load(index)
         if img is None:
             return None, path  # dropped by collate_skipping, which counts it
         if self.transform is None:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..analysis import count_macs, count_params
-from ..data import EvalTransform, ImageFolderDataset, load_rgb, sample_data_dir
+from ..data import EvalTransform, ImageFolderDataset, sample_data_dir
 from ..engine.run import RunInfo
 from ..errors import ConfigError, MissingFileError, ParityError
 from ..models import AdaptiveModel
@@ -82,7 +82,7 @@ def reference_images(
     ds = ImageFolderDataset(root)
     step = max(1, len(ds) // count)
     t = EvalTransform(resolution, crop_fraction, interpolation)
-    return torch.stack([t(load_rgb(ds.samples[i][0])) for i in range(0, len(ds), step)[:count]])
+    return torch.stack([t(ds.image(i)) for i in range(0, len(ds), step)[:count]])
 
 
 def calibration_batches(
@@ -102,7 +102,7 @@ def calibration_batches(
     ds = ImageFolderDataset(split_dir(resolve_data_root(root), info.train_split), progress=False)
     pick = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:images].tolist()
     t = info.preprocessing.transform(resolution)
-    x = info.preprocessing.normalize(torch.stack([t(load_rgb(ds.samples[i][0])) for i in pick]))
+    x = info.preprocessing.normalize(torch.stack([t(ds.image(i)) for i in pick]))
     return list(x.split(batch))
 
 
