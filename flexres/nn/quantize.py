@@ -46,11 +46,15 @@ def quantization_levels(basis: Tensor, signed: bool) -> Tensor:
 
 def nearest_codes(x: Tensor, basis: Tensor, signed: bool) -> Tensor:
     """Index of the nearest level of every value of ``x`` (G x N, one basis row per group G) -> G x N int64."""
-    levels = quantization_levels(basis, signed)  # G x L
-    order = levels.argsort(dim=1)
-    sorted_levels = levels.gather(1, order)
-    thresholds = (sorted_levels[:, 1:] + sorted_levels[:, :-1]) / 2  # G x (L - 1)
+    _, order, thresholds = _sorted_levels(quantization_levels(basis, signed))
     return order.gather(1, _rank(x, thresholds))  # the rank among the sorted levels, as a code
+
+
+def _sorted_levels(levels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``levels`` (G x L) sorted per group, the code of each sorted level, and the midpoints between neighbours
+    (G x (L - 1)): a value's nearest level is the one whose rank is the number of midpoints below it."""
+    sorted_levels, order = levels.sort(dim=1)
+    return sorted_levels, order, (sorted_levels[:, 1:] + sorted_levels[:, :-1]) / 2
 
 
 def quantize_with(x: Tensor, basis: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
@@ -109,9 +113,7 @@ def quantizer_step(flat: Tensor, basis: Tensor, enc: Tensor, fit: bool) -> tuple
     the quantized value read from the sorted levels by rank, and the per-code statistics summed by rank
     (_rank_counts_and_sums) and mapped to codes on the G x L table. ``enc`` (L x K) is the module's cached
     ``encodings`` on the device, so nothing is built on the host per call. Pure, so ``torch.compile`` can fuse it."""
-    levels = basis @ enc.T  # G x L
-    sorted_levels, order = levels.sort(dim=1)
-    thresholds = (sorted_levels[:, 1:] + sorted_levels[:, :-1]) / 2
+    sorted_levels, order, thresholds = _sorted_levels(basis @ enc.T)
     rank = _rank(flat, thresholds)
     q = sorted_levels.gather(1, rank)
     top = sorted_levels[:, -1].max()
