@@ -57,6 +57,12 @@ def train_once(label: str, cfg: dict, out: Path, epochs: int) -> float:
     return wall
 
 
+def mean_std(values: list[float], fmt: str = ".1f") -> str:
+    """``mean ± std`` (sample std) of one figure over seeds; the value alone for one seed."""
+    mean = f"{statistics.mean(values):{fmt}}"
+    return mean + (f" ± {statistics.stdev(values):{fmt.lstrip('+')}}" if len(values) > 1 else "")
+
+
 def gap_row(label: str, res: int, runs: list[dict], inets: list[dict]) -> list[str]:
     """A table row: ``label`` minus the I-Net at ``res``, one evaluation per seed, then mean ± std."""
     gaps = [run["results"][str(res)]["top1"] - inet["results"][str(res)]["top1"] for run, inet in zip(runs, inets)]
