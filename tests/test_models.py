@@ -88,3 +88,23 @@ def test_torchvision_weights_load_into_every_bn_set_and_give_torchvision_outputs
             torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(KeyError, match="lacks"):
         load_single_bn_weights(ours, dict(list(theirs.state_dict().items())[1:]))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_zero_init_residual_zeroes_each_blocks_last_bn_in_every_set_so_blocks_start_as_their_shortcut(name):
+    # LQ-Nets' 2/32 recipe (and Goyal et al.): the last BN's scale of every residual block starts at zero
+    model = tiny_model(name, resolutions=(64, 48), zero_init_residual=True).eval()
+    blocks = [m for m in model.modules() if type(m).__name__ in ("BasicBlock", "Bottleneck")]
+    assert len(blocks) == (8 if name == "resnet18" else 16)
+    for block in blocks:
+        last = block.bn2 if name == "resnet18" else block.bn3
+        assert len(last.bns) == 2 and all(torch.count_nonzero(bn.weight) == 0 for bn in last.bns)
+        assert all(torch.count_nonzero(bn.weight) > 0 for bn in block.bn1.bns)  # the others keep their init
+    for res in (64, 48):
+        model.set_operating_point(res)
+        for block in blocks:  # the residual branch ends in BN(.) = 0 * x_hat + 0: the block is relu(shortcut)
+            h = torch.randn(1, block.conv1.in_channels, 8, 8)
+            short = h if block.downsample is None else block.downsample(h)
+            torch.testing.assert_close(block(h), torch.relu(short))
+    plain = tiny_model(name, resolutions=(64, 48))
+    assert all(torch.count_nonzero(bn.weight) > 0 for bn in plain.switchable_bns() for bn in bn.bns)

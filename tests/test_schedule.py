@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 
 from flexres.engine.config import ConfigError, make_config
 from flexres.engine.trainer import build_optimizer, lr_at, plan_steps
@@ -80,3 +81,21 @@ def test_weight_decay_on_weights_spares_bn_biases_and_the_methods_scores():
     assert any(p.ndim == 1 for p in model.parameters()) and any(p.ndim == 4 for p in model.parameters())
     with pytest.raises(ConfigError, match="train.weight_decay_on must be one of all, weights, got 'bn'"):
         make_config({"train": {"weight_decay_on": "bn"}})
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_train_nesterov_gives_the_nesterov_update(nesterov):
+    # SGD with momentum mu, first step (buffer = g): Nesterov moves by lr (g + mu g), heavy-ball by lr g
+    model, method = tiny_model(), create_method("individual", resolutions=[32])
+    cfg = make_config({"train": {"lr": 0.1, "momentum": 0.9, "nesterov": nesterov, "weight_decay": 0.0}})
+    opt = build_optimizer(cfg, model, method)
+    assert all(g["nesterov"] is nesterov for g in opt.param_groups)
+    w = model.fc.weight
+    before = w.detach().clone()
+    grad = torch.randn_like(w)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    w.grad = grad.clone()
+    opt.step()
+    expected = before - 0.1 * (grad + 0.9 * grad if nesterov else grad)
+    torch.testing.assert_close(w.detach(), expected)
