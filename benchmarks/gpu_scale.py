@@ -188,7 +188,7 @@ def main() -> None:
                 a.steps,
                 device,
             )
-        rows[name] = round(rate * world, 1)
+        rows[name] = float(f"{rate * world:.4g}")  # 4 significant figures: a slow CPU check must not round to 0
         print(f"{name:11s} {rows[name]:8.1f} img/s  ({time.time() - t0:.0f} s)", flush=True)
         del step, opt
         if device.type == "cuda":
