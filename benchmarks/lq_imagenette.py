@@ -96,7 +96,7 @@ def spread(values: list[float], sign: str = "") -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=data_path, default=IMAGENETTE)
+    p.add_argument("--data", type=data_path, help="default: $FLEXRES_DATA/imagenette-224")
     p.add_argument("--out", type=Path, default=Path("runs/bench_lq"))
     p.add_argument(
         "--config",
@@ -119,6 +119,7 @@ def main() -> None:
     if args.seeds_table:
         print(seeds_table([json.loads(f.read_text()) for f in args.seeds_table]))
         return
+    args.data = args.data or data_path(IMAGENETTE)  # only here: the tables over seeds read no images
     if args.train_only:
         for setting in args.train_only:
             for label, (out, sets) in runs(args.out, setting, args.seed, args.set).items():
