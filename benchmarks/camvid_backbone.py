@@ -17,7 +17,8 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks._common import mean_std
+from _common import mean_std
+
 from flexres.engine.evaluate import markdown_table
 
 

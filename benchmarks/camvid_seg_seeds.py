@@ -10,7 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks._common import mean_std as cell
+from _common import mean_std as cell
+
 from flexres.engine.evaluate import markdown_table
 
 
