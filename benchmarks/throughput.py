@@ -69,9 +69,16 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=8)
     p.add_argument("--loader-images", type=int, default=1536)
+    p.add_argument(
+        "--memory-format",
+        choices=["channels_last", "contiguous"],
+        default="channels_last",
+        help="of the model and its batches (channels_last: train.channels_last's default)",
+    )
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     train_root = args.data / "train"
+    memory_format = torch.channels_last if args.memory_format == "channels_last" else torch.contiguous_format
     torch.manual_seed(0)
 
     loader = {}
@@ -88,10 +95,12 @@ def main() -> None:
         batch_size=args.batch,
         collate_fn=collate_skipping,
     ):
-        batches.append((tuple(normalize_batch(x) for x in b["inputs"]), b["labels"]))
+        inputs = tuple(normalize_batch(x).contiguous(memory_format=memory_format) for x in b["inputs"])
+        batches.append((inputs, b["labels"]))
 
     def stepper(arch: str, method_name: str, resolutions: list[int]):
         model = flexres.create_model(arch, num_classes=10, train_resolutions=S, width_mult=0.25).train()
+        model.to(memory_format=memory_format)
         method = create_method(method_name, resolutions=resolutions)
         opt = torch.optim.SGD(list(model.parameters()) + list(method.parameters()), lr=0.01, momentum=0.9)
         idx = [S.index(r) for r in method.resolutions]
@@ -136,6 +145,7 @@ def main() -> None:
         "date": str(date.today()),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "batch": args.batch,
+        "memory_format": args.memory_format,
         "loader_images_per_s": loader,
         "model": results,
         "multi_over_sum_of_singles": ratios,
