@@ -154,23 +154,27 @@ def test_a_run_resizes_on_the_device_when_asked(small_data, tmp_path):
     assert set(metrics["train_top1"]) == {"64", "48", "32"}  # and the step saw every resolution
 
 
-def test_keyed_samples_are_the_same_whichever_worker_makes_them_and_differ_by_epoch(small_data):
+def _keyed_loader(ds, workers: int, seed: int):
+    """Batches of 4 of ``ds`` in KeyedSampler order, made by ``workers`` processes (kept across epochs)."""
     from torch.utils.data import DataLoader
 
     from flexres.data import KeyedSampler
 
+    return DataLoader(
+        ds,
+        batch_size=4,
+        sampler=KeyedSampler(len(ds), seed=seed),
+        num_workers=workers,
+        collate_fn=collate_skipping,
+        persistent_workers=workers > 0,
+    )
+
+
+def test_keyed_samples_are_the_same_whichever_worker_makes_them_and_differ_by_epoch(small_data):
     ds = ImageFolderDataset(small_data / "train", transform=MultiResolutionCrop([48, 32]), progress=False)
 
     def epoch_batches(workers: int, epoch: int, loader=None):
-        if loader is None:
-            loader = DataLoader(
-                ds,
-                batch_size=4,
-                sampler=KeyedSampler(len(ds), seed=5),
-                num_workers=workers,
-                collate_fn=collate_skipping,
-                persistent_workers=workers > 0,
-            )
+        loader = _keyed_loader(ds, workers, seed=5) if loader is None else loader
         loader.sampler.set_epoch(epoch)
         return loader, [(b["inputs"][0], b["labels"]) for b in loader]
 
@@ -185,22 +189,11 @@ def test_keyed_samples_are_the_same_whichever_worker_makes_them_and_differ_by_ep
 
 def _keyed_batches(root, workers: int, cache: bool = False, on_device: bool = False):
     """Epoch 2 of a KeyedSampler loader over ``root`` with ``workers`` processes: (largest crops, labels) per batch."""
-    from torch.utils.data import DataLoader
-
-    from flexres.data import KeyedSampler
-
     ds = ImageFolderDataset(
         root, transform=MultiResolutionCrop([48, 32], on_device=on_device), cache=cache, progress=False
     )
     assert ds.cached == cache
-    loader = DataLoader(
-        ds,
-        batch_size=4,
-        sampler=KeyedSampler(len(ds), seed=2),
-        num_workers=workers,
-        collate_fn=collate_skipping,
-        persistent_workers=workers > 0,
-    )
+    loader = _keyed_loader(ds, workers, seed=2)
     loader.sampler.set_epoch(2)
     return [(b["inputs"][0], b["labels"]) for b in loader]
 
